@@ -1,0 +1,166 @@
+"""The user-facing transforms: ``hvp``, ``hessian_diag`` and ``trace``.
+
+Each takes a function ``f(*args)`` returning a scalar tensor and returns a new,
+stateless function of the same arguments. The differentiated argument(s) are
+chosen with ``argnums`` (an int or a tuple of ints, as in ``torch.func.grad``) and
+may be any pytree of floating-point tensors. The returned functions compose with
+``torch.func.vmap``, ``torch.func.grad`` and ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, List, Optional
+
+from torch import Tensor
+from torch.func import grad, jvp
+
+from . import _checks, tree
+from .estimators import exact
+from .operators import LeafOperator, hessian_operator
+
+__all__ = ["hvp", "hessian_diag", "trace"]
+
+_METHODS_TRACE = ("exact",)
+_METHODS_DIAG = ("exact",)
+
+
+class _Problem:
+    """One call's view of ``f``: the differentiated leaves and ``f`` as a function of them."""
+
+    def __init__(self, f: Callable[..., Any], argnums: _checks.Argnums, has_aux: bool, args: tuple):
+        self.resolved = _checks.normalize_argnums(argnums, len(args))
+        self.primals = _checks.select(args, argnums, self.resolved)
+        _checks.check_differentiable(self.primals, argnums)
+        self.leaves, self.spec = tree.flatten(self.primals)
+        self._f, self._argnums, self._has_aux, self._args = f, argnums, has_aux, args
+
+    def call(self, primals: Any) -> Any:
+        return self._f(*_checks.replace(self._args, self._argnums, self.resolved, primals))
+
+    def loss(self, primals: Any) -> Tensor:
+        return _checks.check_scalar(self.call(primals), self._has_aux)
+
+    def loss_and_aux(self, primals: Any) -> Any:
+        out = self.call(primals)
+        return _checks.check_scalar(out, True), out[1]
+
+    def loss_of_leaves(self, leaves: List[Tensor]) -> Tensor:
+        return self.loss(tree.unflatten(self.spec, leaves))
+
+    def aux(self) -> Any:
+        """``f``'s auxiliary output at the primal point (one extra call of ``f``)."""
+        return self.call(self.primals)[1]
+
+
+def _check_method(method: str, valid: tuple) -> None:
+    if method not in valid:
+        raise ValueError(f"unknown method {method!r}; valid methods are {', '.join(map(repr, valid))}")
+
+
+def hvp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = False) -> Callable[..., Any]:
+    """Hessian-vector product transform: ``hvp(f)(*args, v) = H v``.
+
+    ``H`` is the Hessian of the scalar ``f`` with respect to ``args[argnums]`` and
+    ``v`` is a tangent shaped like ``args[argnums]`` (a tuple of pytrees when
+    ``argnums`` is a tuple). Computed forward-over-reverse (``jvp`` of ``grad``),
+    at the cost of about two gradient evaluations. With ``has_aux=True``, ``f``
+    returns ``(loss, aux)`` and the transformed function returns ``(Hv, aux)``.
+
+    Example:
+        >>> import torch, secorder as so
+        >>> f = lambda x: (x ** 3).sum()
+        >>> so.hvp(f)(torch.tensor([1., 2.]), torch.tensor([1., 1.]))
+        tensor([ 6., 12.])
+    """
+    _checks.check_argnums(argnums)
+
+    @functools.wraps(f)
+    def hvp_fn(*args_and_v: Any) -> Any:
+        if len(args_and_v) < 2:
+            raise TypeError("the hvp function takes f's arguments followed by the tangent v")
+        *args, v = args_and_v
+        problem = _Problem(f, argnums, has_aux, tuple(args))
+        tree.check_like(v, problem.primals, "v")
+        if has_aux:
+            g = grad(problem.loss_and_aux, has_aux=True)
+            _, hv, aux = jvp(g, (problem.primals,), (v,), has_aux=True)
+            return hv, aux
+        return jvp(grad(problem.loss), (problem.primals,), (v,))[1]
+
+    return hvp_fn
+
+
+def hessian_diag(
+    f: Callable[..., Any],
+    argnums: _checks.Argnums = 0,
+    *,
+    has_aux: bool = False,
+    chunk_size: Optional[int] = None,
+    method: str = "exact",
+) -> Callable[..., Any]:
+    """Exact Hessian diagonal transform: ``hessian_diag(f)(*args)`` is shaped like ``args[argnums]``.
+
+    The diagonal is computed without building the Hessian: one-hot
+    Hessian-vector products, leaf by leaf (a one-hot column of a leaf needs only
+    that leaf's diagonal block), ``chunk_size`` columns per ``vmap``-batched
+    product. The cost is one HVP per parameter entry; peak extra memory is
+    about ``chunk_size`` times the leaf size. ``chunk_size=None`` picks it
+    automatically (see :func:`secorder.estimators.exact.auto_chunk_size`).
+
+    Example:
+        >>> import torch, secorder as so
+        >>> f = lambda p: (p["w"] ** 2).sum() * p["b"].sum()
+        >>> d = so.hessian_diag(f)({"w": torch.tensor([1., 2.]), "b": torch.tensor([3.])})
+        >>> d["w"], d["b"]
+        (tensor([6., 6.]), tensor([0.]))
+    """
+    _checks.check_argnums(argnums)
+    _checks.check_chunk_size(chunk_size)
+    _check_method(method, _METHODS_DIAG)
+
+    @functools.wraps(f)
+    def diag_fn(*args: Any) -> Any:
+        problem = _Problem(f, argnums, has_aux, args)
+        op = _hessian_operator(problem)
+        result = tree.unflatten(problem.spec, exact.exact_diagonal(op, chunk_size))
+        return (result, problem.aux()) if has_aux else result
+
+    return diag_fn
+
+
+def trace(
+    f: Callable[..., Any],
+    argnums: _checks.Argnums = 0,
+    *,
+    has_aux: bool = False,
+    chunk_size: Optional[int] = None,
+    method: str = "exact",
+) -> Callable[..., Any]:
+    """Exact Hessian trace transform: ``trace(f)(*args)`` is a 0-dim tensor.
+
+    The sum of the exact diagonal (see :func:`hessian_diag`), accumulated chunk
+    by chunk so that the diagonal is never held whole. Differentiable: ``grad``
+    of it is a curvature penalty's gradient (third derivatives).
+
+    Example:
+        >>> import torch, secorder as so
+        >>> f = lambda x, y: ((x * y) ** 2).sum()
+        >>> so.trace(f)(torch.tensor([1., 2.]), torch.tensor([3., 4.]))
+        tensor(50.)
+    """
+    _checks.check_argnums(argnums)
+    _checks.check_chunk_size(chunk_size)
+    _check_method(method, _METHODS_TRACE)
+
+    @functools.wraps(f)
+    def trace_fn(*args: Any) -> Any:
+        problem = _Problem(f, argnums, has_aux, args)
+        result = exact.exact_trace(_hessian_operator(problem), chunk_size)
+        return (result, problem.aux()) if has_aux else result
+
+    return trace_fn
+
+
+def _hessian_operator(problem: _Problem) -> LeafOperator:
+    return hessian_operator(problem.loss_of_leaves, problem.leaves)

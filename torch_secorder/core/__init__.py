@@ -1,0 +1,1 @@
+"""Core second-order operations (legacy ``torch_secorder.core``)."""
