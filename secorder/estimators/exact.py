@@ -19,11 +19,14 @@ from ..operators import LeafOperator
 
 __all__ = ["exact_diagonal", "exact_trace", "auto_chunk_size"]
 
-# One-hot columns per batched block matvec are chosen so that the probe batch
-# holds about this many entries: large enough to keep the batched kernels busy,
-# small enough that the per-probe intermediates stay a small fraction of memory.
+# One-hot columns per batched block matvec: the probe batch holds at most about
+# _AUTO_CHUNK_ENTRIES entries (16 MiB in float32), so large leaves stay bounded,
+# and at most _MAX_AUTO_CHUNK columns, because every probe also carries batched
+# copies of the model's intermediate activations, which the entry count cannot
+# see; at least _MIN_AUTO_CHUNK so that the batched kernels stay efficient.
 _AUTO_CHUNK_ENTRIES = 2**22
 _MIN_AUTO_CHUNK = 32
+_MAX_AUTO_CHUNK = 256
 
 
 def auto_chunk_size(leaf_size: int) -> int:
@@ -31,9 +34,10 @@ def auto_chunk_size(leaf_size: int) -> int:
 
     Example:
         >>> auto_chunk_size(10), auto_chunk_size(1280), auto_chunk_size(25088), auto_chunk_size(10**6)
-        (10, 1280, 167, 32)
+        (10, 256, 167, 32)
     """
-    return max(1, min(leaf_size, max(_MIN_AUTO_CHUNK, _AUTO_CHUNK_ENTRIES // max(leaf_size, 1))))
+    by_entries = _AUTO_CHUNK_ENTRIES // max(leaf_size, 1)
+    return max(1, min(leaf_size, _MAX_AUTO_CHUNK, max(_MIN_AUTO_CHUNK, by_entries)))
 
 
 def _one_hot_rows(start: int, stop: int, template: Tensor) -> Tensor:
