@@ -21,7 +21,7 @@ from typing import Any, Callable, List, Sequence
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp, vmap
+from torch.func import grad, vjp, vmap
 
 __all__ = ["LeafOperator", "hessian_operator"]
 
@@ -57,11 +57,13 @@ class LeafOperator:
 
 
 def hessian_operator(loss_of_leaves: Callable[[List[Tensor]], Tensor], leaves: List[Tensor]) -> LeafOperator:
-    """The Hessian of ``loss_of_leaves`` at ``leaves``, as forward-over-reverse HVPs.
+    """The Hessian of ``loss_of_leaves`` at ``leaves``, as batched HVPs.
 
     ``loss_of_leaves`` maps a list of tensors (the flattened differentiated
-    argument) to a scalar. Matvecs are ``vmap(jvp(grad(loss)))`` over the probe
-    dimension, so they nest inside outer ``vmap``/``grad`` transforms.
+    argument) to a scalar. Matvecs are reverse-over-reverse,
+    ``vmap(vjp(grad(loss)))`` over the probe dimension (the Hessian is
+    symmetric, so the VJP of the gradient is the HVP); they nest inside outer
+    ``vmap``/``grad`` transforms.
 
     Example:
         >>> import torch
@@ -72,21 +74,21 @@ def hessian_operator(loss_of_leaves: Callable[[List[Tensor]], Tensor], leaves: L
     """
     leaves = list(leaves)
 
-    def full_hvp(v: List[Tensor]) -> List[Tensor]:
-        return jvp(grad(loss_of_leaves), (leaves,), (v,))[1]
-
     def matvec(V: List[Tensor]) -> List[Tensor]:
-        return vmap(full_hvp)(list(V))
+        # Reverse-over-reverse (see block_matvec): the forward and backward pass at
+        # the primal point run once per batch of probes, not once per probe.
+        _, grad_vjp = vjp(grad(loss_of_leaves), leaves)
+        return vmap(lambda v: grad_vjp(v)[0])(list(V))
 
     def block_matvec(index: int, V: Tensor) -> Tensor:
         def loss_of_leaf(x: Tensor) -> Tensor:
             return loss_of_leaves(leaves[:index] + [x] + leaves[index + 1 :])
 
         # Reverse-over-reverse: one forward and backward pass at the primal point,
-        # then the linear map v -> H_ii v vmapped over the probes. (H is symmetric,
-        # so the VJP of the gradient is the HVP.) Forward-over-reverse with the
-        # other leaves closed over as constants trips a ZeroTensor error in
-        # PyTorch's forward-mode rule of linear layers, and is slower here.
+        # then the linear map v -> H_ii v vmapped over the probes. Forward-over-
+        # reverse trips PyTorch's "ZeroTensors are immutable" error for some ops
+        # (mse_loss, linear layers whose weight is a constant; pytorch/pytorch
+        # issues 112013 and 123996) and was slower here.
         _, block_vjp = vjp(grad(loss_of_leaf), leaves[index])
         return vmap(lambda v: block_vjp(v)[0])(V)
 

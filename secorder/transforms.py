@@ -13,7 +13,7 @@ import functools
 from typing import Any, Callable, List, Optional
 
 from torch import Tensor
-from torch.func import grad, jvp
+from torch.func import grad, jvp, vjp
 
 from . import _checks, tree
 from .estimators import exact
@@ -64,7 +64,9 @@ def hvp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = 
     ``H`` is the Hessian of the scalar ``f`` with respect to ``args[argnums]`` and
     ``v`` is a tangent shaped like ``args[argnums]`` (a tuple of pytrees when
     ``argnums`` is a tuple). Computed forward-over-reverse (``jvp`` of ``grad``),
-    at the cost of about two gradient evaluations. With ``has_aux=True``, ``f``
+    at the cost of about two gradient evaluations; where PyTorch's forward-mode
+    rules fail with "ZeroTensors are immutable" (``mse_loss``, linear layers with
+    a frozen weight: pytorch/pytorch#123996), reverse-over-reverse instead. With ``has_aux=True``, ``f``
     returns ``(loss, aux)`` and the transformed function returns ``(Hv, aux)``.
 
     Example:
@@ -82,13 +84,32 @@ def hvp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = 
         *args, v = args_and_v
         problem = _Problem(f, argnums, has_aux, tuple(args))
         tree.check_like(v, problem.primals, "v")
-        if has_aux:
-            g = grad(problem.loss_and_aux, has_aux=True)
-            _, hv, aux = jvp(g, (problem.primals,), (v,), has_aux=True)
-            return hv, aux
-        return jvp(grad(problem.loss), (problem.primals,), (v,))[1]
+        try:
+            return _forward_over_reverse(problem, v, has_aux)
+        except RuntimeError as err:
+            if "ZeroTensors are immutable" not in str(err):
+                raise
+            # PyTorch's forward-mode rules of some ops (mse_loss, linear layers with
+            # a constant weight) mutate a ZeroTensor (pytorch/pytorch issues 112013,
+            # 123996); reverse-over-reverse computes the same product.
+            return _reverse_over_reverse(problem, v, has_aux)
 
     return hvp_fn
+
+
+def _forward_over_reverse(problem: _Problem, v: Any, has_aux: bool) -> Any:
+    if has_aux:
+        _, hv, aux = jvp(grad(problem.loss_and_aux, has_aux=True), (problem.primals,), (v,), has_aux=True)
+        return hv, aux
+    return jvp(grad(problem.loss), (problem.primals,), (v,))[1]
+
+
+def _reverse_over_reverse(problem: _Problem, v: Any, has_aux: bool) -> Any:
+    if has_aux:
+        _, grad_vjp, aux = vjp(grad(problem.loss_and_aux, has_aux=True), problem.primals, has_aux=True)
+        return grad_vjp(v)[0], aux
+    _, grad_vjp = vjp(grad(problem.loss), problem.primals)
+    return grad_vjp(v)[0]
 
 
 def hessian_diag(

@@ -182,3 +182,21 @@ def test_property_random_shapes(case):
     v = [torch.randn(s, generator=g, dtype=D) for s in shapes]
     H, unravel = dense_hessian(f, (params,))
     assert_tree_close(so.hvp(f)(params, v), unravel(H @ tree.ravel(v)[0]))
+
+
+def test_hvp_with_mse_loss_and_frozen_weight():
+    # Forward-over-reverse fails inside PyTorch here (ZeroTensor mutation); hvp must still answer.
+    model = torch.nn.Linear(3, 1).double()
+    model.weight.requires_grad_(False)
+    f = so.functional_loss(model, F.mse_loss)
+    params = so.params_dict(model)
+    x, y = torch.randn(8, 3, dtype=D), torch.randn(8, 1, dtype=D)
+    v = {"bias": torch.tensor([0.5], dtype=D)}
+    hv = so.hvp(f)(params, x, y, v)
+    torch.testing.assert_close(hv["bias"], torch.tensor([1.0], dtype=D))  # d2/db2 mean((xw+b-y)^2) = 2
+    d = so.hessian_diag(f)(params, x, y)
+    torch.testing.assert_close(d["bias"], torch.tensor([2.0], dtype=D))
+    # with has_aux too
+    g = lambda p, x, y: (f(p, x, y), p["bias"].detach())
+    hv, aux = so.hvp(g, has_aux=True)(params, x, y, v)
+    torch.testing.assert_close(hv["bias"], torch.tensor([1.0], dtype=D))
