@@ -5,5 +5,17 @@ One module per method family, each citing its source.
 """
 
 from .exact import exact_diagonal, exact_trace
+from .hutchinson import hutchinson_trace
+from .hutchinson_diag import hutchinson_diagonal
+from .probes import DISTRIBUTIONS, draw_probes, make_generator, make_sampler
 
-__all__ = ["exact_diagonal", "exact_trace"]
+__all__ = [
+    "exact_diagonal",
+    "exact_trace",
+    "hutchinson_trace",
+    "hutchinson_diagonal",
+    "DISTRIBUTIONS",
+    "draw_probes",
+    "make_sampler",
+    "make_generator",
+]

@@ -1,0 +1,189 @@
+"""Shared plumbing of the stochastic estimators: argument checks, chunked matvecs,
+leaf-block sums and the adaptive sampling loop. No estimator logic lives here."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ..operators import LeafOperator
+from ..results import STOP_BUDGET, STOP_NUM_SAMPLES, STOP_TOLERANCE
+from .exact import auto_chunk_size
+from .probes import Sampler, check_distribution, make_sampler
+
+# Default probes per vmapped matvec: the same bound as the exact path's one-hot
+# columns (entries per batch and activation copies per probe), see auto_chunk_size.
+
+
+def check_count(value: object, name: str, minimum: int = 1, what: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}{what}, got {value}")
+    return value
+
+
+def check_tolerances(
+    rtol: Optional[float], atol: Optional[float], max_matvecs: Optional[int]
+) -> bool:
+    """Validate ``rtol``/``atol``/``max_matvecs``; True when adaptive stopping is asked for."""
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if tol is None:
+            continue
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+            raise TypeError(f"{name} must be a non-negative float, got {type(tol).__name__}")
+        if not tol >= 0:
+            raise ValueError(f"{name} must be a non-negative float, got {tol}")
+    adaptive = rtol is not None or atol is not None
+    if max_matvecs is not None:
+        check_count(max_matvecs, "max_matvecs")
+    if adaptive and max_matvecs is None:
+        raise ValueError(
+            "a tolerance (rtol/atol) needs a matvec budget: pass max_matvecs=<int> so that "
+            "sampling stops even if the tolerance is never met"
+        )
+    if max_matvecs is not None and not adaptive:
+        raise ValueError("max_matvecs is the budget of adaptive stopping: pass rtol and/or atol with it")
+    return adaptive
+
+
+def resolve_sampler(
+    op: LeafOperator,
+    sampler: Optional[Sampler],
+    distribution: str,
+    generator: Optional[torch.Generator],
+    density: float,
+) -> Sampler:
+    if sampler is not None:
+        if not callable(sampler):
+            raise TypeError(f"sampler must be callable (k -> list of probe tensors), got {type(sampler).__name__}")
+        return sampler
+    return make_sampler(op.templates, distribution, generator=generator, density=density)
+
+
+def probe_chunk(op: LeafOperator, chunk_size: Optional[int]) -> int:
+    if chunk_size is not None:
+        return check_count(chunk_size, "chunk_size")
+    return auto_chunk_size(op.dim)
+
+
+def dtype_of(op: LeafOperator) -> torch.dtype:
+    dtype = op.templates[0].dtype
+    for t in op.templates[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def leaf_products(V: Sequence[Tensor], W: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """``(num_leaves, k)``: per leaf and probe, the inner product of ``V`` and ``W``."""
+    return torch.stack([(v * w).reshape(v.shape[0], -1).sum(dim=1).to(dtype) for v, w in zip(V, W)])
+
+
+def matvec_chunked(op: LeafOperator, V: List[Tensor], chunk: int) -> List[Tensor]:
+    """``H V`` for a probe batch, ``chunk`` probes per batched matvec."""
+    k = V[0].shape[0]
+    if k <= chunk:
+        return list(op.matvec(V))
+    parts = [op.matvec([v[s : s + chunk] for v in V]) for s in range(0, k, chunk)]
+    return [torch.cat([p[i] for p in parts]) for i in range(len(V))]
+
+
+def to_matrix(V: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """A probe batch (leaf list, leading dim ``k``) as an ``(n, k)`` matrix."""
+    k = V[0].shape[0]
+    return torch.cat([v.reshape(k, -1).to(dtype) for v in V], dim=1).T
+
+
+def to_leaves(M: Tensor, templates: Sequence[Tensor]) -> List[Tensor]:
+    """Inverse of :func:`to_matrix`: ``(n, k)`` to a leaf list with leading dim ``k``."""
+    k = M.shape[1]
+    parts = torch.split(M.T, [t.numel() for t in templates], dim=1)
+    return [p.reshape((k,) + tuple(t.shape)).to(t.dtype) for p, t in zip(parts, templates)]
+
+
+def apply_matrix(op: LeafOperator, M: Tensor, chunk: int) -> Tensor:
+    """``H M`` for an ``(n, k)`` matrix, evaluated ``chunk`` columns at a time."""
+    return to_matrix(matvec_chunked(op, to_leaves(M, op.templates), chunk), M.dtype)
+
+
+def leaf_row_sums(X: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Sum the rows of ``X`` (``(n, ...)``) within each leaf block: ``(num_leaves, ...)``."""
+    return torch.stack([part.sum(dim=0) for part in torch.split(X, list(sizes), dim=0)])
+
+
+def leaf_grams(A: Tensor, B: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Per-leaf ``A_L^T B_L`` for ``(n, m)`` matrices: ``(num_leaves, m, m)``."""
+    return torch.stack(
+        [a.T @ b for a, b in zip(torch.split(A, list(sizes), dim=0), torch.split(B, list(sizes), dim=0))]
+    )
+
+
+def sample_loop(
+    step: Callable[[Any, int], Any],
+    state: Any,
+    first: int,
+    chunk: int,
+    adaptive: bool,
+    rtol: Optional[float],
+    atol: Optional[float],
+    budget: Optional[int],
+    error: Callable[[Any], Tuple[Tensor, Tensor]],
+) -> Tuple[Any, int, int]:
+    """Draw samples ``chunk`` at a time: ``first`` of them, or adaptively until the tolerance.
+
+    ``step(state, k)`` draws ``k`` samples (one matvec each) and folds them into the
+    running ``state``. ``error(state)`` returns ``(stderr, scale)``; the tolerance is
+    met when ``stderr <= max(atol, rtol * scale)``. Returns the final state, the
+    number of samples drawn and the stop code. Adaptive stopping reads the error back
+    to the host once per chunk (a data-dependent decision cannot stay on the device).
+    """
+    drawn = 0
+    target = first if not adaptive else min(first, budget)
+    while drawn < target:
+        k = min(chunk, target - drawn)
+        state = step(state, k)
+        drawn += k
+    if not adaptive:
+        return state, drawn, STOP_NUM_SAMPLES
+    while True:
+        if drawn >= 2:
+            stderr, scale = error(state)
+            bound = torch.full_like(scale, float(atol or 0.0))
+            if rtol is not None:
+                bound = torch.maximum(bound, rtol * scale)
+            if bool(stderr <= bound):
+                return state, drawn, STOP_TOLERANCE
+        if drawn >= budget:
+            return state, drawn, STOP_BUDGET
+        k = min(chunk, budget - drawn)
+        state = step(state, k)
+        drawn += k
+
+
+def std_error(samples: Tensor) -> Tensor:
+    n = samples.shape[-1]
+    if n < 2:
+        return torch.full(samples.shape[:-1], math.nan, dtype=samples.dtype, device=samples.device)
+    return samples.std(dim=-1, correction=1) / math.sqrt(n)
+
+
+__all__ = [
+    "check_count",
+    "check_tolerances",
+    "check_distribution",
+    "resolve_sampler",
+    "probe_chunk",
+    "dtype_of",
+    "leaf_products",
+    "matvec_chunked",
+    "to_matrix",
+    "to_leaves",
+    "apply_matrix",
+    "leaf_row_sums",
+    "leaf_grams",
+    "sample_loop",
+    "std_error",
+]
