@@ -1,0 +1,140 @@
+"""Closed-form factorisations of a loss's Hessian with respect to the network output.
+
+For each supported loss, :func:`output_curvature` returns the per-sample Hessian
+of the (reduced) loss with respect to the model output ``f`` of shape
+``[N, *feat]``, as a :class:`~secorder.structured.curvature.Curvature`, together
+with the gradient ``dL/df`` (needed by the activations' residual terms).
+
+* Softmax cross-entropy, logits ``f_n`` of ``C`` classes, ``p = softmax(f_n)``:
+  ``H_n = diag(p) - p p^T = A A^T`` with ``A = diag(sqrt p) - p sqrt(p)^T``
+  (``C`` columns; Dangel, Harmeling, Hennig 2020, Sec. 3 and App. A.2;
+  Dangel, Kunstner, Hennig 2020, App. A.2). For probability targets ``y`` the
+  Hessian is ``(sum_c y_c) (diag(p) - p p^T)``. ``reduction="mean"`` divides
+  by the number of non-ignored samples.
+* Mean squared error: ``H_n = 2 c I`` with ``c = 1/numel(f)`` for ``"mean"``
+  and ``c = 1`` for ``"sum"`` (a diagonal term, no columns).
+* Sigmoid binary cross-entropy with logits: ``H_n = c diag(s (1 - s))`` with
+  ``s = sigmoid(f_n)`` (diagonal).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .curvature import Curvature, Factor
+from .errors import Unsupported
+
+__all__ = ["LossSpec", "loss_spec", "output_curvature"]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Which loss, its reduction, and (cross-entropy) the ignored class index."""
+
+    kind: str  # "ce" | "mse" | "bce"
+    reduction: str
+    ignore_index: int = -100
+
+
+_FUNCTIONS = {F.cross_entropy: "ce", F.mse_loss: "mse", F.binary_cross_entropy_with_logits: "bce"}
+_ALLOWED_KEYWORDS = {"ce": {"reduction", "ignore_index"}, "mse": {"reduction"}, "bce": {"reduction"}}
+
+
+def loss_spec(loss_fn: Callable[..., Any]) -> LossSpec:
+    """Recognise ``loss_fn`` or raise :class:`Unsupported`.
+
+    Example:
+        >>> import torch
+        >>> loss_spec(torch.nn.CrossEntropyLoss(reduction="sum"))
+        LossSpec(kind='ce', reduction='sum', ignore_index=-100)
+    """
+    if isinstance(loss_fn, nn.Module):
+        if loss_fn._forward_hooks or loss_fn._forward_pre_hooks:
+            raise Unsupported(f"loss {type(loss_fn).__name__} has forward hooks")
+        if type(loss_fn) is nn.CrossEntropyLoss:
+            if loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
+                raise Unsupported("CrossEntropyLoss with class weights or label smoothing is not supported")
+            spec = LossSpec("ce", loss_fn.reduction, loss_fn.ignore_index)
+        elif type(loss_fn) is nn.MSELoss:
+            spec = LossSpec("mse", loss_fn.reduction)
+        elif type(loss_fn) is nn.BCEWithLogitsLoss:
+            if loss_fn.weight is not None or loss_fn.pos_weight is not None:
+                raise Unsupported("BCEWithLogitsLoss with weight or pos_weight is not supported")
+            spec = LossSpec("bce", loss_fn.reduction)
+        else:
+            raise Unsupported(f"loss {type(loss_fn).__name__} is not supported")
+    elif isinstance(loss_fn, functools.partial) and loss_fn.func in _FUNCTIONS:
+        kind = _FUNCTIONS[loss_fn.func]
+        if loss_fn.args or not set(loss_fn.keywords) <= _ALLOWED_KEYWORDS[kind]:
+            raise Unsupported(f"loss {loss_fn!r}: only the keywords {sorted(_ALLOWED_KEYWORDS[kind])} are supported")
+        spec = LossSpec(kind, loss_fn.keywords.get("reduction", "mean"), loss_fn.keywords.get("ignore_index", -100))
+    elif loss_fn in _FUNCTIONS:
+        spec = LossSpec(_FUNCTIONS[loss_fn], "mean")
+    else:
+        raise Unsupported(f"loss {getattr(loss_fn, '__name__', type(loss_fn).__name__)} is not supported")
+    if spec.reduction not in ("mean", "sum"):
+        raise Unsupported(f"loss reduction {spec.reduction!r} is not supported (use 'mean' or 'sum')")
+    return spec
+
+
+def output_curvature(spec: LossSpec, out: Tensor, target: Tensor) -> Tuple[Curvature, Tensor]:
+    """The per-sample Hessian of the loss w.r.t. ``out`` (factored) and the gradient ``dL/dout``.
+
+    Example:
+        >>> import torch
+        >>> curv, g = output_curvature(LossSpec("mse", "sum"), torch.zeros(2, 3), torch.ones(2, 3))
+        >>> curv.diagonal(), g
+        (tensor([[2., 2., 2.],
+                [2., 2., 2.]]), tensor([[-2., -2., -2.],
+                [-2., -2., -2.]]))
+    """
+    if not isinstance(target, Tensor):
+        raise Unsupported(f"targets must be a tensor, got {type(target).__name__}")
+    if out.dim() == 0:
+        raise Unsupported("the model output has no batch dimension")
+    if spec.kind == "ce":
+        return _cross_entropy(spec, out, target)
+    if target.shape != out.shape:
+        raise Unsupported(f"targets of shape {tuple(target.shape)} do not match the output shape {tuple(out.shape)}")
+    scale = 1.0 / out.numel() if spec.reduction == "mean" else 1.0
+    if spec.kind == "mse":
+        curv = Curvature(diag=torch.full_like(out, 2.0 * scale))
+        return curv, (2.0 * scale) * (out - target.to(out.dtype))
+    s = torch.sigmoid(out)
+    curv = Curvature(diag=scale * s * (1 - s))
+    return curv, scale * (s - target.to(out.dtype))
+
+
+def _cross_entropy(spec: LossSpec, out: Tensor, target: Tensor) -> Tuple[Curvature, Tensor]:
+    if out.dim() != 2:
+        raise Unsupported(f"cross-entropy on outputs of shape {tuple(out.shape)}: only [N, C] logits are supported")
+    N, C = out.shape
+    p = torch.softmax(out, dim=1)
+    if target.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+        if target.shape != (N,):
+            raise Unsupported(f"class-index targets of shape {tuple(target.shape)}; expected ({N},)")
+        keep = target != spec.ignore_index
+        weight = keep.to(out.dtype)
+        denom = weight.sum() if spec.reduction == "mean" else None
+        onehot = F.one_hot(torch.where(keep, target, 0).long(), C).to(out.dtype)
+        grad_per_sample = (p - onehot) * weight[:, None]
+    elif target.is_floating_point() and target.shape == out.shape:
+        weight = target.to(out.dtype).sum(1)
+        denom = torch.tensor(float(N), dtype=out.dtype, device=out.device) if spec.reduction == "mean" else None
+        grad_per_sample = p * weight[:, None] - target.to(out.dtype)
+    else:
+        raise Unsupported(f"cross-entropy targets of shape {tuple(target.shape)} and dtype {target.dtype}")
+    if denom is not None:
+        weight = weight / denom
+        grad_per_sample = grad_per_sample / denom
+    sqrt_p = p.sqrt()
+    # A[n, :, c] = sqrt(p_c) e_c - p sqrt(p_c); stored as columns B[c, n, :].
+    B = torch.diag_embed(sqrt_p) - p[:, :, None] * sqrt_p[:, None, :]
+    factor = Factor(B.permute(2, 0, 1), weight[None, :].expand(C, N))
+    return Curvature(factors=[factor]), grad_per_sample
