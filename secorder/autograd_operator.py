@@ -1,0 +1,253 @@
+"""Curvature products on PyTorch's autograd engine, for losses already computed.
+
+The functional transforms build their matvecs with ``torch.func``, which needs
+the loss as a pure function of its inputs. Imperative code (a closure that
+reads leaf tensors, the legacy ``torch_secorder`` API) only hands over a loss
+tensor with its autograd graph. This module turns such a loss into the same
+:class:`secorder.operators.LeafOperator` that the estimators see:
+
+* one ``torch.autograd.grad(loss, leaves, create_graph=True)`` when the operator
+  is built (the only forward and backward pass through the model), then
+* every matvec is one backward pass through that gradient's graph, batched over
+  the probes with ``is_grads_batched=True`` (a ``vmap`` over the backward pass),
+  so ``k`` probes cost one batched call rather than ``k`` Python-level calls.
+
+The Hessian is symmetric, so the vector-Jacobian product of the gradient is the
+Hessian-vector product (Pearlmutter 1994, "Fast exact multiplication by the
+Hessian"). Two helpers for the other legacy products live here as well:
+:func:`finite_difference_hvp` and :func:`gauss_newton_product`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .operators import LeafOperator
+
+__all__ = [
+    "autograd_hessian_operator",
+    "finite_difference_hvp",
+    "gauss_newton_product",
+    "attach_zero_grad",
+]
+
+
+def _batched_grad(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor],
+    create_graph: bool,
+) -> List[Tensor]:
+    """``sum_j (d outputs_j / d inputs)^T grad_outputs_j`` for a leading probe batch, zeros for unreached inputs."""
+    k = grad_outputs[0].shape[0]
+    if k == 1:
+        # A single probe: the plain backward pass, without vmap's overhead.
+        res = torch.autograd.grad(
+            list(outputs), list(inputs), grad_outputs=[g[0] for g in grad_outputs],
+            retain_graph=True, create_graph=create_graph, allow_unused=True,
+        )
+        res = [None if r is None else r.unsqueeze(0) for r in res]
+    else:
+        res = torch.autograd.grad(
+            list(outputs), list(inputs), grad_outputs=list(grad_outputs),
+            retain_graph=True, create_graph=create_graph, allow_unused=True, is_grads_batched=True,
+        )
+    return [
+        r if r is not None else x.new_zeros((k,) + tuple(x.shape))
+        for r, x in zip(res, inputs)
+    ]
+
+
+def autograd_hessian_operator(
+    loss: Tensor,
+    leaves: Sequence[Tensor],
+    *,
+    create_graph: bool = False,
+    allow_unused: bool = True,
+) -> LeafOperator:
+    """The Hessian of ``loss`` with respect to ``leaves``, as batched autograd-engine matvecs.
+
+    ``loss`` is a scalar tensor already computed from ``leaves`` (tensors that
+    require grad). Building the operator runs one backward pass with
+    ``create_graph=True``; the operator keeps that graph alive (drop it to free
+    the memory). Each ``matvec`` / ``block_matvec`` call is one backward pass
+    through the gradient, batched over the leading probe dimension.
+
+    Leaves that ``loss`` does not use, and leaves on which the gradient does not
+    depend (a linear term), get zero blocks. With ``allow_unused=False`` an
+    unused leaf (or a ``loss`` with no graph at all) raises PyTorch's own
+    ``RuntimeError`` instead. With ``create_graph=True`` the products are
+    differentiable with respect to the leaves (third derivatives).
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([1., 2.], requires_grad=True)
+        >>> op = autograd_hessian_operator((x ** 3).sum(), [x])
+        >>> op.block_matvec(0, torch.eye(2))     # Hessian diag(6 x)
+        tensor([[ 6.,  0.],
+                [ 0., 12.]])
+        >>> op.matvec([torch.ones(1, 2)])[0]
+        tensor([[ 6., 12.]])
+    """
+    leaves = list(leaves)
+    if loss.requires_grad or not allow_unused:
+        grads = list(torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=allow_unused))
+    else:
+        grads = [None] * len(leaves)
+    # Gradients that carry a graph: the others have a zero Hessian row block.
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+    def matvec(V: List[Tensor]) -> List[Tensor]:
+        V = list(V)
+        if not live:
+            return [torch.zeros_like(v) for v in V]
+        return _batched_grad([grads[i] for i in live], leaves, [V[i] for i in live], create_graph)
+
+    def block_matvec(index: int, V: Tensor) -> Tensor:
+        if index not in live:
+            return torch.zeros_like(V)
+        return _batched_grad([grads[index]], [leaves[index]], [V], create_graph)[0]
+
+    return LeafOperator(templates=[x.detach() for x in leaves], matvec=matvec, block_matvec=block_matvec)
+
+
+def attach_zero_grad(value: Tensor, leaves: Sequence[Tensor]) -> Tensor:
+    """``value`` unchanged, but connected to ``leaves`` in the autograd graph with a zero derivative.
+
+    A curvature value that happens not to depend on some leaf (a constant
+    Hessian block, an unused parameter) carries no graph to it, and
+    ``torch.autograd.grad(value, leaves)`` would then fail. The connection is a
+    ``torch.where`` that selects none of the leaf's entries, so the value is
+    exact (no ``0 * leaf``, which is NaN at an infinite entry) and the
+    derivative is zero. Leaves that do not require grad are skipped.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([1., 2.], requires_grad=True)
+        >>> t = attach_zero_grad(torch.tensor(2.), [x])
+        >>> t, torch.autograd.grad(t, x)[0]
+        (tensor(2., grad_fn=<AddBackward0>), tensor([0., 0.]))
+    """
+    for leaf in leaves:
+        if not leaf.requires_grad:
+            continue
+        none = torch.zeros((), dtype=torch.bool, device=leaf.device)
+        value = value + torch.where(none, leaf, torch.zeros((), dtype=leaf.dtype, device=leaf.device)).sum().to(value.dtype)
+    return value
+
+
+def _relative_step(leaves: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
+    """Forward-difference step ``sqrt(eps_mach) * max(1, |p|_max) / |v|_max``, as a 0-dim tensor (no host sync)."""
+    dtype = leaves[0].dtype
+    machine_eps = torch.finfo(dtype).eps
+    p_max = torch.stack([x.detach().abs().max() if x.numel() else x.new_zeros(()) for x in leaves]).max()
+    v_max = torch.stack([u.detach().abs().max() if u.numel() else u.new_zeros(()) for u in v]).max()
+    tiny = torch.finfo(dtype).tiny
+    return (machine_eps ** 0.5) * p_max.clamp_min(1.0) / v_max.to(dtype).clamp_min(tiny)
+
+
+def finite_difference_hvp(
+    func: Callable[[], Tensor],
+    leaves: Sequence[Tensor],
+    v: Sequence[Tensor],
+    *,
+    eps: Optional[float] = None,
+) -> List[Tensor]:
+    """Forward-difference Hessian-vector product ``(g(p + eps v) - g(p)) / eps``.
+
+    ``func`` is a closure that reads the leaf tensors ``leaves`` (which require
+    grad) and returns a scalar loss; ``g`` is its gradient. ``func`` is called
+    exactly twice: at ``p`` and with every leaf shifted in place by ``eps * v``.
+    The leaves are restored bit for bit afterwards (copied back from a saved
+    copy, not shifted back, which would round), also when ``func`` raises.
+    ``eps=None`` takes ``sqrt(machine epsilon) * max(1, max|p|) / max|v|`` in
+    the leaves' dtype, which balances truncation and rounding error. The
+    result carries no graph. Unused leaves get zeros.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([1., 2.], dtype=torch.float64, requires_grad=True)
+        >>> hv = finite_difference_hvp(lambda: (x ** 2).sum(), [x], [torch.ones(2, dtype=torch.float64)])
+        >>> torch.allclose(hv[0], torch.tensor([2., 2.], dtype=torch.float64))
+        True
+    """
+    leaves, v = list(leaves), list(v)
+
+    def gradient() -> List[Tensor]:
+        grads = torch.autograd.grad(func(), leaves, allow_unused=True)
+        return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
+
+    g0 = gradient()
+    step = _relative_step(leaves, v) if eps is None else torch.as_tensor(eps, dtype=leaves[0].dtype)
+    saved = [x.detach().clone() for x in leaves]
+    try:
+        with torch.no_grad():
+            for x, u in zip(leaves, v):
+                x.add_(u.to(x.dtype) * step.to(device=x.device, dtype=x.dtype))
+        g1 = gradient()
+    finally:
+        with torch.no_grad():
+            for x, s in zip(leaves, saved):
+                x.copy_(s)
+    return [(a - b) / step.to(device=a.device, dtype=a.dtype) for a, b in zip(g1, g0)]
+
+
+def gauss_newton_product(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    v: Sequence[Tensor],
+    *,
+    create_graph: bool = False,
+) -> List[Tensor]:
+    """Generalized Gauss-Newton product ``J^T H_out J v`` over ``list(model.parameters())``.
+
+    ``J`` is the Jacobian of ``model(inputs)`` with respect to the parameters
+    and ``H_out`` the Hessian of ``loss_fn(output, targets)`` with respect to
+    the output (Schraudolph 2002, "Fast curvature matrix-vector products for
+    second-order gradient descent"). One forward pass carries the JVP ``J v``
+    (forward mode, ``torch.func.jvp``), one double backward through the loss
+    gives ``H_out J v``, and one VJP through the model's graph gives the
+    result: no loop over outputs. The model's forward runs once. With
+    ``create_graph=True`` the result is differentiable with respect to the
+    parameters. Parameters the output does not use get zeros; parameters that
+    do not require grad raise PyTorch's ``RuntimeError``.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.copy_(torch.tensor([[1., 2.]]))
+        >>> x, y = torch.eye(2), torch.zeros(2, 1)
+        >>> # mse (mean over 2 outputs): H_out = I, J = x, so J^T J v = v
+        >>> gauss_newton_product(lin, torch.nn.functional.mse_loss, x, y, [torch.tensor([[1., 0.]])])
+        [tensor([[1., 0.]])]
+    """
+    params = list(model.parameters())
+    names = [name for name, _ in model.named_parameters()]
+    v = list(v)
+
+    def forward(*values: Tensor) -> Tensor:
+        return torch.func.functional_call(model, dict(zip(names, values)), (inputs,))
+
+    out, jv = torch.func.jvp(forward, tuple(params), tuple(u.to(p.dtype) for u, p in zip(v, params)))
+    # H_out J v: the VJP of the loss's output gradient with cotangent J v (H_out is
+    # symmetric). With create_graph=True it stays a function of the parameters,
+    # through the output and through J v.
+    with torch.enable_grad():
+        loss = loss_fn(out, targets)
+        (g_out,) = torch.autograd.grad(loss, out, create_graph=True)
+    h_jv = None
+    if g_out.requires_grad:
+        (h_jv,) = torch.autograd.grad(
+            g_out, out, grad_outputs=jv if create_graph else jv.detach(),
+            retain_graph=True, create_graph=create_graph, allow_unused=True,
+        )
+    if h_jv is None:
+        h_jv = torch.zeros_like(out)
+    res = torch.autograd.grad(out, params, grad_outputs=h_jv, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(p) if r is None else r for r, p in zip(res, params)]

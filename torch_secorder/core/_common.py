@@ -1,0 +1,161 @@
+"""Argument handling shared by the legacy functions: validation and the closure's Hessian operator.
+
+No algorithm lives here: the operator comes from
+:func:`secorder.autograd_operator.autograd_hessian_operator` and the estimators
+from :mod:`secorder.estimators`. This module only checks arguments, applies the
+legacy ``strict`` rule and puts results back in ``params`` order.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from secorder.autograd_operator import attach_zero_grad, autograd_hessian_operator
+from secorder.operators import LeafOperator
+
+from ..errors import LegacyTypeError, LegacyValueError
+
+# PyTorch's own messages, kept for callers that match on them.
+NO_REQUIRES_GRAD = "One of the differentiated Tensors does not require grad"
+NOT_SCALAR = "grad can be implicitly created only for scalar outputs"
+
+
+def check_params(params: Any, name: str = "params") -> List[Tensor]:
+    """``params`` as a non-empty list of tensors (a bare tensor counts as a list of one)."""
+    if isinstance(params, Tensor):
+        return [params]
+    try:
+        out = list(params)
+    except TypeError:
+        raise LegacyTypeError(
+            f"{name} must be a list of tensors, got {type(params).__name__}"
+        ) from None
+    if not out:
+        raise LegacyValueError(
+            f"{name} is empty: pass at least one tensor to differentiate with respect to "
+            "(PyTorch: `inputs` argument to `grad()` cannot be empty.)"
+        )
+    for i, p in enumerate(out):
+        if not isinstance(p, Tensor):
+            raise LegacyTypeError(f"{name}[{i}] must be a tensor, got {type(p).__name__}")
+    return out
+
+
+def check_callable(func: Any, name: str = "func") -> None:
+    if not callable(func):
+        raise LegacyTypeError(f"{name} must be a callable returning a scalar loss, got {type(func).__name__}")
+
+
+def check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise LegacyTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(model):
+        raise LegacyTypeError("model must be callable")
+
+
+def check_num_samples(num_samples: Any) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+        raise LegacyTypeError(f"num_samples must be a positive int, got {type(num_samples).__name__}")
+    if num_samples < 1:
+        raise LegacyValueError(f"num_samples must be a positive int (>= 1), got {num_samples}")
+    return int(num_samples)
+
+
+def check_vectors(v: Any, params: Sequence[Tensor], name: str = "v") -> Tuple[List[Tensor], bool]:
+    """``v`` as a list matching ``params`` leaf by leaf, and whether it was a bare tensor."""
+    single = isinstance(v, Tensor)
+    if single:
+        vs = [v]
+    elif isinstance(v, (list, tuple)):
+        vs = list(v)
+    else:
+        raise LegacyTypeError(f"{name} must be a tensor or a list of tensors like params, got {type(v).__name__}")
+    if len(vs) != len(params):
+        what = "a single tensor" if single else f"{len(vs)} tensor(s)"
+        raise LegacyValueError(
+            f"{name} must have one tensor per parameter: got {what} for {len(params)} parameter(s)"
+        )
+    for i, (u, p) in enumerate(zip(vs, params)):
+        if not isinstance(u, Tensor):
+            raise LegacyTypeError(f"{name}[{i}] must be a tensor, got {type(u).__name__}")
+        if u.shape != p.shape:
+            raise LegacyValueError(
+                f"{name}[{i}] has shape {tuple(u.shape)}, expected {tuple(p.shape)} like params[{i}]"
+            )
+    return vs, single
+
+
+def call_loss(func: Callable[[], Any], name: str = "func") -> Tensor:
+    """Call the closure once and check that it returned a one-element tensor (made 0-dim)."""
+    loss = func()
+    if not isinstance(loss, Tensor):
+        raise LegacyTypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise LegacyValueError(
+            f"{name} must return a scalar tensor (one element), got a tensor of shape "
+            f"{tuple(loss.shape)}; reduce it, e.g. with .sum() or .mean() (PyTorch: {NOT_SCALAR})"
+        )
+    return loss.reshape(())
+
+
+def check_strict(params: Sequence[Tensor], strict: bool) -> List[int]:
+    """Indices of the parameters to differentiate; under ``strict`` all of them must require grad."""
+    if strict and not all(p.requires_grad for p in params):
+        raise RuntimeError(NO_REQUIRES_GRAD)
+    return [i for i, p in enumerate(params) if p.requires_grad]
+
+
+def closure_operator(
+    func: Callable[[], Any], params: Sequence[Tensor], active: Sequence[int], create_graph: bool, strict: bool
+) -> LeafOperator:
+    """The Hessian of ``func()`` over ``params[active]``: calls ``func`` exactly once.
+
+    Under ``strict`` a parameter that the loss does not use raises PyTorch's own
+    ``RuntimeError``; otherwise its block is zero.
+    """
+    loss = call_loss(func)
+    return autograd_hessian_operator(
+        loss, [params[i] for i in active], create_graph=create_graph, allow_unused=not strict
+    )
+
+
+def scatter(params: Sequence[Tensor], active: Sequence[int], values: Sequence[Tensor], create_graph: bool) -> List[Tensor]:
+    """Results of the active parameters in place, zeros of the parameter's shape for the others.
+
+    With ``create_graph`` every result of a parameter that requires grad is
+    connected to it (zero derivative where the value does not depend on it).
+    """
+    out: List[Optional[Tensor]] = [None] * len(params)
+    for i, value in zip(active, values):
+        out[i] = value
+    res = []
+    for p, value in zip(params, out):
+        if value is None:
+            value = torch.zeros_like(p, memory_format=torch.contiguous_format).detach()
+        if create_graph and p.requires_grad and not value.requires_grad:
+            value = attach_zero_grad(value, [p])
+        res.append(value)
+    return res
+
+
+def zero_scalar(params: Sequence[Tensor]) -> Tensor:
+    """A 0-dim zero in the promoted dtype of ``params``, on the first parameter's device."""
+    dtype = params[0].dtype
+    for p in params[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return torch.zeros((), dtype=dtype, device=params[0].device)
+
+
+def model_closure(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], inputs: Any, targets: Any) -> Callable[[], Tensor]:
+    """``lambda: loss_fn(model(inputs), targets)``, the closure of the ``model_*`` functions."""
+    check_model(model)
+    check_callable(loss_fn, "loss_fn")
+
+    def closure() -> Tensor:
+        return loss_fn(model(inputs), targets)
+
+    return closure
