@@ -7,13 +7,19 @@ One module per method family, each citing its source.
 from .exact import exact_diagonal, exact_trace
 from .hutchinson import hutchinson_trace
 from .hutchinson_diag import hutchinson_diagonal
+from .hutchpp import hutchpp_trace
 from .probes import DISTRIBUTIONS, draw_probes, make_generator, make_sampler
+from .xtrace import xdiag, xnystrace, xtrace
 
 __all__ = [
     "exact_diagonal",
     "exact_trace",
     "hutchinson_trace",
     "hutchinson_diagonal",
+    "hutchpp_trace",
+    "xtrace",
+    "xnystrace",
+    "xdiag",
     "DISTRIBUTIONS",
     "draw_probes",
     "make_sampler",
