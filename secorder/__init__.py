@@ -11,6 +11,7 @@ Example:
 from . import tree
 from .modules import FunctionalLoss, functional_loss, params_dict
 from .transforms import hessian_diag, hvp, trace
+from .structured.ggn import ggn_diag, ggn_trace
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,8 @@ __all__ = [
     "hvp",
     "hessian_diag",
     "trace",
+    "ggn_diag",
+    "ggn_trace",
     "functional_loss",
     "params_dict",
     "FunctionalLoss",

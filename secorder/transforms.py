@@ -18,6 +18,7 @@ from torch.func import grad, jvp, vjp
 from . import _checks, tree
 from .estimators import exact
 from .operators import LeafOperator, hessian_operator
+from .structured import hook as _structured
 
 __all__ = ["hvp", "hessian_diag", "trace"]
 
@@ -119,6 +120,7 @@ def hessian_diag(
     has_aux: bool = False,
     chunk_size: Optional[int] = None,
     method: str = "exact",
+    engine: str = "auto",
 ) -> Callable[..., Any]:
     """Exact Hessian diagonal transform: ``hessian_diag(f)(*args)`` is shaped like ``args[argnums]``.
 
@@ -128,6 +130,12 @@ def hessian_diag(
     product. The cost is one HVP per parameter entry; peak extra memory is
     about ``chunk_size`` times the leaf size. ``chunk_size=None`` picks it
     automatically (see :func:`secorder.estimators.exact.auto_chunk_size`).
+
+    When ``f`` comes from :func:`secorder.functional_loss` and the model
+    qualifies, ``engine="auto"`` computes the same diagonal by curvature
+    backpropagation, in the time of a few backward passes (see
+    :mod:`secorder.structured.hook` for the rules, ``engine=`` and the
+    ``last_engine`` attribute).
 
     Example:
         >>> import torch, secorder as so
@@ -139,10 +147,15 @@ def hessian_diag(
     _checks.check_argnums(argnums)
     _checks.check_chunk_size(chunk_size)
     _check_method(method, _METHODS_DIAG)
+    _structured.check_engine(engine)
 
     @functools.wraps(f)
     def diag_fn(*args: Any) -> Any:
         problem = _Problem(f, argnums, has_aux, args)
+        hit = (_structured.attempt(diag_fn, f, argnums, has_aux, args, engine, "hessian", False, "hessian_diag")
+               if method == "exact" else None)
+        if hit is not None:
+            return hit
         op = _hessian_operator(problem)
         result = tree.unflatten(problem.spec, exact.exact_diagonal(op, chunk_size))
         return (result, problem.aux()) if has_aux else result
@@ -157,12 +170,14 @@ def trace(
     has_aux: bool = False,
     chunk_size: Optional[int] = None,
     method: str = "exact",
+    engine: str = "auto",
 ) -> Callable[..., Any]:
     """Exact Hessian trace transform: ``trace(f)(*args)`` is a 0-dim tensor.
 
     The sum of the exact diagonal (see :func:`hessian_diag`), accumulated chunk
     by chunk so that the diagonal is never held whole. Differentiable: ``grad``
-    of it is a curvature penalty's gradient (third derivatives).
+    of it is a curvature penalty's gradient (third derivatives). ``engine``
+    chooses the structured or generic path as in :func:`hessian_diag`.
 
     Example:
         >>> import torch, secorder as so
@@ -173,10 +188,15 @@ def trace(
     _checks.check_argnums(argnums)
     _checks.check_chunk_size(chunk_size)
     _check_method(method, _METHODS_TRACE)
+    _structured.check_engine(engine)
 
     @functools.wraps(f)
     def trace_fn(*args: Any) -> Any:
         problem = _Problem(f, argnums, has_aux, args)
+        hit = (_structured.attempt(trace_fn, f, argnums, has_aux, args, engine, "hessian", True, "trace")
+               if method == "exact" else None)
+        if hit is not None:
+            return hit
         result = exact.exact_trace(_hessian_operator(problem), chunk_size)
         return (result, problem.aux()) if has_aux else result
 
