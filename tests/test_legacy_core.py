@@ -397,3 +397,47 @@ def test_reexports():
     assert torch_secorder.hessian_trace is hessian_trace
     assert torch_secorder.hessian_trace is not hvp_module.hessian_trace
     assert torch_secorder.exact_hvp is hvp_module.exact_hvp
+
+
+# --------------------------------------------------------------------------- structured engine vs generic path
+
+
+def test_model_functions_take_structured_engine_for_plain_sequential(monkeypatch):
+    import sys
+
+    # As in 0.0.1, the package attribute of that name is the function; the module is in sys.modules.
+    diag_module = sys.modules["torch_secorder.core.hessian_diagonal"]
+    trace_module = sys.modules["torch_secorder.core.hessian_trace"]
+
+    def generic_path_not_expected(*args, **kwargs):
+        raise AssertionError("generic closure path taken")
+
+    model = _sequential()
+    x, y = _data(model, F.cross_entropy)
+    H, params = model_hessian(model, F.cross_entropy, x, y)
+    monkeypatch.setattr(diag_module, "hessian_diagonal", generic_path_not_expected)
+    monkeypatch.setattr(trace_module, "hessian_trace", generic_path_not_expected)
+    diag = model_hessian_diagonal(model, F.cross_entropy, x, y)
+    tr = model_hessian_trace(model, F.cross_entropy, x, y)
+    for d, r, p in zip(diag, split_like(torch.diagonal(H), params), params):
+        assert d.shape == p.shape and d.dtype == p.dtype and not d.requires_grad
+        torch.testing.assert_close(d, r, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tr, torch.trace(H), rtol=1e-10, atol=1e-12)
+
+
+def test_model_functions_fall_back_for_unsupported_models():
+    class Residual(nn.Module):       # not a plain feed-forward stack: generic path
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, inp):
+            return self.b(torch.tanh(self.a(inp)) + inp)
+
+    torch.manual_seed(8)
+    model = Residual().double()
+    x, y = torch.randn(6, 4, dtype=F64), torch.randint(0, 3, (6,))
+    H, params = model_hessian(model, F.cross_entropy, x, y)
+    for d, r in zip(model_hessian_diagonal(model, F.cross_entropy, x, y), split_like(torch.diagonal(H), params)):
+        torch.testing.assert_close(d, r, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model_hessian_trace(model, F.cross_entropy, x, y), torch.trace(H), rtol=1e-10, atol=1e-12)
