@@ -11,6 +11,8 @@ Example:
 from . import tree
 from .modules import FunctionalLoss, functional_loss, params_dict
 from .transforms import hessian_diag, hvp, trace
+from .estimates import hessian_diag_estimate, trace_estimate
+from .results import DiagonalEstimate, TraceEstimate
 from .structured.ggn import ggn_diag, ggn_trace
 
 __version__ = "0.1.0"
@@ -19,6 +21,10 @@ __all__ = [
     "hvp",
     "hessian_diag",
     "trace",
+    "trace_estimate",
+    "hessian_diag_estimate",
+    "TraceEstimate",
+    "DiagonalEstimate",
     "ggn_diag",
     "ggn_trace",
     "functional_loss",

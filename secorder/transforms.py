@@ -12,18 +12,21 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, List, Optional
 
+import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
 
 from . import _checks, tree
 from .estimators import exact
 from .operators import LeafOperator, hessian_operator
+from .stochastic import DIAG_METHODS, TRACE_METHODS, StochasticOptions, check_options
+from .stochastic import estimate_diagonal, estimate_trace
 from .structured import hook as _structured
 
 __all__ = ["hvp", "hessian_diag", "trace"]
 
-_METHODS_TRACE = ("exact",)
-_METHODS_DIAG = ("exact",)
+_METHODS_TRACE = ("exact",) + TRACE_METHODS
+_METHODS_DIAG = ("exact",) + DIAG_METHODS
 
 
 class _Problem:
@@ -121,6 +124,13 @@ def hessian_diag(
     chunk_size: Optional[int] = None,
     method: str = "exact",
     engine: str = "auto",
+    num_samples: Optional[int] = None,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    distribution: str = "rademacher",
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    max_matvecs: Optional[int] = None,
 ) -> Callable[..., Any]:
     """Exact Hessian diagonal transform: ``hessian_diag(f)(*args)`` is shaped like ``args[argnums]``.
 
@@ -137,6 +147,13 @@ def hessian_diag(
     :mod:`secorder.structured.hook` for the rules, ``engine=`` and the
     ``last_engine`` attribute).
 
+    Stochastic methods: ``method="hutchinson"`` (Bekas et al. 2007) or ``"xdiag"``
+    (Epperly et al. 2024) estimate the diagonal from ``num_samples`` HVPs,
+    ``chunk_size`` probes per batched product; ``seed``/``generator``/
+    ``distribution``/``rtol``/``atol``/``max_matvecs`` as in :mod:`secorder.stochastic`.
+    The result is still a plain pytree; :func:`secorder.hessian_diag_estimate`
+    also returns the standard errors and the matvec count.
+
     Example:
         >>> import torch, secorder as so
         >>> f = lambda p: (p["w"] ** 2).sum() * p["b"].sum()
@@ -148,6 +165,8 @@ def hessian_diag(
     _checks.check_chunk_size(chunk_size)
     _check_method(method, _METHODS_DIAG)
     _structured.check_engine(engine)
+    options = StochasticOptions(num_samples, seed, generator, distribution, rtol, atol, max_matvecs)
+    check_options(method, options, DIAG_METHODS)
 
     @functools.wraps(f)
     def diag_fn(*args: Any) -> Any:
@@ -157,7 +176,10 @@ def hessian_diag(
         if hit is not None:
             return hit
         op = _hessian_operator(problem)
-        result = tree.unflatten(problem.spec, exact.exact_diagonal(op, chunk_size))
+        if method == "exact":
+            result = tree.unflatten(problem.spec, exact.exact_diagonal(op, chunk_size))
+        else:
+            result = tree.unflatten(problem.spec, estimate_diagonal(op, method, options, chunk_size).value)
         return (result, problem.aux()) if has_aux else result
 
     return diag_fn
@@ -171,6 +193,13 @@ def trace(
     chunk_size: Optional[int] = None,
     method: str = "exact",
     engine: str = "auto",
+    num_samples: Optional[int] = None,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    distribution: str = "rademacher",
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    max_matvecs: Optional[int] = None,
 ) -> Callable[..., Any]:
     """Exact Hessian trace transform: ``trace(f)(*args)`` is a 0-dim tensor.
 
@@ -179,16 +208,29 @@ def trace(
     of it is a curvature penalty's gradient (third derivatives). ``engine``
     chooses the structured or generic path as in :func:`hessian_diag`.
 
+    Stochastic methods ``"hutchinson"``, ``"hutch++"``, ``"xtrace"`` and
+    ``"xnystrace"`` (PSD operators only) estimate the trace from ``num_samples``
+    HVPs (for the last three ``num_samples`` counts all matvecs; ``"xtrace"`` needs
+    it even), ``chunk_size`` probes per batched product, and still return a
+    plain 0-dim tensor, so ``vmap`` and ``grad`` compose; options as in
+    :mod:`secorder.stochastic`. :func:`secorder.trace_estimate` also returns the
+    standard error, matvec count and per-leaf traces.
+
     Example:
         >>> import torch, secorder as so
         >>> f = lambda x, y: ((x * y) ** 2).sum()
         >>> so.trace(f)(torch.tensor([1., 2.]), torch.tensor([3., 4.]))
         tensor(50.)
+        >>> g = so.trace(lambda x: (x ** 4).sum() / 12, method="hutchinson", num_samples=8, seed=0)
+        >>> g(torch.tensor([1., 2.]))   # diagonal Hessian: Rademacher probes are exact
+        tensor(5.)
     """
     _checks.check_argnums(argnums)
     _checks.check_chunk_size(chunk_size)
     _check_method(method, _METHODS_TRACE)
     _structured.check_engine(engine)
+    options = StochasticOptions(num_samples, seed, generator, distribution, rtol, atol, max_matvecs)
+    check_options(method, options, TRACE_METHODS)
 
     @functools.wraps(f)
     def trace_fn(*args: Any) -> Any:
@@ -197,7 +239,10 @@ def trace(
                if method == "exact" else None)
         if hit is not None:
             return hit
-        result = exact.exact_trace(_hessian_operator(problem), chunk_size)
+        if method == "exact":
+            result = exact.exact_trace(_hessian_operator(problem), chunk_size)
+        else:
+            result = estimate_trace(_hessian_operator(problem), method, options, chunk_size).value
         return (result, problem.aux()) if has_aux else result
 
     return trace_fn

@@ -78,10 +78,25 @@ def _sketch(op, m, draw_probes, chunk, dtype) -> Tuple[Tensor, ...]:
     Y = _common.apply_matrix(op, Om, chunk)
     Q, R = torch.linalg.qr(Y)
     eye = torch.eye(m, dtype=dtype, device=Y.device)
-    R_inv_T = torch.linalg.solve_triangular(R, eye, upper=True).T
+    R_inv_T = torch.linalg.solve_triangular(_floor_diagonal(R), eye, upper=True).T
     S = R_inv_T / torch.linalg.vector_norm(R_inv_T, dim=0)
     Z = _common.apply_matrix(op, Q, chunk)
     return Om, Y, Q, R, S, Z
+
+
+def _floor_diagonal(R: Tensor) -> Tensor:
+    """``R`` with diagonal entries below ``m * eps * max|R|`` in magnitude raised to that floor.
+
+    An exactly rank-deficient sketch (a low-rank operator, or square Rademacher
+    test matrices, which are singular with positive probability) would make
+    ``R^{-T}`` infinite; with the floor its columns stay finite and normalisable,
+    as they are in floating point for a numerically rank-deficient sketch.
+    """
+    d = R.diagonal()
+    floor = R.shape[-1] * torch.finfo(R.dtype).eps * R.abs().amax().clamp_min(torch.finfo(R.dtype).tiny)
+    sign = torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
+    safe = torch.where(d.abs() < floor, sign * floor, d)
+    return R + torch.diag_embed(safe - d)
 
 
 def _deflate_coords(S: Tensor, X: Tensor) -> Tensor:
