@@ -46,10 +46,11 @@ class Factor:
     w: Optional[Tensor] = None
 
     def diagonal(self) -> Tensor:
+        if self.w is None:
+            return torch.linalg.vector_norm(self.B, 2, dim=0).square()
+        K, N = self.B.shape[:2]
         sq = self.B * self.B
-        if self.w is not None:
-            sq = sq * self.w.reshape(self.w.shape + (1,) * (sq.dim() - 2))
-        return sq.sum(0)
+        return torch.einsum("kn,knf->nf", self.w, sq.reshape(K, N, -1)).reshape(self.B.shape[1:])
 
 
 @dataclass

@@ -133,8 +133,12 @@ def _cross_entropy(spec: LossSpec, out: Tensor, target: Tensor) -> Tuple[Curvatu
     if denom is not None:
         weight = weight / denom
         grad_per_sample = grad_per_sample / denom
-    sqrt_p = p.sqrt()
-    # A[n, :, c] = sqrt(p_c) e_c - p sqrt(p_c); stored as columns B[c, n, :].
-    B = torch.diag_embed(sqrt_p) - p[:, :, None] * sqrt_p[:, None, :]
-    factor = Factor(B.permute(2, 0, 1), weight[None, :].expand(C, N))
-    return Curvature(factors=[factor]), grad_per_sample
+    # Column c of sample n: sqrt(p_c) (e_c - p), built as [C, N, C] (contiguous, column first).
+    # Class-index targets have sample weights w_n >= 0 (0, 1 or 1/N), folded in as sqrt(w_n);
+    # probability targets may carry any sign, so theirs stay an explicit weight.
+    signed = target.is_floating_point()
+    scale = p.sqrt() if signed else (p * weight[:, None]).sqrt()
+    eye = torch.eye(C, dtype=out.dtype, device=out.device)
+    B = scale.transpose(0, 1)[:, :, None] * (eye[:, None, :] - p[None, :, :])
+    w = weight[None, :].expand(C, N) if signed else None
+    return Curvature(factors=[Factor(B, w)]), grad_per_sample

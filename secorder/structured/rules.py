@@ -273,13 +273,14 @@ class Conv(Rule):
         if "weight" in wanted:
             X = self._unfold(ctx["x"])
             total = None
+            Xt = X.transpose(1, 2)  # [N, P, J]
             for f in factors:
                 B = f.B.reshape(f.B.shape[0], N, O, -1)
-                M = torch.einsum("knop,njp->knoj", B, X)
-                sq = M * M
-                sq = sq * f.w[..., None, None] if f.w is not None else sq
-                t = sq.sum((0, 1))
-                total = t if total is None else total + t
+                for k in range(B.shape[0]):  # one batched matmul per column: no permuted copy of B
+                    M = torch.bmm(B[k], Xt)  # [N, O, J]
+                    sq = M * M
+                    t = (sq * f.w[k][:, None, None]).sum(0) if f.w is not None else sq.sum(0)
+                    total = t if total is None else total + t
             if diag is not None:
                 t = torch.einsum("nop,njp->oj", diag.reshape(N, O, -1), X * X)
                 total = t if total is None else total + t
