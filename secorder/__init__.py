@@ -13,6 +13,7 @@ from .modules import FunctionalLoss, functional_loss, params_dict
 from .transforms import hessian_diag, hvp, trace
 from .estimates import hessian_diag_estimate, trace_estimate
 from .results import DiagonalEstimate, TraceEstimate
+from .structured import Residual
 from .structured.ggn import ggn_diag, ggn_trace
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "DiagonalEstimate",
     "ggn_diag",
     "ggn_trace",
+    "Residual",
     "functional_loss",
     "params_dict",
     "FunctionalLoss",

@@ -196,3 +196,41 @@ def test_non_functional_loss_uses_generic():
     assert fn.last_engine == "generic"
     with pytest.raises(ValueError, match="FunctionalLoss"):
         so.hessian_diag(lambda p: (p ** 3).sum(), engine="structured")(torch.ones(2))
+
+
+def test_residual_blocks_nested_mlp():
+    body = nn.Sequential(nn.Linear(5, 5), nn.Sigmoid(), so.Residual(nn.Sequential(nn.Linear(5, 5), nn.ELU())),
+                         nn.Linear(5, 5))
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), so.Residual(body), nn.Tanh(), so.Residual(nn.Identity()),
+                          nn.Linear(5, 3))
+    x, y = torch.randn(5, 4, dtype=DT), torch.tensor([0, 1, 2, 1, 0])
+    check(model, nn.CrossEntropyLoss(), x, y)
+
+
+def test_residual_block_first_and_frozen():
+    # The first parameters sit inside the block; the block's first layer is frozen.
+    model = nn.Sequential(so.Residual(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))), nn.Softplus(),
+                          nn.Linear(4, 2)).to(DT)
+    model[0].body[0].weight.requires_grad_(False)
+    x, y = torch.randn(6, 4, dtype=DT), torch.randn(6, 2, dtype=DT)
+    check(model, nn.MSELoss(reduction="sum"), x, y)
+
+
+def test_resnet_style_conv_block():
+    torch.manual_seed(2)
+    block = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
+                          nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), so.Residual(block), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)).to(DT)
+    for bn in (block[1], block[4]):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    x, y = torch.randn(3, 1, 6, 6, dtype=DT), torch.tensor([0, 2, 1])
+    check(model, nn.CrossEntropyLoss(), x, y)
+
+
+def test_residual_block_that_changes_shape_falls_back():
+    model = nn.Sequential(so.Residual(nn.Linear(4, 3)), nn.Linear(3, 2)).to(DT)
+    f = so.functional_loss(model, nn.MSELoss())
+    with pytest.raises(ValueError, match="residual block"):
+        so.trace(f, engine="structured")(so.params_dict(model), torch.randn(2, 4, dtype=DT), torch.randn(2, 2, dtype=DT))

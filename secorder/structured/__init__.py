@@ -2,7 +2,7 @@
 
 For a model made of supported layers (a nested ``nn.Sequential`` of
 ``Linear``, ``Conv1d/2d``, pooling, ``Flatten``, ``BatchNorm`` in eval mode and
-elementwise activations) and a supported loss (cross-entropy, MSE, BCE with
+elementwise activations, and :class:`Residual` skip-connection blocks) and a supported loss (cross-entropy, MSE, BCE with
 logits), the exact diagonal of the Hessian of the loss with respect to the
 parameters costs a few backward passes: the loss Hessian with respect to the
 network output is factored in closed form and pulled back layer by layer, with
@@ -14,7 +14,7 @@ generalized Gauss-Newton diagonal.
 
 Modules: :mod:`.losses` (loss-output factorisations), :mod:`.curvature`
 (the factored per-sample curvature), :mod:`.activations`, :mod:`.rules`
-(per-module rules), :mod:`.walker` (does a model qualify), :mod:`.backprop`
+(per-module rules), :mod:`.blocks` (``Residual``), :mod:`.walker` (does a model qualify), :mod:`.backprop`
 (the driver), :mod:`.dispatch` (entry points), :mod:`.generic` (the one-hot
 GGN fallback).
 
@@ -27,7 +27,8 @@ Example:
     True
 """
 
+from .blocks import Residual
 from .dispatch import functional_call_diag, model_diagonal, model_trace
 from .errors import Unsupported
 
-__all__ = ["model_diagonal", "model_trace", "functional_call_diag", "Unsupported"]
+__all__ = ["model_diagonal", "model_trace", "functional_call_diag", "Unsupported", "Residual"]

@@ -1,7 +1,7 @@
 """The model walker: does a model qualify for the structured engine, and with which rules.
 
 A model qualifies when it is a supported leaf module or a (nested)
-``nn.Sequential`` of them, with no forward hooks, no parameter used twice and
+``nn.Sequential`` of them (and of :class:`~secorder.structured.blocks.Residual` blocks), with no forward hooks, no parameter used twice and
 no parameter outside the leaf modules. Anything else raises
 :class:`~secorder.structured.errors.Unsupported` naming the first offending
 module; the transforms then fall back to the generic one-hot path.
@@ -15,10 +15,11 @@ from typing import Dict, List, Tuple
 from torch import nn
 from torch.nn.modules import module as _module_impl
 
+from .blocks import Residual
 from .errors import Unsupported
 from .rules import Rule, make_rule
 
-__all__ = ["Plan", "plan"]
+__all__ = ["Plan", "ResidualRule", "plan"]
 
 
 @dataclass
@@ -30,8 +31,13 @@ class Plan:
 
     @property
     def parameter_names(self) -> List[str]:
-        return [q for rule, names in zip(self.rules, self.names) for local, q in names.items()
-                if local in rule.param_names]
+        out = []
+        for rule, names in zip(self.rules, self.names):
+            if isinstance(rule, ResidualRule):
+                out.extend(rule.plan.parameter_names)
+            else:
+                out.extend(q for local, q in names.items() if local in rule.param_names)
+        return out
 
 
 def _leaves(module: nn.Module, prefix: str) -> List[Tuple[str, nn.Module]]:
@@ -51,6 +57,20 @@ def _leaves(module: nn.Module, prefix: str) -> List[Tuple[str, nn.Module]]:
     return [(prefix, module)]
 
 
+class ResidualRule:
+    """A :class:`~secorder.structured.blocks.Residual` block: its body's plan; the driver does the rest."""
+
+    param_names: Tuple[str, ...] = ()
+
+    def __init__(self, name: str, body: Plan):
+        self.name = name
+        self.plan = body
+
+    @property
+    def has_residual(self) -> bool:
+        return any(r.has_residual for r in self.plan.rules)
+
+
 def plan(model: nn.Module, hessian: bool) -> Plan:
     """Rules for ``model`` or :class:`Unsupported`.
 
@@ -62,9 +82,19 @@ def plan(model: nn.Module, hessian: bool) -> Plan:
     """
     if _module_impl._global_forward_hooks or _module_impl._global_forward_pre_hooks:
         raise Unsupported("global module forward hooks are registered")
-    rules, names, seen = [], [], set()
-    for prefix, module in _leaves(model, ""):
+    return _plan(model, "", hessian, set())
+
+
+def _plan(model: nn.Module, prefix: str, hessian: bool, seen: set) -> Plan:
+    rules, names = [], []
+    for prefix, module in _leaves(model, prefix):
         name = prefix[:-1] if prefix else "<root>"
+        if type(module) is Residual:
+            if module._parameters or module._buffers:
+                raise Unsupported(f"module {name!r} (Residual) has its own parameters or buffers")
+            rules.append(ResidualRule(name, _plan(module.body, prefix + "body.", hessian, seen)))
+            names.append({})
+            continue
         rule = make_rule(name, module, hessian)
         local = {}
         for n, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
@@ -80,5 +110,5 @@ def plan(model: nn.Module, hessian: bool) -> Plan:
         rules.append(rule)
         names.append(local)
     if not rules:
-        raise Unsupported("the model has no modules")
+        raise Unsupported(f"module {prefix or '<root>'!r} has no modules")
     return Plan(rules, names)
