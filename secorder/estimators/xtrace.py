@@ -195,7 +195,7 @@ def xnystrace(
     # Shift A by nu I (subtracted exactly below) so that Omega^T (A + nu I) Omega is
     # safely positive definite; then, with G = L L^T, W = L^{-1} and F = Y W^T:
     # B = W^T W, B_ii = |w_i|^2, Y b_i = F w_i, tr(B Y^T Y) = |F|^2.
-    nu = math.sqrt(torch.finfo(dtype).eps) * torch.linalg.matrix_norm(Y) / math.sqrt(m)
+    nu = math.sqrt(op.dim) * torch.finfo(dtype).eps * torch.linalg.matrix_norm(Y)
     Y = Y + nu * Om
     G = Om.T @ Y
     L = torch.linalg.cholesky((G + G.T) / 2)
