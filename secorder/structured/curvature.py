@@ -46,11 +46,13 @@ class Factor:
     w: Optional[Tensor] = None
 
     def diagonal(self) -> Tensor:
-        if self.w is None:
-            return torch.linalg.vector_norm(self.B, 2, dim=0).square()
-        K, N = self.B.shape[:2]
-        sq = self.B * self.B
-        return torch.einsum("kn,knf->nf", self.w, sq.reshape(K, N, -1)).reshape(self.B.shape[1:])
+        # Accumulate column by column: far faster on CPU than a reduction over the leading dim.
+        B, w = self.B, self.w
+        extra = (1,) * (B.dim() - 2)
+        out = B[0] * B[0] if w is None else B[0] * B[0] * w[0].reshape(w.shape[1:] + extra)
+        for k in range(1, B.shape[0]):
+            out = out.addcmul_(B[k], B[k]) if w is None else out.addcmul_(B[k] * w[k].reshape(w.shape[1:] + extra), B[k])
+        return out
 
 
 @dataclass

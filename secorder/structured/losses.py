@@ -139,6 +139,6 @@ def _cross_entropy(spec: LossSpec, out: Tensor, target: Tensor) -> Tuple[Curvatu
     signed = target.is_floating_point()
     scale = p.sqrt() if signed else (p * weight[:, None]).sqrt()
     eye = torch.eye(C, dtype=out.dtype, device=out.device)
-    B = scale.transpose(0, 1)[:, :, None] * (eye[:, None, :] - p[None, :, :])
+    B = (scale.transpose(0, 1)[:, :, None] * (eye[:, None, :] - p[None, :, :])).contiguous()
     w = weight[None, :].expand(C, N) if signed else None
     return Curvature(factors=[Factor(B, w)]), grad_per_sample
