@@ -234,3 +234,12 @@ def test_residual_block_that_changes_shape_falls_back():
     f = so.functional_loss(model, nn.MSELoss())
     with pytest.raises(ValueError, match="residual block"):
         so.trace(f, engine="structured")(so.params_dict(model), torch.randn(2, 4, dtype=DT), torch.randn(2, 2, dtype=DT))
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
+def test_activation_then_overlapping_maxpool(act):
+    # Fused activation + max pool (derivative gathered to the pooled resolution), overlapping windows.
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), act(), nn.MaxPool2d(3, stride=2, padding=1),
+                          nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).to(DT)
+    x, y = torch.randn(3, 1, 7, 7, dtype=DT), torch.tensor([0, 2, 1])
+    check(model, nn.CrossEntropyLoss(reduction="sum"), x, y)

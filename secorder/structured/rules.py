@@ -29,7 +29,7 @@ from . import activations
 from .curvature import Curvature, Factor, Shared
 from .errors import Unsupported
 
-__all__ = ["Rule", "make_rule"]
+__all__ = ["Rule", "make_rule", "fuse"]
 
 
 class Rule:
@@ -307,6 +307,34 @@ class MaxPool(Rule):
         return out.reshape((K,) + tuple(shape))
 
 
+class ActivationPool(Rule):
+    """An elementwise activation followed by ``MaxPool2d``, fused (the walker builds it).
+
+    Max pooling scatters each output entry to one input position, so the
+    activation's derivative can be gathered to the pooled resolution and applied
+    before the scatter: ``diag(m) P^T B = P^T (gather(m) B)``, one pass over the
+    smaller pooled columns instead of one over the full-resolution ones.
+    """
+
+    def __init__(self, act: "Activation", pool: "MaxPool"):
+        super().__init__(f"{act.name}+{pool.name}", act.module)
+        self.act, self.pool = act, pool
+        self.has_residual = act.has_residual
+
+    def forward(self, x, values):
+        a, ctx_a = self.act.forward(x, {})
+        z, ctx_p = self.pool.forward(a, {})
+        N, C = z.shape[:2]
+        mg = torch.gather(ctx_a["m"].reshape(N, C, -1), 2, ctx_p["idx"].reshape(N, C, -1)).reshape(z.shape)
+        return z, {"in": x.shape, "out": z.shape, "a": ctx_a, "p": ctx_p, "mg": mg}
+
+    def back_columns(self, B, ctx):
+        return self.pool.back_columns(B * ctx["mg"], ctx["p"])
+
+    def residual(self, g, ctx):
+        return self.act.residual(self.pool.backward_grad(g, ctx["p"]), ctx["a"]) if self.has_residual else None
+
+
 class LinearMap(Rule):
     """Average pooling (plain and adaptive): linear, backward by ``vmap`` over ``vjp``."""
 
@@ -342,3 +370,14 @@ def make_rule(name: str, module: nn.Module, hessian: bool) -> Rule:
     if t in (nn.AvgPool2d, nn.AdaptiveAvgPool2d):
         return LinearMap(name, module)
     raise Unsupported(f"{_where(name, module)} is not supported by the structured engine")
+
+
+def fuse(rules: list) -> list:
+    """Fuse each elementwise activation that directly feeds a ``MaxPool2d`` (see :class:`ActivationPool`)."""
+    out = []
+    for rule in rules:
+        if isinstance(rule, MaxPool) and out and type(out[-1]) is Activation:
+            out[-1] = ActivationPool(out[-1], rule)
+        else:
+            out.append(rule)
+    return out

@@ -17,7 +17,7 @@ from torch.nn.modules import module as _module_impl
 
 from .blocks import Residual
 from .errors import Unsupported
-from .rules import Rule, make_rule
+from .rules import Rule, fuse, make_rule
 
 __all__ = ["Plan", "ResidualRule", "plan"]
 
@@ -111,4 +111,12 @@ def _plan(model: nn.Module, prefix: str, hessian: bool, seen: set) -> Plan:
         names.append(local)
     if not rules:
         raise Unsupported(f"module {prefix or '<root>'!r} has no modules")
-    return Plan(rules, names)
+    fused_rules, fused_names = [], []
+    for rule, local in zip(rules, names):
+        merged = fuse(fused_rules[-1:] + [rule]) if fused_rules else [rule]
+        if fused_rules and len(merged) == 1:  # activation + max pool: neither has tensors
+            fused_rules[-1] = merged[0]
+        else:
+            fused_rules.append(rule)
+            fused_names.append(local)
+    return Plan(fused_rules, fused_names)
