@@ -209,13 +209,15 @@ def gauss_newton_product(
     ``J`` is the Jacobian of ``model(inputs)`` with respect to the parameters
     and ``H_out`` the Hessian of ``loss_fn(output, targets)`` with respect to
     the output (Schraudolph 2002, "Fast curvature matrix-vector products for
-    second-order gradient descent"). One forward pass carries the JVP ``J v``
-    (forward mode, ``torch.func.jvp``), one double backward through the loss
-    gives ``H_out J v``, and one VJP through the model's graph gives the
-    result: no loop over outputs. The model's forward runs once. With
-    ``create_graph=True`` the result is differentiable with respect to the
-    parameters. Parameters the output does not use get zeros; parameters that
-    do not require grad raise PyTorch's ``RuntimeError``.
+    second-order gradient descent"). The model's forward runs once, on the
+    autograd engine (so training-mode BatchNorm, hooks and in-place buffer
+    updates behave as in a plain call). Then ``J v`` is one JVP, computed as the
+    VJP of the linear map ``u -> J^T u`` (the double-backward trick, which needs
+    no forward-mode rules); one double backward through the loss gives
+    ``H_out J v``; one VJP through the model's graph gives the result. No loop
+    over outputs. With ``create_graph=True`` the result is differentiable with
+    respect to the parameters. Parameters the output does not use get zeros;
+    parameters that do not require grad raise PyTorch's ``RuntimeError``.
 
     Example:
         >>> import torch
@@ -228,26 +230,32 @@ def gauss_newton_product(
         [tensor([[1., 0.]])]
     """
     params = list(model.parameters())
-    names = [name for name, _ in model.named_parameters()]
-    v = list(v)
-
-    def forward(*values: Tensor) -> Tensor:
-        return torch.func.functional_call(model, dict(zip(names, values)), (inputs,))
-
-    out, jv = torch.func.jvp(forward, tuple(params), tuple(u.to(p.dtype) for u, p in zip(v, params)))
-    # H_out J v: the VJP of the loss's output gradient with cotangent J v (H_out is
-    # symmetric). With create_graph=True it stays a function of the parameters,
-    # through the output and through J v.
+    v = [u.to(p.dtype) for u, p in zip(v, params)]
     with torch.enable_grad():
+        out = model(inputs)
+        # J v as the VJP of u -> J^T u, which is linear in the dummy cotangent u.
+        dummy = torch.zeros_like(out, requires_grad=True)
+        jt_u = torch.autograd.grad(out, params, grad_outputs=dummy, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(jt_u) if g is not None]
+        jv = None
+        if used:
+            (jv,) = torch.autograd.grad(
+                [jt_u[i] for i in used], dummy, grad_outputs=[v[i] for i in used],
+                create_graph=create_graph, allow_unused=True,
+            )
+        if jv is None:
+            jv = torch.zeros_like(out)
+        # H_out J v: the VJP of the loss's output gradient with cotangent J v (H_out
+        # is symmetric). With create_graph=True it stays a function of the
+        # parameters, through the output and through J v.
         loss = loss_fn(out, targets)
         (g_out,) = torch.autograd.grad(loss, out, create_graph=True)
-    h_jv = None
-    if g_out.requires_grad:
-        (h_jv,) = torch.autograd.grad(
-            g_out, out, grad_outputs=jv if create_graph else jv.detach(),
-            retain_graph=True, create_graph=create_graph, allow_unused=True,
-        )
-    if h_jv is None:
-        h_jv = torch.zeros_like(out)
-    res = torch.autograd.grad(out, params, grad_outputs=h_jv, create_graph=create_graph, allow_unused=True)
+        h_jv = None
+        if g_out.requires_grad:
+            (h_jv,) = torch.autograd.grad(
+                g_out, out, grad_outputs=jv, retain_graph=True, create_graph=create_graph, allow_unused=True
+            )
+        if h_jv is None:
+            h_jv = torch.zeros_like(out)
+        res = torch.autograd.grad(out, params, grad_outputs=h_jv, create_graph=create_graph, allow_unused=True)
     return [torch.zeros_like(p) if r is None else r for r, p in zip(res, params)]

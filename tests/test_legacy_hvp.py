@@ -333,3 +333,16 @@ def test_hvp_signatures_and_defaults():
     }
     for fn, params in expected.items():
         assert [(p.name, p.default) for p in inspect.signature(fn).parameters.values()] == params, fn.__name__
+
+
+def test_gauss_newton_product_training_mode_batchnorm_forward_once():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double().train()
+    x, y = torch.randn(6, 3, dtype=F64), torch.randint(0, 2, (6,))
+    G, params = _explicit_ggn(model, F.cross_entropy, x, y)
+    v = [torch.randn_like(p) for p in params]
+    tracked = int(model[1].num_batches_tracked)
+    gv = gauss_newton_product(model, F.cross_entropy, x, y, v)
+    assert int(model[1].num_batches_tracked) == tracked + 1      # one forward pass, as a plain call
+    for a, r in zip(gv, split_like(G @ _flat(v), params)):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)

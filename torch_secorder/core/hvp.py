@@ -142,7 +142,7 @@ def gauss_newton_product(
 
     ``J`` is the Jacobian of ``model(x)`` with respect to
     ``list(model.parameters())`` and ``H_out`` the Hessian of the loss with
-    respect to the model output. One JVP (forward mode), one double backward
+    respect to the model output. One JVP (double-backward trick), one double backward
     through the loss, one VJP: no loop over outputs; the model's forward runs
     once (see :func:`secorder.autograd_operator.gauss_newton_product`). With
     ``create_graph=True`` the product is differentiable with respect to the
