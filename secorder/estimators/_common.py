@@ -11,11 +11,16 @@ from torch import Tensor
 
 from ..operators import LeafOperator
 from ..results import STOP_BUDGET, STOP_NUM_SAMPLES, STOP_TOLERANCE
-from .exact import auto_chunk_size
 from .probes import Sampler, check_distribution, make_sampler
 
-# Default probes per vmapped matvec: the same bound as the exact path's one-hot
-# columns (entries per batch and activation copies per probe), see auto_chunk_size.
+# Default probes per vmapped matvec. Every batched matvec re-runs the forward and
+# backward pass at the primal point once, so fewer, larger chunks are faster; the
+# probe batch is bounded to _PROBE_ENTRIES entries (64 MiB in float32) and to
+# _MAX_PROBE_CHUNK probes (each probe also carries batched copies of the model's
+# activations, which the entry count cannot see).
+_PROBE_ENTRIES = 2**24
+_MAX_PROBE_CHUNK = 512
+_MIN_PROBE_CHUNK = 16
 
 
 def check_count(value: object, name: str, minimum: int = 1, what: str = "") -> int:
@@ -67,7 +72,7 @@ def resolve_sampler(
 def probe_chunk(op: LeafOperator, chunk_size: Optional[int]) -> int:
     if chunk_size is not None:
         return check_count(chunk_size, "chunk_size")
-    return auto_chunk_size(op.dim)
+    return max(1, min(_MAX_PROBE_CHUNK, max(_MIN_PROBE_CHUNK, _PROBE_ENTRIES // max(op.dim, 1))))
 
 
 def dtype_of(op: LeafOperator) -> torch.dtype:
