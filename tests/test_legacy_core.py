@@ -15,7 +15,6 @@ from torch_secorder.core.hessian_diagonal import hessian_diagonal, model_hessian
 from torch_secorder.core.hessian_trace import hessian_trace, model_hessian_trace
 from tests.test_legacy_support import (
     CountingClosure,
-    dense_hessian,
     model_hessian,
     model_loss_of_values,
     split_like,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import numbers
 from typing import Callable, List, Union
 
-import torch
 from torch import Tensor, nn
 
 from secorder import autograd_operator
