@@ -1,0 +1,43 @@
+"""Sphinx configuration for the secorder documentation (``sphinx-build -W docs docs/_build``)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import secorder  # noqa: E402
+
+from _readme import write_readme_sections  # noqa: E402
+
+project = "secorder"
+author = "the secorder authors"
+copyright = "2026, the secorder authors"
+release = version = secorder.__version__
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",
+]
+napoleon_google_docstring = True
+napoleon_numpy_docstring = True
+# "Fields:" lists the members of the result NamedTuples (secorder.results)
+napoleon_custom_sections = [("Fields", "params_style")]
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+autodoc_default_options = {"members": True, "show-inheritance": False}
+exclude_patterns = ["_build", "_generated/*.part.rst", "design.md"]
+templates_path: list = []
+html_theme = "alabaster"
+html_static_path: list = []
+html_theme_options = {"description": "Second-order autodiff for PyTorch", "fixed_sidebar": True}
+
+# The benchmark tables live in README.md, where the benchmark scripts write them;
+# they are converted to reStructuredText at build time so that the docs never drift.
+write_readme_sections(ROOT / "README.md", pathlib.Path(__file__).resolve().parent / "_generated")
