@@ -88,7 +88,7 @@ def main() -> None:
     f = so.functional_loss(model, F.mse_loss)
     start = so.params_dict(model)
     fresh = lambda: {k: p.clone() for k, p in start.items()}
-    steps = 60
+    steps = 40
     # the largest stable gradient-descent step is about 2 / (largest Hessian eigenvalue)
     lr_gd = 0.5 / float(so.trace(f)(start, x, y))
     results = {

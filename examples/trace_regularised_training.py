@@ -33,7 +33,7 @@ def make_problem(seed: int = 0):
     return model, x, y
 
 
-def train(lam: float, steps: int = 40, lr: float = 0.05):
+def train(lam: float, steps: int = 30, lr: float = 0.05):
     model, x, y = make_problem()
     f = so.functional_loss(model, F.mse_loss)
     params = {k: v.clone() for k, v in so.params_dict(model).items()}

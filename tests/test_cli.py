@@ -24,13 +24,22 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _env():
+    """The subprocess environment: the checkout on the path, one intra-op thread unless the caller chose.
+
+    The problems here are tiny, where extra threads only spin, and several
+    subprocesses run side by side.
+    """
+    return {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(ROOT)}
 TINY = "tests.test_cli:tiny_problem"
 
 
 def run(*args, timeout=600):
     """``python -m secorder ARGS`` from the repository root; returns the CompletedProcess."""
     cmd = [sys.executable, "-m", "secorder", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = _env()
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -330,7 +339,7 @@ def test_progress_bars_on_a_terminal():
 
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = _env()
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "secorder", "report", "--model", TINY, "--steps", "5", "--num-samples", "3"],
@@ -355,7 +364,7 @@ def test_console_script():
     exe = shutil.which("secorder")
     if exe is None:
         pytest.skip("the secorder script is not on PATH (package not installed with pip)")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = _env()
     forced = ["--exact", "always", "--exact-limit", "10", "--engine", "generic"]
     proc = subprocess.run([exe, "report", "--json", "--model", TINY, "--steps", "0", "--num-samples", "2", *forced],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

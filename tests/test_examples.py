@@ -15,6 +15,15 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _env():
+    """The subprocess environment: the checkout on the path, one intra-op thread unless the caller chose.
+
+    The problems here are tiny, where extra threads only spin, and several
+    subprocesses run side by side.
+    """
+    return {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(ROOT)}
 EXAMPLES = ROOT / "examples"
 
 # script -> (extra arguments, text its output must contain)
@@ -29,7 +38,7 @@ EXPECTED = {
 
 
 def _run(script, args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = _env()
     return subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
 
