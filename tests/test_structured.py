@@ -243,3 +243,14 @@ def test_activation_then_overlapping_maxpool(act):
                           nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).to(DT)
     x, y = torch.randn(3, 1, 7, 7, dtype=DT), torch.tensor([0, 2, 1])
     check(model, nn.CrossEntropyLoss(reduction="sum"), x, y)
+
+
+@pytest.mark.parametrize("freeze_first", [False, True])
+def test_benchmark_cnn_shape(freeze_first):
+    # The benchmark's CNN, shrunk; freezing the first conv makes the second one the first with parameters.
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(2, 3, 3), nn.Tanh(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3, 4)).to(DT)
+    if freeze_first:
+        model[0].requires_grad_(False)
+    x, y = torch.randn(3, 1, 10, 10, dtype=DT), torch.tensor([0, 3, 1])
+    check(model, nn.CrossEntropyLoss(), x, y)

@@ -26,6 +26,7 @@ from torch import Tensor
 from .curvature import Curvature, Factor
 from .errors import Unsupported
 from .losses import LossSpec, output_curvature
+from .rules import ActivationPool, Conv
 from .walker import Plan, ResidualRule
 
 __all__ = ["run"]
@@ -137,7 +138,12 @@ class _Sweep:
             if not runs[i]:
                 break
             res = rule.residual(g, ctx) if rule.has_residual else None
-            curv = rule.backward(curv, ctx)
+            if (i - 1 == first and not runs[first] and isinstance(rule, ActivationPool)
+                    and isinstance(rules[first], Conv) and not curv.shared and curv.diag is None
+                    and curv.pooled is None):
+                curv = rule.backward_pooled(curv, ctx)  # only the convolution's diagonal reads it
+            else:
+                curv = rule.backward(curv, ctx)
             if res is not None:
                 curv.add_diag(res)
             g = rule.backward_grad(g, ctx) if need_in[i] else None

@@ -30,7 +30,7 @@ residual terms kept as diagonals instead of signed factor columns.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -90,6 +90,10 @@ class Curvature:
     factors: List[Factor] = field(default_factory=list)
     diag: Optional[Tensor] = None
     shared: List[Shared] = field(default_factory=list)
+    # Columns left at a max pool's output resolution, with the pool's argmax indices
+    # ([N, C, Q] into the flattened input positions): only a convolution's parameter
+    # diagonal reads them (see rules.Conv), which then never scatters them to full size.
+    pooled: Optional[Tuple[List[Factor], Tensor]] = None
 
     def diagonal(self) -> Tensor:
         """The diagonal of every sample's block, shaped like the tensor (``[N, *feat]``)."""

@@ -284,10 +284,39 @@ class Conv(Rule):
             if diag is not None:
                 t = torch.einsum("nop,njp->oj", diag.reshape(N, O, -1), X * X)
                 total = t if total is None else total + t
+            if curv.pooled is not None:
+                t = self._pooled_weight(curv.pooled, X, N, O)
+                total = t if total is None else total + t
             out["weight"] = total.reshape(W.shape)
         if "bias" in wanted:
-            out["bias"] = _channel_quadratic(Curvature(factors=factors, diag=diag), shape, None)
+            b = None
+            if factors or diag is not None:
+                b = _channel_quadratic(Curvature(factors=factors, diag=diag), shape, None)
+            if curv.pooled is not None:
+                t = _channel_quadratic(Curvature(factors=curv.pooled[0]), curv.pooled[1].shape, None)
+                b = t if b is None else b + t
+            out["bias"] = b
         return out
+
+    @staticmethod
+    def _pooled_weight(pooled, X, N, O):
+        """Weight diagonal from columns at a max pool's output: gather the unfolded input instead."""
+        factors, idx = pooled
+        J, P = X.shape[1], X.shape[2]
+        Q = idx.shape[-1]  # idx: [N, O, Q]
+        idx = idx.reshape(N, O, 1, Q).expand(N, O, J, Q)
+        Xg = torch.gather(X.unsqueeze(1).expand(N, O, J, P), 3, idx)  # [N, O, J, Q]
+        total = None
+        for f in factors:
+            K = f.B.shape[0]
+            Bp = f.B.reshape(K, N, O, Q).permute(1, 2, 0, 3)  # [N, O, K, Q]
+            M = Bp @ Xg.transpose(2, 3)  # [N, O, K, J]
+            sq = M * M
+            if f.w is not None:
+                sq = sq * f.w.transpose(0, 1)[:, None, :, None]
+            t = sq.sum((0, 2))
+            total = t if total is None else total + t
+        return total
 
 
 class MaxPool(Rule):
@@ -333,6 +362,12 @@ class ActivationPool(Rule):
 
     def residual(self, g, ctx):
         return self.act.residual(self.pool.backward_grad(g, ctx["p"]), ctx["a"]) if self.has_residual else None
+
+    def backward_pooled(self, curv, ctx):
+        """The input curvature with the columns left at the pooled resolution (for a convolution's diagonal)."""
+        N, C = ctx["out"][:2]
+        cols = [Factor(f.B * ctx["mg"], f.w) for f in curv.factors]
+        return Curvature(pooled=(cols, ctx["p"]["idx"].reshape(N, C, -1)))
 
 
 class LinearMap(Rule):
