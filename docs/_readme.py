@@ -95,12 +95,53 @@ def readme_sections(readme: str, keyword: str) -> List[str]:
     return [p for p in parts if p.startswith("## ") and keyword.lower() in p.splitlines()[0].lower()]
 
 
+def rst_problems(text: str) -> str:
+    r"""Docutils' warnings for ``text`` (empty when it parses cleanly).
+
+    Example:
+        >>> rst_problems("Title\n=====\n\nfine\n")
+        ''
+        >>> "emphasis" in rst_problems("a *b c\n")
+        True
+    """
+    import io
+
+    from docutils.core import publish_doctree
+
+    stream = io.StringIO()
+    publish_doctree(text, settings_overrides={"report_level": 2, "halt_level": 5, "warning_stream": stream})
+    return stream.getvalue()
+
+
+def section_to_rst(section: str) -> str:
+    r"""One README section as reStructuredText; verbatim (a literal block) if the conversion would warn.
+
+    Example:
+        >>> print(section_to_rst("## Odd\n\na *b c\n"))
+        Odd
+        ----
+        <BLANKLINE>
+        ::
+        <BLANKLINE>
+           a *b c
+        <BLANKLINE>
+    """
+    rst = markdown_to_rst(section)
+    probe = rst.replace(".. include::", "..")  # parse the converted text on its own
+    if not rst_problems("Page\n====\n\n" + probe):
+        return rst
+    title, _, body = section.partition("\n")
+    heading = title.lstrip("#").strip()
+    lines = [f"   {line}" if line.strip() else "" for line in body.strip("\n").splitlines()]
+    return "\n".join([heading, "-" * max(len(heading), 4), "", "::", "", *lines]) + "\n"
+
+
 def write_readme_sections(readme_path: pathlib.Path, out_dir: pathlib.Path) -> None:
     """Write ``benchmarks.part.rst``: every README section about benchmarks, converted."""
     out_dir.mkdir(exist_ok=True)
     readme = readme_path.read_text(encoding="utf-8")
     sections = readme_sections(readme, "benchmark")
-    body = "\n".join(markdown_to_rst(s) for s in sections) if sections else "No benchmark results yet.\n"
+    body = "\n".join(section_to_rst(s) for s in sections) if sections else "No benchmark results yet.\n"
     # placeholders that the benchmark scripts have not filled in yet
     body = re.sub(r"(?m)^[A-Z][A-Z_]+_TABLE$", "*(not measured yet: run the script above)*", body)
     target = out_dir / "benchmarks.part.rst"

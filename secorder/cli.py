@@ -1,6 +1,7 @@
 """The ``secorder`` command: a curvature report for a model, at initialisation and after training.
 
-Run ``secorder report`` (or ``python -m secorder report``) with no arguments to see
+Run ``secorder report`` (or ``python -m secorder report``; ``report`` is also the
+default command, so a bare ``secorder`` does the same) with no arguments to see
 it on an embedded example, a small MLP on the handwritten digits that ship with
 scikit-learn (no download); ``--model pkg.module:factory`` points it at your own
 code. ``secorder report --help`` lists the options.
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from . import estimates as transforms_estimates
-from . import modules, transforms, tree
+from . import __version__, modules, transforms, tree
 from .structured.errors import Unsupported
 
 __all__ = ["main", "build_parser", "load_factory", "digits_mlp", "UsageError"]
@@ -403,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="secorder",
         description="Second-order diagnostics for PyTorch models, built on secorder.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     rep = sub.add_parser(
@@ -598,6 +600,11 @@ def _format_report(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``secorder`` console script; returns the exit status.
 
@@ -607,13 +614,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         2
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["report", *argv]  # `report` is the default command
     args = parser.parse_args(argv)
     try:
         report = _run_report(args)
     except UsageError as exc:
         if args.debug:
             raise
-        print(f"secorder: error: {exc}", file=sys.stderr)
+        print(f"secorder: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("secorder: interrupted", file=sys.stderr)
@@ -621,7 +631,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"secorder: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"secorder: error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)",
+              file=sys.stderr)
         return EXIT_FAILURE
     try:
         print(json.dumps(report, indent=2) if args.json else _format_report(report))

@@ -111,6 +111,11 @@ def custom_module():
     return nn.Sequential(Cube(), nn.Linear(4, 4)), F.mse_loss, (x, y)
 
 
+def wrong_shapes():
+    model, _, y = _tiny()
+    return model, F.cross_entropy, (torch.randn(10, 5), y)  # the model takes 3 features
+
+
 def raises():
     raise RuntimeError("dataset not found")
 
@@ -164,6 +169,7 @@ ERRORS = [
     (["--model", "tests.test_cli:nonscalar_loss"], "shape (10,); expected a scalar (0-dim) loss"),
     (["--model", "tests.test_cli:raises"], "the factory raised RuntimeError: dataset not found"),
     (["--model", TINY, "--device", "nonsense"], "unknown device 'nonsense'"),
+    (["--model", "tests.test_cli:wrong_shapes"], "computing loss_fn(model(inputs), targets) failed: RuntimeError"),
 ]
 
 RUNS = {
@@ -180,6 +186,7 @@ RUNS = {
     "bad_method_samples": ["report", "--model", TINY, "--method", "xtrace", "--num-samples", "5"],
     "debug": ["report", "--model", "tests.test_cli:nonscalar_loss", "--debug"],
     "bad_option": ["report", "--num-samples", "0"],
+    "no_command": ["--model", "tests.test_cli:returns_pair"],
     **{f"error{i}": ["report", "--steps", "1", *args] for i, (args, _) in enumerate(ERRORS)},
 }
 
@@ -314,6 +321,11 @@ def test_debug_shows_the_traceback(runs):
     proc = runs["debug"]
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "UsageError" in proc.stderr
+
+
+def test_report_is_the_default_command(runs):
+    proc = runs["no_command"]
+    assert proc.returncode == 2 and "must return a tuple (model, loss_fn, data)" in proc.stderr
 
 
 def test_bad_option_value_is_a_usage_error(runs):
