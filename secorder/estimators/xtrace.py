@@ -5,7 +5,12 @@ Epperly, Tropp and Webber make every probe serve twice: ``m`` test vectors
 averaging ``m`` leave-one-out estimators. Estimator ``i`` uses the basis of
 ``A Omega`` *without* column ``i`` and its residual is probed by ``omega_i``,
 which is independent of that basis, so each is unbiased; their spread gives the
-error estimate ``std / sqrt(m)``.
+error estimate ``std / sqrt(m)``. That estimate ignores the correlation between
+the leave-one-out estimators and is optimistic (in our tests its 95% intervals
+covered 76-89% of runs); XTrace's ``stderr`` is therefore the jackknife over the
+test vectors (see :func:`_xtrace_jackknife`), which is conservative (99-100%).
+XNysTrace's ``stderr`` is its jackknife likewise. The per-leaf standard errors
+keep the leave-one-out ``std / sqrt(m)``, which is optimistic by about 1.4x.
 
 The leave-one-out bases cost no extra matvec. With ``A Omega = Q R`` the
 projector on the span of the other columns is ``Q (I - s_i s_i^T) Q^T``, where
@@ -104,6 +109,62 @@ def _deflate_coords(S: Tensor, X: Tensor) -> Tensor:
     return X - S * _col_dot(S, X)
 
 
+def _xtrace_jackknife(Om: Tensor, Y: Tensor, Q: Tensor, R: Tensor, S: Tensor, H: Tensor) -> Tensor:
+    """Jackknife standard error of XTrace: the spread of XTrace run without each test vector.
+
+    ``T_(i)``, XTrace on the ``m - 1`` test vectors other than ``omega_i``, is the mean
+    over ``j != i`` of leave-two-out estimators whose basis drops columns ``i`` and
+    ``j`` of ``A Omega``: ``Q (I - s_i s_i^T - p p^T) Q^T`` with ``p`` the part of
+    ``s_j`` orthogonal to ``s_i``. Every term is an entry of an ``m x m`` matrix, so
+    all ``T_(i)`` cost ``O(m^3)`` and no matvec. The jackknife variance
+    ``(m-1)/m sum_i (T_(i) - mean)^2`` is conservative in expectation (Efron-Stein).
+    """
+    m = Om.shape[1]
+    W = Q.T @ Om
+    HW = H @ W
+    G = S.T @ S
+    off = ~torch.eye(m, dtype=torch.bool, device=Om.device)
+    rho = torch.where(off, (1 - G**2).clamp_min(torch.finfo(G.dtype).tiny).sqrt(), torch.ones_like(G))
+
+    def pair(X: Tensor) -> Tuple[Tensor, Tensor]:
+        a = S.T @ X  # s_i . x_j
+        return a, (a.diagonal()[None, :] - G * a) / rho  # p_ij . x_j
+
+    a_w, b_w = pair(W)
+    a_r, b_r = pair(R)
+    a_hw, b_hw = pair(HW)
+    SHS = S.T @ H @ S
+    h_ii, h_jj = SHS.diagonal()[:, None], SHS.diagonal()[None, :]
+    h_pp = (h_jj - 2 * G * SHS + G**2 * h_ii) / rho**2
+    h_ip = (SHS - G * h_ii) / rho
+    c_r = _col_dot(W, R)[None, :] - a_w * a_r - b_w * b_r
+    c_h_c = (_col_dot(W, HW)[None, :] - 2 * (a_w * a_hw + b_w * b_hw)
+             + a_w**2 * h_ii + 2 * a_w * b_w * h_ip + b_w**2 * h_pp)
+    t = H.trace() - h_ii - h_pp + _col_dot(Om, Y)[None, :] - 2 * c_r + c_h_c
+    T = torch.where(off, t, torch.zeros_like(t)).sum(dim=1) / (m - 1)
+    return ((m - 1) / m * ((T - T.mean()) ** 2).sum()).sqrt()
+
+
+def _xnystrace_jackknife(F: Tensor, W: Tensor) -> Tensor:
+    """Jackknife standard error of XNysTrace (``F = Y L^{-T}``, ``W = L^{-1}``, ``B = W^T W``).
+
+    Dropping test vectors ``i`` and ``j`` downdates ``B`` by its ``{i, j}`` block:
+    with ``D = (F W)^T (F W)`` and ``det = B_ii B_jj - B_ij^2``, the leave-two-out
+    estimator ``j`` is ``|F|^2 - (B_jj D_ii - 2 B_ij D_ij + B_ii D_jj) / det + B_ii / det``
+    (the shift ``nu n`` is common to all and drops out of the spread).
+    """
+    m = W.shape[0]
+    B = W.T @ W
+    FW = F @ W
+    D = FW.T @ FW
+    b, d = B.diagonal(), D.diagonal()
+    off = ~torch.eye(m, dtype=torch.bool, device=W.device)
+    det = torch.where(off, b[:, None] * b[None, :] - B**2, torch.ones_like(B))
+    t = -(b[None, :] * d[:, None] - 2 * B * D + b[:, None] * d[None, :]) / det + b[:, None] / det
+    T = torch.where(off, t, torch.zeros_like(t)).sum(dim=1) / (m - 1)
+    return ((m - 1) / m * ((T - T.mean()) ** 2).sum()).sqrt()
+
+
 def xtrace(
     op: LeafOperator,
     num_samples: int = 100,
@@ -155,7 +216,8 @@ def xtrace(
     sHs = _col_dot(S, HS)
     sKs = _col_dot(S, K @ S)
     low_rank = 2 * (tr_G - sGs) - (tr_HK - 2 * sKHs + sHs * sKs)
-    return TraceEstimate.from_samples(low_rank + residual, num_matvecs=2 * m)
+    est = TraceEstimate.from_samples(low_rank + residual, num_matvecs=2 * m)
+    return est._replace(stderr=_xtrace_jackknife(Om, Y, Q, R, S, H))
 
 
 def xnystrace(
@@ -207,7 +269,8 @@ def xnystrace(
     low_rank = _common.leaf_row_sums(F * F, sizes).sum(dim=1, keepdim=True) - _common.leaf_row_sums(FW * FW, sizes) / b
     residual = _common.leaf_row_sums(Om * FW, sizes) / b
     shift = nu * torch.tensor(sizes, dtype=dtype, device=Y.device)[:, None]
-    return TraceEstimate.from_samples(low_rank + residual - shift, num_matvecs=m)
+    est = TraceEstimate.from_samples(low_rank + residual - shift, num_matvecs=m)
+    return est._replace(stderr=_xnystrace_jackknife(F, W))
 
 
 def xdiag(
