@@ -137,6 +137,8 @@ class BatchNorm(Scale):
             raise Unsupported(f"{_where(self.name, m)} must be in eval mode with running statistics")
         if x.dim() < 2:
             raise Unsupported(f"{_where(self.name, m)} on an input of shape {tuple(x.shape)}")
+        if "running_mean" not in values or "running_var" not in values:
+            raise Unsupported(f"{_where(self.name, m)}: running statistics missing from the buffers")
         shape = (-1,) + (1,) * (x.dim() - 2)
         mean, var = values["running_mean"], values["running_var"]
         inv = torch.rsqrt(var + m.eps).reshape(shape)
