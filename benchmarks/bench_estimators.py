@@ -21,7 +21,6 @@ time of one gradient evaluation (``torch.autograd.grad`` of the same loss).
 
 from __future__ import annotations
 
-import math
 import statistics
 import sys
 import time
