@@ -16,13 +16,13 @@ from benchmarks import harness
 from benchmarks.workloads import ROWS, classification
 
 
-def _ours(row):
+def _ours(row, engine="generic"):
     import secorder as so
 
     model, x, y = classification(**ROWS[row])
     f = so.functional_loss(model, F.cross_entropy)
     params = so.params_dict(model)
-    tr = so.trace(f)
+    tr = so.trace(f, engine=engine)
     return lambda: tr(params, x, y)
 
 
@@ -50,6 +50,7 @@ def _old_closure(row):
 CASES = {}
 for _row in ROWS:
     CASES[f"ours:{_row}"] = (lambda r: lambda: _ours(r))(_row)
+    CASES[f"structured:{_row}"] = (lambda r: lambda: _ours(r, "structured"))(_row)
     CASES[f"func_hessian:{_row}"] = (lambda r: lambda: _func_hessian(r))(_row)
     CASES[f"old:{_row}"] = (lambda r: lambda: _old_closure(r))(_row)
 
@@ -63,13 +64,15 @@ def main() -> None:
     ]
     for row in ROWS:
         ours = harness.run_case("bench_exact_trace", f"ours:{row}", warm=warm)
-        results = [("secorder `so.trace` (generic)", ours)]
+        results = [("secorder `so.trace(engine=\"generic\")`", ours)]
         if row == "mlp20":  # dense Hessian needs n^2 memory: small row only
             results.append(("`torch.func.hessian` + diag sum",
                             harness.run_case("bench_exact_trace", f"func_hessian:{row}", warm=warm)))
         results.append(("torch-secorder 0.0.1 `hessian_trace`",
                         harness.run_case("bench_exact_trace", f"old:{row}", warm=max(1, warm - 2),
                                          peer="torch_secorder_001")))
+        results.append(("secorder `so.trace` (structured engine, for reference)",
+                        harness.run_case("bench_exact_trace", f"structured:{row}", warm=warm)))
         for name, r in results:
             lines.append(
                 f"| {row} | {name} | {r['first_s']:.3f} | {r['warm_s']:.3f} | {r['peak_mib']:.1f} | "

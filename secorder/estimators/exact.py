@@ -26,7 +26,7 @@ __all__ = ["exact_diagonal", "exact_trace", "auto_chunk_size"]
 # see; at least _MIN_AUTO_CHUNK so that the batched kernels stay efficient.
 _AUTO_CHUNK_ENTRIES = 2**22
 _MIN_AUTO_CHUNK = 32
-_MAX_AUTO_CHUNK = 256
+_MAX_AUTO_CHUNK = 160
 
 
 def auto_chunk_size(leaf_size: int) -> int:
@@ -34,7 +34,7 @@ def auto_chunk_size(leaf_size: int) -> int:
 
     Example:
         >>> auto_chunk_size(10), auto_chunk_size(1280), auto_chunk_size(25088), auto_chunk_size(10**6)
-        (10, 256, 167, 32)
+        (10, 160, 160, 32)
     """
     by_entries = _AUTO_CHUNK_ENTRIES // max(leaf_size, 1)
     return max(1, min(leaf_size, _MAX_AUTO_CHUNK, max(_MIN_AUTO_CHUNK, by_entries)))
