@@ -33,7 +33,6 @@ import argparse
 import importlib
 import itertools
 import json
-import math
 import os
 import sys
 import time

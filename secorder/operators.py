@@ -17,9 +17,8 @@ The functional transforms build it with :func:`hessian_operator`; the legacy
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Sequence
+from typing import Callable, List, Sequence
 
-import torch
 from torch import Tensor
 from torch.func import grad, vjp, vmap
 

@@ -61,7 +61,7 @@ def z_score(level: float) -> float:
     return NormalDist().inv_cdf(0.5 + level / 2.0)
 
 
-def _std_error(samples: Tensor) -> Tensor:
+def std_error(samples: Tensor) -> Tensor:
     """Standard error of the mean over the last dim (``nan`` for a single sample)."""
     n = samples.shape[-1]
     if n < 2:
@@ -127,10 +127,10 @@ class TraceEstimate(NamedTuple):
         count = samples.shape[-1] if num_matvecs is None else num_matvecs
         return cls(
             value=totals.mean(),
-            stderr=_std_error(totals),
+            stderr=std_error(totals),
             num_matvecs=torch.tensor(count, dtype=torch.int64, device=samples.device),
             per_leaf=samples.mean(dim=-1),
-            per_leaf_stderr=_std_error(samples),
+            per_leaf_stderr=std_error(samples),
             stop=torch.tensor(stop, dtype=torch.int64, device=samples.device),
         )
 

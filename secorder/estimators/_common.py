@@ -3,14 +3,13 @@ leaf-block sums and the adaptive sampling loop. No estimator logic lives here.""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ..operators import LeafOperator
-from ..results import STOP_BUDGET, STOP_NUM_SAMPLES, STOP_TOLERANCE
+from ..results import STOP_BUDGET, STOP_NUM_SAMPLES, STOP_TOLERANCE, std_error
 from .probes import Sampler, check_distribution, make_sampler
 
 # Default probes per vmapped matvec. Every batched matvec re-runs the forward and
@@ -166,13 +165,6 @@ def sample_loop(
         k = min(chunk, budget - drawn)
         state = step(state, k)
         drawn += k
-
-
-def std_error(samples: Tensor) -> Tensor:
-    n = samples.shape[-1]
-    if n < 2:
-        return torch.full(samples.shape[:-1], math.nan, dtype=samples.dtype, device=samples.device)
-    return samples.std(dim=-1, correction=1) / math.sqrt(n)
 
 
 __all__ = [

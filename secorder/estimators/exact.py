@@ -10,7 +10,7 @@ chunk's diagonal as it goes and keeps no diagonal around.
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 import torch
 from torch import Tensor

@@ -12,7 +12,6 @@ take the generic path, one-hot GGN-vector products ``J^T (H_L (J v))``.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Dict, List, Optional
 
 from torch import Tensor
