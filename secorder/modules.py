@@ -39,6 +39,15 @@ class FunctionalLoss:
 
     Made by :func:`functional_loss`. Keeps ``model`` and ``loss_fn`` as
     attributes so that structure-aware engines can inspect them.
+
+    Example:
+        >>> import torch, secorder as so
+        >>> f = so.FunctionalLoss(torch.nn.Linear(2, 1), torch.nn.functional.mse_loss)
+        >>> params = {"weight": torch.ones(1, 2), "bias": torch.zeros(1)}
+        >>> f(params, torch.ones(3, 2), torch.zeros(3, 1))
+        tensor(4.)
+        >>> type(f.model).__name__
+        'Linear'
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]):
