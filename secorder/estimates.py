@@ -20,9 +20,9 @@ import torch
 from . import _checks, tree
 from .estimators import exact
 from .results import STOP_NUM_SAMPLES, DiagonalEstimate, TraceEstimate
-from .stochastic import DIAG_METHODS, TRACE_METHODS, StochasticOptions, check_options
+from .stochastic import DIAG_METHODS, TRACE_METHODS
 from .stochastic import estimate_diagonal, estimate_trace
-from .transforms import _METHODS_DIAG, _METHODS_TRACE, _check_method, _hessian_operator, _Problem
+from .transforms import _checked_options, _hessian_operator, _Problem
 
 __all__ = ["trace_estimate", "hessian_diag_estimate"]
 
@@ -64,11 +64,8 @@ def trace_estimate(
         {'w': tensor(5.), 'b': tensor(2.)}
         >>> lo, hi = est.interval(0.95)
     """
-    _checks.check_argnums(argnums)
-    _checks.check_chunk_size(chunk_size)
-    _check_method(method, _METHODS_TRACE)
-    options = StochasticOptions(num_samples, seed, generator, distribution, rtol, atol, max_matvecs)
-    check_options(method, options, TRACE_METHODS)
+    options = _checked_options(argnums, chunk_size, method, TRACE_METHODS, None,
+                               num_samples, seed, generator, distribution, rtol, atol, max_matvecs)
 
     @functools.wraps(f)
     def estimate_fn(*args: Any) -> Any:
@@ -121,11 +118,8 @@ def hessian_diag_estimate(
         >>> est.value, est.stderr, int(est.num_matvecs)
         (tensor([1., 4.]), tensor([0., 0.]), 4)
     """
-    _checks.check_argnums(argnums)
-    _checks.check_chunk_size(chunk_size)
-    _check_method(method, _METHODS_DIAG)
-    options = StochasticOptions(num_samples, seed, generator, distribution, rtol, atol, max_matvecs)
-    check_options(method, options, DIAG_METHODS)
+    options = _checked_options(argnums, chunk_size, method, DIAG_METHODS, None,
+                               num_samples, seed, generator, distribution, rtol, atol, max_matvecs)
 
     @functools.wraps(f)
     def estimate_fn(*args: Any) -> Any:

@@ -10,7 +10,7 @@ may be any pytree of floating-point tensors. The returned functions compose with
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -24,10 +24,6 @@ from .stochastic import estimate_diagonal, estimate_trace
 from .structured import hook as _structured
 
 __all__ = ["hvp", "hessian_diag", "trace"]
-
-_METHODS_TRACE = ("exact",) + TRACE_METHODS
-_METHODS_DIAG = ("exact",) + DIAG_METHODS
-
 
 class _Problem:
     """One call's view of ``f``: the differentiated leaves and ``f`` as a function of them."""
@@ -60,6 +56,26 @@ class _Problem:
 def _check_method(method: str, valid: tuple) -> None:
     if method not in valid:
         raise ValueError(f"unknown method {method!r}; valid methods are {', '.join(map(repr, valid))}")
+
+
+def _checked_options(
+    argnums: Any,
+    chunk_size: Optional[int],
+    method: str,
+    stochastic_methods: Tuple[str, ...],
+    engine: Optional[str],
+    *option_values: Any,
+) -> StochasticOptions:
+    """Validate the options shared by ``trace``/``hessian_diag`` and their estimate
+    companions (``engine`` is checked where given) and bundle the stochastic ones."""
+    _checks.check_argnums(argnums)
+    _checks.check_chunk_size(chunk_size)
+    _check_method(method, ("exact",) + stochastic_methods)
+    if engine is not None:
+        _structured.check_engine(engine)
+    options = StochasticOptions(*option_values)
+    check_options(method, options, stochastic_methods)
+    return options
 
 
 def hvp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = False) -> Callable[..., Any]:
@@ -161,12 +177,8 @@ def hessian_diag(
         >>> d["w"], d["b"]
         (tensor([6., 6.]), tensor([0.]))
     """
-    _checks.check_argnums(argnums)
-    _checks.check_chunk_size(chunk_size)
-    _check_method(method, _METHODS_DIAG)
-    _structured.check_engine(engine)
-    options = StochasticOptions(num_samples, seed, generator, distribution, rtol, atol, max_matvecs)
-    check_options(method, options, DIAG_METHODS)
+    options = _checked_options(argnums, chunk_size, method, DIAG_METHODS, engine,
+                               num_samples, seed, generator, distribution, rtol, atol, max_matvecs)
 
     @functools.wraps(f)
     def diag_fn(*args: Any) -> Any:
@@ -225,12 +237,8 @@ def trace(
         >>> g(torch.tensor([1., 2.]))   # diagonal Hessian: Rademacher probes are exact
         tensor(5.)
     """
-    _checks.check_argnums(argnums)
-    _checks.check_chunk_size(chunk_size)
-    _check_method(method, _METHODS_TRACE)
-    _structured.check_engine(engine)
-    options = StochasticOptions(num_samples, seed, generator, distribution, rtol, atol, max_matvecs)
-    check_options(method, options, TRACE_METHODS)
+    options = _checked_options(argnums, chunk_size, method, TRACE_METHODS, engine,
+                               num_samples, seed, generator, distribution, rtol, atol, max_matvecs)
 
     @functools.wraps(f)
     def trace_fn(*args: Any) -> Any:
