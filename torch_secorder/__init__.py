@@ -3,7 +3,7 @@
 Code written against torch-secorder 0.0.1's core functions keeps working
 unchanged: closures over leaf tensors, ``strict`` / ``create_graph`` flags,
 lists of tensors in ``params`` order. Underneath, the closure's Hessian is a
-batched autograd-engine operator (:mod:`secorder.autograd_operator`) handed to
+batched autograd-engine operator (:mod:`torch_secorder.autograd_operator`) handed to
 secorder's estimators, so the closure runs once and the diagonal costs a few
 batched backward passes instead of one per parameter entry.
 

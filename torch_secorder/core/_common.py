@@ -1,7 +1,7 @@
 """Argument handling shared by the legacy functions: validation and the closure's Hessian operator.
 
 No algorithm lives here: the operator comes from
-:func:`secorder.autograd_operator.autograd_hessian_operator` and the estimators
+:func:`torch_secorder.autograd_operator.autograd_hessian_operator` and the estimators
 from :mod:`secorder.estimators`. This module only checks arguments, applies the
 legacy ``strict`` rule and puts results back in ``params`` order.
 """
@@ -14,7 +14,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from secorder.autograd_operator import attach_zero_grad, autograd_hessian_operator
+from ..autograd_operator import attach_zero_grad, autograd_hessian_operator
 from secorder.operators import LeafOperator
 
 from ..errors import LegacyTypeError, LegacyValueError

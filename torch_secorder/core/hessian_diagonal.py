@@ -3,7 +3,7 @@
 The closure is called once; the diagonal comes from secorder's exact estimator
 (:func:`secorder.estimators.exact.exact_diagonal`): one-hot columns of each
 parameter's diagonal block, a chunk of columns per batched backward pass
-through the gradient's graph (:mod:`secorder.autograd_operator`). The cost is
+through the gradient's graph (:mod:`torch_secorder.autograd_operator`). The cost is
 about ``sum_i ceil(n_i / chunk)`` batched backward passes for parameters of
 ``n_i`` entries, instead of one backward pass per entry.
 """

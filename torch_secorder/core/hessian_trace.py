@@ -13,7 +13,7 @@ from typing import Any, Callable, List
 
 from torch import Tensor, nn
 
-from secorder.autograd_operator import attach_zero_grad
+from ..autograd_operator import attach_zero_grad
 from secorder.estimators.exact import exact_trace
 
 from . import _common

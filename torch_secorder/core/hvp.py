@@ -1,6 +1,6 @@
 """Hessian-vector products and a Hutchinson trace (legacy ``torch_secorder.core.hvp``).
 
-Every product is built by :mod:`secorder.autograd_operator` on PyTorch's
+Every product is built by :mod:`torch_secorder.autograd_operator` on PyTorch's
 autograd engine; the stochastic trace is secorder's Hutchinson estimator
 (:func:`secorder.estimators.hutchinson_trace`). Results follow the legacy
 convention: a bare tensor ``v`` (with a single parameter) gives a tensor, a
@@ -14,7 +14,7 @@ from typing import Callable, List, Union
 
 from torch import Tensor, nn
 
-from secorder import autograd_operator
+from .. import autograd_operator
 
 from . import _common
 from ..errors import LegacyTypeError
@@ -102,7 +102,7 @@ def approximate_hvp(
     """Finite-difference Hessian-vector product ``(g(p + eps v) - g(p)) / eps + damping * v``.
 
     ``g`` is the gradient of ``func()``; see
-    :func:`secorder.autograd_operator.finite_difference_hvp` for the step
+    :func:`torch_secorder.autograd_operator.finite_difference_hvp` for the step
     ``eps``. ``func`` is called exactly twice. The forward difference is
     deterministic, so ``num_samples`` repeated evaluations would all agree:
     it is checked (a positive int) and otherwise ignored. ``params`` are
@@ -143,7 +143,7 @@ def gauss_newton_product(
     ``list(model.parameters())`` and ``H_out`` the Hessian of the loss with
     respect to the model output. One JVP (double-backward trick), one double backward
     through the loss, one VJP: no loop over outputs; the model's forward runs
-    once (see :func:`secorder.autograd_operator.gauss_newton_product`). With
+    once (see :func:`torch_secorder.autograd_operator.gauss_newton_product`). With
     ``create_graph=True`` the product is differentiable with respect to the
     parameters.
 

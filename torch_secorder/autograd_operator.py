@@ -1,7 +1,9 @@
 """Curvature products on PyTorch's autograd engine, for losses already computed.
 
-The functional transforms build their matvecs with ``torch.func``, which needs
-the loss as a pure function of its inputs. Imperative code (a closure that
+Legacy-only helper of the ``torch_secorder`` shim (only the shim uses it, so it
+lives here and not in ``secorder``). The functional transforms build their
+matvecs with ``torch.func``, which needs the loss as a pure function of its
+inputs. Imperative code (a closure that
 reads leaf tensors, the legacy ``torch_secorder`` API) only hands over a loss
 tensor with its autograd graph. This module turns such a loss into the same
 :class:`secorder.operators.LeafOperator` that the estimators see:
@@ -25,7 +27,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .operators import LeafOperator
+from secorder.operators import LeafOperator
 
 __all__ = [
     "autograd_hessian_operator",
