@@ -19,68 +19,32 @@ with the gradient ``dL/df`` (needed by the activations' residual terms).
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
 from typing import Any, Callable, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from ..losses import LossSpec, UnsupportedLoss
+from ..losses import loss_spec as _recognise
 from .curvature import Curvature, Factor
 from .errors import Unsupported
 
 __all__ = ["LossSpec", "loss_spec", "output_curvature"]
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    """Which loss, its reduction, and (cross-entropy) the ignored class index."""
-
-    kind: str  # "ce" | "mse" | "bce"
-    reduction: str
-    ignore_index: int = -100
-
-
-_FUNCTIONS = {F.cross_entropy: "ce", F.mse_loss: "mse", F.binary_cross_entropy_with_logits: "bce"}
-_ALLOWED_KEYWORDS = {"ce": {"reduction", "ignore_index"}, "mse": {"reduction"}, "bce": {"reduction"}}
-
-
 def loss_spec(loss_fn: Callable[..., Any]) -> LossSpec:
-    """Recognise ``loss_fn`` or raise :class:`Unsupported`.
+    """Recognise ``loss_fn`` (see :func:`secorder.losses.loss_spec`) or raise :class:`Unsupported`.
 
     Example:
         >>> import torch
         >>> loss_spec(torch.nn.CrossEntropyLoss(reduction="sum"))
         LossSpec(kind='ce', reduction='sum', ignore_index=-100)
     """
-    if isinstance(loss_fn, nn.Module):
-        if loss_fn._forward_hooks or loss_fn._forward_pre_hooks:
-            raise Unsupported(f"loss {type(loss_fn).__name__} has forward hooks")
-        if type(loss_fn) is nn.CrossEntropyLoss:
-            if loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
-                raise Unsupported("CrossEntropyLoss with class weights or label smoothing is not supported")
-            spec = LossSpec("ce", loss_fn.reduction, loss_fn.ignore_index)
-        elif type(loss_fn) is nn.MSELoss:
-            spec = LossSpec("mse", loss_fn.reduction)
-        elif type(loss_fn) is nn.BCEWithLogitsLoss:
-            if loss_fn.weight is not None or loss_fn.pos_weight is not None:
-                raise Unsupported("BCEWithLogitsLoss with weight or pos_weight is not supported")
-            spec = LossSpec("bce", loss_fn.reduction)
-        else:
-            raise Unsupported(f"loss {type(loss_fn).__name__} is not supported")
-    elif isinstance(loss_fn, functools.partial) and loss_fn.func in _FUNCTIONS:
-        kind = _FUNCTIONS[loss_fn.func]
-        if loss_fn.args or not set(loss_fn.keywords) <= _ALLOWED_KEYWORDS[kind]:
-            raise Unsupported(f"loss {loss_fn!r}: only the keywords {sorted(_ALLOWED_KEYWORDS[kind])} are supported")
-        spec = LossSpec(kind, loss_fn.keywords.get("reduction", "mean"), loss_fn.keywords.get("ignore_index", -100))
-    elif loss_fn in _FUNCTIONS:
-        spec = LossSpec(_FUNCTIONS[loss_fn], "mean")
-    else:
-        raise Unsupported(f"loss {getattr(loss_fn, '__name__', type(loss_fn).__name__)} is not supported")
-    if spec.reduction not in ("mean", "sum"):
-        raise Unsupported(f"loss reduction {spec.reduction!r} is not supported (use 'mean' or 'sum')")
-    return spec
+    try:
+        return _recognise(loss_fn)
+    except UnsupportedLoss as err:
+        raise Unsupported(str(err)) from None
 
 
 def output_curvature(spec: LossSpec, out: Tensor, target: Tensor) -> Tuple[Curvature, Tensor]:
