@@ -19,6 +19,8 @@ Example:
     (tensor(4.), tensor([2., 2.]), tensor(2))
     >>> est.stop_reason
     'num_samples'
+    >>> est
+    TraceEstimate(value=tensor(4.), stderr=tensor(1.), num_matvecs=tensor(2), per_leaf=tensor([2., 2.]), per_leaf_stderr=tensor([1., 0.]), stop='num_samples')
 """
 
 from __future__ import annotations
@@ -71,6 +73,19 @@ def std_error(samples: Tensor) -> Tensor:
 
 def _stop_name(stop: Tensor) -> str:
     return _STOP_NAMES[int(stop)]
+
+
+def _repr(result: Any) -> str:
+    """``Name(field=..., stop='tolerance')``: the stop reason by name where ``stop`` is a plain 0-dim tensor."""
+    stop = result.stop
+    shown = repr(stop)
+    if isinstance(stop, Tensor) and stop.ndim == 0 and not torch._C._functorch.is_functorch_wrapped_tensor(stop):
+        try:
+            shown = repr(_stop_name(stop))
+        except Exception:  # a fake or meta tensor (torch.compile), or a value of no known reason
+            pass
+    fields = [f"{name}={value!r}" for name, value in zip(result._fields[:-1], result[:-1])]
+    return f"{type(result).__name__}({', '.join(fields)}, stop={shown})"
 
 
 class TraceEstimate(NamedTuple):
@@ -165,6 +180,8 @@ class TraceEstimate(NamedTuple):
         """``"num_samples"``, ``"tolerance"`` or ``"budget"`` (reads ``stop``: a host sync)."""
         return _stop_name(self.stop)
 
+    __repr__ = _repr
+
 
 class DiagonalEstimate(NamedTuple):
     """A diagonal estimate with entrywise standard errors and its matvec count.
@@ -207,3 +224,5 @@ class DiagonalEstimate(NamedTuple):
     def stop_reason(self) -> str:
         """``"num_samples"``, ``"tolerance"`` or ``"budget"`` (reads ``stop``: a host sync)."""
         return _stop_name(self.stop)
+
+    __repr__ = _repr
