@@ -22,6 +22,7 @@ Hessian"). Two helpers for the other legacy products live here as well:
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -45,6 +46,15 @@ def _batched_grad(
 ) -> List[Tensor]:
     """``sum_j (d outputs_j / d inputs)^T grad_outputs_j`` for a leading probe batch, zeros for unreached inputs."""
     k = grad_outputs[0].shape[0]
+    with torch.enable_grad():  # create_graph must record whatever the caller's grad mode
+        res = _grad_or_batched(outputs, inputs, grad_outputs, create_graph, k)
+    return [
+        r if r is not None else x.new_zeros((k,) + tuple(x.shape))
+        for r, x in zip(res, inputs)
+    ]
+
+
+def _grad_or_batched(outputs, inputs, grad_outputs, create_graph: bool, k: int) -> List[Optional[Tensor]]:
     if k == 1:
         # A single probe: the plain backward pass, without vmap's overhead.
         res = torch.autograd.grad(
@@ -57,10 +67,7 @@ def _batched_grad(
             list(outputs), list(inputs), grad_outputs=list(grad_outputs),
             retain_graph=True, create_graph=create_graph, allow_unused=True, is_grads_batched=True,
         )
-    return [
-        r if r is not None else x.new_zeros((k,) + tuple(x.shape))
-        for r, x in zip(res, inputs)
-    ]
+    return list(res)
 
 
 def autograd_hessian_operator(
@@ -96,7 +103,8 @@ def autograd_hessian_operator(
     """
     leaves = list(leaves)
     if loss.requires_grad or not allow_unused:
-        grads = list(torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=allow_unused))
+        with torch.enable_grad():  # the gradient's graph is ours to build, whatever the caller's grad mode
+            grads = list(torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=allow_unused))
     else:
         grads = [None] * len(leaves)
     # Gradients that carry a graph: the others have a zero Hessian row block.
@@ -141,14 +149,30 @@ def attach_zero_grad(value: Tensor, leaves: Sequence[Tensor]) -> Tensor:
     return value
 
 
+# Formats whose machine epsilon is at least this (float16, bfloat16, float8) get a warning:
+# a finite difference there cannot reach the accuracy that callers of an "HVP" expect.
+LOW_PRECISION_EPS = 2.0 ** -10
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype for the difference arithmetic: ``dtype``, promoted to at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _relative_step(leaves: Sequence[Tensor], v: Sequence[Tensor]) -> Tensor:
-    """Forward-difference step ``sqrt(eps_mach) * max(1, |p|_max) / |v|_max``, as a 0-dim tensor (no host sync)."""
+    """Central-difference step ``eps_mach^(1/3) * max(1, |p|_max) / |v|_max`` (0-dim, working dtype, no host sync).
+
+    The step balances the truncation error of a central difference, of order
+    ``step^2``, against the rounding error of the gradients, of order
+    ``eps_mach / step`` (Nocedal and Wright, "Numerical Optimization", 2nd ed.,
+    section 8.1).
+    """
     dtype = leaves[0].dtype
-    machine_eps = torch.finfo(dtype).eps
-    p_max = torch.stack([x.detach().abs().max() if x.numel() else x.new_zeros(()) for x in leaves]).max()
-    v_max = torch.stack([u.detach().abs().max() if u.numel() else u.new_zeros(()) for u in v]).max()
-    tiny = torch.finfo(dtype).tiny
-    return (machine_eps ** 0.5) * p_max.clamp_min(1.0) / v_max.to(dtype).clamp_min(tiny)
+    work = working_dtype(dtype)
+    p_max = torch.stack([x.detach().abs().max().to(work) if x.numel() else x.new_zeros((), dtype=work) for x in leaves]).max()
+    v_max = torch.stack([u.detach().abs().max().to(work) if u.numel() else u.new_zeros((), dtype=work) for u in v]).max()
+    scale = torch.finfo(dtype).eps ** (1.0 / 3.0)
+    return scale * p_max.clamp_min(1.0) / v_max.clamp_min(torch.finfo(work).tiny)
 
 
 def finite_difference_hvp(
@@ -158,43 +182,65 @@ def finite_difference_hvp(
     *,
     eps: Optional[float] = None,
 ) -> List[Tensor]:
-    """Forward-difference Hessian-vector product ``(g(p + eps v) - g(p)) / eps``.
+    """Central-difference Hessian-vector product ``(g(p + eps v) - g(p - eps v)) / (2 eps)``.
 
     ``func`` is a closure that reads the leaf tensors ``leaves`` (which require
     grad) and returns a scalar loss; ``g`` is its gradient. ``func`` is called
-    exactly twice: at ``p`` and with every leaf shifted in place by ``eps * v``.
-    The leaves are restored bit for bit afterwards (copied back from a saved
-    copy, not shifted back, which would round), also when ``func`` raises.
-    ``eps=None`` takes ``sqrt(machine epsilon) * max(1, max|p|) / max|v|`` in
-    the leaves' dtype, which balances truncation and rounding error. The
+    exactly twice, with every leaf shifted in place by ``+eps * v`` and then
+    ``-eps * v``. The leaves are restored bit for bit afterwards (copied back
+    from a saved copy, not shifted back, which would round), also when
+    ``func`` raises. ``eps=None`` takes ``eps_mach^(1/3) * max(1, max|p|) /
+    max|v|`` for the leaves' format (truncation error ``O(eps^2)``, rounding
+    error ``O(eps_mach / eps)``); the difference quotient is formed in at least
+    float32 and returned in the leaves' dtype. In float16 and bfloat16 even
+    that leaves a relative error of order ``eps_mach^(2/3)`` (a few percent)
+    and, on large models, often far more: a ``RuntimeWarning`` says so. The
     result carries no graph. Unused leaves get zeros.
 
     Example:
         >>> import torch
         >>> x = torch.tensor([1., 2.], dtype=torch.float64, requires_grad=True)
-        >>> hv = finite_difference_hvp(lambda: (x ** 2).sum(), [x], [torch.ones(2, dtype=torch.float64)])
-        >>> torch.allclose(hv[0], torch.tensor([2., 2.], dtype=torch.float64))
+        >>> hv = finite_difference_hvp(lambda: (x ** 3).sum(), [x], [torch.ones(2, dtype=torch.float64)])
+        >>> torch.allclose(hv[0], torch.tensor([6., 12.], dtype=torch.float64))   # exact for a cubic
         True
     """
     leaves, v = list(leaves), list(v)
+    dtype = leaves[0].dtype
+    if dtype.is_floating_point and torch.finfo(dtype).eps >= LOW_PRECISION_EPS:
+        warnings.warn(
+            f"approximate_hvp in {dtype}: a finite-difference Hessian-vector product in a format with "
+            f"machine epsilon {torch.finfo(dtype).eps:g} has a relative error of at least about "
+            f"{torch.finfo(dtype).eps ** (2 / 3):.0%} and, on large models, often far more (the gradient's own "
+            "rounding error is divided by the step); exact_hvp computes it exactly at the same cost",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    work = working_dtype(dtype)
+    step = _relative_step(leaves, v) if eps is None else torch.as_tensor(eps, dtype=work)
 
     def gradient() -> List[Tensor]:
         grads = torch.autograd.grad(func(), leaves, allow_unused=True)
         return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
 
-    g0 = gradient()
-    step = _relative_step(leaves, v) if eps is None else torch.as_tensor(eps, dtype=leaves[0].dtype)
     saved = [x.detach().clone() for x in leaves]
+    shifts = [u.to(device=x.device, dtype=work) * step.to(x.device) for x, u in zip(leaves, v)]
     try:
         with torch.no_grad():
-            for x, u in zip(leaves, v):
-                x.add_(u.to(x.dtype) * step.to(device=x.device, dtype=x.dtype))
-        g1 = gradient()
+            for x, s, d in zip(leaves, saved, shifts):
+                x.copy_(s.to(work) + d)
+        g_plus = gradient()
+        with torch.no_grad():
+            for x, s, d in zip(leaves, saved, shifts):
+                x.copy_(s.to(work) - d)
+        g_minus = gradient()
     finally:
         with torch.no_grad():
             for x, s in zip(leaves, saved):
                 x.copy_(s)
-    return [(a - b) / step.to(device=a.device, dtype=a.dtype) for a, b in zip(g1, g0)]
+    return [
+        ((a.to(work) - b.to(work)) / (2 * step.to(a.device))).to(a.dtype)
+        for a, b in zip(g_plus, g_minus)
+    ]
 
 
 def gauss_newton_product(

@@ -8,8 +8,9 @@ legacy ``strict`` rule and puts results back in ``params`` order.
 
 from __future__ import annotations
 
+import functools
 import numbers
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,9 @@ from ..errors import LegacyTypeError, LegacyValueError
 # PyTorch's own messages, kept for callers that match on them.
 NO_REQUIRES_GRAD = "One of the differentiated Tensors does not require grad"
 NOT_SCALAR = "grad can be implicitly created only for scalar outputs"
+NO_GRAPH = "element 0 of tensors does not require grad and does not have a grad_fn"
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
 def check_params(params: Any, name: str = "params") -> List[Tensor]:
@@ -89,8 +93,12 @@ def check_vectors(v: Any, params: Sequence[Tensor], name: str = "v") -> Tuple[Li
     return vs, single
 
 
-def call_loss(func: Callable[[], Any], name: str = "func") -> Tensor:
-    """Call the closure once and check that it returned a one-element tensor (made 0-dim)."""
+def call_loss(func: Callable[[], Any], name: str = "func", params: Sequence[Tensor] = ()) -> Tensor:
+    """Call the closure once and check that it returned a one-element tensor (made 0-dim).
+
+    With ``params``, also check that the loss has an autograd graph whenever one
+    of them requires grad (see :func:`check_graph`).
+    """
     loss = func()
     if not isinstance(loss, Tensor):
         raise LegacyTypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
@@ -99,7 +107,59 @@ def call_loss(func: Callable[[], Any], name: str = "func") -> Tensor:
             f"{name} must return a scalar tensor (one element), got a tensor of shape "
             f"{tuple(loss.shape)}; reduce it, e.g. with .sum() or .mean() (PyTorch: {NOT_SCALAR})"
         )
-    return loss.reshape(())
+    check_graph(loss, params, name)
+    with torch.enable_grad():  # keep the graph of a loss made under enable_grad() inside a no_grad() caller
+        return loss.reshape(())
+
+
+def check_graph(loss: Tensor, params: Sequence[Tensor], name: str = "func") -> None:
+    """Raise PyTorch's ``RuntimeError`` when ``loss`` has no graph but a parameter requires grad.
+
+    A loss without a graph cannot be told apart from a loss that does not
+    depend on the parameters: both would read as zero curvature. Under
+    ``torch.no_grad()`` that zero is wrong, so the legacy functions raise what
+    ``torch.autograd.grad`` raises, with the reason in the message, instead of
+    returning zeros. (A loss that has a graph but does not reach some
+    parameter is the "unused parameter" case: zeros, or an error under
+    ``strict``.)
+    """
+    if loss.requires_grad or not any(p.requires_grad for p in params):
+        return
+    if torch.is_inference_mode_enabled():
+        why = "it was computed under torch.inference_mode(); compute it outside inference mode"
+    elif not torch.is_grad_enabled():
+        why = (
+            "grad mode is off (the call is inside torch.no_grad()); call it with grad enabled, "
+            "e.g. inside torch.enable_grad()"
+        )
+    else:
+        why = (
+            "it does not depend on any of the parameters (computed under torch.no_grad(), "
+            "detached, or a constant)"
+        )
+    raise RuntimeError(f"{name}() returned a loss with no autograd graph: {why} (PyTorch: {NO_GRAPH})")
+
+
+def owns_forward(fn: _Fn) -> _Fn:
+    """Run ``fn`` with grad mode on: for legacy functions that run the model's forward themselves.
+
+    Their answer must not depend on the caller's grad mode (nor on which
+    engine runs: the structured engine needs no graph, the closure path
+    does). Inference mode cannot be lifted for tensors created in it, so it
+    raises a clear ``RuntimeError`` instead.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{fn.__name__} differentiates the model's loss, which torch.inference_mode() forbids: "
+                "call it outside inference mode (torch.no_grad() is fine)"
+            )
+        with torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def check_strict(params: Sequence[Tensor], strict: bool) -> List[int]:
@@ -117,9 +177,10 @@ def closure_operator(
     Under ``strict`` a parameter that the loss does not use raises PyTorch's own
     ``RuntimeError``; otherwise its block is zero.
     """
-    loss = call_loss(func)
+    leaves = [params[i] for i in active]
+    loss = call_loss(func, params=leaves)
     return autograd_hessian_operator(
-        loss, [params[i] for i in active], create_graph=create_graph, allow_unused=not strict
+        loss, leaves, create_graph=create_graph, allow_unused=not strict
     )
 
 

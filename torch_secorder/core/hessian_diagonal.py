@@ -77,6 +77,7 @@ def hessian_diagonal(
     return result
 
 
+@_common.owns_forward
 def model_hessian_diagonal(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],

@@ -65,6 +65,7 @@ def hessian_trace(
     return trace
 
 
+@_common.owns_forward
 def model_hessian_trace(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],

@@ -62,12 +62,15 @@ def exact_hvp(
     params = _common.check_params(params)
     vs, single = _common.check_vectors(v, params)
     _require_grad(params)
-    op = autograd_operator.autograd_hessian_operator(_common.call_loss(func), params, create_graph=create_graph)
+    op = autograd_operator.autograd_hessian_operator(
+        _common.call_loss(func, params=params), params, create_graph=create_graph
+    )
     hv = op.matvec([u.to(p.dtype).unsqueeze(0) for u, p in zip(vs, params)])
     hv = _common.scatter(params, range(len(params)), [h[0] for h in hv], create_graph)
     return _pack(hv, single)
 
 
+@_common.owns_forward
 def model_hvp(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -99,15 +102,21 @@ def approximate_hvp(
     num_samples: int = 1,
     damping: float = 0.0,
 ) -> Vectors:
-    """Finite-difference Hessian-vector product ``(g(p + eps v) - g(p)) / eps + damping * v``.
+    """Finite-difference Hessian-vector product ``(g(p + eps v) - g(p - eps v)) / (2 eps) + damping * v``.
 
-    ``g`` is the gradient of ``func()``; see
-    :func:`torch_secorder.autograd_operator.finite_difference_hvp` for the step
-    ``eps``. ``func`` is called exactly twice. The forward difference is
-    deterministic, so ``num_samples`` repeated evaluations would all agree:
-    it is checked (a positive int) and otherwise ignored. ``params`` are
-    shifted in place for the second call and restored bit for bit afterwards,
-    also when ``func`` raises. The result carries no graph.
+    ``g`` is the gradient of ``func()``; a central difference (error
+    ``O(eps^2)``, where 0.0.1's forward difference had ``O(eps)``) with the
+    step ``eps`` chosen for the parameters' format, see
+    :func:`torch_secorder.autograd_operator.finite_difference_hvp`. ``func`` is
+    called exactly twice. The difference is deterministic, so ``num_samples``
+    repeated evaluations would all agree: it is checked (a positive int) and
+    otherwise ignored. ``params`` are shifted in place for the two calls and
+    restored bit for bit afterwards, also when ``func`` raises. The result
+    carries no graph. In float16 / bfloat16 a finite difference cannot be
+    accurate (a few percent at best, often far worse on large models): a
+    ``RuntimeWarning`` says so; use :func:`exact_hvp`, exact at the same cost.
+    Finite differences also see the kinks of piecewise-linear activations
+    (ReLU) that the step crosses, which the Hessian does not contain.
 
     Example:
         >>> import torch
@@ -123,12 +132,13 @@ def approximate_hvp(
     if isinstance(damping, bool) or not isinstance(damping, (numbers.Real, Tensor)):
         raise LegacyTypeError(f"damping must be a real number, got {type(damping).__name__}")
     _require_grad(params)
-    hv = autograd_operator.finite_difference_hvp(lambda: _common.call_loss(func), params, vs)
+    hv = autograd_operator.finite_difference_hvp(lambda: _common.call_loss(func, params=params), params, vs)
     if not (isinstance(damping, numbers.Real) and damping == 0):
         hv = [h + damping * u.to(h.dtype) for h, u in zip(hv, vs)]
     return _pack(hv, single)
 
 
+@_common.owns_forward
 def gauss_newton_product(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -161,7 +171,7 @@ def gauss_newton_product(
     _require_grad(params)
 
     def checked_loss(out: Tensor, target: Tensor) -> Tensor:
-        return _common.call_loss(lambda: loss_fn(out, target), "loss_fn")
+        return _common.call_loss(lambda: loss_fn(out, target), "loss_fn", params=(out,))
 
     res = autograd_operator.gauss_newton_product(model, checked_loss, x, y, vs, create_graph=create_graph)
     return _pack(_common.scatter(params, range(len(params)), res, create_graph), single)
@@ -199,7 +209,7 @@ def hessian_trace(
     params = _common.check_params(params)
     num_samples = _common.check_num_samples(num_samples)
     _require_grad(params)
-    op = autograd_operator.autograd_hessian_operator(_common.call_loss(func), params)
+    op = autograd_operator.autograd_hessian_operator(_common.call_loss(func, params=params), params)
     estimate = hutchinson_trace(
         op, num_samples, distribution="sparse" if sparse else "rademacher", density=0.1
     )
