@@ -1,0 +1,351 @@
+"""Extreme eigenpairs of a symmetric operator: Lanczos with full reorthogonalisation, thick-restarted.
+
+:func:`lanczos_eigenpairs` returns the ``k`` largest, smallest or largest-magnitude
+eigenvalues (and optionally unit, mutually orthogonal eigenvectors) of a
+:class:`~secorder.operators.LeafOperator`, from one Krylov space of a random start
+vector (:class:`secorder.estimators.lanczos.Krylov`).
+
+Two modes:
+
+* ``num_iterations=m``: exactly ``m`` Lanczos steps (``m`` matvecs), the Ritz
+  pairs of that Krylov space; no convergence test, so no host synchronisation,
+  and the whole computation composes with ``torch.func.vmap``.
+* ``num_iterations=None`` (adaptive): steps until every wanted Ritz pair has a
+  residual ``||H u - theta u|| <= tol * ||H||`` (``||H||`` estimated by the
+  largest Ritz value in magnitude), checked after every step (one host
+  synchronisation per step). The basis holds at most ``basis_size`` vectors; when
+  it is full, a thick restart (Wu and Simon 2000) keeps the wanted end of the
+  Ritz pairs and continues. The residual bounds the eigenvalue error: an
+  eigenvalue lies within it of each Ritz value, and within ``residual^2 / gap``
+  once the Ritz value is separated from the rest of the spectrum by ``gap``
+  (Parlett 1998, chapter 11).
+
+Limits: a single start vector sees each eigenvalue once, so an exactly repeated
+eigenvalue is found with its multiplicity only when a Krylov breakdown (an
+invariant subspace, see :mod:`secorder.estimators.lanczos`) restarts the run in
+the orthogonal complement; that is what happens for matrices with few distinct
+eigenvalues, and rounding brings further copies in slowly otherwise. Memory:
+``(basis_size + 1) x n`` (adaptive) or ``(num_iterations + 1) x n`` (fixed)
+entries for the basis.
+
+References:
+    Lanczos, C. (1950). J. Res. Nat. Bur. Standards 45.
+    Parlett, B. N. (1998). The Symmetric Eigenvalue Problem. SIAM.
+    Wu, K., Simon, H. (2000). Thick-restart Lanczos method for large symmetric
+    eigenvalue problems. SIAM J. Matrix Anal. Appl. 22(2).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..operators import LeafOperator
+from .lanczos import FlatOperator, Krylov
+
+__all__ = ["Eigenpairs", "lanczos_eigenpairs", "WHICH", "DEFAULT_TOL", "check_which", "check_eigen_options"]
+
+WHICH = ("largest", "smallest", "magnitude")
+DEFAULT_TOL = 1e-4
+# Default basis of the adaptive mode and default matvec budget.
+_MIN_BASIS = 30
+_BUDGET_PER_BASIS = 50
+_MIN_BUDGET = 2000
+
+
+class Eigenpairs(NamedTuple):
+    """Extreme eigenpairs found by :func:`lanczos_eigenpairs`.
+
+    Fields:
+        eigenvalues: ``(k,)``, sorted as ``which`` says (``"largest"``: descending,
+            ``"smallest"``: ascending, ``"magnitude"``: descending absolute value).
+        eigenvectors: a list of leaf tensors, each ``(k, *leaf.shape)`` (``None``
+            unless asked for); unit norm and mutually orthogonal over all leaves.
+        residuals: ``(k,)``, the residual norms ``||H u - lambda u||`` of the Ritz pairs
+            (from the recurrence: ``|beta_m y_m|``).
+        num_matvecs: 0-dim ``int64``.
+        invariant: 0-dim bool: a Krylov breakdown happened, i.e. an invariant subspace
+            was found (to working precision; in the adaptive mode also to ``tol``): its
+            Ritz values are eigenvalues, and the run went on in its complement.
+        converged: 0-dim bool: every residual is at most ``tol`` times the estimated
+            norm of the operator.
+
+    Example:
+        >>> import torch
+        >>> from secorder.operators import LeafOperator
+        >>> A = torch.diag(torch.tensor([5., 3., 1., -2.], dtype=torch.float64))
+        >>> op = LeafOperator([torch.zeros(4, dtype=torch.float64)], lambda V: [V[0] @ A], None)
+        >>> res = lanczos_eigenpairs(op, 2, "magnitude", generator=torch.Generator().manual_seed(0))
+        >>> res.eigenvalues.round(decimals=12), bool(res.converged)
+        (tensor([5., 3.], dtype=torch.float64), True)
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Any
+    residuals: Tensor
+    num_matvecs: Tensor
+    invariant: Tensor
+    converged: Tensor
+
+
+def check_which(which: Any) -> str:
+    """``which`` must be one of :data:`WHICH`.
+
+    Example:
+        >>> check_which("top")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown which='top'; valid values are 'largest', 'smallest', 'magnitude'
+    """
+    if not isinstance(which, str):
+        raise TypeError(f"which must be a str, got {type(which).__name__}")
+    if which not in WHICH:
+        raise ValueError(f"unknown which={which!r}; valid values are {', '.join(map(repr, WHICH))}")
+    return which
+
+
+def _check_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def check_eigen_options(
+    k: Any, which: Any, num_iterations: Any, tol: Any, n: Optional[int] = None
+) -> None:
+    """Validate the options of :func:`lanczos_eigenpairs` (the sizes too when ``n`` is given).
+
+    Example:
+        >>> check_eigen_options(3, "largest", 2, None)
+        Traceback (most recent call last):
+        ...
+        ValueError: num_iterations must be at least k=3 (the Krylov space must hold k Ritz vectors), got 2
+    """
+    _check_int(k, "k")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    check_which(which)
+    if num_iterations is not None:
+        _check_int(num_iterations, "num_iterations")
+        if num_iterations < k:
+            raise ValueError(
+                f"num_iterations must be at least k={k} (the Krylov space must hold k Ritz vectors), "
+                f"got {num_iterations}"
+            )
+        if tol is not None:
+            raise ValueError(
+                "tol applies to adaptive runs (num_iterations=None); with num_iterations the number of "
+                "Lanczos steps is fixed: pass one of them"
+            )
+    if tol is not None:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+            raise TypeError(f"tol must be a positive float, got {type(tol).__name__}")
+        if not tol > 0:
+            raise ValueError(f"tol must be a positive float, got {tol}")
+    if n is not None:
+        if k > n:
+            raise ValueError(f"k={k} is larger than the dimension of the operator ({n})")
+        if num_iterations is not None and num_iterations > n:
+            raise ValueError(
+                f"num_iterations={num_iterations} is larger than the dimension of the operator ({n}); "
+                f"at most {n} Lanczos steps span the whole space"
+            )
+
+
+def _select(theta: Tensor, k: int, which: str) -> Tensor:
+    """Indices (``(p, k)``) of the wanted Ritz values, in output order; ``theta`` ascending."""
+    j = theta.shape[-1]
+    if which == "largest":
+        return torch.arange(j - 1, j - k - 1, -1, device=theta.device).expand(theta.shape[0], k)
+    if which == "smallest":
+        return torch.arange(k, device=theta.device).expand(theta.shape[0], k)
+    return torch.argsort(theta.abs(), dim=-1, descending=True, stable=True)[:, :k]
+
+
+def _ritz(K: Krylov) -> Tuple[Tensor, Tensor]:
+    return torch.linalg.eigh(K.projected())
+
+
+def _residuals(K: Krylov, Y: Tensor, idx: Tensor) -> Tensor:
+    return (K.next_beta[:, None] * torch.gather(Y[:, -1, :], 1, idx)).abs()
+
+
+def _norm_estimate(theta: Tensor) -> Tensor:
+    return theta.abs().amax(dim=-1)
+
+
+def lanczos_eigenpairs(
+    op: LeafOperator,
+    k: int = 1,
+    which: str = "largest",
+    *,
+    num_iterations: Optional[int] = None,
+    tol: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+    return_eigenvectors: bool = False,
+    basis_size: Optional[int] = None,
+    max_matvecs: Optional[int] = None,
+) -> Eigenpairs:
+    """The ``k`` extreme eigenpairs of the symmetric ``op`` (see the module docstring).
+
+    Args:
+        op: the symmetric operator.
+        k: how many eigenvalues, ``1 <= k <= n``.
+        which: ``"largest"`` (algebraic), ``"smallest"`` (algebraic) or ``"magnitude"``.
+        num_iterations: a fixed number of Lanczos steps (``k <= num_iterations <= n``);
+            ``None``: adaptive, to ``tol``.
+        tol: adaptive mode only: the relative residual to reach (default
+            :data:`DEFAULT_TOL`).
+        generator: source of the random start vector (``None``: the global RNG).
+        return_eigenvectors: also compute the eigenvectors (a ``k x n`` product with the basis).
+        basis_size: adaptive mode: the most vectors held before a thick restart
+            (default ``max(2 k + 10, 30)``, at most ``n``).
+        max_matvecs: adaptive mode: the matvec budget (default
+            ``max(2000, 50 * basis_size)``); if the tolerance is not met within it, a
+            ``RuntimeWarning`` says so and ``converged`` is false.
+
+    Returns:
+        An :class:`Eigenpairs`.
+
+    Example:
+        >>> import torch
+        >>> from secorder.operators import LeafOperator
+        >>> A = torch.diag(torch.arange(1., 101.))
+        >>> op = LeafOperator([torch.zeros(100)], lambda V: [V[0] @ A], None)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> lanczos_eigenpairs(op, 3, num_iterations=60, generator=g).eigenvalues
+        tensor([100.0000,  99.0000,  98.0000])
+    """
+    flat = FlatOperator(op)
+    n = flat.dim
+    check_eigen_options(k, which, num_iterations, tol, n)
+    dtype, device = flat.dtype, flat.device
+    start = torch.randn(1, n, generator=generator, dtype=dtype, device=device)
+    spare = torch.randn(1, n, generator=generator, dtype=dtype, device=device)
+    if num_iterations is not None:
+        K = Krylov(flat, start, num_iterations, spare)
+        K.extend(num_iterations)
+        theta, Y = _ritz(K)
+        idx = _select(theta, k, which)
+        residuals = _residuals(K, Y, idx)
+        converged = (residuals <= DEFAULT_TOL * _norm_estimate(theta)[:, None]).all()
+        invariant = (K.num_steps >= 0).any()
+    else:
+        tol = DEFAULT_TOL if tol is None else float(tol)
+        K, theta, Y, idx, residuals, converged, invariant = _adaptive(
+            flat, start, spare, k, which, tol, basis_size, max_matvecs
+        )
+    out_dtype = op.templates[0].dtype
+    for t in op.templates[1:]:
+        out_dtype = torch.promote_types(out_dtype, t.dtype)
+    values = torch.gather(theta, 1, idx)[0]
+    vectors = None
+    if return_eigenvectors:
+        Ysel = torch.gather(Y, 2, idx[:, None, :].expand(-1, Y.shape[1], -1))  # (1, j, k)
+        U = torch.bmm(Ysel.transpose(1, 2), K.basis)[0]  # (k, n)
+        vectors = flat.to_leaves(U)
+    return Eigenpairs(
+        eigenvalues=values.to(out_dtype),
+        eigenvectors=vectors,
+        residuals=residuals[0].to(out_dtype),
+        num_matvecs=torch.tensor(flat.num_matvecs, dtype=torch.int64, device=device),
+        invariant=torch.as_tensor(invariant, device=device),
+        converged=converged,
+    )
+
+
+def _better(values: Tensor, than: Tensor, margin: Tensor, which: str) -> Tensor:
+    """Whether any of ``values`` is more wanted than ``than`` by more than ``margin``."""
+    if which == "largest":
+        return (values > than + margin).any()
+    if which == "smallest":
+        return (values < than - margin).any()
+    return (values.abs() > than.abs() + margin).any()
+
+
+def _extreme(theta: Tensor, which: str) -> int:
+    """Index of the most wanted of the ascending Ritz values ``theta`` (1-dim)."""
+    if which == "largest":
+        return theta.shape[0] - 1
+    if which == "smallest":
+        return 0
+    return int(theta.abs().argmax())
+
+
+def _adaptive(flat, start, spare, k, which, tol, basis_size, max_matvecs):
+    """Thick-restarted Lanczos to ``tol`` (one run, host-side stopping decisions).
+
+    Breakdowns: with random start vectors, a run breaks down (almost surely) only
+    once it has found every distinct eigenvalue of the space it explores, so what
+    it has not seen are further copies of the values of the block that just broke
+    down. The run then goes on in the complement (see :class:`Krylov`) and stops
+    only when (a) the wanted Ritz pairs have converged, and (b) the block it is
+    running in (the *tail*, after the latest breakdown) has converged its own most
+    wanted Ritz value, or, right after a breakdown, no value of the block that
+    broke down beats the k-th wanted value (so hidden copies cannot enter).
+    """
+    n = flat.dim
+    if basis_size is None:
+        basis_size = max(2 * k + 10, _MIN_BASIS)
+    else:
+        _check_int(basis_size, "basis_size")
+        if basis_size <= k:
+            raise ValueError(f"basis_size must be larger than k={k}, got {basis_size}")
+    basis_size = min(basis_size, n)
+    if max_matvecs is None:
+        max_matvecs = max(_MIN_BUDGET, _BUDGET_PER_BASIS * basis_size)
+    else:
+        _check_int(max_matvecs, "max_matvecs")
+        if max_matvecs < k:
+            raise ValueError(f"max_matvecs must be at least k={k}, got {max_matvecs}")
+    K = Krylov(flat, start, basis_size, spare)
+    keep = min(basis_size - 1, k + max(1, (basis_size - k) // 2))
+    tail = 0  # first basis index of the block the run is in
+    broken_values: Optional[Tensor] = None  # eigenvalues of the block that broke down last
+    invariant = False
+    while True:
+        K.extend(1)
+        theta, Y = _ritz(K)
+        bound = tol * _norm_estimate(theta)[:, None]
+        boundary = bool(K.last_broke[0]) or bool(K.next_beta[0] <= bound[0, 0])
+        if boundary:
+            # The block since the last breakdown spans an invariant subspace (to
+            # working precision, or to the tolerance): every Ritz pair in it has
+            # converged, but copies of its eigenvalues may hide in the complement.
+            invariant = True
+            broken_values = torch.linalg.eigvalsh(K.projected()[0, tail:, tail:])
+            tail = K.j
+        if K.j < k:
+            continue
+        idx = _select(theta, k, which)
+        residuals = _residuals(K, Y, idx)
+        converged = bool((residuals <= bound).all())
+        if converged and broken_values is not None:
+            if tail < K.j:
+                tt, ty = torch.linalg.eigh(K.projected()[0, tail:, tail:])
+                e = _extreme(tt, which)
+                converged = bool((K.next_beta[0] * ty[-1, e]).abs() <= bound[0, 0])
+            else:
+                kth = torch.gather(theta, 1, idx)[0, -1]
+                converged = not bool(_better(broken_values, kth, bound[0, 0], which))
+        if converged or K.j == n:
+            return K, theta, Y, idx, residuals, torch.tensor(True, device=theta.device), invariant
+        if flat.num_matvecs >= max_matvecs:
+            warnings.warn(
+                f"Lanczos did not reach tol={tol} within max_matvecs={max_matvecs} matvecs (largest relative "
+                f"residual {float(residuals.max() / _norm_estimate(theta).clamp(min=1e-300).max()):.3g}); pass "
+                "a larger max_matvecs or basis_size, a looser tol, or num_iterations for a fixed budget",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return K, theta, Y, idx, residuals, torch.tensor(False, device=theta.device), invariant
+        if K.j == K.capacity:
+            kept = _select(theta, keep, which)
+            Ykeep = torch.gather(Y, 2, kept[:, None, :].expand(-1, Y.shape[1], -1))
+            K.restart(Ykeep, torch.gather(theta, 1, kept))
+            # After a breakdown the residual direction starts a fresh block; otherwise
+            # the kept Ritz vectors mix the blocks and the whole basis is the tail.
+            tail = K.j if boundary else 0
