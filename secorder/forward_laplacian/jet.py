@@ -1,0 +1,211 @@
+"""The forward-Laplacian carrier: a tensor that holds (value, Jacobian, Laplacian).
+
+A :class:`JetTensor` stands in for a tensor inside the user's function. It carries
+a :class:`Jet`: the value ``v``, the derivatives ``J`` of ``v`` along the ``k``
+seed directions of the input (shape ``(k, *v.shape)``, directions first) and the
+partial Laplacian ``L`` (shape ``v.shape``: the sum over the seed directions of
+the second derivatives of ``v``). Every torch operation on a ``JetTensor`` is
+intercepted with ``__torch_function__`` and handed to the propagation rule
+registered for it (:mod:`secorder.forward_laplacian.registry`), which computes the new
+triple with ordinary tensor operations. Interception happens above PyTorch's
+dispatcher, so ``torch.func.vmap``, ``torch.func.grad`` and autograd see (and
+transform) the rules' arithmetic like any other code.
+
+Nothing may reach the dispatcher with a ``JetTensor`` inside (it has no storage):
+an operation that escapes interception (``torch.func`` transforms inside ``f``,
+in-place writes into a constant, ...) ends in ``__torch_dispatch__``, which
+raises :class:`UncoveredOperation` like an operation without a rule. Either way
+the pass that owns the tensor is marked, so that the caller falls back to the
+exact path even when ``f`` swallows the exception.
+
+Nested forward passes (a Laplacian of a function that computes a Laplacian) are
+told apart by their depth, as functorch tells its levels apart: an operation is
+interpreted for the deepest pass among its arguments, and jets of outer passes
+are constants to it (their own operations then re-enter the interpreter).
+
+Example:
+    >>> import torch
+    >>> trace = ForwardPass()
+    >>> x = JetTensor(Jet(torch.tensor([1., 2.]), torch.eye(2), torch.zeros(2), trace))
+    >>> y = (x * x).sum()          # ||x||^2: gradient 2x, Laplacian 2 * 2
+    >>> y.jet.value, y.jet.jac, y.jet.lap
+    (tensor(5.), tensor([2., 4.]), tensor(4.))
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Dict, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["Jet", "JetTensor", "ForwardPass", "UncoveredOperation", "interpret", "op_name", "make_jet", "map_args",
+           "arg_leaves"]
+
+
+class UncoveredOperation(NotImplementedError):
+    """An operation on a traced tensor that the forward Laplacian has no rule for.
+
+    ``op`` names the operation (for example ``'torch.Tensor.prod'``).
+    """
+
+    def __init__(self, op: str, detail: str = ""):
+        self.op = op
+        super().__init__(f"the forward Laplacian does not cover {op}{': ' + detail if detail else ''}")
+
+
+class ForwardPass:
+    """One forward-Laplacian evaluation of ``f``: its depth among nested passes, and
+    the first operation it could not interpret (``None`` while all went well)."""
+
+    _local = threading.local()
+
+    def __init__(self) -> None:
+        self.depth = getattr(ForwardPass._local, "depth", 0) + 1
+        self.uncovered: Optional[UncoveredOperation] = None
+
+    def __enter__(self) -> "ForwardPass":
+        ForwardPass._local.depth = self.depth
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        ForwardPass._local.depth = self.depth - 1
+
+    def fail(self, err: UncoveredOperation) -> UncoveredOperation:
+        if self.uncovered is None:
+            self.uncovered = err
+        return err
+
+
+class Jet(NamedTuple):
+    """What the rules see of a traced tensor: value, Jacobian (directions first),
+    Laplacian, and the forward pass that owns it."""
+
+    value: Tensor
+    jac: Tensor
+    lap: Tensor
+    trace: ForwardPass
+
+
+def make_jet(value: Tensor, jac: Tensor, lap: Tensor, trace: ForwardPass) -> Jet:
+    """A :class:`Jet` whose Jacobian and Laplacian are broadcast (as views) to the value's shape.
+
+    Rules may return derivatives that broadcast against the value (a constant
+    added to a smaller traced tensor, say); the invariant ``jac.shape == (k,
+    *value.shape)``, ``lap.shape == value.shape`` keeps later reductions exact.
+    """
+    shape = value.shape
+    if jac.shape[1:] != shape:
+        jac = jac.reshape(jac.shape[:1] + (1,) * (len(shape) - jac.dim() + 1) + jac.shape[1:])
+        jac = jac.expand(jac.shape[:1] + shape)
+    if lap.shape != shape:
+        lap = lap.expand(shape)
+    if jac.dtype != value.dtype:
+        jac = jac.to(value.dtype)
+    if lap.dtype != value.dtype:
+        lap = lap.to(value.dtype)
+    return Jet(value, jac, lap, trace)
+
+
+def map_args(fn: Callable[[Any], Any], obj: Any) -> Any:
+    """Apply ``fn`` to every leaf of a torch call's arguments or results.
+
+    Tuples, lists (``torch.cat``'s tensors, ``torch.Size``, namedtuples and
+    ``torch.return_types``) and dicts (keyword arguments) are walked; jets and
+    tensors are leaves. Operation arguments are not user pytrees, so this small
+    walker, not :mod:`secorder.tree`, handles them.
+    """
+    if isinstance(obj, (Jet, Tensor)):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        items = [map_args(fn, o) for o in obj]
+        if type(obj) in (list, tuple):
+            return type(obj)(items)
+        if hasattr(obj, "_fields"):
+            return type(obj)(*items)
+        return type(obj)(items)
+    if isinstance(obj, dict):
+        return {k: map_args(fn, v) for k, v in obj.items()}
+    return fn(obj)
+
+
+def arg_leaves(obj: Any):
+    """The leaves :func:`map_args` would visit, in order."""
+    if isinstance(obj, (Jet, Tensor)):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from arg_leaves(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from arg_leaves(o)
+    else:
+        yield obj
+
+
+def op_name(func: Callable) -> str:
+    """A readable name for a torch callable, as in ``torch.overrides.resolve_name``."""
+    name = torch.overrides.resolve_name(func)
+    if name:
+        return name
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+
+
+class JetTensor(Tensor):
+    """A tensor-shaped stand-in that carries a :class:`Jet` through ``f`` (see the module docstring)."""
+
+    jet: Jet
+
+    @staticmethod
+    def __new__(cls, jet: Jet) -> "JetTensor":
+        value = jet.value
+        out = Tensor._make_wrapper_subclass(cls, value.shape, dtype=value.dtype, device=value.device)
+        out.jet = jet
+        return out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return interpret(func, args, kwargs or {})
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        err = UncoveredOperation(str(func), "it reached the dispatcher with a traced tensor (for example a "
+                                 "torch.func transform or an in-place write inside f)")
+        for leaf in arg_leaves((args, kwargs)):
+            if isinstance(leaf, JetTensor):
+                leaf.jet.trace.fail(err)
+        raise err
+
+
+def _deepest(args: tuple, kwargs: dict) -> Optional[ForwardPass]:
+    top = None
+    for leaf in arg_leaves((args, kwargs)):
+        if isinstance(leaf, JetTensor):
+            trace = leaf.jet.trace
+            if top is None or trace.depth > top.depth:
+                top = trace
+    return top
+
+
+def interpret(func: Callable, args: tuple, kwargs: Dict[str, Any]) -> Any:
+    """Run ``func`` on arguments that contain ``JetTensor`` s through its registered rule."""
+    from .registry import lookup
+
+    trace = _deepest(args, kwargs)
+    if trace is None:  # a JetTensor hidden where the walker does not look (a custom container)
+        raise UncoveredOperation(op_name(func), "a traced tensor inside an unsupported container")
+    rule = lookup(func)
+    if rule is None:
+        raise trace.fail(UncoveredOperation(op_name(func)))
+    if kwargs.get("out") is not None:
+        raise trace.fail(UncoveredOperation(op_name(func), "out= (writes into an existing tensor)"))
+
+    def lower(leaf: Any) -> Any:
+        return leaf.jet if isinstance(leaf, JetTensor) and leaf.jet.trace is trace else leaf
+
+    try:
+        out = rule(func, map_args(lower, args), map_args(lower, kwargs))
+    except UncoveredOperation as err:
+        raise trace.fail(err)
+    return map_args(lambda o: JetTensor(o) if isinstance(o, Jet) else o, out)

@@ -1,0 +1,64 @@
+"""The propagation rules of the forward Laplacian, one per torch callable.
+
+A rule is a function ``rule(func, args, kwargs)`` called with the arguments of
+``func`` in which every traced tensor has been replaced by its
+:class:`~secorder.forward_laplacian.jet.Jet` ``(value, jac, lap, trace)``. It
+returns ``func``'s result with a ``Jet`` (or a traced tensor computed with other
+torch operations) wherever the result depends on the input, plain values
+elsewhere, and raises :class:`~secorder.forward_laplacian.jet.UncoveredOperation`
+for a case it does not handle. Rules live in :mod:`secorder.forward_laplacian.rules`,
+one module per family of operations; :func:`register` adds one (or replaces it),
+for the aliases a callable has (``torch.tanh`` and ``torch.Tensor.tanh`` are
+different objects).
+
+Example: the rule of ``torch.special.expit`` (already covered as ``torch.sigmoid``)
+written with the elementwise helper, which only needs the first two derivatives:
+
+    >>> import torch, secorder as so
+    >>> from secorder.forward_laplacian import registry, rules
+    >>> def d_expit(x, y):
+    ...     return y * (1 - y), y * (1 - y) * (1 - 2 * y)
+    >>> _ = registry.register(torch.special.expit)(rules.elementwise(d_expit))
+    >>> x = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    >>> lap = so.laplacian(lambda x: torch.special.expit(x).sum(), method="forward")(x)
+    >>> torch.allclose(lap, torch.trace(torch.func.hessian(lambda x: torch.sigmoid(x).sum())(x)))
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+from .jet import op_name
+
+__all__ = ["Rule", "register", "lookup", "covered"]
+
+Rule = Callable[[Callable, tuple, Dict[str, Any]], Any]
+
+_RULES: Dict[Callable, Rule] = {}
+
+
+def register(*funcs: Optional[Callable]) -> Callable[[Rule], Rule]:
+    """Decorator: make ``rule`` the propagation rule of each callable in ``funcs``.
+
+    ``None`` entries are skipped (aliases missing from an older torch). A later
+    registration replaces an earlier one.
+    """
+
+    def decorate(rule: Rule) -> Rule:
+        for func in funcs:
+            if func is not None:
+                _RULES[func] = rule
+        return rule
+
+    return decorate
+
+
+def lookup(func: Callable) -> Optional[Rule]:
+    """The rule registered for ``func``, or ``None``."""
+    return _RULES.get(func)
+
+
+def covered() -> List[str]:
+    """The names of the covered callables, sorted (for documentation and tests)."""
+    return sorted({op_name(f) for f in _RULES})

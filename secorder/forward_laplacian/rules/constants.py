@@ -1,0 +1,49 @@
+"""Operations whose results carry no derivative: evaluated on the values.
+
+Shapes, dtypes and other metadata; comparisons and tests (their results are
+booleans, so control flow on values works as in eager PyTorch); index-valued
+and piecewise-constant functions (``argmax``, ``sign``, ``floor``, whose
+derivatives are zero wherever they exist, as ``torch.func.hessian`` has them);
+``detach`` (a constant by definition); and factories that only borrow a shape,
+dtype and device (``zeros_like``, ``new_ones``, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import register
+from .common import constant, primal
+
+_TENSOR_METHODS = (
+    "dim", "ndimension", "size", "numel", "nelement", "element_size", "stride", "storage_offset",
+    "is_contiguous", "is_floating_point", "is_complex", "is_signed", "__len__", "__bool__", "__float__",
+    "__int__", "__index__", "item", "tolist", "get_device", "__format__",
+    "gt", "ge", "lt", "le", "eq", "ne", "greater", "greater_equal", "less", "less_equal", "not_equal",
+    "__gt__", "__ge__", "__lt__", "__le__", "__eq__", "__ne__",
+    "isnan", "isinf", "isfinite", "isposinf", "isneginf", "isreal", "logical_not", "logical_and", "logical_or",
+    "logical_xor", "any", "all", "count_nonzero", "nonzero", "argmax", "argmin", "argsort", "argwhere",
+    "sign", "sgn", "signbit", "floor", "ceil", "round", "trunc", "fix",
+    "detach", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "allclose", "isclose", "equal",
+    "bucketize", "searchsorted", "unique",
+)
+_TENSOR_PROPERTIES = ("shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_leaf", "is_cuda",
+                      "is_sparse", "is_quantized", "is_meta", "names", "grad_fn", "itemsize", "nbytes")
+_TORCH_FUNCTIONS = (
+    "numel", "is_floating_point", "is_complex", "is_nonzero", "gt", "ge", "lt", "le", "eq", "ne", "greater",
+    "greater_equal", "less", "less_equal", "not_equal", "isnan", "isinf", "isfinite", "isposinf", "isneginf",
+    "isreal", "logical_not", "logical_and", "logical_or", "logical_xor", "any", "all", "count_nonzero",
+    "nonzero", "argmax", "argmin", "argsort", "argwhere", "sign", "sgn", "signbit", "floor", "ceil", "round",
+    "trunc", "fix", "detach", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+    "randint_like", "allclose", "isclose", "equal", "bucketize", "searchsorted", "unique", "result_type",
+    "can_cast", "is_same_size", "histc", "bincount",
+)
+
+register(*(getattr(torch.Tensor, n, None) for n in _TENSOR_METHODS))(constant)
+register(*(getattr(getattr(torch.Tensor, n, None), "__get__", None) for n in _TENSOR_PROPERTIES))(constant)
+register(*(getattr(torch, n, None) for n in _TORCH_FUNCTIONS))(constant)
+
+
+@register(torch.Tensor.__repr__, torch.Tensor.__str__)
+def _repr(func, args, kwargs):
+    return f"JetTensor({func(primal(args[0]))})"

@@ -1,0 +1,333 @@
+"""so.laplacian: the forward Laplacian against float64 torch.func.hessian traces and closed forms,
+its composition with vmap/grad/compile, the exact fallback, and bad input."""
+
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, hessian, vmap
+
+import secorder as so
+from secorder.forward_laplacian import UncoveredOperation, registry
+
+D = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def reference(f, args, argnums=0):
+    """trace of torch.func.hessian of f w.r.t. args[argnums] (a tensor), float64."""
+
+    def g(x):
+        new = list(args)
+        new[argnums] = x
+        return f(*new)
+
+    x = args[argnums]
+    return torch.trace(hessian(g)(x).reshape(x.numel(), x.numel()))
+
+
+def forward(f, *args, **kw):
+    return so.laplacian(f, method="forward", **kw)(*args)
+
+
+# --- every covered activation, in random MLPs ---------------------------------------------------------
+
+ACTIVATIONS = {
+    "tanh": nn.Tanh(), "sigmoid": nn.Sigmoid(), "softplus": nn.Softplus(), "softplus_beta": nn.Softplus(2.0, 1.0),
+    "silu": nn.SiLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU("tanh"), "elu": nn.ELU(0.5), "celu": nn.CELU(0.5),
+    "selu": nn.SELU(), "mish": nn.Mish(), "relu": nn.ReLU(), "leaky_relu": nn.LeakyReLU(0.1), "relu6": nn.ReLU6(),
+    "hardtanh": nn.Hardtanh(-0.5, 0.5), "softsign": nn.Softsign(), "tanhshrink": nn.Tanhshrink(),
+    "logsigmoid": nn.LogSigmoid(), "sin": torch.sin, "cos": torch.cos, "exp": lambda h: torch.exp(0.3 * h),
+    "log": lambda h: torch.log(1 + h * h), "atan": torch.atan, "erf": torch.erf, "sqrt": lambda h: (h * h + 1).sqrt(),
+    "square": torch.square, "abs_cubed": lambda h: h.abs() ** 3, "clamp": lambda h: h.clamp(-0.3, 0.4),
+}
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, h):
+        return self.fn(h)
+
+
+def mlp(act, sizes=(3, 6, 5, 1)):
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(act if isinstance(act, nn.Module) else _Lambda(act))
+    return nn.Sequential(*layers).to(D)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_mlp_of_every_activation_matches_hessian_trace(name):
+    model = mlp(ACTIVATIONS[name])
+    u = lambda x: model(x).squeeze(-1)  # noqa: E731
+    x = torch.randn(3, dtype=D)
+    torch.testing.assert_close(forward(u, x), reference(u, (x,)), **TOL)
+    xs = torch.randn(4, 3, dtype=D)  # a batch inside f (sum of per-point outputs)
+    torch.testing.assert_close(forward(lambda z: model(z).sum(), xs), reference(lambda z: model(z).sum(), (xs,)),
+                               **TOL)
+
+
+# --- products, quotients, powers, norms, concatenation, indexing ------------------------------------
+
+A = torch.randn(4, 4, dtype=D, generator=torch.Generator().manual_seed(1))
+B = torch.randn(3, 4, dtype=D, generator=torch.Generator().manual_seed(2))
+C = torch.randn(4, dtype=D, generator=torch.Generator().manual_seed(3))
+
+FUNCTIONS = {
+    "product": lambda x: x[0] * x[1] * x[2] + (x * x.flip(0)).sum(),
+    "quotient": lambda x: (x[0] / (1 + x[1] ** 2)) + (x / x.sum()).sum() + (2 / (x + 3)).sum() + (x.sum() / x).sum(),
+    "powers": lambda x: (x ** 3).sum() + (x.abs() ** 2.5).sum() + (2 ** x).sum() + torch.pow(x.abs() + 1, x).sum()
+    + torch.pow(x.abs() + 1, torch.arange(4, dtype=D)).sum() + x.pow(2).sum(),
+    "quadratic_form": lambda x: x @ A @ x + torch.einsum("i,ij,j->", x, A, x),
+    "matmuls": lambda x: (B @ x).tanh().sum() + (x @ B.T).sin().sum() + (x.reshape(2, 2) @ x.reshape(2, 2)).sum()
+    + torch.outer(x, C).sin().sum() + torch.dot(x, x) * torch.dot(C, x) + torch.mv(A, x).exp().sum(),
+    "linear_traced_weight": lambda x: F.linear(B, x.reshape(1, 4)).sin().sum() + F.linear(x, B, C[:3]).tanh().sum(),
+    "norms": lambda x: x.norm() + torch.linalg.vector_norm(x, 3) + torch.linalg.norm(x) ** 3 + torch.norm(x, dim=0)
+    + torch.linalg.vector_norm(x, float("inf")) + x.norm(p=1),
+    "softmax_family": lambda x: torch.logsumexp(x, 0) + F.softmax(x, -1)[0] + F.log_softmax(x, 0)[1]
+    + torch.softmax(x.reshape(2, 2), 1).sin().sum(),
+    "concatenation": lambda x: torch.cat([x, C, x ** 2]).sin().sum() + torch.stack([x, C], 1).cos().sum(),
+    "indexing": lambda x: (x[1:3] * x[0]).sum() + x[[0, 2]].pow(3).sum() + x[x > 0].exp().sum() + x[..., None][2, 0] ** 3
+    + x.gather(0, torch.tensor([3, 1, 1])).pow(2).sum() + x.index_select(0, torch.tensor([0, 2])).cos().sum(),
+    "shapes": lambda x: (x.reshape(2, 2).T.tanh().sum(1) ** 2).sum() + x.view(2, 2, 1).permute(2, 0, 1).sin().sum()
+    + x.unsqueeze(0).mT.exp().mean() + x.expand(3, 4).sin().sum() + torch.flatten(x.reshape(2, 2).t()).pow(3).sum(),
+    "pieces": lambda x: sum((p ** 3).sum() for p in x.split(2)) + sum(p.sin() for p in x.unbind()) + x.chunk(2)[1].exp().sum(),
+    "selections": lambda x: x.max() ** 2 + x.amax() + x.max(dim=0).values ** 3 + torch.maximum(x, C).pow(2).sum()
+    + torch.where(x > 0, x ** 2, x.sin()).sum() + x.clamp(-0.5, 0.5).pow(2).sum(),
+    "misc": lambda x: x.cumsum(0).sin().sum() + F.pad(x, (1, 2)).exp().sum() + x.roll(1, 0).mul(x).sum()
+    + torch.diag(x).exp().sum() + (1 - x).exp().sum() + torch.sub(x, C, alpha=2).pow(2).sum() - x.neg().sin().sum(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_functions_of_inputs_match_hessian_trace(name):
+    f = FUNCTIONS[name]
+    for seed in range(2):
+        x = torch.randn(4, dtype=D, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(forward(f, x), reference(f, (x,)), **TOL)
+
+
+def test_pytree_inputs_and_tuple_argnums():
+    def f(p, y, w):
+        return (torch.tanh(p["a"] @ w) * p["b"][0]).sum() + (p["b"] ** 3).sum() * y.sin().sum()
+
+    p = {"a": torch.randn(2, 3, dtype=D), "b": torch.randn(4, dtype=D)}
+    y, w = torch.randn(3, dtype=D), torch.randn(3, 5, dtype=D)
+    flat = torch.cat([p["a"].reshape(-1), p["b"]])
+
+    def g(v):
+        return f({"a": v[:6].reshape(2, 3), "b": v[6:]}, y, w)
+
+    torch.testing.assert_close(forward(f, p, y, w), reference(g, (flat,)), **TOL)
+
+    def h(v):  # p and y jointly
+        return f({"a": v[:6].reshape(2, 3), "b": v[6:10]}, v[10:], w)
+
+    both = torch.cat([flat, y])
+    got = so.laplacian(f, argnums=(0, 1), method="forward")(p, y, w)
+    torch.testing.assert_close(got, reference(h, (both,)), **TOL)
+    torch.testing.assert_close(so.laplacian(f, argnums=(0, 1), method="exact")(p, y, w), got, **TOL)
+
+
+# --- closed forms ------------------------------------------------------------------------------------
+
+
+def test_closed_forms():
+    x = torch.randn(7, dtype=D)
+    d, r = x.numel(), x.norm()
+    torch.testing.assert_close(forward(lambda z: torch.sin(z).sum(), x), -torch.sin(x).sum(), **TOL)
+    torch.testing.assert_close(forward(lambda z: (z ** 2).sum(), x), torch.tensor(2.0 * d, dtype=D), **TOL)
+    torch.testing.assert_close(forward(lambda z: z.norm() ** 3, x), 3 * (d + 1) * r, **TOL)  # f(r) = r^3
+    torch.testing.assert_close(forward(lambda z: torch.exp(-(z * z).sum()), x),
+                               (4 * r ** 2 - 2 * d) * torch.exp(-r ** 2), **TOL)
+    # the fundamental solution of the Laplace equation in 3-D is harmonic away from 0
+    torch.testing.assert_close(forward(lambda z: 1 / z.norm(), x[:3]), torch.tensor(0.0, dtype=D), rtol=0, atol=1e-12)
+
+
+def test_constant_function_and_empty_input():
+    x = torch.randn(3, dtype=D)
+    assert forward(lambda z: torch.tensor(2.0, dtype=D), x) == 0
+    assert forward(lambda z, c: (c ** 2).sum() + z.sum(), torch.zeros(0, dtype=D), x) == 0
+
+
+# --- composition -------------------------------------------------------------------------------------
+
+
+def _pinn(sizes=(2, 16, 16, 1)):
+    model = mlp(nn.Tanh(), sizes)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def u(p, x):
+        return functional_call(model, p, (x,)).squeeze(-1)
+
+    return u, params
+
+
+def test_vmap_over_points_equals_a_loop():
+    u, params = _pinn()
+    points = torch.randn(9, 2, dtype=D)
+    lap = so.laplacian(u, argnums=1)
+    batched = vmap(lap, in_dims=(None, 0))(params, points)
+    loop = torch.stack([lap(params, p) for p in points])
+    torch.testing.assert_close(batched, loop, **TOL)
+    torch.testing.assert_close(batched, torch.stack([reference(u, (params, p), 1) for p in points]), **TOL)
+    assert lap.last_method == "forward"
+
+
+def test_grad_of_laplacian_loss_matches_float64_reference():
+    u, params = _pinn()
+    points = torch.randn(6, 2, dtype=D)
+    source = torch.sin(points).sum(-1)
+
+    def loss(lap_fn):
+        return lambda p: ((vmap(lap_fn, in_dims=(None, 0))(p, points) + source) ** 2).mean()
+
+    ours = grad(loss(so.laplacian(u, argnums=1)))(params)
+    ref = grad(loss(lambda p, x: torch.trace(hessian(u, argnums=1)(p, x))))(params)
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], **TOL)
+    # plain autograd too
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    loss(so.laplacian(u, argnums=1))(leaves).backward()
+    for k in ref:
+        got = leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(ref[k])
+        torch.testing.assert_close(got, ref[k], **TOL)
+
+
+def test_float32_and_chunks():
+    u, params = _pinn((5, 8, 1))
+    p32 = {k: v.float() for k, v in params.items()}
+    x = torch.randn(5)
+    out = so.laplacian(u, argnums=1)(p32, x)
+    assert out.dtype == torch.float32 and out.shape == ()
+    torch.testing.assert_close(out.double(), reference(u, (params, x.double()), 1), rtol=1e-4, atol=1e-5)
+    for chunk in (1, 2, 5, 7):
+        torch.testing.assert_close(so.laplacian(u, argnums=1, chunk_size=chunk)(params, x.double()),
+                                   reference(u, (params, x.double()), 1), **TOL)
+
+
+def test_has_aux_returns_plain_aux():
+    def f(x):
+        h = torch.tanh(x)
+        return (h ** 2).sum(), {"h": h, "n": 3}
+
+    x = torch.randn(4, dtype=D)
+    lap, aux = so.laplacian(f, has_aux=True)(x)
+    assert type(aux["h"]) is torch.Tensor and aux["n"] == 3
+    torch.testing.assert_close(aux["h"], torch.tanh(x))
+    torch.testing.assert_close(lap, reference(lambda z: f(z)[0], (x,)), **TOL)
+    lap_exact, _ = so.laplacian(f, has_aux=True, method="exact")(x)
+    torch.testing.assert_close(lap_exact, lap, **TOL)
+
+
+def test_nested_laplacian_is_the_bilaplacian():
+    u = lambda x: torch.sin(x[0]) * x[1] ** 4 + torch.exp(x[0] * x[1])  # noqa: E731
+    x = torch.randn(2, dtype=D)
+    got = so.laplacian(so.laplacian(u, method="forward"), method="forward")(x)
+    ref = reference(lambda z: reference(u, (z,)), (x,))
+    torch.testing.assert_close(got, ref, **TOL)
+
+
+@pytest.mark.slow
+def test_torch_compile_agrees():
+    u, params = _pinn((3, 8, 1))
+    points = torch.randn(4, 3, dtype=D)
+    fn = vmap(so.laplacian(u, argnums=1), in_dims=(None, 0))
+    torch.testing.assert_close(torch.compile(fn)(params, points), fn(params, points), **TOL)
+
+
+# --- methods and the fallback ------------------------------------------------------------------------
+
+
+def test_exact_and_stochastic_methods():
+    u, params = _pinn((3, 6, 1))
+    x = torch.randn(3, dtype=D)
+    ref = reference(u, (params, x), 1)
+    torch.testing.assert_close(so.laplacian(u, argnums=1, method="exact")(params, x), ref, **TOL)
+    g = lambda z: torch.sin(z).sum()  # noqa: E731  (diagonal Hessian: Rademacher probes are exact)
+    est = so.laplacian(g, method="hutchinson", num_samples=4, seed=0)(x)
+    torch.testing.assert_close(est, -torch.sin(x).sum(), **TOL)
+    again = so.laplacian(g, method="hutchinson", num_samples=4, seed=0)(x)
+    assert torch.equal(est, again)
+
+
+def _uncovered(x):
+    return torch.lgamma(x.exp()).sum() + x.sin().sum()
+
+
+def test_fallback_is_taken_exact_and_logged(caplog):
+    assert registry.lookup(torch.lgamma) is None, "pick another uncovered operation for this test"
+    x = torch.randn(4, dtype=D)
+    fn = so.laplacian(_uncovered)
+    with caplog.at_level(logging.DEBUG, logger="secorder.laplacian"):
+        got = fn(x)
+    torch.testing.assert_close(got, reference(_uncovered, (x,)), **TOL)
+    assert fn.last_method == "exact" and "torch.lgamma" in fn.last_fallback_reason
+    assert any("torch.lgamma" in r.getMessage() for r in caplog.records)
+    batched = vmap(fn)(torch.randn(3, 4, dtype=D))  # the fallback composes too
+    assert batched.shape == (3,)
+    with pytest.raises(UncoveredOperation, match="torch.lgamma"):
+        so.laplacian(_uncovered, method="forward")(x)
+
+
+def test_fallback_when_f_swallows_the_error_or_escapes_interception():
+    def swallowing(x):
+        try:
+            return torch.lgamma(x).sum()
+        except NotImplementedError:
+            return x.sum()  # would be a wrong Laplacian (0)
+
+    x = torch.rand(3, dtype=D) + 1
+    fn = so.laplacian(swallowing)
+    torch.testing.assert_close(fn(x), torch.special.polygamma(1, x).sum(), **TOL)
+    assert fn.last_method == "exact"
+
+    def inner_vmap(x):  # a torch.func transform inside f: the jet would reach the dispatcher
+        return vmap(lambda r: torch.sin(r) * r)(x).sum()
+
+    fn = so.laplacian(inner_vmap)
+    torch.testing.assert_close(fn(x), reference(inner_vmap, (x,)), **TOL)
+    assert fn.last_method == "exact"
+
+    def inplace(x):
+        h = x * 2
+        h.add_(1)
+        return (h * h).sum()
+
+    fn = so.laplacian(inplace)
+    torch.testing.assert_close(fn(x), torch.tensor(8.0 * 3, dtype=D), **TOL)
+    assert fn.last_method == "exact"
+    with pytest.raises(UncoveredOperation, match="add_"):
+        so.laplacian(inplace, method="forward")(x)
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+
+def test_bad_input():
+    x = torch.randn(3, dtype=D)
+    for method in ("auto", "forward", "exact"):
+        with pytest.raises(ValueError, match=r"shape \(3,\)"):
+            so.laplacian(lambda z: z ** 2, method=method)(x)
+        with pytest.raises(TypeError, match="torch.int64"):
+            so.laplacian(lambda z: z.sum(), method=method)(torch.arange(3))
+        with pytest.raises(ValueError, match="out of range"):
+            so.laplacian(lambda z: z.sum(), argnums=2, method=method)(x)
+    with pytest.raises(ValueError, match="unknown method 'newton'"):
+        so.laplacian(lambda z: z.sum(), method="newton")
+    with pytest.raises(ValueError, match="num_samples"):
+        so.laplacian(lambda z: z.sum(), num_samples=10)
+    with pytest.raises(TypeError, match="argnums"):
+        so.laplacian(lambda z: z.sum(), argnums=1.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        so.laplacian(lambda z: z.sum(), chunk_size=0)
+    with pytest.raises(TypeError, match="has_aux=True requires"):
+        so.laplacian(lambda z: z.sum(), has_aux=True)(x)
