@@ -382,8 +382,12 @@ def test_gauss_newton_product_training_mode_batchnorm_forward_once():
     x, y = torch.randn(6, 3, dtype=F64), torch.randint(0, 2, (6,))
     G, params = _explicit_ggn(model, F.cross_entropy, x, y)
     v = [torch.randn_like(p) for p in params]
-    tracked = int(model[1].num_batches_tracked)
+    calls = []
+    model[1].register_forward_hook(lambda *a: calls.append(1))
+    state = {k: t.clone() for k, t in model.state_dict().items()}
     gv = gauss_newton_product(model, F.cross_entropy, x, y, v)
-    assert int(model[1].num_batches_tracked) == tracked + 1      # one forward pass, as a plain call
+    assert len(calls) == 1                                        # one forward pass, in training mode
+    # ... whose running-statistics update is undone: an analysis call leaves the model as it was.
+    assert all(torch.equal(t, state[k]) for k, t in model.state_dict().items()) and model.training
     for a, r in zip(gv, split_like(G @ _flat(v), params)):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)

@@ -1,8 +1,9 @@
-"""Legacy closure-based API of ``torch_secorder``, reproduced on secorder's engine.
+"""Legacy API of ``torch_secorder`` 0.0.1, reproduced on secorder's engine.
 
-Code written against torch-secorder 0.0.1's core functions keeps working
-unchanged: closures over leaf tensors, ``strict`` / ``create_graph`` flags,
-lists of tensors in ``params`` order. Underneath, the closure's Hessian is a
+Code written against torch-secorder 0.0.1 keeps working unchanged: every
+module (``core``, ``approximations``, ``analysis``) and top-level name of
+0.0.1, with its closures over leaf tensors, ``strict`` / ``create_graph``
+flags and lists of tensors in ``params`` order. Underneath, the closure's Hessian is a
 batched autograd-engine operator (:mod:`torch_secorder.autograd_operator`) handed to
 secorder's estimators, so the closure runs once and the diagonal costs a few
 batched backward passes instead of one per parameter entry.
@@ -15,29 +16,69 @@ Example:
     tensor(4.)
 """
 
+from .analysis import compute_loss_surface_1d, compute_loss_surface_2d
 from .core import (
     approximate_hvp,
+    batch_jvp,
+    batch_vjp,
     exact_hvp,
+    flatten_params,
+    full_jacobian,
     gauss_newton_product,
+    get_layer_curvature_stats,
+    get_param_shapes,
+    get_params_by_module_type,
+    get_params_by_name_pattern,
     hessian_diagonal,
     hessian_trace,
+    jvp,
     model_hessian_diagonal,
     model_hessian_trace,
     model_hvp,
+    model_jvp,
+    model_vjp,
+    per_layer_fisher_diagonal,
+    per_layer_hessian_diagonal,
+    unflatten_params,
+    vjp,
 )
 from .errors import LegacyTypeError, LegacyValueError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # Core HVP
     "exact_hvp",
     "approximate_hvp",
     "model_hvp",
     "gauss_newton_product",
+    # Core GVP
+    "jvp",
+    "vjp",
+    "model_jvp",
+    "model_vjp",
+    "batch_jvp",
+    "batch_vjp",
+    "full_jacobian",
+    # Core Hessian
     "hessian_diagonal",
     "model_hessian_diagonal",
     "hessian_trace",
     "model_hessian_trace",
+    # Core utils
+    "flatten_params",
+    "unflatten_params",
+    "get_param_shapes",
+    "get_params_by_module_type",
+    "get_params_by_name_pattern",
+    # Core per-layer
+    "per_layer_hessian_diagonal",
+    "per_layer_fisher_diagonal",
+    "get_layer_curvature_stats",
+    # Analysis
+    "compute_loss_surface_1d",
+    "compute_loss_surface_2d",
+    # Errors of this package
     "LegacyValueError",
     "LegacyTypeError",
 ]

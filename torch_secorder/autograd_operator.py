@@ -35,6 +35,8 @@ __all__ = [
     "finite_difference_hvp",
     "gauss_newton_product",
     "attach_zero_grad",
+    "jacobian_vector_products",
+    "vector_jacobian_products",
 ]
 
 
@@ -68,6 +70,61 @@ def _grad_or_batched(outputs, inputs, grad_outputs, create_graph: bool, k: int) 
             retain_graph=True, create_graph=create_graph, allow_unused=True, is_grads_batched=True,
         )
     return list(res)
+
+
+def jacobian_vector_products(
+    output: Tensor, leaves: Sequence[Tensor], V: Sequence[Tensor], *, create_graph: bool = False
+) -> Tensor:
+    """``J V``: the Jacobian of ``output`` (already computed from ``leaves``) times a batch of tangents.
+
+    ``V`` has one tensor per leaf, each with a leading probe dimension ``k``;
+    the result has shape ``(k, *output.shape)``. On the autograd engine a JVP
+    is the VJP of the linear map ``u -> J^T u`` (the double-backward trick,
+    which needs no forward-mode rules): one backward pass with a graph builds
+    ``J^T u`` for a dummy cotangent ``u``, then one batched backward pass
+    through it gives all ``k`` products. Leaves the output does not depend on
+    contribute zero. With ``create_graph=True`` the products are
+    differentiable with respect to the leaves.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([1., 2.], requires_grad=True)
+        >>> jacobian_vector_products(torch.stack([x[0] ** 2, 3 * x[1] ** 2]), [x], [torch.eye(2)])
+        tensor([[ 2.,  0.],
+                [ 0., 12.]])
+    """
+    leaves = list(leaves)
+    k = V[0].shape[0]
+    with torch.enable_grad():
+        dummy = torch.zeros_like(output, requires_grad=True)
+        jt_u = torch.autograd.grad(output, leaves, grad_outputs=dummy, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(jt_u) if g is not None and g.requires_grad]
+        if not used or k == 0:
+            return output.new_zeros((k,) + tuple(output.shape))
+        return _batched_grad(
+            [jt_u[i] for i in used], [dummy], [V[i].to(jt_u[i].dtype) for i in used], create_graph
+        )[0]
+
+
+def vector_jacobian_products(
+    output: Tensor, leaves: Sequence[Tensor], U: Tensor, *, create_graph: bool = False
+) -> List[Tensor]:
+    """``U J``: a batch of cotangents ``U`` of shape ``(k, *output.shape)`` times the Jacobian of ``output``.
+
+    One backward pass, batched over the ``k`` cotangents; one tensor of shape
+    ``(k, *leaf.shape)`` per leaf, zeros for leaves the output does not reach.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([1., 2.], requires_grad=True)
+        >>> vector_jacobian_products(torch.stack([x[0] ** 2, 3 * x[1] ** 2]), [x], torch.eye(2))
+        [tensor([[ 2.,  0.],
+                [ 0., 12.]])]
+    """
+    leaves = list(leaves)
+    if U.shape[0] == 0:
+        return [x.new_zeros((0,) + tuple(x.shape)) for x in leaves]
+    return _batched_grad([output], leaves, [U.to(output.dtype)], create_graph)
 
 
 def autograd_hessian_operator(
@@ -281,18 +338,7 @@ def gauss_newton_product(
     v = [u.to(p.dtype) for u, p in zip(v, params)]
     with torch.enable_grad():
         out = model(inputs)
-        # J v as the VJP of u -> J^T u, which is linear in the dummy cotangent u.
-        dummy = torch.zeros_like(out, requires_grad=True)
-        jt_u = torch.autograd.grad(out, params, grad_outputs=dummy, create_graph=True, allow_unused=True)
-        used = [i for i, g in enumerate(jt_u) if g is not None]
-        jv = None
-        if used:
-            (jv,) = torch.autograd.grad(
-                [jt_u[i] for i in used], dummy, grad_outputs=[v[i] for i in used],
-                create_graph=create_graph, allow_unused=True,
-            )
-        if jv is None:
-            jv = torch.zeros_like(out)
+        jv = jacobian_vector_products(out, params, [u.unsqueeze(0) for u in v], create_graph=create_graph)[0]
         # H_out J v: the VJP of the loss's output gradient with cotangent J v (H_out
         # is symmetric). With create_graph=True it stays a function of the
         # parameters, through the output and through J v.

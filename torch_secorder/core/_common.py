@@ -8,6 +8,7 @@ legacy ``strict`` rule and puts results back in ``params`` order.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import numbers
 from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
@@ -15,9 +16,10 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 import torch
 from torch import Tensor, nn
 
-from ..autograd_operator import attach_zero_grad, autograd_hessian_operator
 from secorder.operators import LeafOperator
 
+from .._state import preserved_state
+from ..autograd_operator import attach_zero_grad, autograd_hessian_operator
 from ..errors import LegacyTypeError, LegacyValueError
 
 # PyTorch's own messages, kept for callers that match on them.
@@ -112,6 +114,15 @@ def call_loss(func: Callable[[], Any], name: str = "func", params: Sequence[Tens
         return loss.reshape(())
 
 
+def call_output(func: Callable[[], Any], params: Sequence[Tensor], name: str = "func") -> Tensor:
+    """Call ``func`` once; its output (any shape) must be a tensor with a graph to ``params``."""
+    out = func()
+    if not isinstance(out, Tensor):
+        raise LegacyTypeError(f"{name} must return a tensor, got {type(out).__name__}")
+    check_graph(out, params, name)
+    return out
+
+
 def check_graph(loss: Tensor, params: Sequence[Tensor], name: str = "func") -> None:
     """Raise PyTorch's ``RuntimeError`` when ``loss`` has no graph but a parameter requires grad.
 
@@ -137,16 +148,21 @@ def check_graph(loss: Tensor, params: Sequence[Tensor], name: str = "func") -> N
             "it does not depend on any of the parameters (computed under torch.no_grad(), "
             "detached, or a constant)"
         )
-    raise RuntimeError(f"{name}() returned a loss with no autograd graph: {why} (PyTorch: {NO_GRAPH})")
+    what = "a loss" if loss.numel() == 1 else "an output"
+    raise RuntimeError(f"{name}() returned {what} with no autograd graph: {why} (PyTorch: {NO_GRAPH})")
 
 
 def owns_forward(fn: _Fn) -> _Fn:
-    """Run ``fn`` with grad mode on: for legacy functions that run the model's forward themselves.
+    """For legacy functions that run the model's forward themselves: grad on inside, model state restored.
 
     Their answer must not depend on the caller's grad mode (nor on which
     engine runs: the structured engine needs no graph, the closure path
-    does). Inference mode cannot be lifted for tensors created in it, so it
-    raises a clear ``RuntimeError`` instead.
+    does), and an analysis call must not change the model: train/eval flags,
+    buffers (training-mode BatchNorm statistics), ``requires_grad`` and
+    ``.grad`` are restored on return and after an exception
+    (:func:`torch_secorder._state.preserved_state`). The model is the first
+    argument (or ``model=``). Inference mode cannot be lifted for tensors
+    created in it, so it raises a clear ``RuntimeError`` instead.
     """
 
     @functools.wraps(fn)
@@ -156,10 +172,18 @@ def owns_forward(fn: _Fn) -> _Fn:
                 f"{fn.__name__} differentiates the model's loss, which torch.inference_mode() forbids: "
                 "call it outside inference mode (torch.no_grad() is fine)"
             )
-        with torch.enable_grad():
+        model = args[0] if args else kwargs.get("model")
+        state = preserved_state(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
+        with torch.enable_grad(), state:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def require_grad(params: Sequence[Tensor]) -> None:
+    """PyTorch's ``RuntimeError`` unless every parameter requires grad (functions without a ``strict`` flag)."""
+    if not all(p.requires_grad for p in params):
+        raise RuntimeError(NO_REQUIRES_GRAD)
 
 
 def check_strict(params: Sequence[Tensor], strict: bool) -> List[int]:

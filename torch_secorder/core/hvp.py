@@ -24,12 +24,6 @@ __all__ = ["exact_hvp", "model_hvp", "approximate_hvp", "gauss_newton_product", 
 Vectors = Union[Tensor, List[Tensor]]
 
 
-def _require_grad(params: List[Tensor]) -> None:
-    # The legacy functions without a ``strict`` flag let PyTorch's error through.
-    if not all(p.requires_grad for p in params):
-        raise RuntimeError(_common.NO_REQUIRES_GRAD)
-
-
 def _pack(values: List[Tensor], single: bool) -> Vectors:
     return values[0] if single else list(values)
 
@@ -61,7 +55,7 @@ def exact_hvp(
     _common.check_callable(func)
     params = _common.check_params(params)
     vs, single = _common.check_vectors(v, params)
-    _require_grad(params)
+    _common.require_grad(params)
     op = autograd_operator.autograd_hessian_operator(
         _common.call_loss(func, params=params), params, create_graph=create_graph
     )
@@ -131,7 +125,7 @@ def approximate_hvp(
     _common.check_num_samples(num_samples)
     if isinstance(damping, bool) or not isinstance(damping, (numbers.Real, Tensor)):
         raise LegacyTypeError(f"damping must be a real number, got {type(damping).__name__}")
-    _require_grad(params)
+    _common.require_grad(params)
     hv = autograd_operator.finite_difference_hvp(lambda: _common.call_loss(func, params=params), params, vs)
     if not (isinstance(damping, numbers.Real) and damping == 0):
         hv = [h + damping * u.to(h.dtype) for h, u in zip(hv, vs)]
@@ -168,7 +162,7 @@ def gauss_newton_product(
     _common.check_callable(loss_fn, "loss_fn")
     params = _common.check_params(list(model.parameters()), "model.parameters()")
     vs, single = _common.check_vectors(v, params)
-    _require_grad(params)
+    _common.require_grad(params)
 
     def checked_loss(out: Tensor, target: Tensor) -> Tensor:
         return _common.call_loss(lambda: loss_fn(out, target), "loss_fn", params=(out,))
@@ -208,7 +202,7 @@ def hessian_trace(
     _common.check_callable(func)
     params = _common.check_params(params)
     num_samples = _common.check_num_samples(num_samples)
-    _require_grad(params)
+    _common.require_grad(params)
     op = autograd_operator.autograd_hessian_operator(_common.call_loss(func, params=params), params)
     estimate = hutchinson_trace(
         op, num_samples, distribution="sparse" if sparse else "rademacher", density=0.1
