@@ -1,48 +1,115 @@
-"""Copy README.md's benchmark sections into the docs as reStructuredText (run by conf.py).
+"""README.md sections on the site: each mapped section is converted to reStructuredText at build time.
 
-Only the small subset of Markdown that the README's benchmark sections use is
-converted: ``##``/``###`` headings, pipe tables, inline code and plain
-paragraphs. Fenced code blocks become literal blocks.
+The README is where benchmark tables are recorded (the benchmark scripts print
+Markdown tables, which go into the README with the command and the machine). So
+that the site never drifts from it, ``conf.py`` calls :func:`write_readme_parts`,
+which writes the body of every section named in :data:`SECTIONS` to
+``docs/_generated/readme/<part>.part.rst`` (its heading is left out: the page
+gives its own), and ``docs/_generated/readme/benchmarks.part.rst``, every part
+with a Benchmarks-page title, as a section of that title.
+
+How a new README section gets onto the site:
+
+1. Add one line to :data:`SECTIONS`: ``"<the README's ## heading>": ("<part>", "<title>")``.
+   With a title it appears on the Benchmarks page as a section of that title,
+   with nothing else to do; with ``None`` only where a page includes it.
+2. To show it on the page that discusses it as well, include it there under a
+   heading of that page:
+
+   .. code-block:: rst
+
+      Measured
+      --------
+
+      .. include:: _generated/readme/<part>.part.rst
+
+3. ``tests/test_docs.py`` builds the site and fails if a README section with a
+   table is not in :data:`SECTIONS` or if any README table is not on a built page.
+
+Only the Markdown subset the README uses is converted: ``##``-``####``
+headings (``###`` becomes a ``~`` underline, ``####`` a ``^`` one), pipe tables,
+fenced code blocks (literal blocks), inline code, bold and links. A section whose
+conversion would make docutils warn goes in verbatim, as a literal block (and
+then its tables fail the test above, which looks for them as tables).
 """
 
 from __future__ import annotations
 
 import pathlib
 import re
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 _INLINE_CODE = re.compile(r"(?<!`)`([^`]+)`(?!`)")
 _BOLD = re.compile(r"\*\*([^*]+)\*\*")
 _LINK = re.compile(r"\[([^\]]+)\]\(([^)]+)\)")
+_TABLE_ROW = re.compile(r"^\s*\|")
+_SEPARATOR = re.compile(r"\s*\|?[\s:|-]+\|?\s*")
+
+#: README ``## `` heading -> (part name, its section title on the Benchmarks page or ``None``).
+SECTIONS: Dict[str, Tuple[str, Optional[str]]] = {
+    "Layout": ("layout", None),
+    "Benchmarks": ("exact-trace", "Exact Hessian trace, generic path"),
+    "Structured exact engine": ("structured-engine", "Structured exact engine"),
+    "Stochastic estimators": ("stochastic-estimators", "Stochastic estimators"),
+    "Legacy torch_secorder API": ("legacy", "Legacy torch_secorder API"),
+}
+
+
+def _code(text: str) -> str:
+    r"""Markdown inline code as reStructuredText literals, escaped where a letter touches them.
+
+    Example:
+        >>> print(_code("a `Module`s and `x`"))
+        a ``Module``\ s and ``x``
+    """
+
+    def literal(m: "re.Match[str]") -> str:
+        before = "\\ " if m.start() > 0 and m.string[m.start() - 1].isalnum() else ""
+        after = "\\ " if m.end() < len(m.string) and m.string[m.end()].isalnum() else ""
+        return f"{before}``{m.group(1)}``{after}"
+
+    return _INLINE_CODE.sub(literal, text)
 
 
 def _inline(text: str) -> str:
     text = _LINK.sub(lambda m: f"`{m.group(1)} <{m.group(2)}>`__" if "://" in m.group(2) else m.group(1), text)
-    text = _INLINE_CODE.sub(lambda m: f"``{m.group(1)}``", text)
+    text = _code(text)
     text = _BOLD.sub(lambda m: f"**{m.group(1)}**", text)
-    return text.replace("|", "\\|") if not text.startswith("|") else text
+    return text.replace("|", "\\|")
 
 
-def _cells(line: str) -> List[str]:
-    return [c.strip() for c in line.strip().strip("|").split("|")]
+def table_rows(lines: List[str]) -> List[List[str]]:
+    """The cells of a Markdown pipe table, row by row, without the ``|---|`` separator line.
+
+    Example:
+        >>> table_rows(["| a | `b` |", "|---|--:|", "| 1 | 2 |"])
+        [['a', '`b`'], ['1', '2']]
+    """
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines
+            if not _SEPARATOR.fullmatch(line)]
 
 
 def _table(lines: List[str]) -> List[str]:
-    rows = [_cells(l) for l in lines if not re.fullmatch(r"\s*\|?[\s:|-]+\|?\s*", l)]
+    rows = table_rows(lines)
     width = max(len(r) for r in rows)
     out = ["", ".. list-table::", "   :header-rows: 1", ""]
     for row in rows:
         row = row + [""] * (width - len(row))
         for i, cell in enumerate(row):
-            cell = _INLINE_CODE.sub(lambda m: f"``{m.group(1)}``", cell) or " "
+            cell = _code(cell) or " "
             cell = cell.replace("*", "\\*") if "``" not in cell else cell
             out.append(f"   {'* -' if i == 0 else '  -'} {cell}")
     out.append("")
     return out
 
 
+def _special(line: str) -> bool:
+    """A line that starts something other than a paragraph: a fence, a heading or a table row."""
+    return line.startswith("```") or bool(re.match(r"^#{2,4}\s", line)) or bool(_TABLE_ROW.match(line))
+
+
 def markdown_to_rst(text: str, level_chars: str = "-~^") -> str:
-    """Convert the README's Markdown subset to reStructuredText.
+    """Convert the README's Markdown subset to reStructuredText (``##`` gets the first of ``level_chars``).
 
     Example:
         >>> print(markdown_to_rst("## Speed\\n\\n| a | b |\\n|---|---|\\n| `x` | 2 |\\n"))
@@ -72,27 +139,58 @@ def markdown_to_rst(text: str, level_chars: str = "-~^") -> str:
                 i += 1
             out += ["", "::", ""] + [f"   {b}" for b in block] + [""]
         elif heading:
-            title = _INLINE_CODE.sub(lambda m: f"``{m.group(1)}``", heading.group(2).strip())
+            title = _code(heading.group(2).strip())
             char = level_chars[min(len(heading.group(1)) - 2, len(level_chars) - 1)]
             out += [title, char * max(len(title), 4), ""]
-        elif line.lstrip().startswith("|"):
+        elif _TABLE_ROW.match(line):
             block = []
-            while i < len(lines) and lines[i].lstrip().startswith("|"):
+            while i < len(lines) and _TABLE_ROW.match(lines[i]):
                 block.append(lines[i])
                 i += 1
             out += _table(block)
             continue
+        elif line.strip():  # a paragraph: inline code may run over its lines
+            block = []
+            while i < len(lines) and lines[i].strip() and not _special(lines[i]):
+                block.append(lines[i])
+                i += 1
+            out += _inline("\n".join(block)).split("\n")
+            continue
         else:
-            out.append(_inline(line))
+            out.append("")
         i += 1
     text = re.sub(r"\n{3,}", "\n\n", "\n".join(out))  # at most one blank line in a row
     return text.strip() + "\n"
 
 
-def readme_sections(readme: str, keyword: str) -> List[str]:
-    """The ``##`` sections of ``readme`` whose title contains ``keyword`` (case-insensitive), with their headings."""
+def readme_sections(readme: str) -> Dict[str, str]:
+    """``{heading: section}`` for every ``## `` section of ``readme`` (the section text starts with its heading).
+
+    Example:
+        >>> sorted(readme_sections("# t\\n\\nintro\\n\\n## A\\n\\na\\n\\n## B `x`\\n\\nb\\n"))
+        ['A', 'B `x`']
+    """
     parts = re.split(r"(?m)^(?=## )", readme)
-    return [p for p in parts if p.startswith("## ") and keyword.lower() in p.splitlines()[0].lower()]
+    return {p.splitlines()[0][3:].strip(): p for p in parts if p.startswith("## ")}
+
+
+def section_tables(section: str) -> List[List[List[str]]]:
+    """Every pipe table of a README section (outside code blocks), as :func:`table_rows`.
+
+    Example:
+        >>> section_tables("## S\\n\\n| a |\\n|---|\\n| 1 |\\n\\n```\\n| not | a table |\\n```\\n")
+        [[['a'], ['1']]]
+    """
+    tables, block, fenced = [], [], False
+    for line in section.splitlines() + [""]:
+        if line.startswith("```"):
+            fenced = not fenced
+        if not fenced and _TABLE_ROW.match(line):
+            block.append(line)
+        elif block:
+            tables.append(table_rows(block))
+            block = []
+    return tables
 
 
 def rst_problems(text: str) -> str:
@@ -113,37 +211,58 @@ def rst_problems(text: str) -> str:
     return stream.getvalue()
 
 
-def section_to_rst(section: str) -> str:
-    r"""One README section as reStructuredText; verbatim (a literal block) if the conversion would warn.
+def section_body_to_rst(section: str) -> str:
+    r"""A README section's body (without its ``##`` heading) as reStructuredText; verbatim if conversion warns.
+
+    Sub-headings become ``~`` (``###``) and ``^`` (``####``) sections, to sit under
+    a page's ``-`` section.
 
     Example:
-        >>> print(section_to_rst("## Odd\n\na *b c\n"))
-        Odd
-        ----
-        <BLANKLINE>
+        >>> print(section_body_to_rst("## Odd\n\na *b c\n"))
         ::
         <BLANKLINE>
            a *b c
         <BLANKLINE>
+        >>> print(section_body_to_rst("## Fine\n\n### Sub\n\ntext\n"))
+        Sub
+        ~~~~
+        <BLANKLINE>
+        text
+        <BLANKLINE>
     """
-    rst = markdown_to_rst(section)
-    probe = rst.replace(".. include::", "..")  # parse the converted text on its own
-    if not rst_problems("Page\n====\n\n" + probe):
+    body = section.partition("\n")[2]
+    rst = markdown_to_rst(body)
+    if not rst_problems("Page\n====\n\nSection\n-------\n\n" + rst):
         return rst
-    title, _, body = section.partition("\n")
-    heading = title.lstrip("#").strip()
     lines = [f"   {line}" if line.strip() else "" for line in body.strip("\n").splitlines()]
-    return "\n".join([heading, "-" * max(len(heading), 4), "", "::", "", *lines]) + "\n"
+    return "\n".join(["::", "", *lines]) + "\n"
 
 
-def write_readme_sections(readme_path: pathlib.Path, out_dir: pathlib.Path) -> None:
-    """Write ``benchmarks.part.rst``: every README section about benchmarks, converted."""
-    out_dir.mkdir(exist_ok=True)
-    readme = readme_path.read_text(encoding="utf-8")
-    sections = readme_sections(readme, "benchmark")
-    body = "\n".join(section_to_rst(s) for s in sections) if sections else "No benchmark results yet.\n"
-    # placeholders that the benchmark scripts have not filled in yet
-    body = re.sub(r"(?m)^[A-Z][A-Z_]+_TABLE$", "*(not measured yet: run the script above)*", body)
-    target = out_dir / "benchmarks.part.rst"
-    if not target.exists() or target.read_text(encoding="utf-8") != body:
-        target.write_text(body, encoding="utf-8")
+def _write(target: pathlib.Path, text: str) -> None:
+    if not target.exists() or target.read_text(encoding="utf-8") != text:  # unchanged: no rebuild
+        target.write_text(text, encoding="utf-8")
+
+
+def write_readme_parts(readme_path: pathlib.Path, out_dir: pathlib.Path) -> List[str]:
+    """Write ``<part>.part.rst`` for every section of :data:`SECTIONS`, and ``benchmarks.part.rst``; returns the parts.
+
+    A heading in :data:`SECTIONS` that the README no longer has gives a part that
+    says so (and the page shows it), rather than a broken build.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sections = readme_sections(readme_path.read_text(encoding="utf-8"))
+    listing: List[str] = []
+    written = []
+    for heading, (part, title) in SECTIONS.items():
+        if heading in sections:
+            body = section_body_to_rst(sections[heading])
+            # placeholders that a benchmark script has not filled in yet
+            body = re.sub(r"(?m)^[A-Z][A-Z_]+_TABLE$", "*(not measured yet: run the script above)*", body)
+        else:
+            body = f"*(README.md has no section* ``## {heading}`` *any more: update docs/_readme.py)*\n"
+        _write(out_dir / f"{part}.part.rst", body)
+        written.append(part)
+        if title is not None:  # a section of the Benchmarks page, at the page's "-" level
+            listing += [title, "-" * max(len(title), 4), "", f".. include:: /_generated/readme/{part}.part.rst", ""]
+    _write(out_dir / "benchmarks.part.rst", "\n".join(listing) if listing else "No benchmark results yet.\n")
+    return written

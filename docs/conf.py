@@ -13,7 +13,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import secorder  # noqa: E402
 
-from _readme import write_readme_sections  # noqa: E402
+from _from_code import write_code_parts  # noqa: E402
+from _readme import write_readme_parts  # noqa: E402
 
 project = "secorder"
 author = "the secorder authors"
@@ -32,12 +33,15 @@ napoleon_custom_sections = [("Fields", "params_style")]
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_default_options = {"members": True, "show-inheritance": False}
-exclude_patterns = ["_build", "_generated/*.part.rst", "design.md"]
+exclude_patterns = ["_build", "_generated", "design.md"]
 templates_path: list = []
 html_theme = "alabaster"
 html_static_path: list = []
 html_theme_options = {"description": "Second-order autodiff for PyTorch", "fixed_sidebar": True}
 
-# The benchmark tables live in README.md, where the benchmark scripts write them;
-# they are converted to reStructuredText at build time so that the docs never drift.
-write_readme_sections(ROOT / "README.md", pathlib.Path(__file__).resolve().parent / "_generated")
+# Generated parts, included by the pages (never edited by hand, never committed):
+# README.md's sections with their tables (see _readme.py for how a section gets onto the
+# site), the JSON keys of every command and the extras of pyproject.toml (_from_code.py).
+_GENERATED = pathlib.Path(__file__).resolve().parent / "_generated"
+write_readme_parts(ROOT / "README.md", _GENERATED / "readme")
+write_code_parts(ROOT, _GENERATED)

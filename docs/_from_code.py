@@ -1,0 +1,126 @@
+"""Parts of the docs generated from the code at build time, so that they cannot drift (run by ``conf.py``).
+
+* ``_generated/cli_<command>_json.part.rst``: the JSON keys of every ``secorder``
+  command with a ``JSON_LAYOUT`` (``secorder.cli.report.JSON_LAYOUT``), as a
+  nested list; ``tests/test_cli.py`` checks a real report against the layout.
+* ``_generated/cli_<command>_help.part.rst``: ``secorder <command> --help``, verbatim.
+* ``_generated/extras.part.rst``: the optional extras of ``pyproject.toml``
+  with what each installs, and what each is for (:data:`EXTRA_PURPOSES`;
+  ``tests/test_docs.py`` fails when an extra has no purpose written here).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pathlib
+import re
+from typing import Any, Dict, List
+
+#: What each extra of pyproject.toml is for; the packages come from pyproject.toml itself.
+EXTRA_PURPOSES: Dict[str, str] = {
+    "cli": "the ``secorder report`` default problem (scikit-learn's digits) and its progress bars",
+    "test": "running the test suite, which also runs the command line and builds this site",
+    "docs": "building this site",
+    "bench": "what the benchmark peers need (see :doc:`benchmarks`)",
+}
+
+
+def _layout_lines(layout: Dict[str, Any], depth: int) -> List[str]:
+    lines = []
+    pad = "  " * depth
+    for key, value in layout.items():
+        if isinstance(value, dict):
+            lines += [f"{pad}* ``{key}``: an object with", ""] + _layout_lines(value, depth + 1) + [""]
+        elif isinstance(value, list):
+            lines += [f"{pad}* ``{key}``: a list of objects with", ""] + _layout_lines(value[0], depth + 1) + [""]
+        else:
+            lines.append(f"{pad}* ``{key}``: {value}")
+    return lines
+
+
+def json_layout_rst(layout: Dict[str, Any]) -> str:
+    """A nested bullet list of a command's ``JSON_LAYOUT``.
+
+    Example:
+        >>> print(json_layout_rst({"a": "one", "b": {"c": "two"}}))
+        * ``a``: one
+        * ``b``: an object with
+        <BLANKLINE>
+          * ``c``: two
+        <BLANKLINE>
+    """
+    text = "\n".join(_layout_lines(layout, 0))
+    return re.sub(r"\n{3,}", "\n\n", text).rstrip("\n") + "\n"
+
+
+def extras(pyproject: pathlib.Path) -> Dict[str, List[str]]:
+    """``{extra: [requirement, ...]}`` from ``[project.optional-dependencies]`` of ``pyproject``."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the installed package's metadata says the same
+        from importlib.metadata import requires
+
+        found: Dict[str, List[str]] = {}
+        for req in requires("secorder") or []:
+            spec, _, marker = req.partition(";")
+            match = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
+            if match:
+                found.setdefault(match.group(1), []).append(spec.strip())
+        return found
+    with open(pyproject, "rb") as fh:
+        return dict(tomllib.load(fh)["project"]["optional-dependencies"])
+
+
+def extras_rst(found: Dict[str, List[str]]) -> str:
+    """The extras as a list-table: extra, what it is for, what it installs.
+
+    Example:
+        >>> print(extras_rst({"docs": ["sphinx>=7"]}))
+        .. list-table::
+           :header-rows: 1
+        <BLANKLINE>
+           * - extra
+             - for
+             - installs
+           * - ``docs``
+             - building this site
+             - ``sphinx>=7``
+        <BLANKLINE>
+    """
+    lines = [".. list-table::", "   :header-rows: 1", "", "   * - extra", "     - for", "     - installs"]
+    for name, reqs in found.items():
+        purpose = EXTRA_PURPOSES.get(name, "*(not described yet: add it to docs/_from_code.py)*")
+        lines += [f"   * - ``{name}``", f"     - {purpose}", "     - " + ", ".join(f"``{r}``" for r in reqs)]
+    return "\n".join(lines) + "\n"
+
+
+def _write(target: pathlib.Path, text: str) -> None:
+    if not target.exists() or target.read_text(encoding="utf-8") != text:
+        target.write_text(text, encoding="utf-8")
+
+
+def write_code_parts(root: pathlib.Path, out_dir: pathlib.Path) -> None:
+    """Write the JSON layout of every command and the extras table into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from secorder.cli.main import COMMANDS, build_parser
+
+    for name in COMMANDS:
+        module = importlib.import_module(f"secorder.cli.{name}")
+        layout = getattr(module, "JSON_LAYOUT", None)
+        if layout is not None:
+            _write(out_dir / f"cli_{name}_json.part.rst", json_layout_rst(layout))
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "90"  # argparse wraps the help to the terminal width; fix it for the page
+    try:
+        parsers = build_parser().commands
+        for name in COMMANDS:
+            help_text = parsers[name].format_help().rstrip()
+            block = "\n".join(f"   {line}".rstrip() for line in help_text.splitlines())
+            _write(out_dir / f"cli_{name}_help.part.rst", f".. code-block:: text\n\n{block}\n")
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
+    _write(out_dir / "extras.part.rst", extras_rst(extras(root / "pyproject.toml")))
