@@ -1,22 +1,26 @@
 """Structured exact engine: Hessian and GGN diagonals by curvature backpropagation.
 
-For a model made of supported layers (a nested ``nn.Sequential`` of
-``Linear``, ``Conv1d/2d``, pooling, ``Flatten``, ``BatchNorm`` in eval mode and
-elementwise activations, and :class:`Residual` skip-connection blocks) and a supported loss (cross-entropy, MSE, BCE with
-logits), the exact diagonal of the Hessian of the loss with respect to the
-parameters costs a few backward passes: the loss Hessian with respect to the
-network output is factored in closed form and pulled back layer by layer, with
-the activations' residual terms (Dangel, Harmeling, Hennig, "Modular
-Block-diagonal Curvature Approximations for Feedforward Architectures",
-AISTATS 2020; Dangel, Kunstner, Hennig, "BackPACK: Packing more into
-backprop", ICLR 2020). Dropping the residual terms gives the exact
-generalized Gauss-Newton diagonal.
+For a model made of modules with a registered rule (a nested ``nn.Sequential``
+of ``Linear``, ``Conv1d/2d``, pooling, ``Flatten``, ``BatchNorm`` in eval mode
+and elementwise activations, and :class:`Residual` skip-connection blocks) and
+a supported loss (cross-entropy, MSE, BCE with logits), the exact diagonal of
+the Hessian of the loss with respect to the parameters costs a few backward
+passes: the loss Hessian with respect to the network output is factored in
+closed form and pulled back module by module, with the residual terms of the
+nonlinear modules (Dangel, Harmeling, Hennig, "Modular Block-diagonal
+Curvature Approximations for Feedforward Architectures", AISTATS 2020; Dangel,
+Kunstner, Hennig, "BackPACK: Packing more into backprop", ICLR 2020). Dropping
+the residual terms gives the exact generalized Gauss-Newton diagonal.
 
-Modules: :mod:`.losses` (loss-output factorisations), :mod:`.curvature`
-(the factored per-sample curvature), :mod:`.activations`, :mod:`.rules`
-(per-module rules), :mod:`.blocks` (``Residual``), :mod:`.walker` (does a model qualify), :mod:`.backprop`
-(the driver), :mod:`.dispatch` (entry points), :mod:`.generic` (the one-hot
-GGN fallback).
+Modules: :mod:`.dispatch` (the entry points), :mod:`.registry` (module type to
+rule, :func:`register_rule`), :mod:`.rule` (the :class:`Rule` and
+:class:`BlockRule` interfaces), :mod:`.rules` (the built-in rules, one module
+per family, and :mod:`.rules.example`, a documented user rule),
+:mod:`.curvature` (the factored per-sample curvature and its term kinds),
+:mod:`.jacobians` (a module's Jacobian as the products the sweep needs),
+:mod:`.losses` (loss-output factorisations), :mod:`.walker` (does a model
+qualify; its plan), :mod:`.backprop` (the driver), :mod:`.blocks`
+(``Residual``).
 
 Example:
     >>> import torch
@@ -28,7 +32,14 @@ Example:
 """
 
 from .blocks import Residual
+from .curvature import Curvature
 from .dispatch import functional_call_diag, model_diagonal, model_trace
 from .errors import Unsupported
+from .jacobians import Jacobian
+from .registry import register_rule, registered_rules, rule_for
+from .rule import BlockRule, Rule
 
-__all__ = ["model_diagonal", "model_trace", "functional_call_diag", "Unsupported", "Residual"]
+__all__ = [
+    "model_diagonal", "model_trace", "functional_call_diag", "Unsupported", "Residual",
+    "Rule", "BlockRule", "register_rule", "rule_for", "registered_rules", "Curvature", "Jacobian",
+]

@@ -1,19 +1,23 @@
-"""The backpropagation driver: one forward pass, then the curvature pulled back module by module.
+"""The backpropagation driver: one forward pass, then the curvature pulled back step by step.
 
 Starting from the factored loss-output Hessian
-(:mod:`secorder.structured.losses`), each module's rule reads its
-parameters' diagonal off the curvature at its output, then pulls the curvature
-back to its input; activations add their residual diagonal
-``phi''(x) * dL/da`` when ``kind="hessian"`` (left out for ``kind="ggn"``, which
-gives the exact generalized Gauss-Newton diagonal; Dangel, Kunstner, Hennig
-2020). The sweep stops at the first module with a requested parameter, and the
-loss gradient is pulled back only as far as the last activation with a residual.
+(:mod:`secorder.structured.losses`), each step's rule reads its parameters'
+diagonal off the curvature at its output, then the curvature is pulled back
+through the rule's Jacobian; rules of modules nonlinear in their input add
+their residual term when ``residuals`` is on (the exact Hessian; without them
+the sweep gives the exact generalized Gauss-Newton diagonal, Dangel, Kunstner,
+Hennig 2020). The sweep stops at the first module with a requested parameter,
+and the loss gradient is pulled back only as far as the last module with a
+residual. Block rules (:class:`~secorder.structured.rule.BlockRule`) run their
+sub-plans through :meth:`Sweep.run` and :meth:`Sweep.pull` themselves.
 
-A residual block ``z = x + F(x)`` has input curvature
-``(I + J_F)^T H_z (I + J_F)`` plus the residual terms raised inside ``F``: the
-output curvature, as explicit columns ``B``, goes through the body to give
-``J_F^T B`` and the skip path adds ``B`` column by column; the gradient is
-``g + J_F^T g``.
+The loss factor's columns can be pulled back a chunk at a time: the sweep is
+linear in them, so the parameter diagonals of the chunks add up; the loss's
+other terms and the residuals ride along with the first chunk only.
+
+Everything is a tensor function of the parameters and inputs (no in-place
+updates, hooks, ``torch.autograd.grad`` or host synchronisation), so the
+result can be differentiated, ``vmap``-ed and compiled.
 """
 
 from __future__ import annotations
@@ -23,13 +27,139 @@ from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 import torch
 from torch import Tensor
 
-from .curvature import Curvature, Factor
-from .errors import Unsupported
-from .losses import LossSpec, output_curvature
-from .rules import ActivationPool, Conv
-from .walker import Plan, ResidualRule
+from .curvature import Curvature
+from .errors import Unsupported, located
+from .losses import LossSpec, OutputCurvature, output_curvature
+from .walker import Plan, Step
 
-__all__ = ["run"]
+__all__ = ["Sweep", "run", "pull_loss_curvature"]
+
+
+class Sweep:
+    """One call's forward and backward passes, and the parameter diagonals (or trace) they record.
+
+    Args:
+        values: every qualified parameter/buffer name of the plan mapped to the
+            tensor to use (requested parameters and constants alike).
+        wanted: the qualified names whose diagonal is requested.
+        trace: accumulate the sum of the diagonals instead of the diagonals.
+        residuals: add the residual terms of nonlinear modules (exact Hessian).
+    """
+
+    def __init__(self, values: Mapping[str, Tensor], wanted: Set[str], trace: bool, residuals: bool):
+        self.values, self.wanted, self.trace, self.residuals = values, wanted, trace, residuals
+        self.diags: Dict[str, Tensor] = {}
+        self.total: Optional[Tensor] = None
+
+    # -- forward -----------------------------------------------------------------------------
+    def run(self, plan: Plan, x: Tensor) -> Tuple[Tensor, List[Any]]:
+        """The plan's output for input ``x`` and the per-step states."""
+        states = []
+        for step in plan.steps:
+            try:
+                if step.is_block:
+                    x, state = step.rule.forward(x, self)
+                else:
+                    tensors = {loc: self.values[q] for loc, q in step.tensors.items() if q in self.values}
+                    x, state = step.rule.forward(x, tensors)
+            except Unsupported as err:
+                raise located(err, step.name, step.rule.module) from None
+            states.append(state)
+        return x, states
+
+    # -- backward ----------------------------------------------------------------------------
+    def _local_wanted(self, step: Step) -> frozenset:
+        return frozenset(loc for loc, q in step.parameter_names.items() if q in self.wanted)
+
+    def wants(self, step: Step) -> bool:
+        """Whether ``step`` (or anything inside a block) has a requested parameter."""
+        if step.is_block:
+            return any(self.wants(s) for body in step.rule.plans.values() for s in body.steps)
+        return bool(self._local_wanted(step))
+
+    def uses_gradient(self, step: Step) -> bool:
+        """Whether ``step`` (or anything inside a block) adds a residual, which reads ``dL/dz``."""
+        if not self.residuals:
+            return False
+        if step.is_block:
+            return any(self.uses_gradient(s) for body in step.rule.plans.values() for s in body.steps)
+        return step.rule.has_residual
+
+    def _record(self, step: Step, state: Any, curv: Curvature) -> None:
+        local = self._local_wanted(step)
+        if not local:
+            return
+        if self.trace:
+            t = step.rule.parameter_trace(state, curv, local)
+            self.total = t if self.total is None else self.total + t
+            return
+        for loc, d in step.rule.parameter_diagonal(state, curv, local).items():
+            q = step.tensors[loc]
+            self.diags[q] = d if q not in self.diags else self.diags[q] + d
+
+    def pull(self, plan: Plan, states: List[Any], curv: Curvature, g: Optional[Tensor],
+             need_input: bool, need_grad_input: bool) -> Tuple[Optional[Curvature], Optional[Tensor]]:
+        """Pull ``curv`` (and the gradient ``g``) back through ``plan``, recording the wanted diagonals.
+
+        With ``need_input`` the curvature at the plan's input is returned (and
+        the gradient there with ``need_grad_input``); otherwise the sweep stops
+        at the first step with a wanted parameter and returns ``(None, None)``.
+        """
+        steps = plan.steps
+        n = len(steps)
+        active = [i for i in range(n) if self.wants(steps[i])]
+        if not need_input and not active:
+            return None, None
+        first = 0 if need_input else active[0]
+        runs = [i > first or need_input for i in range(n)]
+        # A block's bodies always run their own sweep, so a block uses g whenever it holds a residual.
+        uses_g = [(runs[i] or steps[i].is_block) and self.uses_gradient(steps[i]) for i in range(n)]
+        # need_in[i]: the gradient at the input of step i is needed (by an earlier step or the caller).
+        need_in, acc = [False] * n, need_grad_input
+        for i in range(first, n):
+            need_in[i] = acc
+            acc = acc or uses_g[i]
+        for i in range(n - 1, first - 1, -1):
+            step, state = steps[i], states[i]
+            if step.is_block:
+                curv, g = step.rule.backward(state, curv, g, self, runs[i], need_in[i] and runs[i])
+                continue
+            self._record(step, state, curv)
+            if not runs[i]:
+                break
+            rule = step.rule
+            jac = rule.jacobian(state)
+            residual = rule.residual(state, g) if self.residuals and rule.has_residual else None
+            curv = curv.pulled(jac).plus(residual)
+            g = jac.t_vector(g) if need_in[i] else None
+        return curv, g
+
+    def result(self, like: Tensor) -> Any:
+        if self.trace:
+            return self.total if self.total is not None else torch.zeros((), dtype=like.dtype, device=like.device)
+        return self.diags
+
+
+def pull_loss_curvature(sweep: Sweep, plan: Plan, states: List[Any], oc: OutputCurvature,
+                        chunk: Optional[int]) -> None:
+    """Pull the loss-output curvature ``oc`` back through ``plan``, its factor columns ``chunk`` at a time.
+
+    The first pass carries the loss's other terms and the residuals (and the
+    gradient); the later passes only their columns.
+    """
+    K = oc.columns
+    step = K if chunk is None or K == 0 else max(1, min(chunk, K))
+    starts = list(range(0, K, step)) if K else [0]
+    residuals = sweep.residuals
+    try:
+        for j, start in enumerate(starts):
+            terms = list(oc.terms) if j == 0 else []
+            if K:
+                terms.append(oc.factor(start, min(start + step, K)))
+            sweep.residuals = residuals and j == 0
+            sweep.pull(plan, states, Curvature(terms), oc.grad if j == 0 else None, False, False)
+    finally:
+        sweep.residuals = residuals
 
 
 def run(
@@ -40,124 +170,29 @@ def run(
     targets: Any,
     wanted: Set[str],
     trace: bool,
+    *,
+    kind: str = "hessian",
+    factor_chunk_size: Optional[int] = None,
 ) -> Any:
     """``{qualified name: diagonal}`` for the ``wanted`` parameters, or their trace (a 0-dim tensor).
 
     ``values`` maps every qualified parameter/buffer name of the plan to the
-    tensor to use (requested parameters and constants alike).
+    tensor to use (requested parameters and constants alike); ``kind`` is
+    ``"hessian"`` or ``"ggn"``.
 
     Example:
         >>> import torch
         >>> from secorder.structured import walker, losses
         >>> model = torch.nn.Linear(2, 1)
-        >>> p = walker.plan(model, hessian=True)
         >>> vals = {"weight": torch.tensor([[1., 2.]]), "bias": torch.tensor([0.])}
         >>> x, y = torch.tensor([[1., 1.]]), torch.tensor([[0.]])
-        >>> run(p, losses.loss_spec(torch.nn.MSELoss()), vals, x, y, {"weight", "bias"}, trace=False)
+        >>> run(walker.plan(model), losses.loss_spec(torch.nn.MSELoss()), vals, x, y, {"weight", "bias"}, trace=False)
         {'weight': tensor([[2., 2.]]), 'bias': tensor([2.])}
     """
     if not isinstance(inputs, Tensor):
         raise Unsupported(f"inputs must be a single tensor, got {type(inputs).__name__}")
-    sweep = _Sweep(values, wanted, trace)
-    out, ctxs = sweep.forward(plan, inputs)
-    curv, g = output_curvature(spec, out, targets)
-    sweep.backward(plan, ctxs, curv, g, need_input=False, need_g_input=False)
-    if trace:
-        return sweep.total if sweep.total is not None else torch.zeros((), dtype=out.dtype, device=out.device)
-    return sweep.diags
-
-
-class _Sweep:
-    def __init__(self, values: Mapping[str, Tensor], wanted: Set[str], trace: bool):
-        self.values, self.wanted, self.trace = values, wanted, trace
-        self.diags: Dict[str, Tensor] = {}
-        self.total: Optional[Tensor] = None
-
-    def forward(self, plan: Plan, x: Tensor) -> Tuple[Tensor, List[Any]]:
-        ctxs = []
-        for rule, names in zip(plan.rules, plan.names):
-            if isinstance(rule, ResidualRule):
-                fx, inner = self.forward(rule.plan, x)
-                if fx.shape != x.shape:
-                    raise Unsupported(f"residual block {rule.name!r} changes the shape {tuple(x.shape)} "
-                                      f"to {tuple(fx.shape)}")
-                z, ctx = x + fx, {"inner": inner, "out": x.shape}
-            else:
-                z, ctx = rule.forward(x, {loc: self.values[q] for loc, q in names.items() if q in self.values})
-            ctxs.append(ctx)
-            x = z
-        return x, ctxs
-
-    def _local_wanted(self, rule: Any, names: Dict[str, str]) -> Set[str]:
-        return {loc for loc, q in names.items() if q in self.wanted and loc in rule.param_names}
-
-    def _wants(self, rule: Any, names: Dict[str, str]) -> bool:
-        if isinstance(rule, ResidualRule):
-            return any(self._wants(r, n) for r, n in zip(rule.plan.rules, rule.plan.names))
-        return bool(self._local_wanted(rule, names))
-
-    def _record(self, rule: Any, names: Dict[str, str], curv: Curvature, ctx: Any) -> None:
-        local = self._local_wanted(rule, names)
-        if not local:
-            return
-        if self.trace:
-            t = rule.param_trace(curv, ctx, local)
-            self.total = t if self.total is None else self.total + t
-        else:
-            for loc, d in rule.param_diag(curv, ctx, local).items():
-                self.diags[names[loc]] = d
-
-    def backward(self, plan: Plan, ctxs: List[Any], curv: Curvature, g: Optional[Tensor],
-                 need_input: bool, need_g_input: bool) -> Tuple[Optional[Curvature], Optional[Tensor]]:
-        """Pull ``curv`` (and ``g``) back through ``plan``, recording the wanted parameter diagonals.
-
-        With ``need_input`` the curvature at the plan's input is returned (and
-        the gradient there with ``need_g_input``); otherwise the sweep stops at
-        the first module with a wanted parameter.
-        """
-        rules, names = plan.rules, plan.names
-        n = len(rules)
-        active = [i for i in range(n) if self._wants(rules[i], names[i])]
-        if not need_input and not active:
-            return None, None
-        first = 0 if need_input else active[0]
-        runs = [i > first or need_input for i in range(n)]
-        # A block's body always runs its own sweep, so it uses g whenever it holds a residual.
-        uses_g = [(runs[i] or isinstance(rules[i], ResidualRule)) and rules[i].has_residual for i in range(n)]
-        # need_in[i]: the gradient at the input of module i is needed.
-        need_in, acc = [False] * n, need_g_input
-        for i in range(first, n):
-            need_in[i] = acc
-            acc = acc or uses_g[i]
-        for i in range(n - 1, first - 1, -1):
-            rule, ctx = rules[i], ctxs[i]
-            if isinstance(rule, ResidualRule):
-                curv, g = self._block(rule, ctx, curv, g, runs[i], need_in[i] and runs[i])
-                continue
-            self._record(rule, names[i], curv, ctx)
-            if not runs[i]:
-                break
-            res = rule.residual(g, ctx) if rule.has_residual else None
-            if (i - 1 == first and not runs[first] and isinstance(rule, ActivationPool)
-                    and isinstance(rules[first], Conv) and not curv.shared and curv.diag is None
-                    and curv.pooled is None):
-                curv = rule.backward_pooled(curv, ctx)  # only the convolution's diagonal reads it
-            else:
-                curv = rule.backward(curv, ctx)
-            if res is not None:
-                curv.add_diag(res)
-            g = rule.backward_grad(g, ctx) if need_in[i] else None
-        return curv, g
-
-    def _block(self, rule: ResidualRule, ctx: Any, curv: Curvature, g: Optional[Tensor],
-               need_input: bool, need_g_input: bool) -> Tuple[Optional[Curvature], Optional[Tensor]]:
-        if not need_input:
-            self.backward(rule.plan, ctx["inner"], curv, g, False, False)
-            return None, None
-        columns = curv.all_factors(ctx["out"])
-        body, body_g = self.backward(rule.plan, ctx["inner"], Curvature(factors=columns), g, True, need_g_input)
-        k = len(columns)
-        # The body's rules keep the incoming factors first and in order: add the skip path to them.
-        factors = [Factor(b.B + c.B, c.w) for b, c in zip(body.factors[:k], columns)] + body.factors[k:]
-        out = Curvature(factors=factors, diag=body.diag, shared=body.shared)
-        return out, (g + body_g if need_g_input else None)
+    sweep = Sweep(values, wanted, trace, residuals=kind == "hessian")
+    out, states = sweep.run(plan, inputs)
+    oc = output_curvature(spec, out, targets)
+    pull_loss_curvature(sweep, plan, states, oc, factor_chunk_size)
+    return sweep.result(out)

@@ -1,45 +1,88 @@
-"""Per-sample curvature with respect to one intermediate tensor, in factored form.
+"""Per-sample curvature with respect to one intermediate tensor, as a sum of terms.
 
 For a tensor ``z`` of shape ``[N, *feat]`` the loss Hessian with respect to
-``z`` is block diagonal over the ``N`` samples. Its per-sample blocks are kept
-as a sum of three kinds of terms, each chosen so that the diagonal and the
-backward step through a module stay cheap:
+``z`` is block diagonal over the ``N`` samples. A :class:`Curvature` keeps its
+per-sample blocks as a sum of terms, each of a kind chosen so that the
+quantities rules need stay cheap:
 
 * :class:`Factor` ``(B, w)``: ``sum_k w[k, n] B[k, n] B[k, n]^T`` with columns
   ``B`` of shape ``[K, N, *feat]`` (``w=None`` means all ones). The loss-output
   factorisations (the generalized Gauss-Newton part) enter as factors.
-* ``diag`` ``d``: ``diag(d[n])`` with ``d`` of shape ``[N, *feat]``; the
-  residual term of an elementwise activation is of this kind, and so is the
+* :class:`Diagonal` ``d``: ``diag(d[n])`` with ``d`` of shape ``[N, *feat]``;
+  the residual term of an elementwise activation is of this kind, and so is the
   output Hessian of the MSE and BCE losses.
 * :class:`Shared` ``(B, r, s)``: ``diag(s[n]) B^T diag(r[n]) B diag(s[n])`` with
   sample-independent rows ``B`` of shape ``[K, *feat]``, per-sample weights
   ``r`` ``[N, K]`` and an optional per-sample column scaling ``s``
   ``[N, *feat]``. A diagonal term pulled back through a linear layer ``W``
-  becomes ``Shared(W, d, None)``; an elementwise activation then only updates
-  ``s``. Its diagonal, ``s**2 * (r @ B**2)``, costs one small matmul instead of
-  ``K`` factor columns per sample (the columns BackPACK would add per hidden
-  unit).
+  becomes ``Shared(W, d)``; an elementwise activation then only updates ``s``.
+  Its diagonal, ``s**2 * (r @ B**2)``, costs one small matmul instead of ``K``
+  factor columns per sample.
+* :class:`Gathered` ``(factor, index, shape)``: factor columns left at a max
+  pool's output resolution; the columns at the pool's input are their
+  scatter-add to the positions ``index``. Elementwise Jacobians multiply the
+  short columns, and a convolution reads its parameter diagonal by gathering its
+  unfolded input instead of scattering the columns (the scatter happens only if
+  the curvature is pulled further back).
+
+Rules never look at the kinds: they read :meth:`Curvature.diagonal` and
+:meth:`Curvature.quadratic`, and pull a curvature back through their Jacobian
+with :meth:`Curvature.pulled` (each :class:`~secorder.structured.jacobians.Jacobian`
+says how each kind goes through it, with explicit columns as the default).
 
 This is the Hessian backpropagation of Dangel, Harmeling and Hennig,
 "Modular Block-diagonal Curvature Approximations for Feedforward
 Architectures" (AISTATS 2020), in the exact-diagonal form of Dangel, Kunstner
 and Hennig, "BackPACK: Packing more into backprop" (ICLR 2020), with the
 residual terms kept as diagonals instead of signed factor columns.
+
+Every operation is out of place and free of host synchronisation, so a sweep
+runs under ``torch.func.vmap``/``grad`` (batching rules, any derivative order)
+and traces under ``torch.compile``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Factor", "Shared", "Curvature"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .jacobians import Jacobian
+
+__all__ = ["Term", "Factor", "Diagonal", "Shared", "Gathered", "Curvature"]
+
+
+def _split_channels(t: Tensor, lead: int, positions: int) -> Tensor:
+    """View the feature dims of ``t`` (after ``lead`` leading dims) as ``[channels, positions]``."""
+    return t.reshape(tuple(t.shape[:lead]) + (-1, positions))
+
+
+class Term:
+    """One kind of per-sample curvature term. Subclasses are the kinds listed in the module docstring."""
+
+    def diagonal(self) -> Tensor:
+        """The diagonal of every sample's block, shaped like the tensor (``[N, *feat]``)."""
+        raise NotImplementedError
+
+    def quadratic(self, X: Tensor) -> Tensor:
+        """Channel-block quadratic forms: see :meth:`Curvature.quadratic`."""
+        return self.as_factor().quadratic(X)
+
+    def as_factor(self) -> "Factor":
+        """The same matrices as explicit per-sample columns."""
+        raise NotImplementedError
+
+    def pulled(self, jac: "Jacobian") -> "Term":
+        """``J_n^T H_n J_n`` for every sample: how this term goes through ``jac``."""
+        raise NotImplementedError
 
 
 @dataclass
-class Factor:
+class Factor(Term):
     """``sum_k w[k, n] B[k, n] B[k, n]^T`` per sample; ``B``: ``[K, N, *feat]``, ``w``: ``[K, N]`` or None."""
 
     B: Tensor
@@ -49,14 +92,80 @@ class Factor:
         # Accumulate column by column: far faster on CPU than a reduction over the leading dim.
         B, w = self.B, self.w
         extra = (1,) * (B.dim() - 2)
-        out = B[0] * B[0] if w is None else B[0] * B[0] * w[0].reshape(w.shape[1:] + extra)
-        for k in range(1, B.shape[0]):
-            out = out.addcmul_(B[k], B[k]) if w is None else out.addcmul_(B[k] * w[k].reshape(w.shape[1:] + extra), B[k])
+        out = None
+        for k in range(B.shape[0]):
+            b = B[k] if w is None else B[k] * w[k].reshape(w.shape[1:] + extra)
+            out = b * B[k] if out is None else torch.addcmul(out, b, B[k])
+        if out is None:  # no columns
+            return B.new_zeros(B.shape[1:])
         return out
+
+    def quadratic(self, X: Tensor) -> Tensor:
+        K, N = self.B.shape[:2]
+        S, J = X.shape[-1], X.shape[-2]
+        B = _split_channels(self.B, 2, S)  # [K, N, C, S]
+        C = B.shape[2]
+        X = X.expand((N,) + tuple(X.shape[1:]))
+        if K == 0:
+            return B.new_zeros((C, J))
+        if X.shape[1] == 1:
+            # One test matrix for every channel (a convolution's unfolded input):
+            # one batched matmul per column, no permuted copy of the columns.
+            Xt = X[:, 0].transpose(1, 2)  # [N, S, J]
+            total = None
+            for k in range(K):
+                M = torch.bmm(B[k], Xt)  # [N, C, J]
+                sq = M * M if self.w is None else M * M * self.w[k].reshape(N, 1, 1)
+                t = sq.sum(0)
+                total = t if total is None else total + t
+            return total
+        if J == 1:
+            M = (B * X[:, :, 0]).sum(-1)  # [K, N, C]
+            sq = M * M if self.w is None else M * M * self.w[..., None]
+            return sq.sum((0, 1)).unsqueeze(1)
+        M = B.permute(1, 2, 0, 3) @ X.transpose(2, 3)  # [N, C, K, J]
+        sq = M * M if self.w is None else M * M * self.w.transpose(0, 1)[:, None, :, None]
+        return sq.sum((0, 2))
+
+    def as_factor(self) -> "Factor":
+        return self
+
+    def pulled(self, jac: "Jacobian") -> Term:
+        return jac.pull_factor(self)
 
 
 @dataclass
-class Shared:
+class Diagonal(Term):
+    """``diag(d[n])`` per sample; ``d``: ``[N, *feat]``."""
+
+    d: Tensor
+
+    def diagonal(self) -> Tensor:
+        return self.d
+
+    def quadratic(self, X: Tensor) -> Tensor:
+        S = X.shape[-1]
+        N = self.d.shape[0]
+        d = _split_channels(self.d, 1, S)  # [N, C, S]
+        X2 = X * X
+        if X.shape[1] == 1:
+            return torch.einsum("ncs,njs->cj", d, X2[:, 0].expand((N,) + tuple(X2.shape[2:])))
+        return torch.einsum("ncs,ncjs->cj", d, X2.expand((N,) + tuple(X2.shape[1:])))
+
+    def as_factor(self) -> Factor:
+        # One one-hot column per feature, weighted by the diagonal.
+        shape = tuple(self.d.shape)
+        N, F = shape[0], math.prod(shape[1:])
+        eye = torch.eye(F, dtype=self.d.dtype, device=self.d.device)
+        B = eye.reshape((F, 1) + shape[1:]).expand((F, N) + shape[1:])
+        return Factor(B, self.d.reshape(N, F).transpose(0, 1))
+
+    def pulled(self, jac: "Jacobian") -> Term:
+        return jac.pull_diagonal(self)
+
+
+@dataclass
+class Shared(Term):
     """``diag(s_n) B^T diag(r_n) B diag(s_n)``; ``B``: ``[K, *feat]``, ``r``: ``[N, K]``, ``s``: ``[N, *feat]`` or None."""
 
     B: Tensor
@@ -65,15 +174,57 @@ class Shared:
 
     def diagonal(self) -> Tensor:
         K = self.B.shape[0]
-        d = (self.r @ (self.B * self.B).reshape(K, -1)).reshape((self.r.shape[0],) + self.B.shape[1:])
+        d = (self.r @ (self.B * self.B).reshape(K, -1)).reshape((self.r.shape[0],) + tuple(self.B.shape[1:]))
         return d if self.s is None else d * self.s * self.s
 
-    def to_factor(self) -> Factor:
-        """The same matrices as explicit per-sample columns (``K`` columns per sample)."""
+    def as_factor(self) -> Factor:
         N = self.r.shape[0]
         B = self.B.unsqueeze(1)
-        B = B * self.s.unsqueeze(0) if self.s is not None else B.expand((B.shape[0], N) + B.shape[2:])
+        B = B * self.s.unsqueeze(0) if self.s is not None else B.expand((B.shape[0], N) + tuple(B.shape[2:]))
         return Factor(B, self.r.transpose(0, 1))
+
+    def pulled(self, jac: "Jacobian") -> Term:
+        return jac.pull_shared(self)
+
+
+@dataclass
+class Gathered(Term):
+    """Columns at a max pool's output; their value at the pool's input is a scatter-add.
+
+    ``factor.B``: ``[K, N, C, *pooled]``; ``index``: ``[N, C, Q]`` (``Q`` pooled
+    positions) into the flattened positions of the pool's input, whose shape is
+    ``shape`` (``[N, C, *pos]``). Repeated indices (overlapping windows) add up.
+    """
+
+    factor: Factor
+    index: Tensor
+    shape: Tuple[int, ...]
+
+    def diagonal(self) -> Tensor:
+        return self.as_factor().diagonal()
+
+    def quadratic(self, X: Tensor) -> Tensor:
+        N, C, Q = self.index.shape
+        P = X.shape[-1]
+        if P != math.prod(self.shape[2:]):
+            return self.as_factor().quadratic(X)
+        J = X.shape[-2]
+        X = X.expand((N, C, J, P))
+        idx = self.index.unsqueeze(2).expand(N, C, J, Q)
+        Xg = torch.gather(X, 3, idx)  # [N, C, J, Q]: the test vectors read at the pooled positions
+        f = Factor(self.factor.B.reshape(self.factor.B.shape[:3] + (Q,)), self.factor.w)
+        return f.quadratic(Xg)
+
+    def as_factor(self) -> Factor:
+        B = self.factor.B
+        K, (N, C, Q) = B.shape[0], self.index.shape
+        P = math.prod(self.shape[2:])
+        idx = self.index.unsqueeze(0).expand(K, N, C, Q)
+        full = B.new_zeros((K, N, C, P)).scatter_add(3, idx, B.reshape(K, N, C, Q))
+        return Factor(full.reshape((K,) + tuple(self.shape)), self.factor.w)
+
+    def pulled(self, jac: "Jacobian") -> Term:
+        return jac.pull_gathered(self)
 
 
 @dataclass
@@ -82,43 +233,50 @@ class Curvature:
 
     Example:
         >>> import torch
-        >>> c = Curvature(factors=[Factor(torch.ones(2, 1, 3))], diag=torch.ones(1, 3))
+        >>> c = Curvature([Factor(torch.ones(2, 1, 3)), Diagonal(torch.ones(1, 3))])
         >>> c.diagonal()
         tensor([[3., 3., 3.]])
+        >>> c.quadratic(torch.ones(1, 1, 1, 3))  # one channel of 3 positions, the all-ones vector
+        tensor([[21.]])
     """
 
-    factors: List[Factor] = field(default_factory=list)
-    diag: Optional[Tensor] = None
-    shared: List[Shared] = field(default_factory=list)
-    # Columns left at a max pool's output resolution, with the pool's argmax indices
-    # ([N, C, Q] into the flattened input positions): only a convolution's parameter
-    # diagonal reads them (see rules.Conv), which then never scatters them to full size.
-    pooled: Optional[Tuple[List[Factor], Tensor]] = None
+    terms: List[Term] = field(default_factory=list)
 
     def diagonal(self) -> Tensor:
         """The diagonal of every sample's block, shaped like the tensor (``[N, *feat]``)."""
-        parts = [f.diagonal() for f in self.factors] + [s.diagonal() for s in self.shared]
-        if self.diag is not None:
-            parts.append(self.diag)
-        if not parts:
+        if not self.terms:
             raise ValueError("empty curvature")
-        out = parts[0]
-        for p in parts[1:]:
-            out = out + p
+        out = self.terms[0].diagonal()
+        for t in self.terms[1:]:
+            out = out + t.diagonal()
         return out
 
-    def add_diag(self, d: Tensor) -> None:
-        self.diag = d if self.diag is None else self.diag + d
+    def quadratic(self, X: Tensor) -> Tensor:
+        """``Q[c, j] = sum_n X[n, c, j]^T H_n[c, c] X[n, c, j]`` over the diagonal channel blocks.
 
-    def all_factors(self, shape) -> List[Factor]:
-        """Every term as explicit columns (diagonal terms become one-hot columns); ``shape`` is ``[N, *feat]``."""
-        out = list(self.factors) + [s.to_factor() for s in self.shared]
-        if self.diag is not None:
-            N, F = shape[0], self.diag[0].numel()
-            eye = torch.eye(F, dtype=self.diag.dtype, device=self.diag.device)
-            B = eye.reshape((F, 1) + tuple(shape[1:])).expand((F, N) + tuple(shape[1:]))
-            out.append(Factor(B, self.diag.reshape(N, F).transpose(0, 1)))
+        The tensor's features are viewed as ``[C, S]`` (channels, positions),
+        ``S = X.shape[-1]``; ``H_n[c, c]`` is the ``S x S`` block of channel
+        ``c``. ``X`` has shape ``[N, C, J, S]``, where ``N`` and ``C`` may be 1
+        (the same test vectors for every sample or channel). This is the parameter
+        diagonal of every module linear in its parameters: ``X[n, c, j]`` is the
+        output's derivative, within channel ``c``, with respect to parameter
+        ``(c, j)``. Returns ``[C, J]``.
+        """
+        if not self.terms:
+            raise ValueError("empty curvature")
+        out = self.terms[0].quadratic(X)
+        for t in self.terms[1:]:
+            out = out + t.quadratic(X)
         return out
 
-    def is_empty(self) -> bool:
-        return not self.factors and not self.shared and self.diag is None
+    def pulled(self, jac: "Jacobian") -> "Curvature":
+        """The curvature at the input of a module with Jacobian ``jac``; term ``i`` comes from term ``i``."""
+        return Curvature([t.pulled(jac) for t in self.terms])
+
+    def columns(self) -> List[Factor]:
+        """Every term as explicit columns."""
+        return [t.as_factor() for t in self.terms]
+
+    def plus(self, term: Optional[Term]) -> "Curvature":
+        """This curvature with ``term`` added (``None`` adds nothing)."""
+        return self if term is None else Curvature(self.terms + [term])

@@ -67,7 +67,7 @@ def functional_call_diag(f: Any, args: tuple, kind: str, trace: bool) -> Any:
         raise Unsupported("buffers must be a dict of tensors")
     check_not_transformed(list(params.values()) + [inputs, targets] + list((buffers or {}).values()))
     spec = losses.loss_spec(f.loss_fn)
-    plan = walker.plan(f.model, hessian=kind == "hessian")
+    plan = walker.plan(f.model)
     model = f.model
     values: Dict[str, Tensor] = {n: t.detach() for n, t in model.named_parameters()}
     values.update({n: t for n, t in model.named_buffers()} if buffers is None else buffers)
@@ -78,7 +78,7 @@ def functional_call_diag(f: Any, args: tuple, kind: str, trace: bool) -> Any:
         if v.shape != values[name].shape:
             raise Unsupported(f"params[{name!r}] has shape {tuple(v.shape)}, the model's has {tuple(values[name].shape)}")
     values.update(params)
-    out = backprop.run(plan, spec, values, inputs, targets, set(params), trace)
+    out = backprop.run(plan, spec, values, inputs, targets, set(params), trace, kind=kind)
     if trace:
         return out
     return {name: out[name] if name in out else torch.zeros_like(v) for name, v in params.items()}
@@ -97,11 +97,11 @@ def _live(model: nn.Module, loss_fn: Any, inputs: Any, targets: Any, kind: str, 
         chosen = [by_id[id(p)] for p in params]
     try:
         spec = losses.loss_spec(loss_fn)
-        plan = walker.plan(model, hessian=kind == "hessian")
+        plan = walker.plan(model)
         values = {n: t.detach() for n, t in model.named_parameters()}
         values.update({n: t.detach() for n, t in model.named_buffers()})
         with torch.no_grad():
-            out = backprop.run(plan, spec, values, inputs, targets, set(chosen), trace)
+            out = backprop.run(plan, spec, values, inputs, targets, set(chosen), trace, kind=kind)
     except Unsupported as err:
         logger.debug("structured engine declined: %s", err)
         return None

@@ -1,101 +1,129 @@
 """The model walker: does a model qualify for the structured engine, and with which rules.
 
-A model qualifies when it is a supported leaf module or a (nested)
-``nn.Sequential`` of them (and of :class:`~secorder.structured.blocks.Residual` blocks), with no forward hooks, no parameter used twice and
-no parameter outside the leaf modules. Anything else raises
+A model qualifies when it is a module with a registered rule
+(:mod:`secorder.structured.registry`) or a (nested) ``nn.Sequential`` of them,
+with no hooks, no parameter used twice and no parameter outside the modules
+that own it. A block module (a registered :class:`~secorder.structured.rule.BlockRule`,
+such as :class:`~secorder.structured.blocks.Residual`) has each of its
+sub-models walked into a plan of its own. Anything else raises
 :class:`~secorder.structured.errors.Unsupported` naming the first offending
 module; the transforms then fall back to the generic one-hot path.
+
+Everything that depends on the model's structure is decided here, once per
+call: which rule runs each module and with which tensors. The driver
+(:mod:`secorder.structured.backprop`) only runs the plan.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Set, Union
 
 from torch import nn
 from torch.nn.modules import module as _module_impl
 
-from .blocks import Residual
-from .errors import Unsupported
-from .rules import Rule, fuse, make_rule
+from . import rules as _builtin_rules  # noqa: F401 (registers the built-in rules)
+from .errors import Unsupported, located
+from .registry import rule_for
+from .rule import BlockRule, Rule
 
-__all__ = ["Plan", "ResidualRule", "plan"]
+__all__ = ["Plan", "Step", "plan"]
+
+
+@dataclass
+class Step:
+    """One module of a plan: its qualified name, its rule and ``{local name: qualified name}`` of its tensors."""
+
+    name: str
+    rule: Union[Rule, BlockRule]
+    tensors: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_block(self) -> bool:
+        return isinstance(self.rule, BlockRule)
+
+    @property
+    def parameter_names(self) -> Dict[str, str]:
+        """``{local: qualified}`` of the parameters whose diagonal the rule computes (leaf steps)."""
+        if self.is_block:
+            return {}
+        return {loc: q for loc, q in self.tensors.items() if loc in self.rule.parameters}
 
 
 @dataclass
 class Plan:
-    """The rules in forward order and, for each, ``{local name: qualified name}`` of its tensors."""
+    """The steps of a model in forward order.
 
-    rules: List[Rule]
-    names: List[Dict[str, str]]
+    Example:
+        >>> import torch
+        >>> p = plan(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh()))
+        >>> [type(s.rule).__name__ for s in p.steps], p.parameter_names
+        (['LinearRule', 'TanhRule'], ['0.weight', '0.bias'])
+    """
+
+    steps: List[Step]
 
     @property
     def parameter_names(self) -> List[str]:
-        out = []
-        for rule, names in zip(self.rules, self.names):
-            if isinstance(rule, ResidualRule):
-                out.extend(rule.plan.parameter_names)
+        out: List[str] = []
+        for step in self.steps:
+            if step.is_block:
+                for body in step.rule.plans.values():
+                    out.extend(body.parameter_names)
             else:
-                out.extend(q for local, q in names.items() if local in rule.param_names)
+                out.extend(step.parameter_names.values())
         return out
 
 
-def _leaves(module: nn.Module, prefix: str) -> List[Tuple[str, nn.Module]]:
-    if module._forward_hooks or module._forward_pre_hooks or getattr(module, "_backward_hooks", None):
-        raise Unsupported(f"module {prefix or '<root>'!r} ({type(module).__name__}) has hooks")
-    if isinstance(module, nn.Sequential):
+def plan(model: nn.Module) -> Plan:
+    """The plan for ``model``, or :class:`Unsupported` naming the first module that does not qualify."""
+    if (_module_impl._global_forward_hooks or _module_impl._global_forward_pre_hooks
+            or _module_impl._global_backward_hooks or _module_impl._global_backward_pre_hooks):
+        raise Unsupported("global module hooks are registered")
+    return _plan(model, "", set())
+
+
+def _display(prefix: str) -> str:
+    return prefix[:-1] if prefix else "<root>"
+
+
+def _check_plain(module: nn.Module, prefix: str) -> None:
+    """Refuse modules whose behaviour is changed by hooks."""
+    if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+            or getattr(module, "_backward_pre_hooks", None)):
+        raise Unsupported(f"module {_display(prefix)!r} ({type(module).__name__}) has hooks")
+
+
+def _leaves(module: nn.Module, prefix: str) -> List[tuple]:
+    """``(prefix, module)`` of every non-container module, in forward order."""
+    _check_plain(module, prefix)
+    if isinstance(module, nn.Sequential) and rule_for(type(module)) is None:
         if type(module).forward is not nn.Sequential.forward:
-            raise Unsupported(f"module {prefix or '<root>'!r} ({type(module).__name__}) overrides Sequential.forward")
+            raise Unsupported(f"module {_display(prefix)!r} ({type(module).__name__}) overrides Sequential.forward")
         if list(module._parameters) or list(module._buffers):
-            raise Unsupported(f"module {prefix or '<root>'!r} has its own parameters or buffers")
+            raise Unsupported(f"module {_display(prefix)!r} has its own parameters or buffers")
         out = []
         for name, child in module._modules.items():
-            if child is None:
-                continue
-            out.extend(_leaves(child, f"{prefix}{name}."))
+            if child is not None:
+                out.extend(_leaves(child, f"{prefix}{name}."))
         return out
     return [(prefix, module)]
 
 
-class ResidualRule:
-    """A :class:`~secorder.structured.blocks.Residual` block: its body's plan; the driver does the rest."""
-
-    param_names: Tuple[str, ...] = ()
-
-    def __init__(self, name: str, body: Plan):
-        self.name = name
-        self.plan = body
-
-    @property
-    def has_residual(self) -> bool:
-        return any(r.has_residual for r in self.plan.rules)
-
-
-def plan(model: nn.Module, hessian: bool) -> Plan:
-    """Rules for ``model`` or :class:`Unsupported`.
-
-    Example:
-        >>> import torch
-        >>> p = plan(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh()), hessian=True)
-        >>> [type(r).__name__ for r in p.rules], p.parameter_names
-        (['Linear', 'Activation'], ['0.weight', '0.bias'])
-    """
-    if _module_impl._global_forward_hooks or _module_impl._global_forward_pre_hooks:
-        raise Unsupported("global module forward hooks are registered")
-    return _plan(model, "", hessian, set())
-
-
-def _plan(model: nn.Module, prefix: str, hessian: bool, seen: set) -> Plan:
-    rules, names = [], []
+def _plan(model: nn.Module, prefix: str, seen: Set[int]) -> Plan:
+    steps = []
     for prefix, module in _leaves(model, prefix):
-        name = prefix[:-1] if prefix else "<root>"
-        if type(module) is Residual:
-            if module._parameters or module._buffers:
-                raise Unsupported(f"module {name!r} (Residual) has its own parameters or buffers")
-            rules.append(ResidualRule(name, _plan(module.body, prefix + "body.", hessian, seen)))
-            names.append({})
+        name = _display(prefix)
+        cls = rule_for(type(module))
+        if cls is None:
+            raise Unsupported(f"module {name!r} ({type(module).__name__}) is not supported by the structured engine")
+        if issubclass(cls, BlockRule):
+            steps.append(Step(name, _block(cls, module, prefix, name, seen)))
             continue
-        rule = make_rule(name, module, hessian)
+        try:
+            rule = cls(module)
+        except Unsupported as err:
+            raise located(err, name, module) from None
         local = {}
         for n, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if p is None:
@@ -104,19 +132,24 @@ def _plan(model: nn.Module, prefix: str, hessian: bool, seen: set) -> Plan:
                 raise Unsupported(f"module {name!r} ({type(module).__name__}) shares a tensor with another module")
             seen.add(id(p))
             local[n] = prefix + n
-        extra = {n for n, _ in module.named_parameters(recurse=False)} - set(rule.param_names)
+        extra = {n for n, _ in module.named_parameters(recurse=False)} - set(rule.parameters)
         if extra or any(True for _ in module.children()):
             raise Unsupported(f"module {name!r} ({type(module).__name__}) has unexpected parameters or children")
-        rules.append(rule)
-        names.append(local)
-    if not rules:
-        raise Unsupported(f"module {prefix or '<root>'!r} has no modules")
-    fused_rules, fused_names = [], []
-    for rule, local in zip(rules, names):
-        merged = fuse(fused_rules[-1:] + [rule]) if fused_rules else [rule]
-        if fused_rules and len(merged) == 1:  # activation + max pool: neither has tensors
-            fused_rules[-1] = merged[0]
-        else:
-            fused_rules.append(rule)
-            fused_names.append(local)
-    return Plan(fused_rules, fused_names)
+        steps.append(Step(name, rule, local))
+    if not steps:
+        raise Unsupported(f"module {_display(prefix)!r} has no modules")
+    return Plan(steps)
+
+
+def _block(cls: type, module: nn.Module, prefix: str, name: str, seen: Set[int]) -> BlockRule:
+    if module._parameters or module._buffers:
+        raise Unsupported(f"module {name!r} ({type(module).__name__}) has its own parameters or buffers")
+    bodies = cls.bodies(module)
+    children = dict(module.named_children())
+    if set(children) != set(bodies) or any(children[k] is not v for k, v in bodies.items()):
+        raise Unsupported(f"module {name!r} ({type(module).__name__}) has children its rule does not plan")
+    plans = {key: _plan(body, f"{prefix}{key}.", seen) for key, body in bodies.items()}
+    try:
+        return cls(module, plans)
+    except Unsupported as err:
+        raise located(err, name, module) from None
