@@ -65,13 +65,13 @@ def spectra():
     g = torch.Generator().manual_seed(3)
     return {
         # a few outliers over a bulk near zero, like a network's Hessian
-        "outliers": torch.cat([torch.tensor([50.0, 20.0, 19.8, -4.0]), torch.rand(156, generator=g, dtype=DT) * 0.2 - 0.1]),
+        "outliers": torch.cat([torch.tensor([50.0, 20.0, 19.8, -4.0]), torch.rand(76, generator=g, dtype=DT) * 0.2 - 0.1]),
         # Wigner-like: no gap at either end
         "semicircle": torch.linalg.eigvalsh(
-            (lambda M: (M + M.T) / math.sqrt(2 * 120))(torch.randn(120, 120, generator=g, dtype=DT))
+            (lambda M: (M + M.T) / math.sqrt(2 * 80))(torch.randn(80, 80, generator=g, dtype=DT))
         ),
         # top eigenvalues 1% apart
-        "close": torch.cat([torch.tensor([10.0, 9.9, 9.8, 9.7]), torch.rand(96, generator=g, dtype=DT) * 5]),
+        "close": torch.cat([torch.tensor([10.0, 9.9, 9.8, 9.7]), torch.rand(76, generator=g, dtype=DT) * 5]),
     }
 
 
@@ -79,8 +79,8 @@ def spectra():
 @pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])
 def test_adaptive_eigenvalues_match_eigvalsh(name, which):
     A = symmetric(spectra()[name])
-    op = dense_operator(A, [(40,), (A.shape[0] - 40,)])
-    for k in (1, 4, 10):
+    op = dense_operator(A, [(30,), (A.shape[0] - 30,)])
+    for k in (1, 10):
         res = lanczos_eigenpairs(op, k, which, tol=1e-11, generator=gen(k))
         want = expected(A, k, which)
         assert res.eigenvalues.dtype == DT and res.eigenvalues.shape == (k,)
@@ -99,10 +99,10 @@ def test_thick_restart_with_a_small_basis_converges():
 @pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])
 def test_eigenvectors_are_orthonormal_eigenvectors(which):
     A = symmetric(spectra()["outliers"])
-    shapes = [(4, 10), (120,)]
+    shapes = [(4, 10), (40,)]
     res = lanczos_eigenpairs(dense_operator(A, shapes), 6, which, tol=1e-11, generator=gen(),
                              return_eigenvectors=True)
-    assert [tuple(u.shape) for u in res.eigenvectors] == [(6, 4, 10), (6, 120)]
+    assert [tuple(u.shape) for u in res.eigenvectors] == [(6, 4, 10), (6, 40)]
     U = torch.cat([u.reshape(6, -1) for u in res.eigenvectors], 1)
     assert torch.allclose(U @ U.T, torch.eye(6, dtype=DT), atol=1e-12)
     residual = (U @ A - res.eigenvalues[:, None] * U).norm(dim=1)
@@ -192,11 +192,11 @@ def test_bad_options(kwargs, error, match):
 def test_krylov_basis_stays_orthonormal_where_plain_lanczos_does_not():
     A = symmetric(spectra()["outliers"])
     g = gen()
-    K = Krylov(lambda X: X @ A, torch.randn(3, 160, generator=g, dtype=DT), 80,
-               torch.randn(3, 160, generator=g, dtype=DT))
-    K.extend(80)
+    K = Krylov(lambda X: X @ A, torch.randn(3, 80, generator=g, dtype=DT), 50,
+               torch.randn(3, 80, generator=g, dtype=DT))
+    K.extend(50)
     Q = K.basis
-    assert torch.allclose(Q @ Q.transpose(1, 2), torch.eye(80, dtype=DT).expand(3, 80, 80), atol=1e-12)
+    assert torch.allclose(Q @ Q.transpose(1, 2), torch.eye(50, dtype=DT).expand(3, 50, 50), atol=1e-12)
     # H Q = Q T + beta q e^T
     T = K.projected()
     lhs = Q @ A
@@ -213,19 +213,19 @@ def test_slq_quadrature_is_exact_for_low_degree_polynomials_per_probe():
     # sum_j tau_j theta_j^p = v^T A^p v / v^T v.
     A = symmetric(spectra()["outliers"])
     m, p = 6, 5
-    d = stochastic_lanczos_quadrature(dense_operator(A, [(60,), (100,)]), p, m, generator=gen(7))
-    V = torch.cat([v.reshape(p, -1) for v in draw_probes([torch.zeros(60, dtype=DT), torch.zeros(100, dtype=DT)],
+    d = stochastic_lanczos_quadrature(dense_operator(A, [(30,), (50,)]), p, m, generator=gen(7))
+    V = torch.cat([v.reshape(p, -1) for v in draw_probes([torch.zeros(30, dtype=DT), torch.zeros(50, dtype=DT)],
                                                           p, generator=gen(7))], 1)
     V = V / V.norm(dim=1, keepdim=True)
     assert d.nodes.shape == (p, m) and d.weights.shape == (p, m)
     assert torch.allclose(d.weights.sum(1), torch.ones(p, dtype=DT))
-    Ap = torch.eye(160, dtype=DT)
+    Ap = torch.eye(80, dtype=DT)
     for order in range(2 * m):
         quad = (d.weights * d.nodes**order).sum(1)
         exact = ((V @ Ap) * V).sum(1)
         assert torch.allclose(quad, exact, rtol=1e-9, atol=1e-9 * 50**order), order
         Ap = Ap @ A
-    assert int(d.num_matvecs) == p * m and int(d.dim) == 160
+    assert int(d.num_matvecs) == p * m and int(d.dim) == 80
 
 
 def _hutchinson_sd(M, n):
@@ -296,8 +296,8 @@ def test_slq_bad_options(kwargs, error, match):
 
 def test_block_operator_gives_the_dense_blocks_eigenvalues():
     A = symmetric(spectra()["outliers"])
-    op = dense_operator(A, [(30,), (130,)])
-    for i, (lo, hi) in enumerate([(0, 30), (30, 160)]):
+    op = dense_operator(A, [(30,), (50,)])
+    for i, (lo, hi) in enumerate([(0, 30), (30, 80)]):
         res = lanczos_eigenpairs(block_operator(op, i), 3, "magnitude", tol=1e-11, generator=gen())
         assert torch.allclose(res.eigenvalues, expected(A[lo:hi, lo:hi], 3, "magnitude"), rtol=1e-8)
 

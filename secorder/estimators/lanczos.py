@@ -4,7 +4,7 @@ One :class:`Krylov` object advances ``p`` independent Lanczos runs (one per row
 of a ``(p, n)`` start matrix) together: every step is **one** batched matvec of
 the operator over the leading probe dimension, followed by the three-term
 recurrence and one classical Gram-Schmidt pass of each new vector against its
-own run's whole basis (full reorthogonalisation), as ``torch.bmm`` calls. The
+own run's whole basis (full reorthogonalisation), as batched matrix products. The
 estimators on top of it are :mod:`secorder.estimators.eigen` (extreme
 eigenpairs, with thick restarts) and :mod:`secorder.estimators.slq` (spectral
 densities by stochastic Lanczos quadrature).
@@ -131,14 +131,28 @@ def block_operator(op: LeafOperator, index: int) -> LeafOperator:
     )
 
 
-def _bmv(Q: Tensor, x: Tensor) -> Tensor:
-    """Per run ``Q_r x_r``: ``(p, j, n) x (p, n) -> (p, j)``."""
-    return torch.bmm(Q, x.unsqueeze(-1)).squeeze(-1)
+# Below this many multiply-adds a projection is done elementwise rather than with
+# torch.bmm: tiny BLAS calls cost more in threading overhead than in arithmetic.
+_SMALL_PRODUCT = 2**16
+
+
+def _coefficients(Q: Tensor, X: Tensor) -> Tensor:
+    """Per run ``Q_r X_r``: ``(p, j, n) x (p, n, c) -> (p, j, c)``."""
+    if Q.numel() * X.shape[-1] <= _SMALL_PRODUCT:
+        return (Q[..., None] * X[:, None]).sum(dim=2)
+    return torch.bmm(Q, X)
+
+
+def _combine(Q: Tensor, C: Tensor) -> Tensor:
+    """Per run ``Q_r^T C_r``: ``(p, j, n) x (p, j, c) -> (p, n, c)``."""
+    if Q.numel() * C.shape[-1] <= _SMALL_PRODUCT:
+        return (Q[..., None] * C[:, :, None]).sum(dim=1)
+    return torch.bmm(Q.transpose(1, 2), C)
 
 
 def _bvm(c: Tensor, Q: Tensor) -> Tensor:
     """Per run ``c_r^T Q_r``: ``(p, j) x (p, j, n) -> (p, n)``."""
-    return torch.bmm(c.unsqueeze(1), Q).squeeze(1)
+    return _combine(Q, c[..., None])[..., 0]
 
 
 class Krylov:
@@ -240,7 +254,7 @@ class Krylov:
         X = torch.stack([w, torch.roll(self.spare, self._shift, dims=1)], dim=-1)  # (p, n, 2)
         passes = 2 if 2 * self.j > self.n else 1
         for _ in range(passes):
-            X = X - torch.bmm(Q.transpose(1, 2), torch.bmm(Q, X))
+            X = X - _combine(Q, _coefficients(Q, X))
         norms = torch.linalg.vector_norm(X, dim=1)  # (p, 2)
         broke = norms[:, 0] <= BREAKDOWN_FACTOR * self.eps * self.scale
         self._record_breakdown(broke)

@@ -3,7 +3,7 @@
 ``num_probes`` random unit probes each start a Lanczos run of ``num_iterations``
 steps with full reorthogonalisation; the Ritz values and squared first components
 of the Ritz vectors of each run are the nodes and weights of a Gauss quadrature
-for ``v^T g(H) v`` (see :mod:`secorder.spectral_density` for what they estimate).
+for ``v^T g(H) v`` (see :mod:`secorder.density` for what they estimate).
 
 All runs of a chunk advance together (:class:`secorder.estimators.lanczos.Krylov`):
 each Lanczos step is **one** batched matvec over the probe dimension, where
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..operators import LeafOperator
-from ..spectral_density import SpectralDensity
+from ..density import SpectralDensity
 from .lanczos import FlatOperator, Krylov
 from .probes import check_distribution, draw_probes
 
@@ -103,7 +103,7 @@ def stochastic_lanczos_quadrature(
             :mod:`secorder.estimators.probes` (``"rademacher"`` by default).
 
     Returns:
-        A :class:`~secorder.spectral_density.SpectralDensity`.
+        A :class:`~secorder.density.SpectralDensity`.
 
     Example:
         >>> import torch
