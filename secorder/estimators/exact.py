@@ -10,14 +10,18 @@ chunk's diagonal as it goes and keeps no diagonal around.
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, List, Optional
 
 import torch
 from torch import Tensor
 
 from ..operators import LeafOperator
+from ..results import STOP_NUM_SAMPLES, DiagonalEstimate, TraceEstimate
+from . import registry
 
-__all__ = ["exact_diagonal", "exact_trace", "auto_chunk_size"]
+__all__ = ["exact_diagonal", "exact_trace", "exact_trace_by_leaf", "exact_trace_estimate",
+           "exact_diagonal_estimate", "auto_chunk_size"]
 
 # One-hot columns per batched block matvec: the probe batch holds at most about
 # _AUTO_CHUNK_ENTRIES entries (16 MiB in float32), so large leaves stay bounded,
@@ -110,3 +114,51 @@ def exact_trace_by_leaf(op: LeafOperator, chunk_size: Optional[int] = None) -> T
             total = total + part.sum()
         per_leaf.append(total)
     return torch.stack(per_leaf)
+
+
+def exact_trace_estimate(op: LeafOperator, chunk_size: Optional[int] = None) -> TraceEstimate:
+    """The exact trace as a :class:`~secorder.results.TraceEstimate`: zero error, ``dof = inf``.
+
+    Example:
+        >>> import torch
+        >>> op = LeafOperator([torch.zeros(2)], None, lambda i, V: 3 * V)
+        >>> est = exact_trace_estimate(op)
+        >>> est.value, est.stderr, int(est.num_matvecs), est.interval()
+        (tensor(6.), tensor(0.), 2, (tensor(6.), tensor(6.)))
+    """
+    per_leaf = exact_trace_by_leaf(op, chunk_size)
+    zero = torch.zeros_like(per_leaf)
+    device = per_leaf.device
+    return TraceEstimate(
+        per_leaf.sum(), zero.sum(), torch.tensor(op.dim, device=device), per_leaf, zero,
+        torch.tensor(STOP_NUM_SAMPLES, device=device), torch.tensor(math.inf, dtype=per_leaf.dtype, device=device),
+    )
+
+
+def exact_diagonal_estimate(op: LeafOperator, chunk_size: Optional[int] = None) -> DiagonalEstimate:
+    """The exact diagonal as a :class:`~secorder.results.DiagonalEstimate`: zero error, ``dof = inf``.
+
+    Example:
+        >>> import torch
+        >>> op = LeafOperator([torch.zeros(2)], None, lambda i, V: 3 * V)
+        >>> exact_diagonal_estimate(op).value
+        [tensor([3., 3.])]
+    """
+    value = exact_diagonal(op, chunk_size)
+    device = value[0].device
+    return DiagonalEstimate(
+        value, [torch.zeros_like(v) for v in value], torch.tensor(op.dim, device=device),
+        torch.tensor(STOP_NUM_SAMPLES, device=device), torch.tensor(math.inf, dtype=value[0].dtype, device=device),
+    )
+
+
+registry.register(registry.Estimator(
+    name="exact", quantity="trace", fn=exact_trace_estimate,
+    error_bar="none (exact up to rounding)", citation="",
+    summary="one-hot block products, chunk_size columns at a time (or the structured engine)",
+))
+registry.register(registry.Estimator(
+    name="exact", quantity="diagonal", fn=exact_diagonal_estimate,
+    error_bar="none (exact up to rounding)", citation="",
+    summary="one-hot block products, chunk_size columns at a time (or the structured engine)",
+))

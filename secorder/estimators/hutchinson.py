@@ -23,7 +23,7 @@ import torch
 
 from ..operators import LeafOperator
 from ..results import TraceEstimate
-from . import _common
+from . import _common, registry
 from .probes import Sampler
 
 __all__ = ["hutchinson_trace"]
@@ -72,7 +72,7 @@ def hutchinson_trace(
         >>> est.value, est.stderr, est.per_leaf   # diagonal A: Rademacher probes are exact
         (tensor(10.), tensor(0.), tensor([3., 7.]))
     """
-    _common.check_count(num_samples, "num_samples")
+    registry.check_num_samples(registry.get("hutchinson", "trace"), num_samples)
     adaptive = _common.check_tolerances(rtol, atol, max_matvecs)
     draw_probes = _common.resolve_sampler(op, sampler, distribution, generator, density)
     chunk = _common.probe_chunk(op, chunk_size)
@@ -89,3 +89,11 @@ def hutchinson_trace(
 
     samples, drawn, stop = _common.sample_loop(step, None, num_samples, chunk, adaptive, rtol, atol, max_matvecs, error)
     return TraceEstimate.from_samples(samples, num_matvecs=drawn, stop=stop)
+
+
+registry.register(registry.Estimator(
+    name="hutchinson", quantity="trace", fn=hutchinson_trace, default_samples=100, min_samples=1, adaptive=True,
+    error_bar="sample standard error of the probes' v^T A v; Student t with num_samples - 1 dof",
+    citation="Girard 1989; Hutchinson 1989",
+    summary="mean of v^T A v over random probes; any symmetric operator",
+))

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..operators import LeafOperator
 from ..results import DiagonalEstimate
-from . import _common
+from . import _common, registry
 from .probes import Sampler
 
 __all__ = ["hutchinson_diagonal"]
@@ -83,7 +83,7 @@ def hutchinson_diagonal(
         >>> est.value, est.stderr, est.num_matvecs
         ([tensor([2., 5.])], [tensor([0., 0.])], tensor(4))
     """
-    _common.check_count(num_samples, "num_samples")
+    registry.check_num_samples(registry.get("hutchinson", "diagonal"), num_samples)
     adaptive = _common.check_tolerances(rtol, atol, max_matvecs)
     draw_probes = _common.resolve_sampler(op, sampler, distribution, generator, density)
     chunk = _common.probe_chunk(op, chunk_size)
@@ -106,4 +106,14 @@ def hutchinson_diagonal(
         stderr=errs,
         num_matvecs=torch.tensor(drawn, dtype=torch.int64, device=device),
         stop=torch.tensor(stop, dtype=torch.int64, device=device),
+        dof=torch.tensor(float(drawn - 1), dtype=_common.dtype_of(op), device=device),
     )
+
+
+registry.register(registry.Estimator(
+    name="hutchinson", quantity="diagonal", fn=hutchinson_diagonal, default_samples=100, min_samples=1,
+    adaptive=True,
+    error_bar="entrywise sample standard error; Student t with num_samples - 1 dof",
+    citation="Bekas, Kokiopoulou and Saad 2007",
+    summary="mean of v * (A v) over random probes",
+))

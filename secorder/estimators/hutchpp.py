@@ -33,7 +33,7 @@ import torch
 
 from ..operators import LeafOperator
 from ..results import TraceEstimate
-from . import _common
+from . import _common, registry
 from .probes import Sampler
 
 __all__ = ["hutchpp_trace"]
@@ -71,7 +71,7 @@ def hutchpp_trace(
         >>> torch.allclose(est.value, A.trace()), bool(est.stderr < 1e-10), int(est.num_matvecs)
         (True, True, 9)
     """
-    _common.check_count(num_samples, "num_samples", 3, " for hutch++ (a third each for the sketch, A Q and Hutchinson)")
+    registry.check_num_samples(registry.get("hutch++", "trace"), num_samples)
     adaptive = _common.check_tolerances(rtol, atol, max_matvecs)
     if adaptive and max_matvecs < num_samples:
         raise ValueError(f"max_matvecs={max_matvecs} is below the initial num_samples={num_samples}")
@@ -105,3 +105,12 @@ def hutchpp_trace(
         step, None, num_samples - 2 * sketch, chunk, adaptive, rtol, atol, budget, error
     )
     return TraceEstimate.from_samples(samples, offset=exact_part, num_matvecs=spent + drawn, stop=stop)
+
+
+registry.register(registry.Estimator(
+    name="hutch++", quantity="trace", fn=hutchpp_trace, default_samples=99, min_samples=3, adaptive=True,
+    error_bar="sample standard error of the deflated Hutchinson part (given the sketch); Student t with "
+              "r - 1 dof for its r = num_samples - 2 (num_samples // 3) probes (infinite interval when r = 1)",
+    citation="Meyer, Musco, Musco and Woodruff 2021",
+    summary="exact trace of a low-rank sketch plus Hutchinson on the rest; a third each",
+))

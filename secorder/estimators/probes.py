@@ -32,7 +32,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["DISTRIBUTIONS", "Sampler", "draw_probes", "make_sampler", "make_generator", "check_distribution"]
+__all__ = ["DISTRIBUTIONS", "Sampler", "draw_probes", "make_sampler", "make_generator", "check_distribution",
+           "check_seed"]
 
 DISTRIBUTIONS = ("rademacher", "normal", "sphere", "sparse")
 
@@ -82,9 +83,31 @@ def make_generator(
         return generator
     if seed is None:
         return None
+    check_seed(seed)
+    if torch.device(device).type == "meta":
+        return None  # meta tensors carry no data: there is nothing to draw reproducibly
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# The range torch.Generator.manual_seed accepts.
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+
+
+def check_seed(seed: object) -> None:
+    """``seed`` must be an int that ``torch.Generator.manual_seed`` accepts.
+
+    Example:
+        >>> check_seed(2**64)
+        Traceback (most recent call last):
+        ...
+        ValueError: seed must be in [-2**63, 2**64 - 1] (what torch.Generator.manual_seed accepts), got 18446744073709551616
+    """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    return torch.Generator(device=device).manual_seed(seed)
+    if not _SEED_MIN <= seed <= _SEED_MAX:
+        raise ValueError(
+            f"seed must be in [-2**63, 2**64 - 1] (what torch.Generator.manual_seed accepts), got {seed}"
+        )
 
 
 def _rademacher(shape, generator, like: Tensor) -> Tensor:

@@ -50,19 +50,14 @@ from torch import Tensor
 
 from ..operators import LeafOperator
 from ..results import DiagonalEstimate, TraceEstimate
-from . import _common
+from . import _common, registry
 from .probes import Sampler
 
 __all__ = ["xtrace", "xnystrace", "xdiag"]
 
 
-def _check_pairs(num_samples: int, op: LeafOperator, name: str) -> int:
-    _common.check_count(num_samples, "num_samples", 4, f" for {name} (two test vectors, two matvecs each)")
-    if num_samples % 2:
-        raise ValueError(
-            f"{name} needs an even num_samples (half the matvecs sketch A Omega, half compute A Q), "
-            f"got {num_samples}; use {num_samples - 1} or {num_samples + 1}"
-        )
+def _check_pairs(num_samples: int, op: LeafOperator, name: str, quantity: str) -> int:
+    registry.check_num_samples(registry.get(name, quantity), num_samples)
     m = num_samples // 2
     if m > op.dim:
         raise ValueError(
@@ -177,8 +172,9 @@ def xtrace(
 ) -> TraceEstimate:
     """XTrace estimate of ``tr(op)`` with its error estimate, matvec count and per-leaf traces.
 
-    ``num_samples`` is the number of matvecs: even, at least 4 (``m = num_samples/2``
-    test vectors). Options as in :func:`secorder.estimators.hutchinson.hutchinson_trace`.
+    ``num_samples`` is the number of matvecs: even, at least 6 (``m = num_samples/2``
+    test vectors; with ``m = 2`` the jackknife would rest on single-vector Hutchinson
+    estimates, which can all agree while XTrace errs: ``A = 2 I`` gave ``stderr = 0``). Options as in :func:`secorder.estimators.hutchinson.hutchinson_trace`.
 
     Example:
         >>> import torch
@@ -190,7 +186,7 @@ def xtrace(
         >>> torch.allclose(est.value, A.trace()), int(est.num_matvecs)
         (True, 10)
     """
-    m = _check_pairs(num_samples, op, "xtrace")
+    m = _check_pairs(num_samples, op, "xtrace", "trace")
     draw_probes = _common.resolve_sampler(op, sampler, distribution, generator, density)
     chunk = _common.probe_chunk(op, chunk_size)
     dtype, sizes = _common.dtype_of(op), op.sizes
@@ -229,12 +225,19 @@ def xnystrace(
     sampler: Optional[Sampler] = None,
     density: float = 0.1,
     chunk_size: Optional[int] = None,
+    check_psd: Optional[bool] = None,
 ) -> TraceEstimate:
     """XNysTrace estimate of ``tr(op)`` for a positive semi-definite ``op``.
 
     ``num_samples`` test vectors, one matvec each (at least 2). The operator must be
-    PSD (a GGN, a Fisher, a Hessian at a minimum); otherwise the Cholesky factor of
-    ``Omega^T A Omega`` fails and a ``torch.linalg.LinAlgError`` is raised.
+    PSD (a GGN, a Fisher, a Hessian at a minimum). ``check_psd`` (default: unless
+    ``op.psd`` says the operator is PSD) checks the sketch ``Omega^T A Omega`` and
+    raises a ``ValueError`` when it is visibly indefinite (an eigenvalue below
+    ``-sqrt(eps)`` times the largest magnitude; costs an ``m x m`` eigensolve and a
+    host sync, and is skipped under ``torch.func`` transforms and ``torch.compile``).
+    Rank-deficient operators and singular test matrices (square Rademacher sketches)
+    are handled by a Cholesky factor of the sketch shifted by ``m eps tr`` in the
+    sketch space (a relative perturbation of the order of rounding).
 
     Example:
         >>> import torch
@@ -246,7 +249,7 @@ def xnystrace(
         >>> torch.allclose(est.value, A.trace()), int(est.num_matvecs)
         (True, 5)
     """
-    m = _common.check_count(num_samples, "num_samples", 2, " for xnystrace (leave-one-out needs two test vectors)")
+    m = registry.check_num_samples(registry.get("xnystrace", "trace"), num_samples)
     if m > op.dim:
         raise ValueError(f"xnystrace with num_samples={m} needs num_samples <= the dimension {op.dim}")
     draw_probes = _common.resolve_sampler(op, sampler, distribution, generator, density)
@@ -254,13 +257,16 @@ def xnystrace(
     dtype, sizes = _common.dtype_of(op), op.sizes
     Om = _common.to_matrix(draw_probes(m), dtype)
     Y = _common.apply_matrix(op, Om, chunk)
+    if check_psd if check_psd is not None else not op.psd:
+        _check_psd_sketch(Om.T @ Y)
     # Shift A by nu I (subtracted exactly below) so that Omega^T (A + nu I) Omega is
-    # safely positive definite; then, with G = L L^T, W = L^{-1} and F = Y W^T:
-    # B = W^T W, B_ii = |w_i|^2, Y b_i = F w_i, tr(B Y^T Y) = |F|^2.
+    # positive definite in exact arithmetic when Omega has full column rank; then,
+    # with G = L L^T, W = L^{-1} and F = Y W^T: B = W^T W, B_ii = |w_i|^2,
+    # Y b_i = F w_i, tr(B Y^T Y) = |F|^2.
     nu = math.sqrt(op.dim) * torch.finfo(dtype).eps * torch.linalg.matrix_norm(Y)
     Y = Y + nu * Om
     G = Om.T @ Y
-    L = torch.linalg.cholesky((G + G.T) / 2)
+    L = _regularised_cholesky((G + G.T) / 2)
     eye = torch.eye(m, dtype=dtype, device=Y.device)
     W = torch.linalg.solve_triangular(L, eye, upper=False)
     F = torch.linalg.solve_triangular(L, Y.T, upper=False).T
@@ -271,6 +277,36 @@ def xnystrace(
     shift = nu * torch.tensor(sizes, dtype=dtype, device=Y.device)[:, None]
     est = TraceEstimate.from_samples(low_rank + residual - shift, num_matvecs=m)
     return est._replace(stderr=_xnystrace_jackknife(F, W))
+
+
+def _check_psd_sketch(G: Tensor) -> None:
+    """Raise a ``ValueError`` when the sketch ``Omega^T A Omega`` shows that ``A`` is indefinite."""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(G):
+        return
+    eig = torch.linalg.eigvalsh((G + G.T) / 2)
+    scale = eig.abs().max()
+    tol = math.sqrt(torch.finfo(G.dtype).eps) * scale
+    if bool(eig[0] < -tol):
+        raise ValueError(
+            f"method='xnystrace' needs a positive semi-definite operator, but Omega^T A Omega has the eigenvalue "
+            f"{float(eig[0]):.3g} (largest magnitude {float(scale):.3g}): this operator is indefinite (a Hessian "
+            "away from a minimum?); use method='xtrace' or 'hutch++', or a PSD curvature ('ggn', 'fisher', "
+            "'empirical_fisher')"
+        )
+
+
+def _regularised_cholesky(G: Tensor) -> Tensor:
+    """Cholesky factor of ``G + delta I`` with ``delta = m eps tr(G)``, which keeps it positive definite.
+
+    ``G = Omega^T (A + nu I) Omega`` is singular when ``Omega`` is (square Rademacher
+    test matrices are, with positive probability) and can lose definiteness to
+    rounding when ``A`` is rank deficient; the shift is of the order of that rounding,
+    and directions with ``Omega z = 0`` carry ``Y z = 0``, so they add nothing to the
+    Nystrom approximation ``Y (G + delta I)^{-1} Y^T``.
+    """
+    m = G.shape[-1]
+    delta = m * torch.finfo(G.dtype).eps * G.diagonal().sum().abs().clamp_min(torch.finfo(G.dtype).tiny)
+    return torch.linalg.cholesky(G + delta * torch.eye(m, dtype=G.dtype, device=G.device))
 
 
 def xdiag(
@@ -298,7 +334,7 @@ def xdiag(
         >>> torch.allclose(est.value[0], A.diagonal())
         True
     """
-    m = _check_pairs(num_samples, op, "xdiag")
+    m = _check_pairs(num_samples, op, "xdiag", "diagonal")
     draw_probes = _common.resolve_sampler(op, sampler, distribution, generator, density)
     chunk = _common.probe_chunk(op, chunk_size)
     dtype = _common.dtype_of(op)
@@ -312,4 +348,27 @@ def xdiag(
         stderr=[v[0] for v in _common.to_leaves(err[:, None], templates)],
         num_matvecs=torch.tensor(2 * m, dtype=torch.int64, device=Y.device),
         stop=torch.tensor(0, dtype=torch.int64, device=Y.device),
+        dof=torch.tensor(float(m - 1), dtype=dtype, device=Y.device),
     )
+
+
+registry.register(registry.Estimator(
+    name="xtrace", quantity="trace", fn=xtrace, default_samples=100, min_samples=6, even=True,
+    even_reason="half the matvecs sketch A Omega, half compute A Q",
+    error_bar="jackknife over the m = num_samples/2 test vectors (conservative); Student t with m - 1 dof",
+    citation="Epperly, Tropp and Webber 2024",
+    summary="exchangeable low-rank plus Hutchinson, every probe used twice; any symmetric operator",
+))
+registry.register(registry.Estimator(
+    name="xnystrace", quantity="trace", fn=xnystrace, default_samples=100, min_samples=2, psd_only=True,
+    error_bar="jackknife over the num_samples test vectors; Student t with num_samples - 1 dof",
+    citation="Epperly, Tropp and Webber 2024",
+    summary="Nystrom version of XTrace, one matvec per test vector; positive semi-definite operators only",
+))
+registry.register(registry.Estimator(
+    name="xdiag", quantity="diagonal", fn=xdiag, default_samples=100, min_samples=4, even=True,
+    even_reason="half the matvecs sketch A Omega, half compute A Q",
+    error_bar="entrywise spread of the m = num_samples/2 leave-one-out estimators; Student t with m - 1 dof",
+    citation="Epperly, Tropp and Webber 2024",
+    summary="exchangeable low-rank plus Hutchinson diagonal",
+))
