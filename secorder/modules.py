@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+import contextlib
+from typing import Any, Callable, Dict, Iterator, Optional
 
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -34,11 +35,34 @@ def params_dict(model: nn.Module, *, trainable_only: bool = True) -> Dict[str, T
     }
 
 
+_BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
+@contextlib.contextmanager
+def _batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Training-mode batch norms use the batch statistics and leave the running ones alone.
+
+    Inside ``torch.func`` transforms the in-place update of the running statistics
+    is refused ("mutate a captured Tensor"); a pure loss function must not have it
+    anyway. ``track_running_stats`` is switched off for the duration of the call,
+    which is exactly that: batch statistics, no update.
+    """
+    switched = [m for m in model.modules() if isinstance(m, _BATCH_NORMS) and m.training and m.track_running_stats]
+    for m in switched:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.track_running_stats = True
+
+
 class FunctionalLoss:
     """``f(params, inputs, targets) = loss_fn(model(inputs; params), targets)``.
 
     Made by :func:`functional_loss`. Keeps ``model`` and ``loss_fn`` as
-    attributes so that structure-aware engines can inspect them.
+    attributes so that structure-aware engines can inspect them, and
+    :meth:`output` gives the model output alone (the GGN and the Fishers need it).
 
     Example:
         >>> import torch, secorder as so
@@ -50,21 +74,32 @@ class FunctionalLoss:
         'Linear'
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    def __init__(self, model: Any, loss_fn: Callable[[Tensor, Tensor], Tensor]):
+        if not isinstance(model, nn.Module) and not callable(model):
+            raise TypeError(
+                f"model must be a torch.nn.Module or a function model(params, inputs) -> outputs, "
+                f"got {type(model).__name__}"
+            )
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.model = model
         self.loss_fn = loss_fn
 
-    def __call__(
-        self,
-        params: Dict[str, Tensor],
-        inputs: Any,
-        targets: Any,
-        buffers: Optional[Dict[str, Tensor]] = None,
-    ) -> Tensor:
+    def output(self, params: Any, inputs: Any, buffers: Optional[Dict[str, Tensor]] = None) -> Any:
+        """The model output ``model(inputs; params)`` (buffers as in :func:`functional_loss`).
+
+        Example:
+            >>> import torch, secorder as so
+            >>> f = so.functional_loss(lambda p, x: x @ p["w"], torch.nn.functional.mse_loss)
+            >>> f.output({"w": torch.ones(2, 1)}, torch.ones(3, 2))
+            tensor([[2.],
+                    [2.],
+                    [2.]])
+        """
+        if not isinstance(self.model, nn.Module):
+            if buffers is not None:
+                raise TypeError("buffers only apply to an nn.Module model; a model function takes (params, inputs)")
+            return self.model(params, inputs)
         if not isinstance(params, dict):
             raise TypeError(
                 f"params must be a dict of name -> tensor (see secorder.params_dict), got {type(params).__name__}"
@@ -74,24 +109,40 @@ class FunctionalLoss:
             raise ValueError(f"params has names that are not parameters of the model: {sorted(unknown)}")
         state = dict(self.model.named_buffers()) if buffers is None else dict(buffers)
         state.update(params)
-        outputs = functional_call(self.model, state, (inputs,))
-        return self.loss_fn(outputs, targets)
+        with _batch_statistics(self.model):
+            return functional_call(self.model, state, (inputs,))
+
+    def __call__(self, params: Any, inputs: Any, targets: Any, buffers: Optional[Dict[str, Tensor]] = None) -> Any:
+        return self.loss_fn(self.output(params, inputs, buffers), targets)
 
     def __repr__(self) -> str:
-        return f"functional_loss({type(self.model).__name__}, {getattr(self.loss_fn, '__name__', self.loss_fn)!r})"
+        model = type(self.model).__name__ if isinstance(self.model, nn.Module) else getattr(
+            self.model, "__name__", type(self.model).__name__)
+        return f"functional_loss({model}, {getattr(self.loss_fn, '__name__', self.loss_fn)!r})"
 
 
-def functional_loss(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> FunctionalLoss:
+def functional_loss(model: Any, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> FunctionalLoss:
     """Turn ``model`` and ``loss_fn`` into a pure ``f(params, inputs, targets)``.
 
-    ``params`` is a dict like :func:`params_dict` returns; parameters it leaves
-    out are taken from the model as constants. Buffers (BatchNorm running
-    statistics) are read from the model at each call, or from the optional
-    ``buffers`` argument, so a model in ``eval()`` mode computes exactly what
-    ``loss_fn(model(inputs), targets)`` computes. Put BatchNorm models in
-    ``eval()`` mode before taking curvature: in training mode the batch
-    statistics make the loss couple the examples and the running statistics are
-    updated in place, which ``vmap`` refuses.
+    Args:
+        model: an ``nn.Module``, or a function ``model(params, inputs) -> outputs``
+            for models written as functions (``params`` then is any pytree).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+
+    Returns:
+        A :class:`FunctionalLoss` ``f(params, inputs, targets[, buffers])``. Being
+        split into model and loss, it also serves ``curvature="ggn"``, ``"fisher"``
+        and ``"empirical_fisher"``.
+
+    For an ``nn.Module``, ``params`` is a dict like :func:`params_dict` returns;
+    parameters it leaves out are taken from the model as constants. Buffers
+    (BatchNorm running statistics) are read from the model at each call, or from the
+    optional ``buffers`` argument, so a model in ``eval()`` mode computes exactly
+    what ``loss_fn(model(inputs), targets)`` computes. A BatchNorm layer in training
+    mode uses the batch statistics, as ``model(inputs)`` does, but its running
+    statistics are not updated: ``f`` is a pure function. (The batch statistics
+    couple the examples, so the curvature is that of the whole batch; the structured
+    engine declines such models.)
 
     Example:
         >>> import torch, secorder as so
@@ -105,5 +156,8 @@ def functional_loss(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor
         True
         >>> so.trace(f)(params, x, y) > 0
         tensor(True)
+        >>> g = so.functional_loss(lambda p, x: x @ p, torch.nn.functional.mse_loss)
+        >>> so.trace(g, curvature="ggn")(torch.zeros(3, 1), x, y)   # 2/8 sum |x_n|^2
+        tensor(3.8076)
     """
     return FunctionalLoss(model, loss_fn)

@@ -52,8 +52,8 @@ def test_batchnorm_buffers_are_used_in_eval_mode():
 
 
 def test_bad_arguments():
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
-        so.functional_loss(lambda x: x, F.mse_loss)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module or a function"):
+        so.functional_loss(3, F.mse_loss)  # a function model(params, inputs) is accepted (issue 10)
     with pytest.raises(TypeError, match="loss_fn must be callable"):
         so.functional_loss(nn.Linear(2, 2), "mse")
     f = so.functional_loss(nn.Linear(2, 2), F.mse_loss)

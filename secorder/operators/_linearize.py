@@ -1,0 +1,60 @@
+"""The linearisation of a function at the primal point, for all leaves or one leaf, kept while it is reused.
+
+A batched matvec is a ``vmap`` of a linear map (a VJP, or a VJP of a VJP) that was
+built by one forward (and backward) pass at the primal point. Every chunk of probes
+of the same call reuses that pass: :class:`LastLinearization` builds it on first
+use and keeps the most recent one (all leaves, or the block of one leaf), so the
+exact diagonal, which walks the leaves in order, holds one at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable, List, Optional, Tuple
+
+from torch import Tensor
+
+__all__ = ["restrict", "LastLinearization"]
+
+
+def restrict(fn: Callable[[List[Tensor]], Any], leaves: List[Tensor], index: Optional[int]) -> Tuple[Callable, Any]:
+    """``fn`` of all leaves as a function of leaf ``index`` alone (``None``: of the list of all leaves).
+
+    Example:
+        >>> import torch
+        >>> g, x = restrict(lambda xs: xs[0] * xs[1], [torch.tensor(2.), torch.tensor(3.)], 1)
+        >>> g(x + 1), x
+        (tensor(8.), tensor(3.))
+    """
+    leaves = list(leaves)
+    if index is None:
+        return fn, leaves
+
+    def of_leaf(x: Tensor) -> Any:
+        return fn(leaves[:index] + [x] + leaves[index + 1:])
+
+    return of_leaf, leaves[index]
+
+
+class LastLinearization:
+    """Memoise ``make(key)`` for the most recent ``key`` only.
+
+    Example:
+        >>> calls = []
+        >>> lin = LastLinearization(lambda key: calls.append(key) or key)
+        >>> lin(None), lin(None), lin(0), lin(None), calls
+        (None, None, 0, None, [None, 0, None])
+    """
+
+    _UNSET = object()
+
+    def __init__(self, make: Callable[[Optional[int]], Any]):
+        self._make = make
+        self._key: Hashable = self._UNSET
+        self._value: Any = None
+
+    def __call__(self, key: Optional[int]) -> Any:
+        if self._key is self._UNSET or key != self._key:
+            self._value = None  # free the previous linearisation before building the next
+            self._value = self._make(key)
+            self._key = key
+        return self._value

@@ -1,0 +1,58 @@
+"""The operator interface: what an estimator sees of a curvature matrix.
+
+An estimator never sees a model or autograd. It sees a :class:`LeafOperator`: a
+symmetric linear operator on a list of leaf tensors (a flattened pytree), given by
+
+* ``templates``: one tensor per leaf (shape, dtype and device of the operand),
+* ``matvec(V)``: ``H V`` for a probe batch ``V`` (each leaf with a leading probe
+  dimension ``k``),
+* ``block_matvec(i, V_i)``: ``H_ii V_i`` (a tensor with a leading probe dimension) for the diagonal block of leaf ``i`` alone,
+  which is all that a one-hot column of leaf ``i`` needs for the diagonal, and is
+  cheaper than a full matvec (no tangents or gradients for the other leaves).
+
+and ``psd``, whether the operator is known to be positive semi-definite (a GGN of a
+convex loss, a Fisher), which lets ``xnystrace`` skip its definiteness check.
+
+:func:`secorder.operators.make_operator` builds one per curvature; the legacy
+``torch_secorder`` shim builds one on the autograd engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Sequence
+
+from torch import Tensor
+
+__all__ = ["LeafOperator"]
+
+
+@dataclass(frozen=True)
+class LeafOperator:
+    """A symmetric operator on lists of leaf tensors, with batched (block) matvecs.
+
+    Example:
+        >>> import torch
+        >>> A = torch.tensor([[2., 1.], [1., 3.]])
+        >>> op = LeafOperator(
+        ...     templates=[torch.zeros(2)],
+        ...     matvec=lambda V: [V[0] @ A],
+        ...     block_matvec=lambda i, Vi: Vi @ A,
+        ... )
+        >>> op.matvec([torch.eye(2)])[0]
+        tensor([[2., 1.],
+                [1., 3.]])
+    """
+
+    templates: Sequence[Tensor]
+    matvec: Callable[[List[Tensor]], List[Tensor]]
+    block_matvec: Callable[[int, Tensor], Tensor]
+    psd: bool = False
+
+    @property
+    def sizes(self) -> List[int]:
+        return [t.numel() for t in self.templates]
+
+    @property
+    def dim(self) -> int:
+        return sum(self.sizes)

@@ -1,0 +1,77 @@
+"""The one mechanism behind the GGN and both Fishers: ``J^T H_out J``.
+
+Each of these curvatures is the pull-back of an operator ``H_out`` on the model
+output through the model's Jacobian ``J``: the loss Hessian for the GGN
+(Schraudolph 2002), sampled label-gradient outer products for the Monte-Carlo
+Fisher, per-sample gradient outer products for the empirical Fisher. A curvature
+module supplies ``H_out`` (a function of the model output at the primal point);
+this module supplies the rest:
+
+* ``J v`` without forward mode: the pull-back ``u -> J^T u`` is linear in ``u``,
+  so the VJP of the pull-back is ``J`` (the "double-VJP" trick). Forward-mode
+  rules are missing for some ops (``mkldnn_rnn_layer``: float32 ``nn.LSTM`` on CPU)
+  and wrong for others; this path needs reverse mode only, and costs about what a
+  ``jvp`` costs.
+* One forward pass per call (per leaf for the diagonal blocks), reused by every
+  chunk of probes, so randomness in the model (training-mode dropout) is drawn once
+  and never inside the probe ``vmap``.
+
+The output operator is built once, from the output of the first linearisation, so
+the Monte-Carlo Fisher's labels are drawn when the operator is made, before any
+probe.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List
+
+import torch
+from torch import Tensor
+from torch.func import vjp, vmap
+
+from .. import tree
+from .base import LeafOperator
+from ._linearize import LastLinearization, restrict
+
+__all__ = ["gauss_newton_operator"]
+
+OutputOperator = Callable[[Any], Any]
+
+
+def gauss_newton_operator(
+    problem: Any, output_operator: Callable[[Any], OutputOperator], *, psd: bool
+) -> LeafOperator:
+    """``J^T H_out J`` for the call's model, with ``H_out = output_operator(out)``.
+
+    Args:
+        problem: the call (:class:`secorder.problem.Problem`, split into model and loss).
+        output_operator: maps the model output at the primal point to the linear map
+            ``u -> H_out u`` on one output tangent (it is ``vmap``-ed over probes).
+        psd: whether the result is known to be positive semi-definite.
+
+    Returns:
+        The :class:`~secorder.operators.base.LeafOperator`.
+    """
+    leaves = list(problem.leaves)
+
+    def make(key: Any):
+        fn, primal = restrict(problem.output_of_leaves, leaves, key)
+        out, pullback = vjp(fn, primal)
+        zeros = tree.tree_map(torch.zeros_like, out)
+        _, transpose = vjp(lambda u: pullback(u)[0], zeros)
+        return out, pullback, transpose
+
+    lin = LastLinearization(make)
+    h_out = output_operator(lin(None)[0])
+
+    def product(key: Any) -> Callable[[Any], Any]:
+        _, pullback, transpose = lin(key)
+        return lambda v: pullback(h_out(transpose(v)[0]))[0]
+
+    def matvec(V: List[Tensor]) -> List[Tensor]:
+        return vmap(product(None))(list(V))
+
+    def block_matvec(index: int, V: Tensor) -> Tensor:
+        return vmap(product(index))(V)
+
+    return LeafOperator(templates=leaves, matvec=matvec, block_matvec=block_matvec, psd=psd)

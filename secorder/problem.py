@@ -1,0 +1,209 @@
+"""One call's view of ``f``: what the operators differentiate, and how ``f`` is evaluated.
+
+A transformed function ``so.trace(f)(*args, **kwargs)`` makes one :class:`Problem`
+per call. It holds
+
+* the differentiated leaves: ``args[argnums]`` flattened (:mod:`secorder.tree`),
+* ``f`` as a function of them (``loss_of_leaves``), its auxiliary output with
+  ``has_aux=True``, keyword arguments passed through to ``f`` as ``torch.func.grad``
+  passes them,
+* when ``f`` is a :class:`~secorder.modules.FunctionalLoss`, the split into model
+  output and loss (``output_of_leaves``, ``loss_of_output``) that the GGN and the
+  Fishers need.
+
+Every evaluation of ``f`` (or of its model) goes through one place, which makes two
+promises:
+
+* **one draw of randomness per call**: the first evaluation runs on the global RNG
+  as a plain call of ``f`` would (and advances it as such a call does); every later
+  evaluation of the same call (a chunk of probes, a leaf's block, the auxiliary
+  output) replays the RNG state of the first, so a training-mode ``Dropout`` draws
+  one mask per call whatever ``chunk_size`` is, and the global RNG stream that the
+  probes come from is left untouched by the replays;
+* **in-place updates of captured tensors are explained**: ``torch.func`` refuses a
+  function that updates a tensor it did not receive (the running statistics of a
+  training-mode ``BatchNorm`` inside a hand-written ``f``); the error then says to
+  call ``model.eval()`` or to build ``f`` with :func:`secorder.functional_loss`
+  (which uses the batch statistics and leaves the running ones alone).
+
+Operators take a ``Problem``; they never import the transform layer.
+
+Example:
+    >>> import torch
+    >>> p = Problem(lambda x, y: (x * y).sum() ** 2, 0, False, (torch.ones(2), torch.tensor([1., 2.])))
+    >>> p.leaves, p.loss_of_leaves([torch.tensor([1., 1.])])
+    ([tensor([1., 1.])], tensor(9.))
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _checks, tree
+from .modules import FunctionalLoss
+
+__all__ = ["Problem"]
+
+_MUTATION_HINT = (
+    "f updates a tensor in place that the transform did not pass to it (for example the running statistics "
+    "of a BatchNorm layer in training mode): call model.eval(), or build f with "
+    "so.functional_loss(model, loss_fn), which uses the batch statistics without updating the running ones"
+)
+
+
+class _RngState:
+    """The global RNG state (CPU and the CUDA devices in use) at the first evaluation of ``f``."""
+
+    def __init__(self, cuda_devices: List[int]):
+        self.cuda_devices = cuda_devices
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in cuda_devices]
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=self.cuda_devices, device_type="cuda"):
+            torch.set_rng_state(self.cpu)
+            for d, state in zip(self.cuda_devices, self.cuda):
+                torch.cuda.set_rng_state(state, d)
+            yield
+
+
+def _cuda_devices(values: Any) -> List[int]:
+    found = set()
+    for leaf in tree.leaves(values):
+        if isinstance(leaf, Tensor) and leaf.device.type == "cuda":
+            found.add(leaf.device.index if leaf.device.index is not None else torch.cuda.current_device())
+    return sorted(found)
+
+
+def _is_mutation_error(err: RuntimeError) -> bool:
+    text = str(err)
+    return ("mutate a captured Tensor" in text) or ("vmap: inplace arithmetic" in text)
+
+
+class Problem:
+    """One call's view of ``f`` (see the module docstring).
+
+    Args:
+        f: the user's function, returning a scalar (or ``(scalar, aux)``).
+        argnums: which positional arguments are differentiated.
+        has_aux: whether ``f`` returns ``(loss, aux)``.
+        args: the call's positional arguments.
+        kwargs: the call's keyword arguments, passed to ``f`` unchanged.
+    """
+
+    def __init__(
+        self,
+        f: Callable[..., Any],
+        argnums: _checks.Argnums,
+        has_aux: bool,
+        args: tuple,
+        kwargs: Optional[Dict[str, Any]] = None,
+    ):
+        self.f = f
+        self.argnums = argnums
+        self.has_aux = has_aux
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        self.resolved = _checks.normalize_argnums(argnums, len(self.args))
+        self.primals = _checks.select(self.args, argnums, self.resolved)
+        _checks.check_differentiable(self.primals, argnums)
+        self.leaves, self.spec = tree.flatten(self.primals)
+        self._rng: Optional[_RngState] = None
+
+    # -- evaluating f ------------------------------------------------------------------
+
+    def evaluate(self, thunk: Callable[[], Any]) -> Any:
+        """Run ``thunk`` (which calls user code) with the call's one draw of randomness."""
+        try:
+            if self._rng is None:
+                self._rng = _RngState(_cuda_devices((self.args, self.kwargs)))
+                return thunk()
+            with self._rng.replay():
+                return thunk()
+        except RuntimeError as err:
+            if _is_mutation_error(err):
+                raise RuntimeError(f"{_MUTATION_HINT} ({err})") from err
+            raise
+
+    def args_with(self, primals: Any) -> Tuple[Any, ...]:
+        """The call's positional arguments with ``args[argnums]`` replaced by ``primals``."""
+        return _checks.replace(self.args, self.argnums, self.resolved, primals)
+
+    def call(self, primals: Any) -> Any:
+        """``f`` at ``primals`` (the call's other arguments unchanged)."""
+        return self.evaluate(lambda: self.f(*self.args_with(primals), **self.kwargs))
+
+    def loss(self, primals: Any) -> Tensor:
+        return _checks.check_scalar(self.call(primals), self.has_aux)
+
+    def loss_and_aux(self, primals: Any) -> Tuple[Tensor, Any]:
+        out = self.call(primals)
+        return _checks.check_scalar(out, True), out[1]
+
+    def loss_of_leaves(self, leaves: List[Tensor]) -> Tensor:
+        return self.loss(tree.unflatten(self.spec, leaves))
+
+    def aux(self) -> Any:
+        """``f``'s auxiliary output at the primal point (one more evaluation of ``f``)."""
+        return self.call(self.primals)[1]
+
+    def result(self, value: Any) -> Any:
+        """``value``, paired with the auxiliary output when ``has_aux=True``."""
+        return (value, self.aux()) if self.has_aux else value
+
+    # -- the model/loss split ----------------------------------------------------------
+
+    def require_split(self, curvature: str) -> None:
+        """Raise unless ``f`` splits into model output and loss for ``curvature``.
+
+        Example:
+            >>> import torch
+            >>> Problem(lambda x: x.sum(), 0, False, (torch.ones(1),)).require_split("ggn")
+            Traceback (most recent call last):
+            ...
+            TypeError: curvature='ggn' needs the split of f into model and loss: build f with so.functional_loss(model, loss_fn), where model is an nn.Module or a function model(params, inputs) -> outputs, and call it as f(params, inputs, targets); got f of type function
+        """
+        if not isinstance(self.f, FunctionalLoss):
+            raise TypeError(
+                f"curvature={curvature!r} needs the split of f into model and loss: build f with "
+                "so.functional_loss(model, loss_fn), where model is an nn.Module or a function "
+                "model(params, inputs) -> outputs, and call it as f(params, inputs, targets); "
+                f"got f of type {type(self.f).__name__}"
+            )
+        if not 3 <= len(self.args) + len(self.kwargs) <= 4 or len(self.args) < 3:
+            raise TypeError(
+                f"curvature={curvature!r}: f takes (params, inputs, targets[, buffers]), "
+                f"got {len(self.args)} positional argument(s)"
+            )
+        bad = [i for i in self.resolved if i >= 2]
+        if bad:
+            raise ValueError(
+                f"curvature={curvature!r} with argnums={self.argnums!r}: the targets and buffers "
+                "(arguments 2 and 3) enter the loss directly; differentiate params (0) and/or inputs (1)"
+            )
+
+    @property
+    def targets(self) -> Any:
+        return self.args[2]
+
+    @property
+    def loss_fn(self) -> Callable[..., Any]:
+        return self.f.loss_fn
+
+    def _buffers(self, args: Tuple[Any, ...]) -> Any:
+        return args[3] if len(args) > 3 else self.kwargs.get("buffers")
+
+    def output_of_leaves(self, leaves: List[Tensor]) -> Tensor:
+        """The model output with the differentiated arguments set to ``leaves``."""
+        args = self.args_with(tree.unflatten(self.spec, leaves))
+        return self.evaluate(lambda: self.f.output(args[0], args[1], self._buffers(args)))
+
+    def loss_of_output(self, out: Tensor) -> Tensor:
+        """The loss of a model output ``out`` against the call's targets (a scalar)."""
+        value = self.evaluate(lambda: self.f.loss_fn(out, self.targets))
+        return _checks.check_scalar(value, self.has_aux)
