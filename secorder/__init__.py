@@ -10,19 +10,23 @@ Example:
 
 from . import tree
 from .modules import FunctionalLoss, functional_loss, params_dict
-from .transforms import hessian_diag, hvp, trace
-from .estimates import hessian_diag_estimate, trace_estimate
+from .transforms import (diagonal, diagonal_estimate, empirical_fisher_vp, fisher_vp, ggn_diag, ggn_trace, ggn_vp,
+                         hessian_diag, hessian_diag_estimate, hvp, trace, trace_estimate)
 from .results import DiagonalEstimate, TraceEstimate
 from .structured import Residual
-from .structured.ggn import ggn_diag, ggn_trace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "hvp",
-    "hessian_diag",
+    "ggn_vp",
+    "fisher_vp",
+    "empirical_fisher_vp",
     "trace",
     "trace_estimate",
+    "diagonal",
+    "diagonal_estimate",
+    "hessian_diag",
     "hessian_diag_estimate",
     "TraceEstimate",
     "DiagonalEstimate",

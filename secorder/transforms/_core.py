@@ -1,0 +1,196 @@
+"""The one private core of the transform layer: (curvature x quantity x method).
+
+Every quantity transform (``trace``, ``trace_estimate``, ``diagonal``,
+``diagonal_estimate`` and their aliases) is :func:`make_request` at creation, which
+validates every option once, and :func:`quantity_transform`, whose function runs
+:func:`evaluate` on each call:
+
+1. one :class:`~secorder.problem.Problem` for the call (argnums, has_aux, keyword
+   arguments, one draw of ``f``'s randomness);
+2. the call's generator (``seed`` gives a fresh one, ``generator`` is used,
+   neither means the global RNG), made where the method or the curvature is random;
+3. for ``method="exact"``, the structured engine when it applies
+   (:mod:`secorder.transforms.engine`);
+4. otherwise the curvature operator (:func:`secorder.operators.make_operator`;
+   the Monte-Carlo Fisher draws its labels here, before any probe) and the
+   registered estimator (:mod:`secorder.estimators.registry`).
+
+The products (``hvp``, ``ggn_vp``, ...) share the request validation of
+:func:`check_common` and the operator layer, not the estimators.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from .. import _checks, tree
+from ..estimators import registry
+from ..estimators.probes import make_generator
+from ..modules import FunctionalLoss
+from ..operators import Curvature, check_curvature, check_mc_samples, make_operator
+from ..problem import Problem
+from ..results import STOP_NUM_SAMPLES, DiagonalEstimate, TraceEstimate
+from . import engine as _engine
+
+__all__ = ["Request", "make_request", "quantity_transform", "evaluate", "check_common", "check_split"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated (curvature, quantity, method) with its options."""
+
+    curvature: Curvature
+    quantity: str
+    estimator: registry.Estimator
+    options: registry.Options
+    argnums: Any
+    has_aux: bool
+    chunk_size: Optional[int]
+    engine: str
+    mc_samples: int
+
+    @property
+    def random(self) -> bool:
+        """Whether a call draws randomness (probes or Fisher labels)."""
+        return self.estimator.stochastic or self.curvature.sampled
+
+
+def check_has_aux(has_aux: Any) -> None:
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"has_aux must be a bool, got {type(has_aux).__name__}")
+
+
+def check_split(f: Any, curvature: Curvature) -> None:
+    """Curvatures built from the model/loss split need ``f`` from ``so.functional_loss`` (checked at creation)."""
+    if curvature.needs_split and not isinstance(f, FunctionalLoss):
+        raise TypeError(
+            f"curvature={curvature.name!r} needs the split of f into model and loss: build f with "
+            "so.functional_loss(model, loss_fn), where model is an nn.Module or a function "
+            f"model(params, inputs) -> outputs; got f of type {type(f).__name__}"
+        )
+
+
+def check_common(f: Any, argnums: Any, has_aux: Any, curvature: Any, mc_samples: Any) -> Curvature:
+    """Checks shared by every transform: ``f``, ``argnums``, ``has_aux``, ``curvature``, ``mc_samples``."""
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+    _checks.check_argnums(argnums)
+    check_has_aux(has_aux)
+    entry = check_curvature(curvature)
+    check_mc_samples(mc_samples)
+    if mc_samples != 1 and not entry.sampled:
+        raise ValueError(f"mc_samples applies to curvature='fisher' only, not curvature={entry.name!r}")
+    check_split(f, entry)
+    return entry
+
+
+def make_request(
+    f: Any,
+    quantity: str,
+    *,
+    argnums: Any,
+    curvature: Any,
+    method: Any,
+    has_aux: Any,
+    chunk_size: Any,
+    engine: Any,
+    mc_samples: Any,
+    num_samples: Any,
+    seed: Any,
+    generator: Any,
+    distribution: Any,
+    rtol: Any,
+    atol: Any,
+    max_matvecs: Any,
+) -> Request:
+    """Validate everything a quantity transform takes, once, when the transform is created."""
+    entry = check_common(f, argnums, has_aux, curvature, mc_samples)
+    _checks.check_chunk_size(chunk_size)
+    _engine.check_engine(engine)
+    options = registry.Options(num_samples, seed, generator, distribution, rtol, atol, max_matvecs)
+    checked = options
+    if entry.sampled:
+        # The curvature itself is random: seed/generator apply even to method="exact".
+        registry.check_random_source(seed, generator)
+        checked = options._replace(seed=None, generator=None)
+    estimator = registry.check_options(method, quantity, checked)
+    return Request(entry, quantity, estimator, options, argnums, has_aux, chunk_size, engine, mc_samples)
+
+
+def quantity_transform(request: Request, f: Callable[..., Any], what: str, *, full: bool) -> Callable[..., Any]:
+    """The transformed function: ``fn(*args, **kwargs)`` evaluates ``request`` for one call of ``f``."""
+
+    @functools.wraps(f)
+    def fn(*args: Any, **kwargs: Any) -> Any:
+        return evaluate(request, fn, f, args, kwargs, what, full=full)
+
+    fn.last_engine = None
+    fn.last_fallback_reason = None
+    return fn
+
+
+def call_generator(options: registry.Options, problem: Problem) -> Optional[torch.Generator]:
+    """The call's generator: fresh from ``seed``, the given one, or ``None`` (global RNG)."""
+    return make_generator(options.seed, options.generator, problem.leaves[0].device)
+
+
+def evaluate(
+    request: Request, fn: Callable, f: Callable[..., Any], args: tuple, kwargs: Dict[str, Any], what: str,
+    *, full: bool,
+) -> Any:
+    """One call of a quantity transform (see the module docstring)."""
+    problem = Problem(f, request.argnums, request.has_aux, args, kwargs)
+    generator = call_generator(request.options, problem) if request.random else None
+    name = request.curvature.name
+    if not request.estimator.stochastic:
+        hit = _engine.attempt(
+            fn, f, request.argnums, request.has_aux, args, kwargs, request.engine, name,
+            request.quantity == "trace" and not full, what, mc_samples=request.mc_samples, generator=generator,
+        )
+        if hit is not None:
+            return _structured_result(request, hit, full)
+    else:
+        _engine.record(fn, "generic", f"method={request.estimator.name!r} runs on the curvature operator", what)
+    op = make_operator(name, problem, mc_samples=request.mc_samples, generator=generator)
+    est = registry.run(op, request.estimator, request.options, request.chunk_size, generator)
+    return problem.result(_shape(request, problem, est, full))
+
+
+def _shape(request: Request, problem: Problem, est: Any, full: bool) -> Any:
+    """The estimator's flat result laid out like the differentiated argument."""
+    spec = problem.spec
+    if request.quantity == "trace":
+        if not full:
+            return est.value
+        return est._replace(
+            per_leaf=tree.unflatten(spec, list(est.per_leaf.unbind(0))),
+            per_leaf_stderr=tree.unflatten(spec, list(est.per_leaf_stderr.unbind(0))),
+        )
+    value = tree.unflatten(spec, est.value)
+    if not full:
+        return value
+    return est._replace(value=value, stderr=tree.unflatten(spec, est.stderr))
+
+
+def _structured_result(request: Request, hit: Any, full: bool) -> Any:
+    """The structured engine's diagonal (dict) or trace as the transform's result."""
+    if not full:
+        return hit
+    leaves = tree.leaves(hit)
+    like = leaves[0] if leaves else hit
+    device, dtype = like.device, like.dtype
+    exact = dict(
+        num_matvecs=torch.tensor(0, dtype=torch.int64, device=device),
+        stop=torch.tensor(STOP_NUM_SAMPLES, dtype=torch.int64, device=device),
+        dof=torch.tensor(float("inf"), dtype=dtype, device=device),
+    )
+    if request.quantity == "diagonal":
+        return DiagonalEstimate(value=hit, stderr=tree.tree_map(torch.zeros_like, hit), **exact)
+    per_leaf = tree.tree_map(lambda d: d.sum(), hit)
+    total = sum(tree.leaves(per_leaf), torch.zeros((), dtype=dtype, device=device))
+    return TraceEstimate(value=total, stderr=torch.zeros_like(total), per_leaf=per_leaf,
+                         per_leaf_stderr=tree.tree_map(torch.zeros_like, per_leaf), **exact)

@@ -1,0 +1,141 @@
+"""How the transforms choose between the structured engine and the generic operator path.
+
+``engine="auto"`` (default) runs the structured engine for an exact diagonal or
+trace when ``f`` is a :class:`secorder.modules.FunctionalLoss`, the differentiated
+argument is its ``params`` dict (``argnums=0``), ``has_aux=False``, no keyword
+argument other than ``buffers`` is passed, the model, its layers, the loss and the
+curvature are supported, and no ``torch.func`` transform or ``torch.compile`` wraps
+the arguments; otherwise the generic path runs (a curvature operator and the exact
+or stochastic estimator). ``engine="structured"`` raises
+:class:`~secorder.structured.errors.Unsupported` (a ``ValueError``) naming the
+reason instead of falling back; ``engine="generic"`` always takes the generic path.
+The path taken is logged at DEBUG level on the ``secorder.structured`` logger and
+stored on the transformed function as ``last_engine`` (``"structured"`` or
+``"generic"``) with ``last_fallback_reason``.
+
+The engine's entry point is
+``secorder.structured.functional_call_diag(f, args, kind, trace, *, mc_samples=1, generator=None)``
+with ``kind`` a curvature name; it returns the diagonal (a dict shaped like
+``params``) or the trace, or raises ``Unsupported``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from ..modules import FunctionalLoss
+from ..structured import dispatch as _dispatch
+from ..structured.errors import Unsupported
+
+__all__ = ["ENGINES", "check_engine", "attempt", "record", "logger"]
+
+ENGINES = ("auto", "structured", "generic")
+
+logger = logging.getLogger("secorder.structured")
+
+
+def check_engine(engine: Any) -> None:
+    """Validate the ``engine`` keyword when a transform is created.
+
+    Example:
+        >>> check_engine("auto")
+        >>> check_engine("fast")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown engine 'fast'; valid engines are 'auto', 'structured', 'generic'
+        >>> check_engine(None)
+        Traceback (most recent call last):
+        ...
+        TypeError: engine must be a str ('auto', 'structured' or 'generic'), got NoneType
+    """
+    if not isinstance(engine, str):
+        raise TypeError(f"engine must be a str ('auto', 'structured' or 'generic'), got {type(engine).__name__}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; valid engines are {', '.join(map(repr, ENGINES))}")
+
+
+def record(fn: Callable, engine: str, reason: Optional[str], what: str) -> None:
+    """Store the path taken on ``fn`` and log it."""
+    fn.last_engine = engine
+    fn.last_fallback_reason = reason
+    if reason is None:
+        logger.debug("%s: structured engine", what)
+    else:
+        logger.debug("%s: generic path (%s)", what, reason)
+
+
+def _accepts_sampling() -> bool:
+    params = inspect.signature(_dispatch.functional_call_diag).parameters
+    return "mc_samples" in params and "generator" in params
+
+
+def _structured_kinds() -> tuple:
+    return tuple(getattr(_dispatch, "KINDS", None) or getattr(_dispatch, "_KINDS", ("hessian", "ggn")))
+
+
+def _call(f: Any, args: tuple, kind: str, trace: bool, mc_samples: int, generator: Optional[torch.Generator]):
+    if kind not in _structured_kinds():
+        raise Unsupported(f"the structured engine does not compute curvature={kind!r}")
+    if _accepts_sampling():
+        return _dispatch.functional_call_diag(f, args, kind, trace, mc_samples=mc_samples, generator=generator)
+    if kind == "fisher":
+        raise Unsupported("the structured engine does not draw Fisher labels")
+    return _dispatch.functional_call_diag(f, args, kind, trace)
+
+
+def attempt(
+    fn: Callable,
+    f: Any,
+    argnums: Any,
+    has_aux: bool,
+    args: tuple,
+    kwargs: Dict[str, Any],
+    engine: str,
+    kind: str,
+    trace: bool,
+    what: str,
+    *,
+    mc_samples: int = 1,
+    generator: Optional[torch.Generator] = None,
+) -> Optional[Any]:
+    """The structured result, or ``None`` when the generic path must run (recorded on ``fn``).
+
+    Example:
+        >>> import torch
+        >>> fn = lambda: None
+        >>> attempt(fn, lambda x: x.sum(), 0, False, (torch.ones(2),), {}, "auto", "hessian", False, "trace")
+        >>> fn.last_engine, fn.last_fallback_reason
+        ('generic', 'f is not a secorder.FunctionalLoss (see so.functional_loss)')
+    """
+    if engine == "generic":
+        record(fn, "generic", "engine='generic' was requested", what)
+        return None
+    try:
+        if not isinstance(f, FunctionalLoss):
+            raise Unsupported("f is not a secorder.FunctionalLoss (see so.functional_loss)")
+        if not isinstance(f.model, nn.Module):
+            raise Unsupported("the model is a function, not an nn.Module")
+        if isinstance(argnums, bool) or argnums not in (0, -len(args)):
+            raise Unsupported(f"argnums={argnums!r}: the structured engine differentiates params (argnums=0) only")
+        if has_aux:
+            raise Unsupported("has_aux=True")
+        extra = set(kwargs) - {"buffers"}
+        if extra:
+            raise Unsupported(f"keyword argument(s) {sorted(extra)} besides buffers")
+        if kwargs:
+            if len(args) != 3:
+                raise Unsupported("buffers given both positionally and by keyword")
+            args = tuple(args) + (kwargs["buffers"],)
+        result = _call(f, args, kind, trace, mc_samples, generator)
+    except Unsupported as err:
+        if engine == "structured":
+            raise Unsupported(f"engine='structured' cannot run: {err}") from None
+        record(fn, "generic", str(err), what)
+        return None
+    record(fn, "structured", None, what)
+    return result
