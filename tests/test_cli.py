@@ -604,11 +604,20 @@ def test_warm_up_runs_before_anything_is_timed(monkeypatch):
     assert re.search(r"wall time \(s\), after a one-time torch.func warm-up of \d+\.\d\d s", run.out), run.out
 
 
-def test_method_choices_are_the_trace_methods():
-    from secorder.stochastic import TRACE_METHODS
+def test_method_choices_come_from_the_estimator_registry():
+    from secorder.estimators import registry
 
     choices = next(a for a in build_parser().commands["report"]._actions if a.dest == "method").choices
-    assert set(choices) == set(TRACE_METHODS) - {"xnystrace"}  # the Hessian is indefinite: no PSD-only method
+    assert set(choices) == set(registry.names("trace", stochastic_only=True)) - {"xnystrace"}  # PSD only
+    assert {"hutchinson", "hutch++", "xtrace"} <= set(choices)
+
+
+@pytest.mark.parametrize("method", report_module.METHODS)
+def test_every_method_runs(method):
+    r = as_json(cli("report", "--json", "--model", TINY, "--steps", "0", "--method", method, "--num-samples", "8",
+                    "--exact", "never"))
+    assert r["phases"][0]["stochastic_trace"]["method"] == method
+    assert r["phases"][0]["stochastic_trace"]["matvecs"] == 8
 
 
 # ---------------------------------------------------------------------------

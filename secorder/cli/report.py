@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .. import estimates, modules, transforms, tree
 from ..estimators import exact as exact_estimators
 from ..operators import hessian_operator
-from ..stochastic import TRACE_METHODS
+from ..estimators import registry
 from ..structured.errors import Unsupported
 from .errors import UsageError
 from .options import DTYPES, add_problem_options, nonneg_int, positive_float, positive_int, resolve_device
@@ -54,9 +54,9 @@ HELP = "Hessian trace, per-layer traces and diagonal at initialisation and after
 DESCRIPTION = ("Report the curvature of a model's loss at initialisation and after a short training run. "
                "Without --model: a 64-32-10 MLP on scikit-learn's handwritten digits (offline).")
 DEFAULT_EXACT_LIMIT = 20_000
-#: Stochastic trace methods offered by ``--method``: the transforms' methods except the
-#: PSD-only ``xnystrace`` (a network's Hessian is indefinite).
-METHODS = tuple(m for m in TRACE_METHODS if m != "xnystrace")
+#: ``--method``'s choices: the estimator registry's stochastic trace methods, except those
+#: meant for positive semi-definite operators only (a network's Hessian is indefinite).
+METHODS = tuple(e.name for e in registry.estimators("trace") if e.stochastic and not e.psd_only)
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +262,10 @@ class _Loss:
 
 def _warm_up(method: str, device: torch.device, dtype: torch.dtype) -> None:
     """Pay PyTorch's one-time ``torch.func`` set-up (seconds) on a toy function, outside the timed parts."""
+    estimator = registry.get(method, "trace")
+    num_samples = estimator.min_samples + (estimator.min_samples % 2 if estimator.even else 0)
     x = torch.ones(3, device=device, dtype=dtype)
-    estimates.trace_estimate(lambda p: (p ** 3).sum(), method=method, num_samples=4, seed=0)(x)
+    estimates.trace_estimate(lambda p: (p ** 3).sum(), method=method, num_samples=num_samples, seed=0)(x)
 
 
 def _measure(loss: _Loss, params: Dict[str, Tensor], args: argparse.Namespace, clock: Clock) -> Dict[str, Any]:
