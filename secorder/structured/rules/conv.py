@@ -1,21 +1,37 @@
-"""``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1`` and zero padding.
+"""Convolutions: ``nn.Conv1d/2d/3d`` and ``nn.ConvTranspose1d/2d/3d``, one rule for all six.
 
-The input Jacobian's transpose is the convolution's input gradient
-(``torch.nn.grad.conv*d_input``, all columns folded into one batch). The weight
-diagonal is ``sum_{k, n} w_kn (B_kn X_n^T)**2`` with the unfolded input ``X``
-(as in BackPACK, Dangel, Kunstner, Hennig 2020, App. A): the channel-block
-quadratic form :meth:`~secorder.structured.curvature.Curvature.quadratic` of
-the unfolded input, the same for every output channel.
+Any stride, padding, dilation, groups (depthwise included) and output padding;
+``padding="same"`` and the padding modes other than zeros (reflect, replicate,
+circular) run as an explicit padding of the input followed by an unpadded
+convolution, as the modules themselves do.
+
+The input Jacobian's transpose is the convolution's input gradient, the same
+``aten.convolution_backward`` call autograd makes (all columns folded into one
+batch), followed by the transpose of the explicit padding if there is one.
+
+The weight diagonal is ``sum_{k, n} w_kn (B_kn X_n^T)**2`` with the input's
+patches ``X`` (Dangel, Kunstner, Hennig, "BackPACK: Packing more into
+backprop", ICLR 2020, App. A): ``X[n, c, k, q]`` is the derivative of the
+output at position ``q`` with respect to the weight of input channel ``c`` and
+kernel offset ``k``. For a convolution the patches are the unfolded input
+(sliding windows, strided views of the padded input); for a transposed
+convolution they are the transposed convolution of each input channel with
+one-hot kernels. The diagonal is then the channel-block quadratic form
+:meth:`~secorder.structured.curvature.Curvature.quadratic` of the patches of
+each output channel's group (the same for every output channel when
+``groups=1``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Mapping, Tuple
+from typing import Callable, Dict, FrozenSet, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import vjp, vmap
 
 from ..curvature import Curvature
 from ..errors import Unsupported
@@ -23,14 +39,66 @@ from ..jacobians import Columns, Jacobian
 from ..registry import register_rule
 from ..rule import Rule
 
-__all__ = ["ConvRule", "ConvState"]
+__all__ = ["ConvRule", "ConvState", "unfold", "transposed_patches"]
+
+# module type: (spatial dims, transposed)
+_KINDS = {
+    nn.Conv1d: (1, False), nn.Conv2d: (2, False), nn.Conv3d: (3, False),
+    nn.ConvTranspose1d: (1, True), nn.ConvTranspose2d: (2, True), nn.ConvTranspose3d: (3, True),
+}
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def unfold(x: Tensor, kernel: Tuple[int, ...], stride: Tuple[int, ...], padding: Tuple[int, ...],
+           dilation: Tuple[int, ...]) -> Tensor:
+    """The patches of a convolution: ``[N, C, *S]`` to ``[N, C, prod(kernel), P]`` (``P`` output positions).
+
+    Example:
+        >>> x = torch.arange(4.).reshape(1, 1, 4)
+        >>> unfold(x, (2,), (2,), (0,), (1,))
+        tensor([[[[0., 2.],
+                  [1., 3.]]]])
+    """
+    d = len(kernel)
+    N, C = x.shape[:2]
+    if any(padding):
+        x = F.pad(x, [p for pi in reversed(padding) for p in (pi, pi)])
+    for i in range(d):
+        x = x.unfold(2 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])  # window dims go last
+    if any(di > 1 for di in dilation):
+        x = x[(Ellipsis,) + tuple(slice(None, None, di) for di in dilation)]
+    out_pos = tuple(x.shape[2:2 + d])
+    x = x.permute((0, 1) + tuple(range(2 + d, 2 + 2 * d)) + tuple(range(2, 2 + d)))
+    return x.reshape(N, C, math.prod(kernel), math.prod(out_pos))
+
+
+def transposed_patches(x: Tensor, kernel: Tuple[int, ...], stride: Tuple[int, ...], padding: Tuple[int, ...],
+                       output_padding: Tuple[int, ...], dilation: Tuple[int, ...]) -> Tensor:
+    """The patches of a transposed convolution: ``[N, C, *S]`` to ``[N, C, prod(kernel), P]``.
+
+    Each input channel, transposed-convolved with the ``prod(kernel)`` one-hot kernels.
+
+    Example:
+        >>> x = torch.tensor([[[1., 2.]]])
+        >>> transposed_patches(x, (2,), (2,), (0,), (0,), (1,))
+        tensor([[[[1., 0., 2., 0.],
+                  [0., 1., 0., 2.]]]])
+    """
+    d = len(kernel)
+    N, C = x.shape[:2]
+    K = math.prod(kernel)
+    eye = torch.eye(K, dtype=x.dtype, device=x.device).reshape((1, K) + tuple(kernel))
+    out = _CONV_T[d](x, eye.expand((C, K) + tuple(kernel)), None, stride, padding, output_padding, C, dilation)
+    return out.reshape(N, C, K, -1)
 
 
 @dataclass
 class ConvState:
-    x: Tensor
+    x: Tensor  # the input the kernel slides over (explicitly padded when the module pads it itself)
     weight: Tensor
     out_shape: Tuple[int, ...]
+    unpad: Optional[Callable[[Tensor], Tensor]]  # columns at the padded input to the module input
 
 
 class ConvRule(Rule[ConvState]):
@@ -39,56 +107,81 @@ class ConvRule(Rule[ConvState]):
     def __init__(self, module: nn.Module) -> None:
         super().__init__(module)
         m = module
-        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str) and m.padding != "valid":
-            raise Unsupported("has groups != 1 or non-zero padding (only groups=1 and zero padding given as ints)")
-        self.two_d = isinstance(m, nn.Conv2d)
-        self.padding = (0,) * len(m.kernel_size) if isinstance(m.padding, str) else m.padding
-
-    def _geometry(self):
-        m = self.module
-        if self.two_d:
-            return m.kernel_size, m.stride, self.padding, m.dilation
-        return (1,) + m.kernel_size, (1,) + m.stride, (0,) + self.padding, (1,) + m.dilation
+        self.dims, self.transposed = _KINDS[type(m)]
+        if not self.transposed and (isinstance(m.padding, str) or m.padding_mode != "zeros"):
+            # The module pads the input itself, then convolves without padding.
+            pads = tuple(m._reversed_padding_repeated_twice)
+            self.pre_pad = pads if any(pads) else None
+            self.pad_mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            self.padding = (0,) * self.dims
+        else:
+            self.pre_pad, self.pad_mode, self.padding = None, "constant", tuple(m.padding)
+        self.output_padding = tuple(m.output_padding) if self.transposed else (0,) * self.dims
 
     def forward(self, x: Tensor, tensors: Mapping[str, Tensor]) -> Tuple[Tensor, ConvState]:
         m = self.module
-        if x.dim() != (4 if self.two_d else 3):
-            raise Unsupported(f"on an unbatched input of shape {tuple(x.shape)}")
+        if x.dim() != self.dims + 2:
+            raise Unsupported(f"on an input of shape {tuple(x.shape)} (only batched [N, C, *spatial])")
         W = tensors["weight"]
-        conv = F.conv2d if self.two_d else F.conv1d
-        z = conv(x, W, tensors.get("bias"), m.stride, self.padding, m.dilation)
-        return z, ConvState(x, W, tuple(z.shape))
+        unpad = None
+        if self.pre_pad is not None:
+            pads = self.pre_pad
+            if self.pad_mode == "constant":
+                unpad = lambda B: F.pad(B, [-p for p in pads])  # noqa: E731 (the transpose of a zero padding is a crop)
+                x = F.pad(x, pads)
+            else:
+                x, pullback = vjp(lambda t: F.pad(t, pads, mode=self.pad_mode), x)
+                unpad = vmap(lambda b: pullback(b)[0])
+        if self.transposed:
+            z = _CONV_T[self.dims](x, W, tensors.get("bias"), m.stride, self.padding, self.output_padding, m.groups,
+                                   m.dilation)
+        else:
+            z = _CONV[self.dims](x, W, tensors.get("bias"), m.stride, self.padding, m.dilation, m.groups)
+        return z, ConvState(x, W, tuple(z.shape), unpad)
 
     def jacobian(self, state: ConvState) -> Jacobian:
-        m, x = self.module, state.x
-        grad_in = torch.nn.grad.conv2d_input if self.two_d else torch.nn.grad.conv1d_input
+        m = self.module
+        in_feat = tuple(state.x.shape[1:])
 
         def t_columns(B: Tensor) -> Tensor:
             K, N = B.shape[:2]
             fold = B.reshape((K * N,) + tuple(B.shape[2:]))
-            out = grad_in((K * N,) + tuple(x.shape[1:]), state.weight, fold, m.stride, self.padding, m.dilation, 1)
-            return out.reshape((K, N) + tuple(x.shape[1:]))
+            like = fold.new_empty(1).expand((K * N,) + in_feat)  # only its shape is read
+            gx = torch.ops.aten.convolution_backward(
+                fold, like, state.weight, None, list(m.stride), list(self.padding), list(m.dilation),
+                self.transposed, list(self.output_padding), m.groups, (True, False, False))[0]
+            gx = gx.reshape((K, N) + in_feat)
+            return gx if state.unpad is None else state.unpad(gx)
 
         return Columns(t_columns)
 
-    def _unfold(self, x: Tensor) -> Tensor:
-        k, s, p, d = self._geometry()
-        x4 = x if self.two_d else x.unsqueeze(2)
-        return F.unfold(x4, k, dilation=d, padding=p, stride=s)  # [N, Cin * prod(k), P]
+    def patches(self, x: Tensor) -> Tensor:
+        """``[N, C_in, prod(kernel), P]``: the output's derivatives with respect to the weight (see the module docstring)."""
+        m = self.module
+        if self.transposed:
+            return transposed_patches(x, m.kernel_size, m.stride, self.padding, self.output_padding, m.dilation)
+        return unfold(x, m.kernel_size, m.stride, self.padding, m.dilation)
 
     def parameter_diagonal(self, state: ConvState, curv: Curvature, wanted: FrozenSet[str]) -> Dict[str, Tensor]:
         out = {}
-        P = 1
-        for s in state.out_shape[2:]:
-            P *= s
+        P = math.prod(state.out_shape[2:])
         if "weight" in wanted:
-            X = self._unfold(state.x)  # [N, J, P]: the same test vectors for every output channel
-            out["weight"] = curv.quadratic(X.unsqueeze(1)).reshape(state.weight.shape)
+            X = self.patches(state.x)  # [N, C_in, K, P]
+            N, C_in, K = X.shape[:3]
+            G, C_out = self.module.groups, state.out_shape[1]
+            J, per_group = (C_in // G) * K, C_out // G
+            if G == 1:  # the same test vectors for every output channel
+                X = X.reshape(N, 1, J, P)
+            else:  # each output channel reads the patches of its group's input channels
+                X = X.reshape(N, G, 1, J, P).expand(N, G, per_group, J, P).reshape(N, C_out, J, P)
+            q = curv.quadratic(X)  # [C_out, J]
+            if self.transposed:  # weight [C_in, C_out / G, *kernel]
+                q = q.reshape(G, per_group, C_in // G, K).transpose(1, 2)
+            out["weight"] = q.reshape(state.weight.shape)
         if "bias" in wanted:
-            ones = state.x.new_ones((1, 1, 1, P))
-            out["bias"] = curv.quadratic(ones)[:, 0]
+            out["bias"] = curv.quadratic(state.x.new_ones((1, 1, 1, P)))[:, 0]
         return out
 
 
-register_rule(nn.Conv1d, ConvRule)
-register_rule(nn.Conv2d, ConvRule)
+for _t in _KINDS:
+    register_rule(_t, ConvRule)
