@@ -1,4 +1,4 @@
-"""``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` in eval mode, with running statistics.
+"""``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` / ``nn.BatchNorm3d`` in eval mode, with running statistics.
 
 ``z = gamma * (x - mean) / sqrt(var + eps) + beta``: an elementwise Jacobian
 ``gamma / sqrt(var + eps)`` per channel; ``gamma``'s diagonal is the
@@ -42,6 +42,10 @@ class BatchNormRule(Rule[BatchNormState]):
         m = self.module
         if x.dim() < 2:
             raise Unsupported(f"on an input of shape {tuple(x.shape)}")
+        try:
+            m._check_input_dim(x)  # the layout the module itself accepts
+        except ValueError as err:
+            raise Unsupported(str(err)) from None
         if "running_mean" not in tensors or "running_var" not in tensors:
             raise Unsupported("has no running statistics in the given buffers")
         shape = (-1,) + (1,) * (x.dim() - 2)
@@ -69,3 +73,4 @@ class BatchNormRule(Rule[BatchNormState]):
 
 register_rule(nn.BatchNorm1d, BatchNormRule)
 register_rule(nn.BatchNorm2d, BatchNormRule)
+register_rule(nn.BatchNorm3d, BatchNormRule)
