@@ -33,7 +33,7 @@ from torch.func import vmap
 
 from .curvature import Diagonal, Factor, Gathered, Shared, Term
 
-__all__ = ["Jacobian", "Columns", "Elementwise", "Reshape", "Dense", "Gather"]
+__all__ = ["Jacobian", "Columns", "Elementwise", "Reshape", "Dense", "Gather", "Selection"]
 
 
 class Jacobian:
@@ -180,3 +180,40 @@ class Gather(Jacobian):
 
     def pull_diagonal(self, t: Diagonal) -> Term:
         return Diagonal(self._scatter(t.d))
+
+
+class Selection(Jacobian):
+    """An injective selection: each output entry copies a distinct input entry or is a constant.
+
+    Zero or constant padding, cropping, slicing and permutations of a sample's
+    entries. ``adjoint`` is the transpose on the trailing feature dims: it maps
+    any ``[..., *out_feat]`` to ``[..., *in_feat]``, putting each entry back at
+    the input position it was copied from and zeros elsewhere. As no two
+    outputs read the same input, a diagonal term stays diagonal and shared rows
+    stay shared (``diag(s) J = J diag(J^T s)``).
+
+    Example:
+        >>> import torch
+        >>> from secorder.structured.curvature import Curvature, Diagonal
+        >>> crop = Selection(lambda t: torch.nn.functional.pad(t, (-1, 0)))  # adjoint of a zero padding by 1 on the left
+        >>> Curvature([Diagonal(torch.tensor([[1., 2., 3.]]))]).pulled(crop).diagonal()
+        tensor([[2., 3.]])
+    """
+
+    def __init__(self, adjoint: Callable[[Tensor], Tensor]):
+        self.adjoint = adjoint
+
+    def t_columns(self, B: Tensor) -> Tensor:
+        return self.adjoint(B)
+
+    def t_vector(self, g: Tensor) -> Tensor:
+        return self.adjoint(g)
+
+    def pull_factor(self, t: Factor) -> Term:
+        return Factor(self.adjoint(t.B), t.w)
+
+    def pull_diagonal(self, t: Diagonal) -> Term:
+        return Diagonal(self.adjoint(t.d))
+
+    def pull_shared(self, t: Shared) -> Term:
+        return Shared(self.adjoint(t.B), t.r, None if t.s is None else self.adjoint(t.s))
