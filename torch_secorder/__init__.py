@@ -16,7 +16,20 @@ Example:
     tensor(4.)
 """
 
-from .analysis import compute_loss_surface_1d, compute_loss_surface_2d
+from .analysis import (
+    compute_loss_surface_1d,
+    compute_loss_surface_2d,
+    estimate_eigenvalues,
+    lanczos_iteration,
+    power_iteration,
+)
+from .approximations import (
+    empirical_fisher_diagonal,
+    empirical_fisher_trace,
+    gauss_newton_matrix_approximation,
+    generalized_fisher_diagonal,
+    generalized_fisher_trace,
+)
 from .core import (
     approximate_hvp,
     batch_jvp,
@@ -75,9 +88,18 @@ __all__ = [
     "per_layer_hessian_diagonal",
     "per_layer_fisher_diagonal",
     "get_layer_curvature_stats",
+    # Approximations
+    "empirical_fisher_diagonal",
+    "generalized_fisher_diagonal",
+    "empirical_fisher_trace",
+    "generalized_fisher_trace",
+    "gauss_newton_matrix_approximation",
     # Analysis
     "compute_loss_surface_1d",
     "compute_loss_surface_2d",
+    "power_iteration",
+    "lanczos_iteration",
+    "estimate_eigenvalues",
     # Errors of this package
     "LegacyValueError",
     "LegacyTypeError",
