@@ -1,15 +1,22 @@
 """The built-in rules, one module per family; importing this package registers them.
 
 * :mod:`.linear`: ``nn.Linear``
-* :mod:`.conv`: ``nn.Conv1d``, ``nn.Conv2d``
-* :mod:`.batchnorm`: ``nn.BatchNorm1d``, ``nn.BatchNorm2d`` (eval mode)
+* :mod:`.conv`: ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` (groups, padding modes)
+* :mod:`.batchnorm`: ``nn.BatchNorm1d/2d/3d`` (eval mode)
 * :mod:`.activations`: ReLU, LeakyReLU, Tanh, Sigmoid, ELU, SiLU, GELU, Softplus
-* :mod:`.pooling`: ``nn.MaxPool2d``, ``nn.AvgPool2d``, ``nn.AdaptiveAvgPool2d``
+* :mod:`.elementwise`: LogSigmoid, SELU, PReLU, and derived-derivative rules (CELU, Softsign, Mish,
+  Hardswish, Tanhshrink, Hardtanh, ReLU6, Hardsigmoid, Hardshrink, Softshrink, Threshold)
+* :mod:`.pooling`: ``nn.MaxPool1d/2d/3d``, ``nn.AdaptiveMaxPool1d/2d/3d``, ``nn.AvgPool1d/2d/3d``,
+  ``nn.AdaptiveAvgPool1d/2d/3d``
+* :mod:`.padding`: ``nn.ZeroPad*d``, ``nn.ConstantPad*d``, ``nn.ReflectionPad*d``, ``nn.ReplicationPad*d``,
+  ``nn.CircularPad*d``
 * :mod:`.reshape`: ``nn.Flatten``, ``nn.Identity``, ``nn.Dropout`` (eval mode)
 * :mod:`.residual`: :class:`secorder.Residual` (a block rule)
 * :mod:`.example`: the documented example of a user rule (not imported here)
 """
 
-from . import activations, batchnorm, conv, linear, pooling, reshape, residual  # noqa: F401 (registration)
+from . import (  # noqa: F401 (registration)
+    activations, batchnorm, conv, elementwise, linear, padding, pooling, reshape, residual,
+)
 
 __all__: list = []
