@@ -35,13 +35,13 @@ Example:
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["Jet", "JetTensor", "ForwardPass", "UncoveredOperation", "interpret", "op_name", "make_jet", "map_args",
-           "arg_leaves"]
+__all__ = ["Jet", "JetTensor", "ForwardPass", "UncoveredOperation", "interpret", "op_name", "make_jet", "lazy",
+           "map_args", "arg_leaves"]
 
 
 class UncoveredOperation(NotImplementedError):
@@ -78,34 +78,90 @@ class ForwardPass:
         return err
 
 
-class Jet(NamedTuple):
+class Jet:
     """What the rules see of a traced tensor: value, Jacobian (directions first),
-    Laplacian, and the forward pass that owns it."""
+    Laplacian, and the forward pass that owns it.
 
-    value: Tensor
-    jac: Tensor
-    lap: Tensor
-    trace: ForwardPass
+    The Jacobian may be given as a zero-argument function (see :func:`lazy`):
+    it is computed when a rule first reads ``jac``, and never if none does --
+    the Jacobian of ``f``'s output, and of every operation that only leads to
+    it through linear maps, is not needed for the Laplacian.
+    """
+
+    __slots__ = ("value", "lap", "trace", "_jac")
+
+    def __init__(self, value: Tensor, jac: Any, lap: Tensor, trace: "ForwardPass"):
+        self.value, self.lap, self.trace, self._jac = value, lap, trace, jac
+
+    @property
+    def jac(self) -> Tensor:
+        if callable(self._jac):
+            self._jac = _broadcast_jac(self._jac(), self.value)
+        return self._jac
 
 
-def make_jet(value: Tensor, jac: Tensor, lap: Tensor, trace: ForwardPass) -> Jet:
+def _broadcast_jac(jac: Tensor, value: Tensor) -> Tensor:
+    shape = value.shape
+    if jac.shape[1:] != shape:
+        jac = jac.reshape(jac.shape[:1] + (1,) * (len(shape) - jac.dim() + 1) + jac.shape[1:])
+        jac = jac.expand(jac.shape[:1] + shape)
+    if jac.dtype != value.dtype:
+        jac = jac.to(value.dtype)
+    return jac
+
+
+def make_jet(value: Tensor, jac: Any, lap: Tensor, trace: "ForwardPass") -> Jet:
     """A :class:`Jet` whose Jacobian and Laplacian are broadcast (as views) to the value's shape.
 
     Rules may return derivatives that broadcast against the value (a constant
     added to a smaller traced tensor, say); the invariant ``jac.shape == (k,
     *value.shape)``, ``lap.shape == value.shape`` keeps later reductions exact.
+    ``jac`` may be a function computing it (:func:`lazy`).
     """
-    shape = value.shape
-    if jac.shape[1:] != shape:
-        jac = jac.reshape(jac.shape[:1] + (1,) * (len(shape) - jac.dim() + 1) + jac.shape[1:])
-        jac = jac.expand(jac.shape[:1] + shape)
-    if lap.shape != shape:
-        lap = lap.expand(shape)
-    if jac.dtype != value.dtype:
-        jac = jac.to(value.dtype)
+    if not callable(jac):
+        jac = _broadcast_jac(jac, value)
+    if lap.shape != value.shape:
+        lap = lap.expand(value.shape)
     if lap.dtype != value.dtype:
         lap = lap.to(value.dtype)
     return Jet(value, jac, lap, trace)
+
+
+def lazy(compute: Callable[[], Tensor], *constants: Any) -> Callable[[], Tensor]:
+    """``compute`` deferred until the Jacobian is read (see :class:`Jet`).
+
+    ``constants`` are the user's tensors that ``compute`` reads besides jets
+    (weights, coefficients): if ``f`` modifies one in place before the
+    Jacobian is computed, the deferred result would not be the one ``f``'s
+    value saw, so reading it raises :class:`UncoveredOperation` instead.
+    """
+    versions = []
+    for c in constants:
+        if isinstance(c, Tensor) and not isinstance(c, JetTensor):
+            try:
+                versions.append((c, c._version))
+            except (RuntimeError, AttributeError):  # no version counter here (a functorch wrapper)
+                return _Computed(compute())
+
+    def run() -> Tensor:
+        for c, version in versions:
+            if c._version != version:
+                raise UncoveredOperation("an in-place change", "a tensor used by f was modified after being used")
+        return compute()
+
+    return run
+
+
+class _Computed:
+    """An already computed Jacobian behind the deferred interface."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+
+    def __call__(self) -> Tensor:
+        return self.tensor
 
 
 def map_args(fn: Callable[[Any], Any], obj: Any) -> Any:

@@ -10,35 +10,39 @@ directions never broadcast against a constant's dimensions.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
 import torch
 from torch import Tensor
 
-from ..jet import Jet, make_jet
+from ..jet import Jet, lazy, make_jet
 from ..registry import register
 from .common import align, constant, is_jet, primal, sum_sq, traced, uncovered
 
 
-def _scaled(jet_or_const, coefficient, ndim):
-    """``(coefficient * J, coefficient * L)`` of a jet aligned to ``ndim`` dimensions, ``None`` for a constant."""
-    if not isinstance(jet_or_const, Jet):
-        return None
-    jac, lap = align(jet_or_const.jac, ndim), jet_or_const.lap
-    if not (isinstance(coefficient, numbers.Number) and coefficient == 1):
-        jac, lap = jac * coefficient, lap * coefficient
-    return jac, lap
+def _scaled(jet_or_const, coefficient):
+    """A term ``coefficient * jet`` of a linear combination, ``None`` for a constant."""
+    return (jet_or_const, coefficient) if isinstance(jet_or_const, Jet) else None
+
+
+def _times(t: Tensor, coefficient) -> Tensor:
+    if isinstance(coefficient, numbers.Number) and coefficient == 1:
+        return t
+    return t * coefficient
 
 
 def _combine(value: Tensor, terms, trace) -> Jet:
     """The jet of a linear combination whose value is ``value``; ``terms`` are ``_scaled`` results."""
     terms = [t for t in terms if t is not None]
-    jac, lap = terms[0]
-    for j, l in terms[1:]:
-        jac = jac + j
-        lap = lap + l
-    return make_jet(value, jac, lap, trace)
+    nd = value.dim()
+    lap = functools.reduce(torch.add, [_times(jet.lap, c) for jet, c in terms])
+
+    def jacobian() -> Tensor:
+        return functools.reduce(torch.add, [_times(align(jet.jac, nd), c) for jet, c in terms])
+
+    return make_jet(value, lazy(jacobian, *[c for _, c in terms]), lap, trace)
 
 
 def _alpha(args, kwargs):
@@ -50,7 +54,7 @@ def _add(func, args, kwargs):
     a, b, alpha = args[0], args[1], _alpha(args, kwargs)
     value = func(primal(a), primal(b), *args[2:], **kwargs)
     trace = (a if is_jet(a) else b).trace
-    return _combine(value, [_scaled(a, 1, value.dim()), _scaled(b, alpha, value.dim())], trace)
+    return _combine(value, [_scaled(a, 1), _scaled(b, alpha)], trace)
 
 
 @register(torch.sub, torch.subtract, torch.Tensor.sub, torch.Tensor.subtract, torch.Tensor.__sub__)
@@ -58,7 +62,7 @@ def _sub(func, args, kwargs):
     a, b, alpha = args[0], args[1], _alpha(args, kwargs)
     value = func(primal(a), primal(b), *args[2:], **kwargs)
     trace = (a if is_jet(a) else b).trace
-    return _combine(value, [_scaled(a, 1, value.dim()), _scaled(b, -alpha, value.dim())], trace)
+    return _combine(value, [_scaled(a, 1), _scaled(b, -alpha)], trace)
 
 
 @register(torch.rsub, torch.Tensor.__rsub__)
@@ -67,13 +71,13 @@ def _rsub(func, args, kwargs):
     a, b, alpha = args[0], args[1], _alpha(args, kwargs)
     value = func(primal(a), primal(b), *args[2:], **kwargs)
     trace = (a if is_jet(a) else b).trace
-    return _combine(value, [_scaled(a, -alpha, value.dim()), _scaled(b, 1, value.dim())], trace)
+    return _combine(value, [_scaled(a, -alpha), _scaled(b, 1)], trace)
 
 
 @register(torch.neg, torch.negative, torch.Tensor.neg, torch.Tensor.negative, torch.Tensor.__neg__)
 def _neg(func, args, kwargs):
     x = args[0]
-    return Jet(func(x.value), -x.jac, -x.lap, x.trace)
+    return Jet(func(x.value), lazy(lambda: -x.jac), -x.lap, x.trace)
 
 
 @register(torch.positive, torch.Tensor.positive, torch.Tensor.__pos__)
@@ -94,7 +98,7 @@ def _mul(func, args, kwargs):
         lap = a.lap * vb + va * b.lap + 2 * (ja * jb).sum(0)
         return make_jet(value, jac, lap, a.trace)
     jet, other = (a, vb) if is_jet(a) else (b, va)
-    return make_jet(value, align(jet.jac, nd) * other, jet.lap * other, jet.trace)
+    return make_jet(value, lazy(lambda: align(jet.jac, nd) * other, other), jet.lap * other, jet.trace)
 
 
 def _quotient(value: Tensor, a, b: Jet) -> Jet:
@@ -117,7 +121,7 @@ def _div(func, args, kwargs):
     value = func(primal(a), primal(b), **kwargs)
     if is_jet(b):
         return _quotient(value, a, b)
-    return make_jet(value, align(a.jac, value.dim()) / b, a.lap / b, a.trace)
+    return make_jet(value, lazy(lambda: align(a.jac, value.dim()) / b, b), a.lap / b, a.trace)
 
 
 @register(torch.Tensor.__rtruediv__, torch.Tensor.__rdiv__)
@@ -217,7 +221,7 @@ def _selecting(greater: bool):
         value = func(va, vb)
         w = ((va > vb) if greater else (va < vb)).to(value.dtype) + 0.5 * (va == vb).to(value.dtype)
         trace = (a if is_jet(a) else b).trace
-        return _combine(value, [_scaled(a, w, value.dim()), _scaled(b, 1 - w, value.dim())], trace)
+        return _combine(value, [_scaled(a, w), _scaled(b, 1 - w)], trace)
 
     return rule
 

@@ -17,7 +17,7 @@ import string
 import torch
 import torch.nn.functional as F
 
-from ..jet import make_jet
+from ..jet import lazy, make_jet
 from ..registry import register
 from .common import is_jet, multilinear, primal, traced, uncovered
 
@@ -78,7 +78,7 @@ def _linear(func, args, kwargs):
         return traced(multilinear(F.linear, [x, w], _linear_batched)) + traced(bias)
     value = F.linear(primal(x), primal(w), bias)
     if is_jet(x) and not is_jet(w):  # h @ W^T + b with constant weights: the hot path
-        return make_jet(value, F.linear(x.jac, w), F.linear(x.lap, w), x.trace)
+        return make_jet(value, lazy(lambda: F.linear(x.jac, w), w), F.linear(x.lap, w), x.trace)
     return multilinear(F.linear, [x, w], _linear_batched, value=value)
 
 

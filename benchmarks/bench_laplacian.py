@@ -1,0 +1,144 @@
+"""The Laplacian of a tanh MLP: so.laplacian (forward Laplacian) vs the ways users write it today.
+
+Run: ``python -m benchmarks.bench_laplacian`` (``--quick`` for fewer warm calls,
+``--dims=2,10`` to select input dimensions, ``--repeat=R`` rounds). Workload:
+a tanh MLP ``d -> 128 -> 128 -> 128 -> 1`` in float32 on the CPU, 1024 points,
+one intra-op thread unless ``OMP_NUM_THREADS`` is set. Two tasks: the
+per-point Laplacians alone (``vmap`` over the points), and one physics-informed
+training step, ``torch.func.grad`` w.r.t. the parameters of
+``mean((Delta u(x) + s(x))^2)``. Methods:
+
+* ``so.laplacian`` (default method: the forward Laplacian);
+* ``so.laplacian(method="exact")`` (one Hessian-vector product per input entry);
+* ``vmap`` of ``torch.trace(torch.func.hessian(u))``;
+* ``vmap`` of a sum of nested ``jvp`` s over the basis directions (``vmap`` over them).
+
+Each (method, dimension, task) runs in its own process (see
+:mod:`benchmarks.harness`); the rounds interleave the methods and each keeps
+its fastest round. Ratios are each row's warm time (and peak extra memory) over
+ours, as in the other benchmarks: above 1x means we are faster / leaner; the
+summary line gives the smallest of the baselines' time ratios (the issue's
+targets: at least 3x at d = 100, at least 1x at d = 2).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, hessian, jvp, vmap
+
+from benchmarks import harness
+
+DIMS = (2, 10, 100)
+POINTS = 1024
+WIDTH = 128
+METHODS = ("forward", "exact", "hessian", "nested_jvp")
+LABELS = {
+    "forward": "`so.laplacian` (forward Laplacian)",
+    "exact": "`so.laplacian(method=\"exact\")`",
+    "hessian": "`vmap` of `trace(torch.func.hessian)`",
+    "nested_jvp": "`vmap` of nested `jvp`s over the basis",
+}
+BASELINES = ("exact", "hessian", "nested_jvp")
+
+
+def problem(d: int):
+    """The MLP ``u(params, x)``, its parameters, the points and the source term."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH), nn.Tanh(),
+                          nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, 1))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    points = torch.rand(POINTS, d, generator=g)
+    source = torch.sin(points).sum(-1)
+
+    def u(p, x):
+        return functional_call(model, p, (x,)).squeeze(-1)
+
+    return u, params, points, source
+
+
+def laplacian_fn(method: str, u, d: int):
+    """A function ``(params, x) -> Delta u(params, x)`` for one point."""
+    import secorder as so
+
+    if method == "forward":
+        return so.laplacian(u, argnums=1)
+    if method == "exact":
+        return so.laplacian(u, argnums=1, method="exact")
+    if method == "hessian":
+        return lambda p, x: torch.trace(hessian(u, argnums=1)(p, x))
+    basis = torch.eye(d)
+
+    def nested(p, x):
+        def second(e):
+            return jvp(lambda y: jvp(lambda z: u(p, z), (y,), (e,))[1], (x,), (e,))[1]
+
+        return vmap(second)(basis).sum()
+
+    return nested
+
+
+def case(method: str, d: int, task: str):
+    u, params, points, source = problem(d)
+    per_point = vmap(laplacian_fn(method, u, d), in_dims=(None, 0))
+    if task == "laplacian":
+        return lambda: per_point(params, points)
+    step = grad(lambda p: ((per_point(p, points) + source) ** 2).mean())
+    return lambda: step(params)
+
+
+CASES = {}
+for _m in METHODS:
+    for _d in DIMS:
+        for _t in ("laplacian", "step"):
+            CASES[f"{_m}:{_d}:{_t}"] = (lambda m, d, t: lambda: case(m, d, t))(_m, _d, _t)
+
+
+def main() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    quick = "--quick" in sys.argv
+    warm = 2 if quick else 5
+    repeat = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--repeat=")), 1 if quick else 2)
+    dims = next((tuple(int(x) for x in a.split("=")[1].split(",")) for a in sys.argv if a.startswith("--dims=")),
+                DIMS)
+    lines = [
+        "| d | task | method | warm (ms) | peak extra mem (MiB) | time vs ours | mem vs ours |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    summary = []
+    for d in dims:
+        for task in ("laplacian", "step"):
+            res = {}
+            for _ in range(repeat):
+                for m in METHODS:
+                    slow = m in ("nested_jvp", "hessian") and d >= 100
+                    r = harness.run_case("bench_laplacian", f"{m}:{d}:{task}", warm=2 if slow else warm)
+                    if m not in res or r["warm_s"] < res[m]["warm_s"]:
+                        res[m] = r
+            ours = res["forward"]
+            for m in METHODS:
+                r = res[m]
+                lines.append(
+                    f"| {d} | {task} | {LABELS[m]} | {1e3 * r['warm_s']:.1f} | {r['peak_mib']:.1f} | "
+                    f"{harness.fmt_ratio(r['warm_s'], ours['warm_s'])} | "
+                    f"{harness.fmt_ratio(r['peak_mib'], max(ours['peak_mib'], 1e-9))} |"
+                )
+            fastest = min(BASELINES, key=lambda m: res[m]["warm_s"])
+            summary.append(f"d={d} {task}: {harness.fmt_ratio(res[fastest]['warm_s'], ours['warm_s'])} "
+                           f"faster than the fastest baseline ({fastest})")
+            print("\n".join(lines[-len(METHODS):]), flush=True)
+    print(f"\n(torch {torch.__version__}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, {POINTS} points, "
+          "float32 CPU)")
+    print("\n" + "\n".join(lines))
+    print("\n" + "\n".join(summary))
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        harness.worker_main(CASES)
+    else:
+        main()
