@@ -130,8 +130,8 @@ def custom_module():
 
 
 def layer_norm():
-    """LayerNorm at index 1, which the fast engine does not support."""
-    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 2))
+    """GroupNorm at index 1, which the fast engine does not support."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.GroupNorm(1, 4), nn.Tanh(), nn.Linear(4, 2))
     return model, F.cross_entropy, (torch.randn(10, 3), torch.randint(0, 2, (10,)))
 
 
@@ -146,6 +146,16 @@ def diverges():
     model = nn.Sequential(nn.Linear(3, 1))
     x, y = torch.randn(16, 3), torch.randn(16, 1)
     return model, lambda out, t: (out.exp() - t).pow(2).mean(), (x, y)
+
+
+def empty_batch():
+    model, x, y = _tiny()
+    return model, F.cross_entropy, (x[:0], y[:0])
+
+
+def dict_inputs():
+    model, x, y = _tiny()
+    return model, F.cross_entropy, ({"x": x}, y)
 
 
 def wrong_shapes():
@@ -318,12 +328,12 @@ def test_fallback_line_is_plain_words_with_details_in_json_and_log():
     assert text.rc == 0, text.err
     line = next(l for l in text.out.splitlines() if "exact curvature" in l)
     assert line.strip() == ("exact curvature: Hessian-vector products, one per parameter "
-                            "(the fast engine does not support LayerNorm at layer 1)")
+                            "(the fast engine does not support GroupNorm at layer 1)")
     assert "engine=" not in text.out and "structured" not in text.out
     r = as_json(cli(*args, "--json"))
-    assert "module '1' (LayerNorm) is not supported" in r["phases"][0]["exact"]["structured_fallback_reason"]
+    assert "module '1' (GroupNorm) is not supported" in r["phases"][0]["exact"]["structured_fallback_reason"]
     verbose = cli(*args, "-v")
-    assert "(LayerNorm) is not supported" in verbose.err and "INFO" in verbose.err
+    assert "(GroupNorm) is not supported" in verbose.err and "INFO" in verbose.err
     assert text.err == ""  # without -v, the log stays quiet
 
 
@@ -331,7 +341,7 @@ def test_skipped_exact_line_says_why_in_plain_words():
     run = cli("report", "--model", "tests.test_cli:layer_norm", "--steps", "1", "--num-samples", "2",
               "--exact-limit", "5")
     assert ("exact curvature skipped: 34 parameters > --exact-limit 5 and the fast engine does not support "
-            "LayerNorm at layer 1 (--exact always forces it)") in run.out
+            "GroupNorm at layer 1 (--exact always forces it)") in run.out
 
 
 def test_estimator_options_are_checked_up_front():
@@ -378,6 +388,8 @@ ERRORS = [
     (["--model", "tests.test_cli:returns_bad_model"], "model of type str; expected a torch.nn.Module"),
     (["--model", "tests.test_cli:returns_bad_data"], "data of type int; expected a batch (inputs, targets)"),
     (["--model", "tests.test_cli:returns_bad_batch"], "batch 1 of data is a str"),
+    (["--model", "tests.test_cli:empty_batch"], "batch 0 has no examples (inputs of shape (0, 3))"),
+    (["--model", "tests.test_cli:dict_inputs"], "data (inputs, targets) whose inputs are a dict; expected a tensor"),
     (["--model", "tests.test_cli:nonscalar_loss"], "shape (10,); expected a scalar (0-dim) loss"),
     (["--model", "tests.test_cli:raises"], "the factory raised RuntimeError: dataset not found"),
     (["--model", TINY, "--device", "nonsense"], "unknown device 'nonsense'"),
@@ -662,3 +674,4 @@ def test_console_script(launched):
     # --exact always overrides the limit
     assert r["exact"] == {"mode": "always", "limit": 10, "computed": True, "engine": "generic"}
     assert r["phases"][0]["exact_trace"] is not None
+    assert r["last_train_loss"] is None and r["warnings"] == []  # no steps: nothing to warn about

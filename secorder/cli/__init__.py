@@ -45,11 +45,17 @@ Adding a command (say ``secorder spectrum``):
      it, and a test compares it with a real result.
 
 2. Add ``"spectrum"`` to :data:`secorder.cli.main.COMMANDS`.
-3. Test it in-process: ``main(["spectrum", ...])`` returns the exit status and
-   prints to ``capsys``; factories for ``--model`` can live in the test module
-   (``tests.test_cli:tiny_problem``). Add a section to ``docs/cli.rst`` that
-   includes the generated ``_generated/cli_spectrum_json.part.rst``
-   (``docs/conf.py`` writes one for every command with a ``JSON_LAYOUT``).
+3. Test it in-process: ``main(["spectrum", ...])`` returns the exit status
+   (never raises ``SystemExit``) and prints to the captured stdout/stderr
+   (``tests/test_cli.py``'s ``cli()`` helper); factories for ``--model`` can
+   live in the test module (``tests.test_cli:tiny_problem``). Compare a real
+   result with ``JSON_LAYOUT`` as ``test_json_keys_are_the_documented_layout``
+   does for ``report``.
+4. Document it in ``docs/cli.rst``: a section that includes the generated
+   ``_generated/cli_spectrum_help.part.rst`` (its ``--help``) and
+   ``_generated/cli_spectrum_json.part.rst`` (its JSON keys); ``docs/conf.py``
+   writes both for every command of :data:`~secorder.cli.main.COMMANDS`, and
+   ``tests/test_docs.py`` fails while the page lacks an option or a key.
 """
 
 from .errors import UsageError

@@ -156,6 +156,9 @@ def _check_result(result: Any, where: str, max_batches: int) -> Tuple[nn.Module,
     if not callable(loss_fn):
         raise UsageError(f"{where} returned a loss_fn of type {type(loss_fn).__name__}; "
                          "expected a callable loss_fn(outputs, targets)")
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor) and not isinstance(data[0], Tensor):
+        raise UsageError(f"{where} returned data (inputs, targets) whose inputs are a {type(data[0]).__name__}; "
+                         "expected a tensor (a model taking several inputs can unpack one tensor or be wrapped)")
     if _is_batch(data):
         batches = [tuple(data)]
     elif isinstance(data, Tensor) or not isinstance(data, Iterable):
@@ -170,6 +173,9 @@ def _check_result(result: Any, where: str, max_batches: int) -> Tuple[nn.Module,
             batches.append(tuple(batch))
         if not batches:
             raise UsageError(f"{where} returned an empty iterable of batches")
+    for i, (inputs, _) in enumerate(batches):
+        if inputs.ndim == 0 or inputs.shape[0] == 0:
+            raise UsageError(f"{where}: batch {i} has no examples (inputs of shape {tuple(inputs.shape)})")
     if not any(p.requires_grad for p in model.parameters()):
         raise UsageError(f"{where} returned a model with no trainable parameters")
     return model, loss_fn, batches

@@ -327,11 +327,13 @@ def _measure(loss: _Loss, params: Dict[str, Tensor], args: argparse.Namespace, c
     return result
 
 
-def _train(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch], args: argparse.Namespace) -> float:
-    """``--steps`` Adam steps cycling over ``batches``; returns the last batch loss."""
+def _train(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch], args: argparse.Namespace) -> Optional[float]:
+    """``--steps`` Adam steps cycling over ``batches``; returns the last batch loss (``None`` without steps)."""
+    if args.steps == 0:
+        return None
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    last: Any = float("nan")
+    last: Any = None
     for step in Progress.over(range(args.steps), args.steps, "training", args.progress):
         x, y = batches[step % len(batches)]
         opt.zero_grad(set_to_none=True)
