@@ -1,0 +1,303 @@
+"""Structured engine on transformer blocks and branches: rules from a settings list, then whole models.
+
+Per rule (float64, random inputs): Jacobian products against ``vmap(vjp)``; the
+pull-back of every curvature term kind, tokenwise ones included, against
+``J_n^T H_n J_n``; the residual against the second derivative of ``<g, forward(x)>``;
+the parameter diagonal against ``diag(sum_n J_n^T H_n J_n)`` for every term kind.
+The tokenwise term and the column algebra against their dense definitions. Whole
+models (every new module alone and in combination, a two-block transformer
+language model with both ways of writing a token-level cross-entropy) against
+float64 ``torch.func.hessian``, the GGN ``J^T H J`` and the generic path.
+"""
+
+import functools
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import jacrev, vjp, vmap
+
+import secorder as so
+from secorder.structured import registry
+from secorder.structured.columns import add_columns, column_form, narrow
+from secorder.structured.curvature import Curvature, Diagonal, Factor
+from secorder.structured.rules import attention as attention_rules
+from secorder.structured.tokens import FlattenBatch, Tokenwise, channels_first
+from secorder.structured.transformer import (PositionalEmbedding, ScaledDotProductAttention, SelfAttention,
+                                             Transpose)
+from tests.reference import reference_diag
+from tests.test_structured_rules import dense, per_sample_jacobian, random_terms
+
+DT = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+# ---- the tokenwise term kind against its definition -----------------------------------------------
+
+def _flat_positions(shape, pos):
+    """For each entry of the rows layout (positions, then features), its flat index in the tensor layout."""
+    A = torch.arange(math.prod(shape[1:])).reshape(shape[1:])
+    feat = [d for d in range(1, len(shape)) if d not in pos]
+    return A.permute([p - 1 for p in pos] + [f - 1 for f in feat]).reshape(-1)
+
+
+def dense_any(term, shape):
+    """``[N, F, F]`` per-sample matrices of any term kind, tokenwise ones from their definition."""
+    if not isinstance(term, Tokenwise):
+        return dense(term, shape)
+    N, P = shape[0], term.positions
+    feat = tuple(shape[d] for d in range(1, len(shape)) if d not in term.pos)
+    F = math.prod(feat)
+    R = N * P if term.index is None else term.index.shape[0]
+    Q = R // N
+    inner = dense_any(term.inner, (R,) + feat)
+    target = torch.arange(P).expand(N, P) if term.index is None else term.index.reshape(N, Q)
+    M = torch.zeros(N, P, F, P, F, dtype=DT)
+    for n in range(N):
+        for q in range(Q):
+            p = target[n, q]
+            M[n, p, :, p, :] += inner[n * Q + q]
+    flat = _flat_positions(tuple(shape), term.pos)
+    out = torch.zeros(N, P * F, P * F, dtype=DT)
+    out[:, flat[:, None], flat[None, :]] = M.reshape(N, P * F, P * F)
+    return out
+
+
+def tokenwise_terms(shape, K=2):
+    """Tokenwise terms at ``shape`` (positions: dims 1..-2; also every other single dim and with an index)."""
+    shape = tuple(shape)
+    nd = len(shape)
+    out = {}
+    layouts = [tuple(range(1, nd - 1))] + [(d,) for d in range(1, nd - 1) if (d,) != tuple(range(1, nd - 1))]
+    layouts += [(nd - 1,)] if nd > 2 else []  # the features before the positions
+    for pos in layouts:
+        P = math.prod(shape[p] for p in pos)
+        feat = tuple(shape[d] for d in range(1, nd) if d not in pos)
+        rows = (shape[0] * P,) + feat
+        for name, inner in random_terms(rows, K).items():
+            out[f"tokenwise{pos}-{name}"] = Tokenwise(inner, shape, pos)
+        if pos == layouts[0]:
+            Q = P + 1
+            idx = torch.randint(0, P, (shape[0] * Q,))
+            out[f"tokenwise{pos}-index"] = Tokenwise(Factor(torch.randn((K, shape[0] * Q) + feat, dtype=DT),
+                                                            torch.randn(K, shape[0] * Q, dtype=DT)), shape, pos, idx)
+    return out
+
+
+def all_terms(shape):
+    return {**random_terms(tuple(shape)), **tokenwise_terms(shape)}
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (2, 2, 3, 2), (3, 4)], ids=str)
+def test_tokenwise_term_against_its_definition(shape):
+    torch.manual_seed(0)
+    N, F = shape[0], math.prod(shape[1:])
+    for name, term in tokenwise_terms(shape).items():
+        H = dense_any(term, shape)
+        torch.testing.assert_close(dense(term.as_factor(), shape), H, **TOL, msg=name)
+        torch.testing.assert_close(term.diagonal().reshape(N, F), torch.diagonal(H, dim1=1, dim2=2), **TOL, msg=name)
+        C = shape[1]
+        S = F // C
+        Hb = H.reshape(N, C, S, C, S)
+        blocks = torch.stack([Hb[:, c, :, c, :] for c in range(C)], 1)
+        for X in (torch.randn(N, 1, 2, S, dtype=DT), torch.randn(N, C, 1, S, dtype=DT)):
+            Xe = X.expand(N, C, X.shape[2], S)
+            expected = torch.einsum("ncjs,ncst,ncjt->cj", Xe, blocks, Xe)
+            torch.testing.assert_close(term.quadratic(X), expected, **TOL, msg=name)
+        # column algebra: the column form is the same matrix; adding a pull-back to itself doubles it
+        cf = column_form(term)
+        torch.testing.assert_close(dense_any(cf, shape), H, **TOL, msg=name)
+        torch.testing.assert_close(dense_any(add_columns(cf, cf), shape), 4 * H, **TOL, msg=name)
+        for dim in range(1, len(shape)):
+            sl = slice(1, shape[dim])
+            sub = narrow(term, dim, 1, shape[dim] - 1)
+            sub_shape = list(shape)
+            sub_shape[dim] -= 1
+            idx = torch.arange(F).reshape(shape[1:])[(slice(None),) * (dim - 1) + (sl,)].reshape(-1)
+            torch.testing.assert_close(dense_any(sub, sub_shape), H[:, idx[:, None], idx[None, :]], **TOL,
+                                       msg=f"{name} narrow {dim}")
+
+
+def test_channels_first_is_a_permutation_of_every_term():
+    torch.manual_seed(1)
+    shape = (2, 3, 4)
+    perm_idx = torch.arange(12).reshape(3, 4).t().reshape(-1)  # channels-first entry -> channels-last entry
+    for name, term in all_terms(shape).items():
+        cf = channels_first(Curvature([term]), shape, 1)
+        H = dense_any(term, shape)
+        got = sum(dense_any(t, (2, 4, 3)) for t in cf.terms)
+        torch.testing.assert_close(got, H[:, perm_idx[:, None], perm_idx[None, :]], **TOL, msg=name)
+
+
+def test_flatten_batch_makes_any_term_per_position():
+    torch.manual_seed(2)
+    shape = (2, 3, 4)
+    jac = FlattenBatch(shape, 1)
+    rows = (6, 4)
+    for name, term in {**random_terms(rows), **tokenwise_terms(rows)}.items():
+        Hrows = dense_any(term, rows)  # [6, 4, 4]
+        expected = torch.zeros(2, 12, 12, dtype=DT)
+        for n in range(2):
+            for t in range(3):
+                expected[n, 4 * t:4 * t + 4, 4 * t:4 * t + 4] = Hrows[3 * n + t]
+        torch.testing.assert_close(dense_any(term.pulled(jac), shape), expected, **TOL, msg=name)
+
+
+# ---- rules from a settings list ----------------------------------------------------------------------
+
+def _ln(shape, affine=True):
+    m = nn.LayerNorm(shape, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            m.weight.normal_()
+            m.bias.normal_()
+    return m
+
+
+# (id, module factory, input shape)
+SETTINGS = [
+    ("linear-3d", lambda: nn.Linear(4, 3), (2, 3, 4)),
+    ("linear-4d-nobias", lambda: nn.Linear(4, 3, bias=False), (2, 2, 3, 4)),
+    ("layernorm-3d", lambda: _ln(4), (2, 3, 4)),
+    ("layernorm-2d", lambda: _ln(4), (3, 4)),
+    ("layernorm-two-dims", lambda: _ln((2, 3)), (2, 2, 2, 3)),
+    ("layernorm-noaffine", lambda: _ln(4, affine=False), (2, 3, 4)),
+    ("gelu-3d", nn.GELU, (2, 3, 4)),
+    ("dropout-eval-3d", lambda: nn.Dropout(0.3).eval(), (2, 3, 4)),
+    ("attention", lambda: ScaledDotProductAttention(2), (2, 3, 12)),
+    ("attention-causal", lambda: ScaledDotProductAttention(2, causal=True), (2, 4, 6)),
+    ("transpose", lambda: Transpose(1, 2), (2, 3, 4)),
+    ("transpose-negative", lambda: Transpose(-1, 1), (2, 2, 3, 2)),
+    ("positional-embedding", lambda: PositionalEmbedding(5, 4), (2, 3, 4)),
+]
+ids = [s[0] for s in SETTINGS]
+
+
+def make(setting):
+    name, factory, shape = setting
+    torch.manual_seed(sum(map(ord, name)))
+    module = factory().to(DT)
+    rule = registry.rule_for(type(module))(module)
+    tensors = {n: t.detach() for n, t in list(module.named_parameters()) + list(module.named_buffers())}
+    return module, rule, tensors, torch.randn(shape, dtype=DT)
+
+
+def output(rule, tensors, x):
+    return rule.forward(x, tensors)[0]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=ids)
+def test_jacobian_products_match_vjp(setting):
+    module, rule, tensors, x = make(setting)
+    z, state = rule.forward(x, tensors)
+    torch.testing.assert_close(z, module(x), **TOL)
+    jac = rule.jacobian(state)
+    _, pullback = vjp(functools.partial(output, rule, tensors), x)
+    B = torch.randn((3,) + tuple(z.shape), dtype=DT)
+    torch.testing.assert_close(jac.t_columns(B), vmap(lambda b: pullback(b)[0])(B), **TOL)
+    torch.testing.assert_close(jac.t_vector(B[0]), pullback(B[0])[0], **TOL)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=ids)
+def test_every_term_kind_pulls_back_as_jt_h_j(setting):
+    _, rule, tensors, x = make(setting)
+    z, state = rule.forward(x, tensors)
+    jac = rule.jacobian(state)
+    J = per_sample_jacobian(functools.partial(output, rule, tensors), x)
+    for name, term in all_terms(tuple(z.shape)).items():
+        expected = J.transpose(1, 2) @ dense_any(term, z.shape) @ J
+        torch.testing.assert_close(dense_any(term.pulled(jac), x.shape), expected, **TOL, msg=name)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=ids)
+def test_residual_is_the_second_derivative_weighted_by_the_gradient(setting):
+    _, rule, tensors, x = make(setting)
+    z, state = rule.forward(x, tensors)
+    g = torch.randn_like(z)
+    N, F = x.shape[0], x[0].numel()
+
+    def weighted(xn, gn):
+        return (output(rule, tensors, xn.unsqueeze(0))[0] * gn).sum()
+
+    expected = vmap(torch.func.hessian(weighted))(x, g).reshape(N, F, F)
+    if not rule.has_residual:
+        torch.testing.assert_close(expected, torch.zeros_like(expected), **TOL)
+        return
+    torch.testing.assert_close(dense_any(rule.residual(state, g), x.shape), expected, **TOL)
+
+
+def _parameter_settings():
+    return [s for s in SETTINGS if registry.rule_for(type(s[1]())).parameters and list(s[1]().parameters())]
+
+
+@pytest.mark.parametrize("setting", _parameter_settings(), ids=lambda s: s[0])
+def test_parameter_diagonal_is_diag_of_jt_h_j(setting):
+    _, rule, tensors, x = make(setting)
+    check_parameter_diagonal(rule, tensors, x)
+
+
+def check_parameter_diagonal(rule, tensors, x):
+    z, state = rule.forward(x, tensors)
+    N, F = z.shape[0], z[0].numel()
+    names = [n for n in rule.parameters if n in tensors]
+    for name, term in all_terms(tuple(z.shape)).items():
+        curv = Curvature([term])
+        H = dense_any(term, z.shape)
+        got = rule.parameter_diagonal(state, curv, frozenset(names))
+        assert sorted(got) == sorted(names)
+        for p in names:
+            Jp = jacrev(lambda v, p=p: output(rule, {**tensors, p: v}, x))(tensors[p]).reshape(N, F, -1)
+            expected = torch.einsum("nfp,nfg,ngp->p", Jp, H, Jp).reshape(tensors[p].shape)
+            torch.testing.assert_close(got[p], expected, **TOL, msg=f"{name} {p}")
+        total = sum(v.sum() for v in got.values())
+        torch.testing.assert_close(rule.parameter_trace(state, curv, frozenset(names)), total, **TOL)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 1])
+def test_embedding_parameter_diagonal_with_repeated_tokens(padding_idx):
+    torch.manual_seed(3)
+    module = nn.Embedding(6, 3, padding_idx=padding_idx).to(DT)
+    rule = registry.rule_for(nn.Embedding)(module)
+    tensors = {"weight": module.weight.detach()}
+    x = torch.tensor([[0, 2, 0, 1], [3, 3, 3, 1]])  # repeats within a sequence, row 4 and 5 unused
+    z, _ = rule.forward(x, tensors)
+    torch.testing.assert_close(z, module(x), **TOL)
+    check_parameter_diagonal(rule, tensors, x) if padding_idx is None else None
+    if padding_idx is not None:  # the padding row's diagonal is zero, as its gradient
+        z, state = rule.forward(x, tensors)
+        d = rule.parameter_diagonal(state, Curvature([Diagonal(torch.ones_like(z))]), frozenset({"weight"}))
+        assert bool((d["weight"][1] == 0).all()) and bool((d["weight"][0] > 0).all())
+
+
+def test_embedding_declines_what_autograd_does_not_differentiate():
+    from secorder.structured.errors import Unsupported
+
+    for m in (nn.Embedding(4, 2, max_norm=1.0), nn.Embedding(4, 2, scale_grad_by_freq=True)):
+        with pytest.raises(Unsupported):
+            registry.rule_for(nn.Embedding)(m)
+    rule = registry.rule_for(nn.Embedding)(nn.Embedding(4, 2))
+    with pytest.raises(Unsupported, match="integer"):
+        rule.forward(torch.zeros(2, 3), {"weight": torch.zeros(4, 2)})
+    _, state = rule.forward(torch.zeros(2, 3, dtype=torch.long), {"weight": torch.zeros(4, 2)})
+    with pytest.raises(Unsupported, match="first"):
+        rule.jacobian(state)
+
+
+def test_self_attention_is_multihead_attention():
+    torch.manual_seed(4)
+    d, h, T = 8, 2, 5
+    mha = nn.MultiheadAttention(d, h, batch_first=True).to(DT)
+    ours = SelfAttention(d, h, causal=True).to(DT)
+    with torch.no_grad():
+        ours.in_proj.weight.copy_(mha.in_proj_weight)
+        ours.in_proj.bias.copy_(mha.in_proj_bias)
+        ours.out_proj.weight.copy_(mha.out_proj.weight)
+        ours.out_proj.bias.copy_(mha.out_proj.bias)
+    x = torch.randn(3, T, d, dtype=DT)
+    mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+    torch.testing.assert_close(ours(x), mha(x, x, x, attn_mask=mask, need_weights=False)[0], **TOL)
+    with pytest.raises(ValueError, match="divisible"):
+        SelfAttention(6, 4)
+    with pytest.raises(TypeError, match="causal"):
+        ScaledDotProductAttention(2, causal=1)
