@@ -2,7 +2,10 @@
 
 For a model made of modules with a registered rule (a nested ``nn.Sequential``
 of ``Linear``, ``Conv1d/2d``, pooling, ``Flatten``, ``BatchNorm`` in eval mode
-and elementwise activations, and :class:`Residual` skip-connection blocks) and
+and elementwise activations, and :class:`Residual` skip-connection blocks; for
+transformers ``Embedding``, ``LayerNorm``, :class:`SelfAttention`,
+:class:`PositionalEmbedding` and :class:`Parallel` branches, see
+:mod:`.transformer`) and
 a supported loss (cross-entropy, MSE, BCE with logits), the exact diagonal of
 the Hessian of the loss with respect to the parameters costs a few backward
 passes: the loss Hessian with respect to the network output is factored in
@@ -20,7 +23,9 @@ per family, and :mod:`.rules.example`, a documented user rule),
 :mod:`.jacobians` (a module's Jacobian as the products the sweep needs),
 :mod:`.losses` (loss-output factorisations), :mod:`.walker` (does a model
 qualify; its plan), :mod:`.backprop` (the driver), :mod:`.blocks`
-(``Residual``).
+(``Residual``, ``Parallel``), :mod:`.tokens` (curvature per token, and the
+Jacobians that keep it so), :mod:`.columns` (the column algebra of blocks),
+:mod:`.transformer` (``SelfAttention`` and the modules to write a transformer with).
 
 Example:
     >>> import torch
@@ -31,15 +36,17 @@ Example:
     True
 """
 
-from .blocks import Residual
+from .blocks import Parallel, Residual
 from .curvature import Curvature
 from .dispatch import functional_call_diag, model_diagonal, model_trace
 from .errors import Unsupported
 from .jacobians import Jacobian
 from .registry import register_rule, registered_rules, rule_for
 from .rule import BlockRule, Rule
+from .transformer import PositionalEmbedding, ScaledDotProductAttention, SelfAttention, Transpose
 
 __all__ = [
     "model_diagonal", "model_trace", "functional_call_diag", "Unsupported", "Residual",
     "Rule", "BlockRule", "register_rule", "rule_for", "registered_rules", "Curvature", "Jacobian",
+    "Parallel", "SelfAttention", "ScaledDotProductAttention", "PositionalEmbedding", "Transpose",
 ]

@@ -12,11 +12,17 @@
   ``nn.CircularPad*d``
 * :mod:`.reshape`: ``nn.Flatten``, ``nn.Identity``, ``nn.Dropout`` (eval mode)
 * :mod:`.residual`: :class:`secorder.Residual` (a block rule)
+* :mod:`.parallel`: :class:`secorder.Parallel` (a block rule: summed or concatenated branches)
+* :mod:`.layernorm`: ``nn.LayerNorm`` (per position)
+* :mod:`.embedding`: ``nn.Embedding`` (first layer), :class:`secorder.PositionalEmbedding`
+* :mod:`.attention`: :class:`secorder.structured.transformer.ScaledDotProductAttention` (inside :class:`secorder.SelfAttention`)
+* :mod:`.permute`: :class:`secorder.Transpose`
 * :mod:`.example`: the documented example of a user rule (not imported here)
 """
 
 from . import (  # noqa: F401 (registration)
     activations, batchnorm, conv, elementwise, linear, padding, pooling, reshape, residual,
 )
+from . import attention, embedding, layernorm, parallel, permute  # noqa: F401 (registration)
 
 __all__: list = []

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from torch import Tensor, nn
 
 from ..blocks import Residual
-from ..curvature import Curvature, Factor
+from ..columns import add_columns, column_form
+from ..curvature import Curvature
 from ..errors import Unsupported
 from ..registry import register_rule
 from ..rule import BlockRule
@@ -49,11 +50,11 @@ class ResidualRule(BlockRule[ResidualState]):
         if not need_input:
             sweep.pull(body, state.body, curv, grad_out, False, False)
             return None, None
-        columns = curv.columns()
+        columns = [column_form(t) for t in curv.terms]  # per token while tokenwise
         pulled, body_g = sweep.pull(body, state.body, Curvature(list(columns)), grad_out, True, need_grad_input)
         # Term i of the pulled curvature comes from column set i (Curvature.pulled keeps the order;
         # the body's residual terms come after): add the skip path to each.
         k = len(columns)
-        skip = [Factor(b.as_factor().B + c.B, c.w) for b, c in zip(pulled.terms[:k], columns)]
+        skip = [add_columns(b, c) for b, c in zip(pulled.terms[:k], columns)]
         g = grad_out + body_g if need_grad_input else None
         return Curvature(skip + pulled.terms[k:]), g
