@@ -156,7 +156,7 @@ def _explicit_jtj_diag(model, x, params_names):
 @pytest.mark.parametrize("norm", [False, True], ids=["structured", "generic"])
 def test_gauss_newton_is_diag_jtj(norm):
     torch.manual_seed(3)
-    layers = [nn.Linear(4, 5)] + ([nn.LayerNorm(5)] if norm else []) + [nn.Tanh(), nn.Linear(5, 3)]
+    layers = [nn.Linear(4, 5)] + ([nn.RMSNorm(5)] if norm else []) + [nn.Tanh(), nn.Linear(5, 3)]
     model = nn.Sequential(*layers).double()
     x, y = torch.randn(6, 4, dtype=F64), torch.randn(6, 3, dtype=F64)
     model[0].bias.requires_grad_(False)                 # excluded, as in 0.0.1
@@ -172,7 +172,7 @@ def test_gauss_newton_is_diag_jtj(norm):
     for a, r in zip(got, ref):
         torch.testing.assert_close(a.detach(), r, rtol=1e-11, atol=1e-13)
     # The derivative of sum(diag) with respect to the first weight, against central differences of the
-    # explicit diag(J^T J) (torch.func's grad-of-jacrev through LayerNorm disagrees with both here).
+    # explicit diag(J^T J) (torch.func's grad-of-jacrev through RMSNorm disagrees with both here).
     first = names[0]
     w0 = dict(model.named_parameters())[first]
     (g,) = torch.autograd.grad(sum(a.sum() for a in got), [w0])

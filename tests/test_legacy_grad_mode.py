@@ -21,9 +21,9 @@ F64 = torch.float64
 
 
 def _closure_path_model():
-    # LayerNorm: the structured engine declines, the closure path runs.
+    # RMSNorm: the structured engine declines, the closure path runs.
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+    return nn.Sequential(nn.Linear(4, 5), nn.RMSNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
 
 
 def _structured_model():

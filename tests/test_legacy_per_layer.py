@@ -89,7 +89,7 @@ def test_documented_examples_verbatim():
 
 def _tanh_model(norm=False):
     torch.manual_seed(0)
-    layers = [nn.Linear(4, 5)] + ([nn.LayerNorm(5)] if norm else []) + [nn.Tanh(), nn.Linear(5, 3)]
+    layers = [nn.Linear(4, 5)] + ([nn.RMSNorm(5)] if norm else []) + [nn.Tanh(), nn.Linear(5, 3)]
     return nn.Sequential(*layers).to(F64)
 
 
@@ -108,8 +108,8 @@ def test_hessian_blocks_match_dense_hessian(norm, loss_fn):
         for k in layers:
             assert got[k].dtype == F64 and got[k].grad_fn is None if not create_graph else True
             torch.testing.assert_close(got[k].detach(), ref[k], rtol=1e-10, atol=1e-12)
-    if norm:   # LayerNorm counted as a layer: its parameters' block
-        got = per_layer_hessian_diagonal(model, loss_fn, x, y, layer_types=[nn.LayerNorm])
+    if norm:   # RMSNorm counted as a layer: its parameters' block
+        got = per_layer_hessian_diagonal(model, loss_fn, x, y, layer_types=[nn.RMSNorm])
         torch.testing.assert_close(got["1"], _blocks(model, torch.diagonal(H), ["1"])["1"], rtol=1e-10, atol=1e-12)
 
 
@@ -133,7 +133,7 @@ def test_frozen_layer_is_still_computed_and_flags_restored():
     torch.testing.assert_close(got["0"], _blocks(model, torch.diagonal(H), ["0"])["0"], rtol=1e-10, atol=1e-12)
     fisher = per_layer_fisher_diagonal(model, F.cross_entropy, x, y)
     assert fisher["0"][:20].abs().sum() > 0
-    assert [p.requires_grad for p in model.parameters()] == [False, True, True, True, True, True]
+    assert [p.requires_grad for p in model.parameters()] == [False, True, True, True, True]  # RMSNorm: weight only
 
 
 def test_state_restored_after_exception_and_training_batchnorm():
