@@ -13,7 +13,7 @@ from .modules import FunctionalLoss, functional_loss, params_dict
 from .transforms import (diagonal, diagonal_estimate, empirical_fisher_vp, fisher_vp, ggn_diag, ggn_trace, ggn_vp,
                          hessian_diag, hessian_diag_estimate, hvp, trace, trace_estimate)
 from .results import DiagonalEstimate, TraceEstimate
-from .structured import Residual
+from .structured import Parallel, PositionalEmbedding, Residual, SelfAttention, Transpose
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,10 @@ __all__ = [
     "ggn_diag",
     "ggn_trace",
     "Residual",
+    "Parallel",
+    "SelfAttention",
+    "PositionalEmbedding",
+    "Transpose",
     "functional_loss",
     "params_dict",
     "FunctionalLoss",
