@@ -303,8 +303,10 @@ def sample_output_gradients(
 
     Args:
         spec: the recognised loss.
-        out: the model output ``f``, ``[N, *feat]`` (detached or not: no gradient flows
-            through the draw, the probabilities are taken from ``out.detach()``).
+        out: the model output ``f``, ``[N, *feat]``. The labels are drawn from
+            ``out.detach()`` and then held fixed: gradients flow through ``out`` as
+            for a loss with those labels (``2 (f - y~)``, ``softmax(f) - onehot(y~)``,
+            ``sigmoid(f) - b``).
         target: the targets.
         mc_samples: ``M``, draws per sample (an int >= 1).
         generator: the source of randomness (``None``: the global RNG).
@@ -329,16 +331,17 @@ def sample_output_gradients(
     if spec.kind == "mse":
         mean = torch.zeros((M,) + tuple(f.shape), dtype=f.dtype, device=f.device)
         std = torch.as_tensor(math.sqrt(0.5), device=f.device)
-        return 2 * torch.normal(mean, std, generator=generator)
+        # 2 (f - y~) with y~ = f - e held fixed: the value is 2 e, the derivative that of 2 f.
+        return 2 * torch.normal(mean, std, generator=generator) + 2 * (out - f)
     if spec.kind == "bce":
         p = torch.sigmoid(f)
-        p = p.unsqueeze(0).expand((M,) + tuple(p.shape))
-        return p - p.bernoulli(generator=generator)
+        draws = p.unsqueeze(0).expand((M,) + tuple(p.shape)).bernoulli(generator=generator)
+        return torch.sigmoid(out).unsqueeze(0) - draws
     C = f.shape[1]
     p = _class_last(torch.softmax(f, dim=1))  # [N, *d, C]
     rows = p.reshape(-1, C)
     labels = rows.multinomial(num_samples=M, replacement=True, generator=generator).T  # [M, rows]
-    onehot = F.one_hot(labels, num_classes=C).to(f.dtype).reshape((M,) + tuple(p.shape))
-    g = (p.unsqueeze(0) - onehot).movedim(-1, 2)  # [M, N, C, *d]
+    onehot = F.one_hot(labels, num_classes=C).to(f.dtype).reshape((M,) + tuple(p.shape)).movedim(-1, 2)
+    g = torch.softmax(out, dim=1).unsqueeze(0) - onehot  # [M, N, C, *d]
     keep = _ce_keep(spec, f, target)
     return g if keep is None else torch.where(keep.unsqueeze(1) > 0, g, torch.zeros_like(g))
