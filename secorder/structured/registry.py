@@ -3,11 +3,14 @@
 The walker looks a module's exact type up here (a subclass of a supported
 module may change its forward, so it needs its own registration). The
 built-in rules register themselves when :mod:`secorder.structured.rules` is
-imported; users add theirs with :func:`register_rule`.
+imported; users add theirs with :func:`register_rule`. Rules for another
+package's modules can wait until a module type of that package is first looked
+up (:func:`register_lazy`), so that the package is never imported for nothing.
 """
 
 from __future__ import annotations
 
+import importlib
 from types import MappingProxyType
 from typing import Callable, Dict, Mapping, Optional, Type, TypeVar, Union
 
@@ -15,12 +18,13 @@ from torch import nn
 
 from .rule import BlockRule, Rule
 
-__all__ = ["register_rule", "rule_for", "registered_rules"]
+__all__ = ["register_rule", "rule_for", "registered_rules", "register_lazy"]
 
 AnyRule = Union[Type[Rule], Type[BlockRule]]
 R = TypeVar("R", bound=AnyRule)
 
 _RULES: Dict[type, AnyRule] = {}
+_LAZY: Dict[str, str] = {}  # package name: the module that registers the rules for its module types
 
 
 def register_rule(module_type: type, rule: Optional[R] = None, *, replace: bool = False) -> Union[R, Callable[[R], R]]:
@@ -82,7 +86,31 @@ def rule_for(module_type: type) -> Optional[AnyRule]:
         >>> rule_for(torch.nn.Linear).__name__, rule_for(torch.nn.LSTM)
         ('LinearRule', None)
     """
-    return _RULES.get(module_type)
+    rule = _RULES.get(module_type)
+    if rule is None and _LAZY:
+        package = (getattr(module_type, "__module__", None) or "").split(".")[0]
+        if package in _LAZY:
+            try:
+                importlib.import_module(_LAZY.pop(package))
+            except ImportError:  # a version of the package the rules do not know: no rules
+                return None
+            rule = _RULES.get(module_type)
+    return rule
+
+
+def register_lazy(package: str, rules_module: str) -> None:
+    """Import ``rules_module`` (which registers rules) when a module type of ``package`` is first looked up.
+
+    Args:
+        package: a top-level package name, such as ``"backpack"``.
+        rules_module: the fully qualified name of the module to import.
+
+    Example:
+        >>> register_lazy("backpack", "secorder.structured.rules.backpack")  # done by secorder.structured.rules
+    """
+    if not isinstance(package, str) or not isinstance(rules_module, str):
+        raise TypeError(f"package and rules_module must be str, got {type(package).__name__}, {type(rules_module).__name__}")
+    _LAZY[package] = rules_module
 
 
 def registered_rules() -> Mapping[type, AnyRule]:
