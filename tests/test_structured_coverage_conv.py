@@ -81,6 +81,24 @@ SETTINGS = [
     ("replicationpad1d", lambda: nn.ReplicationPad1d(2), (2, 2, 3)),
     ("circularpad3d", lambda: nn.CircularPad3d(1), (2, 1, 2, 2, 3)),
 ]
+
+try:  # BackPACK's custom modules (rules loaded on first lookup): the peers install BackPACK
+    from backpack.custom_module.pad import Pad
+    from backpack.custom_module.permute import Permute
+    from backpack.custom_module.scale_module import ScaleModule
+    from backpack.custom_module.slicing import Slicing
+except ImportError:  # pragma: no cover
+    pass
+else:
+    SETTINGS += [
+        ("backpack-pad", lambda: Pad((1, 1, 2, 0, 1, 2), mode="constant", value=1.0), (2, 2, 3, 2)),
+        ("backpack-pad-reflect", lambda: Pad((1, 2), mode="reflect"), (2, 2, 3)),
+        ("backpack-slicing", lambda: Slicing((slice(None), 0, slice(None, None, 2), slice(0, 2))), (2, 2, 5, 3)),
+        ("backpack-slicing-int", lambda: Slicing((slice(None), slice(None), -1)), (2, 3, 2)),
+        ("backpack-permute", lambda: Permute(0, 2, 1, 3), (2, 2, 3, 2)),
+        ("backpack-transpose", lambda: Permute(1, 2, init_transpose=True), (2, 3, 2)),
+        ("backpack-scale", lambda: ScaleModule(0.3), (2, 4)),
+    ]
 ids = [s[0] for s in SETTINGS]
 
 
@@ -219,6 +237,8 @@ def test_resnet_float32_matches_generic():
      torch.randn(2, 1, 5), "'1' (Upsample) is not supported"),
     (lambda: nn.Sequential(nn.Conv2d(1, 2, 2), nn.BatchNorm3d(2), nn.Flatten(), nn.Linear(8, 2)),
      torch.randn(2, 1, 3, 3), "'1' (BatchNorm3d) expected 5D input"),
+    (lambda: nn.Sequential(nn.Linear(3, 2), Slicing((slice(0, 2),))), torch.randn(2, 3),
+     "'1' (Slicing) slices the batch dimension"),
 ])
 def test_what_falls_back_says_which_module_and_why(model, x, fragment):
     model = model().to(DT).eval()
