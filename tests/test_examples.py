@@ -34,6 +34,7 @@ EXPECTED = {
     "adahessian.py": ([], "AdaHessian"),
     "migrate_closure.py": ([], "the closure and functional APIs agree"),
     "compare_estimators.py": (["--seeds", "2", "--budgets", "12"], "xtrace"),
+    "pinn_poisson.py": ([], "the PINN solution matches the analytic solution"),
 }
 
 
