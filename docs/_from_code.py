@@ -1,9 +1,11 @@
 """Parts of the docs generated from the code at build time, so that they cannot drift (run by ``conf.py``).
 
-* ``_generated/cli_<command>_json.part.rst``: the JSON keys of every ``secorder``
-  command with a ``JSON_LAYOUT`` (``secorder.cli.report.JSON_LAYOUT``), as a
-  nested list; ``tests/test_cli.py`` checks a real report against the layout.
-* ``_generated/cli_<command>_help.part.rst``: ``secorder <command> --help``, verbatim.
+* ``_generated/cli_commands.part.rst``: every ``secorder`` command of
+  ``secorder.cli.main.COMMANDS`` with its description, ``--help`` verbatim and
+  the keys of its JSON output (its ``JSON_LAYOUT``, e.g.
+  ``secorder.cli.report.JSON_LAYOUT``, as a nested list; ``tests/test_cli.py``
+  checks a real report against it). A new command appears on the CLI page
+  with no edit of the page.
 * ``_generated/extras.part.rst``: the optional extras of ``pyproject.toml``
   with what each installs, and what each is for (:data:`EXTRA_PURPOSES`;
   ``tests/test_docs.py`` fails when an extra has no purpose written here).
@@ -100,27 +102,37 @@ def _write(target: pathlib.Path, text: str) -> None:
         target.write_text(text, encoding="utf-8")
 
 
-def write_code_parts(root: pathlib.Path, out_dir: pathlib.Path) -> None:
-    """Write the JSON layout of every command and the extras table into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    from secorder.cli.main import COMMANDS, build_parser
-
-    for name in COMMANDS:
-        module = importlib.import_module(f"secorder.cli.{name}")
-        layout = getattr(module, "JSON_LAYOUT", None)
-        if layout is not None:
-            _write(out_dir / f"cli_{name}_json.part.rst", json_layout_rst(layout))
+def _help_text(parser: Any) -> str:
+    """``parser.format_help()`` at a fixed width (argparse wraps to the terminal's), as a literal block."""
     columns = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "90"  # argparse wraps the help to the terminal width; fix it for the page
+    os.environ["COLUMNS"] = "90"
     try:
-        parsers = build_parser().commands
-        for name in COMMANDS:
-            help_text = parsers[name].format_help().rstrip()
-            block = "\n".join(f"   {line}".rstrip() for line in help_text.splitlines())
-            _write(out_dir / f"cli_{name}_help.part.rst", f".. code-block:: text\n\n{block}\n")
+        text = parser.format_help().rstrip()
     finally:
         if columns is None:
             del os.environ["COLUMNS"]
         else:
             os.environ["COLUMNS"] = columns
+    return ".. code-block:: text\n\n" + "\n".join(f"   {line}".rstrip() for line in text.splitlines()) + "\n"
+
+
+def commands_rst() -> str:
+    """One section per ``secorder`` command: its description, ``--help`` and JSON keys (the CLI page's reference)."""
+    from secorder.cli.main import build_parser, command_modules
+
+    parsers = build_parser().commands
+    out = []
+    for name, module in command_modules().items():
+        title = f"``secorder {name}``"
+        out += [title, "~" * len(title), "", module.DESCRIPTION, "", "Options (``--help``):", "", _help_text(parsers[name])]
+        layout = getattr(module, "JSON_LAYOUT", None)
+        if layout is not None:
+            out += ["Keys of the ``--json`` object:", "", json_layout_rst(layout)]
+    return "\n".join(out)
+
+
+def write_code_parts(root: pathlib.Path, out_dir: pathlib.Path) -> None:
+    """Write the commands' reference and the extras table into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write(out_dir / "cli_commands.part.rst", commands_rst())
     _write(out_dir / "extras.part.rst", extras_rst(extras(root / "pyproject.toml")))

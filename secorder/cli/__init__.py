@@ -51,11 +51,10 @@ Adding a command (say ``secorder spectrum``):
    live in the test module (``tests.test_cli:tiny_problem``). Compare a real
    result with ``JSON_LAYOUT`` as ``test_json_keys_are_the_documented_layout``
    does for ``report``.
-4. Document it in ``docs/cli.rst``: a section that includes the generated
-   ``_generated/cli_spectrum_help.part.rst`` (its ``--help``) and
-   ``_generated/cli_spectrum_json.part.rst`` (its JSON keys); ``docs/conf.py``
-   writes both for every command of :data:`~secorder.cli.main.COMMANDS`, and
-   ``tests/test_docs.py`` fails while the page lacks an option or a key.
+4. Docs: the CLI page lists every command of :data:`~secorder.cli.main.COMMANDS`
+   with its ``DESCRIPTION``, ``--help`` and ``JSON_LAYOUT`` with no edit
+   (``docs/_from_code.py``), and ``tests/test_docs.py`` checks that each option
+   and key is there; add prose to ``docs/cli.rst`` where the command needs it.
 """
 
 from .errors import UsageError
