@@ -14,6 +14,8 @@ from .transforms import (diagonal, diagonal_estimate, empirical_fisher_vp, fishe
                          hessian_diag, hessian_diag_estimate, hvp, trace, trace_estimate)
 from .results import DiagonalEstimate, TraceEstimate
 from .structured import Parallel, PositionalEmbedding, Residual, SelfAttention, Transpose
+from .transforms.spectra import eigenvalues, spectral_density
+from .density import SpectralDensity
 
 __version__ = "0.1.0"
 
@@ -41,4 +43,7 @@ __all__ = [
     "params_dict",
     "FunctionalLoss",
     "tree",
+    "eigenvalues",
+    "spectral_density",
+    "SpectralDensity",
 ]

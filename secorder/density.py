@@ -219,8 +219,8 @@ class SpectralDensity(NamedTuple):
             ax: a matplotlib ``Axes`` (default: a new figure's).
             sigma: the kernel width (default :meth:`default_sigma`).
             num_points: resolution of the curve.
-            log: a logarithmic density axis (the usual view of Hessian spectra:
-                a bulk near zero and a few outliers).
+            log: a logarithmic density axis down to a millionth of the peak (the
+                usual view of Hessian spectra: a bulk near zero and a few outliers).
             **kwargs: passed to ``ax.plot``.
 
         Example:
@@ -231,7 +231,7 @@ class SpectralDensity(NamedTuple):
             >>> ax.figure.savefig("spectrum.png")               # doctest: +SKIP
         """
         try:
-            import matplotlib.pyplot as plt
+            import matplotlib  # noqa: F401
         except ImportError as exc:
             raise ImportError(
                 "SpectralDensity.plot needs matplotlib: pip install 'secorder[plot]' (or pip install matplotlib)"
@@ -244,12 +244,19 @@ class SpectralDensity(NamedTuple):
         grid = self.grid(num_points, sigma=sigma)
         values = self.density(grid, sigma=sigma)
         if ax is None:
+            import matplotlib.pyplot as plt
+
             _, ax = plt.subplots(figsize=(6, 4))
         ax.plot(grid.detach().cpu().numpy(), values.detach().cpu().numpy(), **kwargs)
         if log:
+            # Six decades below the peak: enough for outliers of weight 1/n next to the bulk.
+            # Several densities on one axes share the lowest floor.
+            peak = float(values.max())
+            floor = min(peak * 1e-6, getattr(ax, "_secorder_density_floor", peak))
+            top = max(peak * 3, getattr(ax, "_secorder_density_top", peak))
+            ax._secorder_density_floor, ax._secorder_density_top = floor, top
             ax.set_yscale("log")
-            floor = float(values.max()) * 1e-8
-            ax.set_ylim(bottom=max(floor, float(values[values > 0].min()) if bool((values > 0).any()) else floor))
+            ax.set_ylim(floor, top)
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
         return ax

@@ -301,7 +301,7 @@ def _adaptive(flat, start, spare, k, which, tol, basis_size, max_matvecs):
         _check_int(max_matvecs, "max_matvecs")
         if max_matvecs < k:
             raise ValueError(f"max_matvecs must be at least k={k}, got {max_matvecs}")
-    K = Krylov(flat, start, basis_size, spare)
+    K = Krylov(flat, start, basis_size, spare, host_checks=True)
     keep = min(basis_size - 1, k + max(1, (basis_size - k) // 2))
     tail = 0  # first basis index of the block the run is in
     broken_values: Optional[Tensor] = None  # eigenvalues of the block that broke down last

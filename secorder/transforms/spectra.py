@@ -1,0 +1,271 @@
+"""Spectra of any curvature: ``so.eigenvalues`` and ``so.spectral_density``.
+
+Both are transforms: they take ``f`` and return a function of ``f``'s arguments.
+Each call builds the curvature operator of that call
+(:func:`secorder.operators.make_operator`: the Hessian, the generalised
+Gauss-Newton, the Monte-Carlo Fisher or the empirical Fisher, one linearisation
+reused by every product) and runs Lanczos with full reorthogonalisation on it:
+
+* :func:`eigenvalues`: the ``k`` largest, smallest or largest-magnitude
+  eigenvalues, and optionally their eigenvectors, thick-restarted until the
+  residuals reach ``tol`` or for a fixed ``num_iterations``
+  (:mod:`secorder.estimators.eigen`);
+* :func:`spectral_density`: stochastic Lanczos quadrature, all probes advancing
+  through one batched matvec per step (:mod:`secorder.estimators.slq`), returned
+  as a :class:`~secorder.density.SpectralDensity`.
+
+``per_leaf=True`` runs them on each leaf's diagonal block instead (for a model's
+params dict: one spectrum per layer weight and bias), through the operator's
+block products, in one call.
+
+Randomness: ``seed=`` gives the same result on every call; ``generator=`` is used
+and advanced; with neither, the global RNG. The start vectors are random, so under
+``torch.func.vmap`` pass ``randomness="same"`` (every batch element starts from the
+same vectors) or ``"different"``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import torch
+
+from .. import _checks, tree
+from ..density import SpectralDensity
+from ..estimators.eigen import check_eigen_options, lanczos_eigenpairs
+from ..estimators.lanczos import block_operator
+from ..estimators.probes import make_generator
+from ..estimators.registry import check_random_source
+from ..estimators.slq import DEFAULT_NUM_ITERATIONS, DEFAULT_NUM_PROBES, check_slq_options
+from ..estimators.slq import stochastic_lanczos_quadrature
+from ..operators import make_operator
+from ..problem import Problem
+from ._core import check_common
+
+__all__ = ["eigenvalues", "spectral_density"]
+
+_VMAP_HINT = (
+    "so.eigenvalues with num_iterations=None decides when to stop on the host after every Lanczos step, "
+    "which cannot run under torch.func.vmap; pass num_iterations=<int> for a fixed number of steps"
+)
+
+
+def _check_flag(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _prologue(f: Any, argnums: Any, has_aux: Any, curvature: Any, mc_samples: Any, seed: Any, generator: Any,
+              **flags: Any) -> None:
+    """The checks every transform shares (:func:`secorder.transforms._core.check_common`), then ours."""
+    check_common(f, argnums, has_aux, curvature, mc_samples)
+    check_random_source(seed, generator)
+    for name, value in flags.items():
+        _check_flag(value, name)
+
+
+def _setup(problem: Problem, curvature: str, mc_samples: int, seed: Optional[int],
+           generator: Optional[torch.Generator]):
+    gen = make_generator(seed, generator, problem.leaves[0].device)
+    # The Monte-Carlo Fisher draws its labels when the operator is made, before the probes.
+    return make_operator(curvature, problem, mc_samples=mc_samples, generator=gen), gen
+
+
+def eigenvalues(
+    f: Callable[..., Any],
+    argnums: _checks.Argnums = 0,
+    *,
+    k: int = 1,
+    which: str = "largest",
+    curvature: str = "hessian",
+    num_iterations: Optional[int] = None,
+    tol: Optional[float] = None,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    return_eigenvectors: bool = False,
+    per_leaf: bool = False,
+    has_aux: bool = False,
+    mc_samples: int = 1,
+) -> Callable[..., Any]:
+    """Extreme eigenvalues of a curvature matrix: ``eigenvalues(f)(*args)`` is a ``(k,)`` tensor.
+
+    Lanczos with full reorthogonalisation on the curvature operator of ``f`` at
+    ``args`` with respect to ``args[argnums]`` (see
+    :mod:`secorder.estimators.eigen`). With ``num_iterations=None`` it steps until
+    every returned eigenpair has a residual ``||H u - lambda u|| <= tol * ||H||``
+    (``||H||`` estimated by the largest Ritz value in magnitude), so every returned
+    eigenvalue is within ``tol * ||H||`` of an eigenvalue, and much closer once it is
+    separated from the rest of the spectrum; the Krylov basis holds at most
+    ``max(2 k + 10, 30)`` vectors (thick restarts beyond that). With
+    ``num_iterations=m`` it takes exactly ``m`` steps (``m`` matvecs, memory
+    ``(m + 1) x n``) and decides nothing on the host, so it composes with
+    ``torch.func.vmap`` (for example per-example top eigenvalues). A Krylov
+    breakdown (an invariant subspace found early) is not an error: its eigenvalues
+    are exact and the run continues in the orthogonal complement, which is also how
+    repeated eigenvalues are found with their multiplicity.
+
+    Args:
+        f: a function returning a scalar (``(scalar, aux)`` with ``has_aux``); for
+            ``curvature`` other than ``"hessian"``, built with
+            :func:`secorder.functional_loss`.
+        argnums: which positional argument(s) to differentiate (int or tuple).
+        k: how many eigenvalues, between 1 and the number of entries of ``args[argnums]``.
+        which: ``"largest"`` (algebraic, descending), ``"smallest"`` (algebraic,
+            ascending) or ``"magnitude"`` (descending absolute value).
+        curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
+        num_iterations: a fixed number of Lanczos steps, ``k <= num_iterations <= n``;
+            ``None`` (default): adaptive, to ``tol``.
+        tol: the relative residual of the adaptive mode (default ``1e-4``); not with
+            ``num_iterations``.
+        seed: seeds the random start vector (and the Fisher's labels) on every call.
+        generator: a ``torch.Generator`` to draw them from instead (advanced).
+        return_eigenvectors: also return the eigenvectors, a pytree shaped like
+            ``args[argnums]`` with a leading ``k`` dimension, unit norm over all
+            leaves and mutually orthogonal.
+        per_leaf: the eigenvalues of each leaf's diagonal block instead (one call,
+            block products): a pytree like ``args[argnums]`` of ``(k,)`` tensors (a leaf
+            with fewer than ``k`` entries gives all of its eigenvalues; ``num_iterations``
+            is capped at the leaf's size); eigenvectors per leaf, shaped ``(k, *leaf.shape)``.
+        has_aux: ``f`` returns ``(loss, aux)``; the result is then ``(result, aux)``.
+        mc_samples: ``"fisher"`` only: label draws per sample.
+
+    Returns:
+        A function of ``f``'s arguments returning the eigenvalues, or
+        ``(eigenvalues, eigenvectors)`` with ``return_eigenvectors=True``.
+
+    Example:
+        >>> import torch, secorder as so
+        >>> f = lambda x: 2.5 * x[0] ** 2 + 1.5 * x[1] ** 2 + 0.5 * x[2] ** 2 - x[3] ** 2
+        >>> x = torch.zeros(4, dtype=torch.float64)
+        >>> so.eigenvalues(f, k=2, seed=0)(x).round(decimals=10)   # Hessian diag(5, 3, 1, -2)
+        tensor([5., 3.], dtype=torch.float64)
+        >>> so.eigenvalues(f, which="smallest", seed=0)(x).round(decimals=10)
+        tensor([-2.], dtype=torch.float64)
+        >>> values, vectors = so.eigenvalues(f, return_eigenvectors=True, seed=0)(x)
+        >>> vectors.abs().round(decimals=6)
+        tensor([[1., 0., 0., 0.]], dtype=torch.float64)
+    """
+    _prologue(f, argnums, has_aux, curvature, mc_samples, seed, generator,
+              return_eigenvectors=return_eigenvectors, per_leaf=per_leaf)
+    check_eigen_options(k, which, num_iterations, tol)
+
+    @functools.wraps(f)
+    def eigenvalues_fn(*args: Any, **kwargs: Any) -> Any:
+        problem = Problem(f, argnums, has_aux, args, kwargs)
+        op, gen = _setup(problem, curvature, mc_samples, seed, generator)
+
+        def solve(o, kk: int, m: Optional[int]):
+            return lanczos_eigenpairs(o, kk, which, num_iterations=m, tol=tol, generator=gen,
+                                      return_eigenvectors=return_eigenvectors)
+
+        try:
+            if per_leaf:
+                sizes = [t.numel() for t in op.templates]
+                if k > max(sizes):
+                    raise ValueError(f"k={k} is larger than every leaf (the largest has {max(sizes)} entries)")
+                results = [
+                    solve(block_operator(op, i), min(k, s), None if num_iterations is None else min(num_iterations, s))
+                    for i, s in enumerate(sizes)
+                ]
+                values = tree.unflatten(problem.spec, [r.eigenvalues for r in results])
+                vectors = (tree.unflatten(problem.spec, [r.eigenvectors[0] for r in results])
+                           if return_eigenvectors else None)
+            else:
+                res = solve(op, k, num_iterations)
+                values = res.eigenvalues
+                vectors = tree.unflatten(problem.spec, res.eigenvectors) if return_eigenvectors else None
+        except RuntimeError as err:
+            if num_iterations is None and "data-dependent control flow" in str(err):
+                raise RuntimeError(_VMAP_HINT) from err
+            raise
+        return problem.result((values, vectors) if return_eigenvectors else values)
+
+    return eigenvalues_fn
+
+
+def spectral_density(
+    f: Callable[..., Any],
+    argnums: _checks.Argnums = 0,
+    *,
+    curvature: str = "hessian",
+    num_probes: int = DEFAULT_NUM_PROBES,
+    num_iterations: Optional[int] = None,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    per_leaf: bool = False,
+    has_aux: bool = False,
+    chunk_size: Optional[int] = None,
+    mc_samples: int = 1,
+) -> Callable[..., Any]:
+    """Eigenvalue density of a curvature matrix by stochastic Lanczos quadrature.
+
+    ``spectral_density(f)(*args)`` is a :class:`~secorder.density.SpectralDensity`:
+    the quadrature nodes and weights of ``num_probes`` Lanczos runs of
+    ``num_iterations`` steps from random Rademacher unit probes, with full
+    reorthogonalisation (see :mod:`secorder.estimators.slq`). All runs of a chunk
+    advance together, one batched matvec per step; memory is
+    ``chunk_size x (num_iterations + 1) x n`` entries for the Krylov bases. Its
+    :meth:`~secorder.density.SpectralDensity.moment` ``(p)`` estimates
+    ``tr(H^p) / n`` (unbiased for ``p <= 2 num_iterations - 1``; ``n`` times the first
+    moment is Hutchinson's trace estimate from the same probes),
+    :meth:`~secorder.density.SpectralDensity.density` evaluates the
+    Gaussian-smoothed density on a grid and
+    :meth:`~secorder.density.SpectralDensity.plot` draws it. The number of
+    steps is fixed, so it composes with ``torch.func.vmap``
+    (``randomness="same"`` or ``"different"``).
+
+    Args:
+        f: a function returning a scalar (``(scalar, aux)`` with ``has_aux``); for
+            ``curvature`` other than ``"hessian"``, built with
+            :func:`secorder.functional_loss`.
+        argnums: which positional argument(s) to differentiate (int or tuple).
+        curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
+        num_probes: Lanczos runs (random probes), at least 1 (default 10).
+        num_iterations: Lanczos steps per run, between 1 and ``n`` (default
+            ``min(100, n)``); matvecs are ``num_probes * num_iterations``.
+        seed: seeds the probes (and the Fisher's labels) on every call.
+        generator: a ``torch.Generator`` to draw them from instead (advanced).
+        per_leaf: the density of each leaf's diagonal block instead: a pytree like
+            ``args[argnums]`` of ``SpectralDensity`` (``num_iterations`` capped at each
+            leaf's size).
+        has_aux: ``f`` returns ``(loss, aux)``; the result is then ``(density, aux)``.
+        chunk_size: probes per batched matvec (default: all of them, unless their
+            Krylov bases would exceed 2^27 entries).
+        mc_samples: ``"fisher"`` only: label draws per sample.
+
+    Returns:
+        A function of ``f``'s arguments returning a ``SpectralDensity`` (or a pytree of them).
+
+    Example:
+        >>> import torch, secorder as so
+        >>> f = lambda x: (torch.arange(1., 5.) * x ** 2).sum() / 2   # Hessian diag(1, 2, 3, 4)
+        >>> d = so.spectral_density(f, num_probes=3, num_iterations=4, seed=0)(torch.zeros(4))
+        >>> d.nodes.shape, round(d.moment(1).item(), 4), round(d.trace().item(), 4)
+        (torch.Size([3, 4]), 2.5, 10.0)
+        >>> grid = torch.linspace(0., 5., 6)
+        >>> d.density(grid, sigma=0.1).round(decimals=3)
+        tensor([0.0000, 0.9970, 0.9970, 0.9970, 0.9970, 0.0000])
+    """
+    _prologue(f, argnums, has_aux, curvature, mc_samples, seed, generator, per_leaf=per_leaf)
+    check_slq_options(num_probes, num_iterations, chunk_size)
+
+    @functools.wraps(f)
+    def spectral_density_fn(*args: Any, **kwargs: Any) -> Any:
+        problem = Problem(f, argnums, has_aux, args, kwargs)
+        op, gen = _setup(problem, curvature, mc_samples, seed, generator)
+
+        def run(o, m: Optional[int]) -> SpectralDensity:
+            return stochastic_lanczos_quadrature(o, num_probes, m, generator=gen, chunk_size=chunk_size)
+
+        if per_leaf:
+            densities = []
+            for i, t in enumerate(op.templates):
+                m = min(DEFAULT_NUM_ITERATIONS if num_iterations is None else num_iterations, t.numel())
+                densities.append(run(block_operator(op, i), m))
+            result: Any = tree.unflatten(problem.spec, densities)
+        else:
+            result = run(op, num_iterations)
+        return problem.result(result)
+
+    return spectral_density_fn
