@@ -35,7 +35,7 @@ from .output import jsonable
 __all__ = ["COMMANDS", "DEFAULT_COMMAND", "main", "build_parser", "command_modules"]
 
 #: The command modules of :mod:`secorder.cli`, in the order ``secorder --help`` lists them.
-COMMANDS = ("report",)
+COMMANDS = ("report", "spectrum")
 #: What a bare ``secorder`` (or ``secorder --some-option``) runs.
 DEFAULT_COMMAND = "report"
 
@@ -47,7 +47,7 @@ def command_modules() -> Dict[str, ModuleType]:
 
     Example:
         >>> sorted(command_modules())
-        ['report']
+        ['report', 'spectrum']
     """
     return {name: importlib.import_module(f"{__package__}.{name}") for name in COMMANDS}
 
