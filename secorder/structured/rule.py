@@ -123,7 +123,7 @@ class BlockRule(Generic[StateT]):
 
     @classmethod
     def bodies(cls, module: nn.Module) -> Dict[str, nn.Module]:
-        """The sub-models, by attribute name (each becomes a plan); every child must be one."""
+        """The sub-models, by (dotted) sub-module name, each planned as a model; nothing else may hold parameters."""
         raise NotImplementedError
 
     def forward(self, x: Tensor, sweep: "Sweep") -> Tuple[Tensor, StateT]:

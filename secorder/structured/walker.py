@@ -145,9 +145,22 @@ def _block(cls: type, module: nn.Module, prefix: str, name: str, seen: Set[int])
     if module._parameters or module._buffers:
         raise Unsupported(f"module {name!r} ({type(module).__name__}) has its own parameters or buffers")
     bodies = cls.bodies(module)
-    children = dict(module.named_children())
-    if set(children) != set(bodies) or any(children[k] is not v for k, v in bodies.items()):
-        raise Unsupported(f"module {name!r} ({type(module).__name__}) has children its rule does not plan")
+    # Bodies may be nested (dotted paths); a sub-module outside every body (a container on the
+    # way to one, a merge the rule computes itself) must not hold parameters or buffers.
+    inside = {id(m) for body in bodies.values() for m in body.modules()}
+    for key, body in bodies.items():
+        try:
+            found = module.get_submodule(key)
+        except AttributeError:
+            found = None
+        if found is not body:
+            raise Unsupported(f"module {name!r} ({type(module).__name__}) has no sub-module {key!r} for its rule")
+    for sub_name, sub in module.named_modules(remove_duplicate=False):
+        if sub is module or id(sub) in inside:
+            continue
+        _check_plain(sub, f"{prefix}{sub_name}.")
+        if any(t is not None for t in list(sub._parameters.values()) + list(sub._buffers.values())):
+            raise Unsupported(f"module {name!r} ({type(module).__name__}) has children its rule does not plan")
     plans = {key: _plan(body, f"{prefix}{key}.", seen) for key, body in bodies.items()}
     try:
         return cls(module, plans)
