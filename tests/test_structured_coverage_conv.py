@@ -282,3 +282,37 @@ def test_derived_rule_is_one_line_for_a_user_activation():
     with pytest.raises(ValueError, match="parameters"):
         DerivedActivationRule(nn.Linear(2, 2))
 
+
+
+def test_backpack_parallel_nested_branches():
+    from backpack.custom_module.branching import Parallel
+
+    torch.manual_seed(8)
+    inner = Parallel(nn.Identity(), nn.Sequential(nn.Conv2d(2, 2, 1), nn.Tanh()))
+    model = nn.Sequential(
+        nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(),
+        Parallel(nn.Identity(), nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Sigmoid(),
+                                              nn.Conv2d(3, 2, 3, padding=1), inner)),
+        nn.MaxPool2d(3, stride=2), nn.Flatten(), nn.Linear(2, 3),
+    )
+    check(model, nn.CrossEntropyLoss(), torch.randn(3, 3, 4, 4, dtype=DT), torch.tensor([0, 2, 1]))
+
+
+def test_blocks_with_unplanned_parameters_or_merges_decline():
+    from backpack.custom_module.branching import Parallel
+
+    class Mean(nn.Module):
+        def forward(self, *xs):
+            return sum(xs) / len(xs)
+
+    residual = so.Residual(nn.Linear(3, 3))
+    residual.extra = nn.Linear(3, 3)  # holds parameters the block's rule does not plan
+    cases = [(residual, "'0' (Residual) has children its rule does not plan"),
+             (Parallel(nn.Identity(), nn.Linear(3, 3), merge_module=Mean()), "only SumModule")]
+    for block, fragment in cases:
+        model = nn.Sequential(block, nn.Linear(3, 2)).to(DT)
+        f = so.functional_loss(model, nn.MSELoss())
+        fn = so.ggn_diag(f)
+        params = {k: v for k, v in so.params_dict(model).items() if not k.startswith("0.extra")}
+        fn(params, torch.randn(4, 3, dtype=DT), torch.randn(4, 2, dtype=DT))
+        assert fn.last_engine == "generic" and fragment in fn.last_fallback_reason

@@ -12,7 +12,10 @@ imports BackPACK itself; see :func:`secorder.structured.registry.register_lazy`)
   ``torch.slice_scatter``, out of place);
 * ``Permute(*dims)``: a permutation of a sample's dimensions
   (:class:`~secorder.structured.tokens.Permute`);
-* ``ScaleModule(weight)``: ``z = weight * x``, an elementwise Jacobian.
+* ``ScaleModule(weight)``: ``z = weight * x``, an elementwise Jacobian;
+* ``Parallel(*branches)`` with the default ``SumModule`` merge: the summed
+  branches of :class:`~secorder.structured.rules.parallel.ParallelRule`
+  (BackPACK keeps them in ``parallel.branch``).
 
 Example:
     >>> import torch, secorder as so
@@ -28,14 +31,15 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Mapping, Tuple
+from typing import Callable, Dict, List, Mapping, Tuple
 
 import torch
+from backpack.custom_module.branching import Parallel, SumModule
 from backpack.custom_module.pad import Pad
 from backpack.custom_module.permute import Permute
 from backpack.custom_module.scale_module import ScaleModule
 from backpack.custom_module.slicing import Slicing
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import Unsupported
 from ..jacobians import Elementwise, Jacobian, Selection
@@ -43,8 +47,10 @@ from ..registry import register_rule
 from ..rule import Rule
 from ..tokens import Permute as PermuteJacobian
 from .padding import PadRule
+from .parallel import ParallelRule
 
-__all__ = ["BackpackPadRule", "SlicingRule", "PermuteRule", "ScaleModuleRule", "slicing_adjoint"]
+__all__ = ["BackpackPadRule", "SlicingRule", "PermuteRule", "ScaleModuleRule", "BackpackParallelRule",
+           "slicing_adjoint"]
 
 
 @register_rule(Pad)
@@ -153,3 +159,18 @@ class ScaleModuleRule(Rule[ScaleState]):
 
     def jacobian(self, state: ScaleState) -> Jacobian:
         return Elementwise(state.scale, state.shape)
+
+
+@register_rule(Parallel)
+class BackpackParallelRule(ParallelRule):
+    def __init__(self, module: nn.Module, plans) -> None:
+        if type(module.merge) is not SumModule:
+            raise Unsupported(f"merges its branches with {type(module.merge).__name__} (only SumModule)")
+        super().__init__(module, plans)
+
+    @classmethod
+    def bodies(cls, module: nn.Module) -> Dict[str, nn.Module]:
+        return {f"branch.{k}": m for k, m in module.branch.named_children()}
+
+    def merge(self) -> str:
+        return "sum"
