@@ -75,6 +75,25 @@ def test_mlp_of_every_activation_matches_hessian_trace(name):
                                **TOL)
 
 
+def test_normalization_and_dropout_layers_in_eval_mode():
+    model = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Tanh(), nn.Dropout(0.3), nn.Linear(6, 5),
+                          nn.BatchNorm1d(5), nn.SiLU(), nn.Linear(5, 1)).to(D)
+    with torch.no_grad():
+        model[5].running_mean.uniform_(-1, 1)
+        model[5].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(0.5, 2)
+    model.eval()
+    xs = torch.randn(4, 3, dtype=D)
+    f = lambda z: model(z).sum()  # noqa: E731
+    fn = so.laplacian(f)
+    torch.testing.assert_close(fn(xs), reference(f, (xs,)), **TOL)
+    assert fn.last_method == "forward"
+    model.train()  # active dropout (a random mask): the exact path runs
+    model[5].eval()  # (a BatchNorm in training mode updates its statistics: no transform may run it)
+    fn(xs)
+    assert fn.last_method == "exact" and "dropout" in fn.last_fallback_reason
+
+
 # --- products, quotients, powers, norms, concatenation, indexing ------------------------------------
 
 A = torch.randn(4, 4, dtype=D, generator=torch.Generator().manual_seed(1))
@@ -295,6 +314,14 @@ def test_fallback_when_f_swallows_the_error_or_escapes_interception():
 
     fn = so.laplacian(inner_vmap)
     torch.testing.assert_close(fn(x), reference(inner_vmap, (x,)), **TOL)
+    assert fn.last_method == "exact"
+
+    def autograd_inside(x):  # x reports requires_grad, as under torch.func; autograd.grad leaves the pass
+        g = torch.autograd.grad((x ** 3).sum(), x, create_graph=True)[0] if x.requires_grad else x
+        return (g ** 2).sum()
+
+    fn = so.laplacian(autograd_inside)
+    torch.testing.assert_close(fn(x), reference(autograd_inside, (x,)), **TOL)
     assert fn.last_method == "exact"
 
     def inplace(x):

@@ -121,9 +121,9 @@ def laplacian(
         >>> u = lambda x: torch.sin(x).sum() + (x ** 2).sum()     # Laplacian: 2 d - sum sin(x)
         >>> x = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
         >>> so.laplacian(u)(x)
-        tensor(5.1209, dtype=torch.float64)
-        >>> float(2 * 3 - torch.sin(x).sum())
-        5.120924...
+        tensor(5.4527, dtype=torch.float64)
+        >>> torch.allclose(so.laplacian(u)(x), 2 * 3 - torch.sin(x).sum())
+        True
         >>> points = torch.randn(100, 3, dtype=torch.float64)
         >>> torch.func.vmap(so.laplacian(u))(points).shape       # one Laplacian per point
         torch.Size([100])

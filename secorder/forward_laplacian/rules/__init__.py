@@ -6,13 +6,14 @@
 * :mod:`.linear_algebra` -- linear layers, matmul and friends, ``einsum``, convolutions;
 * :mod:`.reductions` -- sums, means, norms, ``logsumexp``, ``softmax``, maxima;
 * :mod:`.shape` -- reshapes, permutations, indexing, concatenation, padding, conversions;
+* :mod:`.normalization` -- ``layer_norm``, ``batch_norm`` in evaluation mode, inactive dropout;
 * :mod:`.constants` -- metadata, comparisons and other results without a derivative.
 
 The builders in :mod:`.common` (:func:`elementwise`, :func:`linear`,
 :func:`multilinear`, :func:`constant`) are what a new rule is usually made of.
 """
 
-from . import activations, arithmetic, constants, linear_algebra, reductions, shape
+from . import activations, arithmetic, constants, linear_algebra, normalization, reductions, shape
 from .common import constant, elementwise, linear, multilinear
 
 __all__ = ["elementwise", "linear", "multilinear", "constant"]

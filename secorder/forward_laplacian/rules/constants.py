@@ -27,7 +27,7 @@ _TENSOR_METHODS = (
     "detach", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "allclose", "isclose", "equal",
     "bucketize", "searchsorted", "unique",
 )
-_TENSOR_PROPERTIES = ("shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_leaf", "is_cuda",
+_TENSOR_PROPERTIES = ("shape", "dtype", "device", "ndim", "layout", "is_leaf", "is_cuda",
                       "is_sparse", "is_quantized", "is_meta", "names", "grad_fn", "itemsize", "nbytes")
 _TORCH_FUNCTIONS = (
     "numel", "is_floating_point", "is_complex", "is_nonzero", "gt", "ge", "lt", "le", "eq", "ne", "greater",
@@ -47,3 +47,10 @@ register(*(getattr(torch, n, None) for n in _TORCH_FUNCTIONS))(constant)
 @register(torch.Tensor.__repr__, torch.Tensor.__str__)
 def _repr(func, args, kwargs):
     return f"JetTensor({func(primal(args[0]))})"
+
+
+@register(torch.Tensor.requires_grad.__get__)
+def _requires_grad(func, args, kwargs):
+    """A traced tensor is being differentiated, as under ``torch.func.hessian``: code that then calls
+    ``torch.autograd.grad`` on it leaves the forward Laplacian (and falls back to the exact path)."""
+    return True
