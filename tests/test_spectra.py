@@ -254,3 +254,26 @@ def test_identity_breaks_down_immediately_and_is_exact():
     d = so.spectral_density(f, num_probes=3, num_iterations=10, seed=0)(x)
     assert torch.equal(d.num_steps, torch.ones(3, dtype=torch.int64))
     assert torch.allclose(d.moment(1), torch.tensor(1.0, dtype=DT)) and torch.allclose(d.moment(2), torch.tensor(1.0, dtype=DT))
+
+
+def test_non_finite_curvature_gives_nan_not_an_eigh_failure():
+    f = lambda v: (v**3).sum() * float("nan")
+    x = torch.randn(5, dtype=DT)
+    assert torch.isnan(so.eigenvalues(f, k=2, seed=0)(x)).all()  # adaptive: stops at once
+    assert torch.isnan(so.eigenvalues(f, k=2, num_iterations=3, seed=0)(x)).all()
+    assert torch.isnan(so.spectral_density(f, num_probes=2, num_iterations=3, seed=0)(x).nodes).all()
+
+
+def test_grad_mode_off_empty_leaves_and_a_zero_hessian():
+    x = torch.randn(5, dtype=DT)
+    with torch.no_grad():
+        got = so.eigenvalues(lambda v: (v**3).sum(), k=2, seed=0)(x)
+    assert torch.allclose(got, torch.sort(6 * x, descending=True).values[:2])
+    params = {"a": x, "b": torch.zeros(0, dtype=DT)}
+    f = lambda p: (p["a"] ** 3).sum()
+    values, vectors = so.eigenvalues(f, per_leaf=True, seed=0, return_eigenvectors=True)(params)
+    assert values["b"].shape == (0,) and vectors["b"].shape == (0, 0) and vectors["a"].shape == (1, 5)
+    d = so.spectral_density(f, per_leaf=True, num_probes=2, seed=0)(params)
+    assert d["b"].nodes.shape == (2, 0) and float(d["b"].moment(1)) == 0.0
+    assert torch.allclose(d["a"].trace(), (6 * x).sum())  # diagonal Hessian, Rademacher probes: exact
+    assert torch.equal(so.eigenvalues(lambda v: 2 * v.sum(), k=3, seed=0)(x), torch.zeros(3, dtype=DT))

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from ..operators import LeafOperator
-from .lanczos import FlatOperator, Krylov
+from .lanczos import FlatOperator, Krylov, ritz_pairs
 
 __all__ = ["Eigenpairs", "lanczos_eigenpairs", "WHICH", "DEFAULT_TOL", "check_which", "check_eigen_options"]
 
@@ -166,7 +166,7 @@ def _select(theta: Tensor, k: int, which: str) -> Tensor:
 
 
 def _ritz(K: Krylov) -> Tuple[Tensor, Tensor]:
-    return torch.linalg.eigh(K.projected())
+    return ritz_pairs(K.projected())
 
 
 def _residuals(K: Krylov, Y: Tensor, idx: Tensor) -> Tensor:
@@ -309,6 +309,11 @@ def _adaptive(flat, start, spare, k, which, tol, basis_size, max_matvecs):
     while True:
         K.extend(1)
         theta, Y = _ritz(K)
+        if not bool(torch.isfinite(theta).all()):  # a loss or curvature that is not finite: nan out
+            if K.j < k:
+                continue
+            nan = torch.full_like(theta[:, :k], float("nan"))
+            return K, theta, Y, _select(theta, k, which), nan, torch.tensor(False, device=theta.device), invariant
         bound = tol * _norm_estimate(theta)[:, None]
         boundary = bool(K.last_broke[0]) or bool(K.next_beta[0] <= bound[0, 0])
         if boundary:

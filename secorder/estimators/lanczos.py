@@ -44,14 +44,14 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ..operators import LeafOperator
 
-__all__ = ["Krylov", "FlatOperator", "block_operator", "working_dtype", "BREAKDOWN_FACTOR"]
+__all__ = ["Krylov", "FlatOperator", "block_operator", "working_dtype", "ritz_pairs", "BREAKDOWN_FACTOR"]
 
 # A recurrence vector shorter than BREAKDOWN_FACTOR * eps * max_j ||H q_j|| is a
 # Krylov breakdown: rounding noise (of the matvec and the recurrence) sits around
@@ -75,6 +75,26 @@ def working_dtype(templates: Sequence[Tensor]) -> torch.dtype:
     for t in templates:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def ritz_pairs(T: Tensor) -> Tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` of the projected matrices ``(p, j, j)``, with non-finite entries propagated.
+
+    A run whose matrix holds ``nan`` or ``inf`` (a loss that is not finite) gets
+    ``nan`` Ritz values and vectors instead of an ``eigh`` failure; no host
+    synchronisation, so it runs under ``vmap``.
+
+    Example:
+        >>> import torch
+        >>> ritz_pairs(torch.tensor([[[2., 0.], [0., 1.]], [[float("nan"), 0.], [0., 1.]]]))[0]
+        tensor([[1., 2.],
+                [nan, nan]])
+    """
+    finite = torch.isfinite(T).flatten(-2).all(dim=-1)  # (p,)
+    theta, Y = torch.linalg.eigh(torch.where(finite[:, None, None], T, torch.zeros_like(T)))
+    nan = torch.full_like(theta, float("nan"))
+    return (torch.where(finite[:, None], theta, nan),
+            torch.where(finite[:, None, None], Y, torch.full_like(Y, float("nan"))))
 
 
 class FlatOperator:

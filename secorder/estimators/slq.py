@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..operators import LeafOperator
 from ..density import SpectralDensity
-from .lanczos import FlatOperator, Krylov
+from .lanczos import FlatOperator, Krylov, ritz_pairs
 from .probes import check_distribution, draw_probes
 
 __all__ = ["stochastic_lanczos_quadrature", "check_slq_options", "DEFAULT_NUM_PROBES", "DEFAULT_NUM_ITERATIONS"]
@@ -132,7 +132,7 @@ def stochastic_lanczos_quadrature(
         K = Krylov(flat, starts[first : first + size], m, spares[first : first + size])
         first += size
         K.extend(m)
-        theta, Y = torch.linalg.eigh(K.projected())
+        theta, Y = ritz_pairs(K.projected())
         nodes.append(theta)
         weights.append(Y[:, 0, :] ** 2)
         steps.append(K.steps_until_breakdown())

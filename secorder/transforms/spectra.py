@@ -34,7 +34,7 @@ import torch
 from .. import _checks, tree
 from ..density import SpectralDensity
 from ..estimators.eigen import check_eigen_options, lanczos_eigenpairs
-from ..estimators.lanczos import block_operator
+from ..estimators.lanczos import block_operator, working_dtype
 from ..estimators.probes import make_generator
 from ..estimators.registry import check_random_source
 from ..estimators.slq import DEFAULT_NUM_ITERATIONS, DEFAULT_NUM_PROBES, check_slq_options
@@ -70,6 +70,13 @@ def _setup(problem: Problem, curvature: str, mc_samples: int, seed: Optional[int
     gen = make_generator(seed, generator, problem.leaves[0].device)
     # The Monte-Carlo Fisher draws its labels when the operator is made, before the probes.
     return make_operator(curvature, problem, mc_samples=mc_samples, generator=gen), gen
+
+
+def _empty_density(template: torch.Tensor, num_probes: int) -> SpectralDensity:
+    empty = template.new_zeros((num_probes, 0), dtype=working_dtype([template]))
+    count = torch.zeros((), dtype=torch.int64, device=template.device)
+    return SpectralDensity(empty, empty, count, count, torch.zeros(num_probes, dtype=torch.int64,
+                                                                  device=template.device))
 
 
 def eigenvalues(
@@ -164,13 +171,18 @@ def eigenvalues(
                 sizes = [t.numel() for t in op.templates]
                 if k > max(sizes):
                     raise ValueError(f"k={k} is larger than every leaf (the largest has {max(sizes)} entries)")
-                results = [
-                    solve(block_operator(op, i), min(k, s), None if num_iterations is None else min(num_iterations, s))
-                    for i, s in enumerate(sizes)
-                ]
-                values = tree.unflatten(problem.spec, [r.eigenvalues for r in results])
-                vectors = (tree.unflatten(problem.spec, [r.eigenvectors[0] for r in results])
-                           if return_eigenvectors else None)
+                values_list, vectors_list = [], []
+                for i, (s, t) in enumerate(zip(sizes, op.templates)):
+                    if s == 0:  # an empty leaf has no eigenvalues
+                        values_list.append(t.new_empty(0))
+                        vectors_list.append(t.new_empty((0,) + tuple(t.shape)))
+                        continue
+                    m = None if num_iterations is None else min(num_iterations, s)
+                    r = solve(block_operator(op, i), min(k, s), m)
+                    values_list.append(r.eigenvalues)
+                    vectors_list.append(r.eigenvectors[0] if return_eigenvectors else None)
+                values = tree.unflatten(problem.spec, values_list)
+                vectors = tree.unflatten(problem.spec, vectors_list) if return_eigenvectors else None
             else:
                 res = solve(op, k, num_iterations)
                 values = res.eigenvalues
@@ -261,6 +273,9 @@ def spectral_density(
         if per_leaf:
             densities = []
             for i, t in enumerate(op.templates):
+                if t.numel() == 0:  # an empty leaf: no nodes
+                    densities.append(_empty_density(t, num_probes))
+                    continue
                 m = min(DEFAULT_NUM_ITERATIONS if num_iterations is None else num_iterations, t.numel())
                 densities.append(run(block_operator(op, i), m))
             result: Any = tree.unflatten(problem.spec, densities)
