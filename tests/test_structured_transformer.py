@@ -301,3 +301,80 @@ def test_self_attention_is_multihead_attention():
         SelfAttention(6, 4)
     with pytest.raises(TypeError, match="causal"):
         ScaledDotProductAttention(2, causal=1)
+
+
+# ---- whole models against float64 torch.func.hessian, the GGN J^T H J and the generic path ---------
+
+from tests.test_structured import check, reference_ggn_diag, rel_err  # noqa: E402
+
+
+def _randomise(model, std=0.5):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
+def test_token_mlp_stays_per_token_and_is_exact():
+    torch.manual_seed(10)
+    d, V = 4, 5
+    model = _randomise(nn.Sequential(nn.Linear(3, d), nn.LayerNorm(d), nn.GELU(), nn.Dropout(0.2),
+                                     so.Residual(nn.Sequential(nn.Linear(d, d), nn.Tanh())),
+                                     nn.Linear(d, V), nn.Flatten(0, 1)))
+    x, y = torch.randn(2, 3, 3, dtype=DT), torch.randint(0, V, (6,))
+    check(model, nn.CrossEntropyLoss(), x, y)
+
+
+@pytest.mark.parametrize("merge", ["sum", "concat"])
+def test_parallel_branches(merge):
+    torch.manual_seed(11)
+    width = 8 if merge == "concat" else 4
+    mlp = nn.Sequential(nn.Linear(3, 4), so.Parallel(nn.Sequential(nn.Linear(4, 4), nn.Tanh()),
+                                                     nn.Sequential(nn.Linear(4, 4), nn.Softplus(), nn.Linear(4, 4)),
+                                                     merge=merge),
+                        nn.Sigmoid(), nn.Linear(width, 3))
+    check(mlp, nn.CrossEntropyLoss(), torch.randn(5, 3, dtype=DT), torch.randint(0, 3, (5,)))
+    tokens = nn.Sequential(nn.Linear(3, 4), so.Parallel(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4)), nn.GELU(),
+                                                        merge=merge, dim=-1),
+                           nn.Linear(width, 3), nn.Flatten(0, 1))
+    check(tokens, nn.CrossEntropyLoss(reduction="sum"), torch.randn(2, 3, 3, dtype=DT), torch.randint(0, 3, (6,)))
+
+
+def test_parallel_checks_its_arguments():
+    with pytest.raises(ValueError, match="merge"):
+        so.Parallel(nn.Identity(), merge="max")
+    with pytest.raises(TypeError, match="branches"):
+        so.Parallel(lambda x: x)
+    with pytest.raises(ValueError, match="dim"):
+        so.Parallel(nn.Identity(), merge="concat", dim=0)
+    model = nn.Sequential(so.Parallel(nn.Linear(3, 2), nn.Linear(3, 4))).to(DT)  # sums different shapes
+    f = so.functional_loss(model, nn.MSELoss())
+    with pytest.raises(ValueError, match="different shapes"):
+        so.trace(f, engine="structured")(so.params_dict(model), torch.randn(2, 3, dtype=DT), torch.randn(2, 2, dtype=DT))
+
+
+def test_self_attention_with_a_sequence_output_mse():
+    torch.manual_seed(12)
+    model = _randomise(nn.Sequential(nn.Linear(3, 4), so.Residual(SelfAttention(4, 2)), nn.Tanh(),
+                                     SelfAttention(4, 1, causal=True, bias=False)))
+    check(model, nn.MSELoss(), torch.randn(2, 3, 3, dtype=DT), torch.randn(2, 3, 4, dtype=DT))
+
+
+def language_model(V=5, d=4, heads=2, T=3, blocks=2, end=None):
+    def block():
+        return nn.Sequential(
+            so.Residual(nn.Sequential(nn.LayerNorm(d), SelfAttention(d, heads, causal=True))),
+            so.Residual(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(0.1),
+                                      nn.Linear(2 * d, d))))
+
+    layers = [nn.Embedding(V, d), so.PositionalEmbedding(T + 1, d)] + [block() for _ in range(blocks)]
+    layers += [nn.LayerNorm(d), nn.Linear(d, V), end if end is not None else nn.Flatten(0, 1)]
+    return _randomise(nn.Sequential(*layers)).to(DT).eval()
+
+
+def test_two_block_language_model_flattened_logits():
+    torch.manual_seed(13)
+    model = language_model()
+    x = torch.tensor([[1, 3, 1], [4, 4, 0]])  # repeated tokens within a sequence
+    y = torch.tensor([3, 1, 2, 4, 0, -100])  # the last token ignored
+    check(model, nn.CrossEntropyLoss(), x, y)

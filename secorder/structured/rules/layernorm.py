@@ -103,7 +103,8 @@ class LayerNormRule(Rule[LayerNormState]):
         beta = (a * xhat).sum(-1)  # [R] (xhat sums to zero, so this is a~ . xhat)
         alpha = (inv * inv).squeeze(-1) / F  # [R]
         # u v^T + v u^T with u = a~ / s, v = s xhat of equal norms (no cancellation between scales).
-        na, nx = at.norm(dim=-1, keepdim=True), xhat.norm(dim=-1, keepdim=True)
+        # Any s > 0 gives the same matrix, so s carries no derivative (none through a norm at zero).
+        na, nx = at.detach().norm(dim=-1, keepdim=True), xhat.detach().norm(dim=-1, keepdim=True)
         ok = (na > 0) & (nx > 0)
         s = torch.where(ok, (na / torch.where(ok, nx, torch.ones_like(nx))).sqrt(), torch.ones_like(na))
         u, v = at / s, xhat * s
