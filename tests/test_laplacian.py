@@ -358,3 +358,66 @@ def test_bad_input():
         so.laplacian(lambda z: z.sum(), chunk_size=0)
     with pytest.raises(TypeError, match="has_aux=True requires"):
         so.laplacian(lambda z: z.sum(), has_aux=True)(x)
+
+
+# --- fast paths against the generic ones -------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _matmul_shapes(draw):
+    n, m, p = (draw(st.integers(1, 3)) for _ in range(3))
+    a_nd, b_nd = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    batch_a, batch_b = draw(st.sampled_from([(1, 2), (2, 1), (2, 2), (1, 1)]))
+    a = {1: (m,), 2: (n, m), 3: (batch_a, n, m)}[a_nd]
+    b = {1: (m,), 2: (m, p), 3: (batch_b, m, p)}[b_nd]
+    return a, b
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_matmul_of_every_shape_and_traced_operand(data):
+    a_shape, b_shape = _matmul_shapes(data.draw)
+    traced = data.draw(st.sampled_from(["a", "b", "both"]))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 100)))
+    a0, b0 = torch.randn(a_shape, dtype=D, generator=g), torch.randn(b_shape, dtype=D, generator=g)
+    na = a0.numel()
+
+    def f(x):
+        a = x[:na].reshape(a_shape) if traced in ("a", "both") else a0
+        b = x[-b0.numel():].reshape(b_shape) if traced in ("b", "both") else b0
+        return torch.sin(a @ b).sum() + torch.matmul(a, b).pow(2).sum()
+
+    x = torch.cat([a0.reshape(-1) if traced in ("a", "both") else a0.new_zeros(0),
+                   b0.reshape(-1) if traced in ("b", "both") else b0.new_zeros(0)])
+    torch.testing.assert_close(forward(f, x), reference(f, (x,)), **TOL)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 3), st.sampled_from(sorted(ACTIVATIONS)), st.integers(0, 50))
+def test_random_mlps_blocked_squares_and_chunks(width, depth, act, seed):
+    from secorder.forward_laplacian.rules import common
+
+    torch.manual_seed(seed)
+    model = mlp(ACTIVATIONS[act], (4,) + (width,) * depth + (1,))
+    f = lambda z: model(z).sum()  # noqa: E731
+    xs = torch.randn(3, 4, dtype=D)
+    ref = reference(f, (xs,))
+    old = common._BLOCK_ENTRIES
+    common._BLOCK_ENTRIES = 1  # every direction its own block: the blocked sum of squares runs
+    try:
+        torch.testing.assert_close(forward(f, xs), ref, **TOL)
+    finally:
+        common._BLOCK_ENTRIES = old
+    torch.testing.assert_close(forward(f, xs, chunk_size=5), ref, **TOL)
+    torch.testing.assert_close(so.laplacian(f, method="exact")(xs), ref, **TOL)
+
+
+def test_basic_and_advanced_indexing_agree():
+    x = torch.randn(3, 4, dtype=D)
+    basic = lambda z: (z[1:, ::2] ** 3).sum() + z[..., 1].sin().sum() + z[None, 2, :].exp().sum()  # noqa: E731
+    advanced = lambda z: (z[torch.tensor([1, 2])][:, torch.tensor([0, 2])] ** 3).sum() \
+        + z[:, torch.tensor([1])].sin().sum() + z[torch.tensor([2])].exp().sum()  # noqa: E731
+    torch.testing.assert_close(forward(basic, x), reference(basic, (x,)), **TOL)
+    torch.testing.assert_close(forward(advanced, x), reference(basic, (x,)), **TOL)
