@@ -64,11 +64,11 @@ def test_documented_examples_verbatim():
 def test_lanczos_and_power_match_eigvalsh_float64():
     A, values = _symmetric(60, seed=0)
     exact = torch.linalg.eigvalsh(A)
-    got, U = lanczos(lambda v: A @ v, 60, num_vectors=4, tol=1e-10, dtype=F64, generator=torch.Generator().manual_seed(1))
+    got, U = lanczos(lambda v: A @ v, 60, num_vectors=4, tol=1e-20, dtype=F64, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(got, exact.flip(0)[:4], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(A @ U, U * got, rtol=0, atol=1e-6)
     torch.testing.assert_close(U.T @ U, torch.eye(4, dtype=F64), rtol=0, atol=1e-10)
-    got, U = power_iteration(lambda V: A @ V, 60, num_vectors=3, tol=1e-10, dtype=F64,
+    got, U = power_iteration(lambda V: A @ V, 60, num_vectors=3, tol=1e-20, dtype=F64,
                              generator=torch.Generator().manual_seed(2))
     by_magnitude = exact[exact.abs().argsort(descending=True)][:3]
     torch.testing.assert_close(got, by_magnitude, rtol=1e-9, atol=1e-9)
@@ -81,7 +81,23 @@ def test_no_ghost_copies_where_0_0_1_repeated_the_top_eigenvalue():
     n = 400
     values = torch.cat([torch.tensor([100.0, 50.0, 49.0]), torch.linspace(0.0, 10.0, n - 3)]).double()
     got, _ = lanczos(lambda v: values * v, n, num_vectors=3, dtype=F64, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(got, torch.tensor([100.0, 50.0, 49.0], dtype=F64), rtol=1e-8, atol=1e-8)
+    # default tol=1e-6: within tol ||A||^2 / gap = 1e-6 * 100^2 / 1 of each eigenvalue
+    torch.testing.assert_close(got, torch.tensor([100.0, 50.0, 49.0], dtype=F64), rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-6, 1e-8])
+def test_tol_bounds_the_eigenvalue_error(tol):
+    # Residual <= sqrt(tol) ||A|| (||A|| estimated by the largest Ritz value, here the top
+    # eigenvalue): each Ritz value within sqrt(tol) ||A|| of an eigenvalue, and within
+    # tol ||A||^2 / gap of its own (gap: to the rest of the spectrum).
+    A, _ = _symmetric(120, seed=5)
+    exact = torch.linalg.eigvalsh(A).flip(0)
+    norm = exact.abs().max()
+    got, U = lanczos(lambda v: A @ v, 120, num_vectors=3, tol=tol, dtype=F64, generator=torch.Generator().manual_seed(6))
+    residuals = torch.linalg.vector_norm(A @ U - U * got, dim=0)
+    assert torch.all(residuals <= 1.01 * tol ** 0.5 * norm)
+    gaps = torch.stack([(exact[i] - torch.cat([exact[:i], exact[i + 1:]])).abs().min() for i in range(3)])
+    assert torch.all((got - exact[:3]).abs() <= tol * norm ** 2 / gaps)
 
 
 def test_breakdown_gives_no_spurious_zero():
@@ -103,7 +119,7 @@ def test_model_eigenvalues_match_dense_hessian(method):
     exact = torch.linalg.eigvalsh(H)
     ref = exact.flip(0)[:3] if method == "lanczos" else exact[exact.abs().argsort(descending=True)][:3]
     loss_fn = lambda m, d, t: F.cross_entropy(m(d), t)
-    values, vectors = model_eigenvalues(model, loss_fn, x, y, num_eigenvalues=3, method=method, tol=1e-10,
+    values, vectors = model_eigenvalues(model, loss_fn, x, y, num_eigenvalues=3, method=method, tol=1e-20,
                                         generator=torch.Generator().manual_seed(3))
     assert values.dtype == F64 and len(vectors) == 3
     torch.testing.assert_close(values, ref, rtol=1e-8, atol=1e-10)

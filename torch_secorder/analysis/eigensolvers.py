@@ -16,13 +16,18 @@ What changed from torch-secorder 0.0.1, deliberately:
   Here the basis is fully reorthogonalised and a breakdown continues in the
   orthogonal complement.
 * ``num_iterations`` is the most matrix-vector products spent (0.0.1: the most
-  iterations; its power iteration spent two products per iteration); the run
-  stops as soon as every returned pair has a residual
-  ``||A u - lambda u|| <= tol * ||A||`` (``||A||`` estimated by the largest Ritz
-  value in magnitude). 0.0.1's ``tol`` was an absolute threshold on the change
-  of the power-iteration Rayleigh quotients, or on the Lanczos ``beta``. A run
-  that does not reach ``tol`` within the budget warns (``RuntimeWarning``) and
-  returns its best estimate.
+  iterations; its power iteration spent two products per iteration), and the
+  Krylov basis holds up to that many vectors (as 0.0.1's did). ``tol`` is a
+  tolerance on the eigenvalues: the run stops as soon as every returned pair
+  has a residual ``||A u - theta u|| <= sqrt(tol) * ||A||`` (``||A||``
+  estimated by the largest Ritz value in magnitude), which puts each returned
+  ``theta`` within ``sqrt(tol) * ||A||`` of an eigenvalue, and within
+  ``tol * ||A||^2 / gap`` once it is separated by ``gap`` from the rest of the
+  spectrum (Parlett, "The Symmetric Eigenvalue Problem", 1998, ch. 11). 0.0.1's
+  ``tol`` was an absolute threshold on the change of its power-iteration
+  Rayleigh quotients, or on the Lanczos ``beta`` (never reached in practice: it
+  ran all its iterations). A run that does not reach ``tol`` within the budget
+  warns (``RuntimeWarning``) and returns its best estimate.
 * ``power_iteration`` returns the eigenpairs that (block) power iteration
   converges to, the ``num_vectors`` eigenvalues of largest magnitude in
   decreasing magnitude, computed by Lanczos (far fewer products for the same
@@ -37,6 +42,7 @@ What changed from torch-secorder 0.0.1, deliberately:
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from typing import Any, Callable, List, Optional, Tuple
@@ -87,16 +93,21 @@ def _solve(op: LeafOperator, k: int, which: str, num_iterations: int, tol: float
         raise LegacyValueError(
             f"num_iterations={num_iterations} must be at least {name}={k}: each eigenpair needs a Krylov vector"
         )
+    # The eigenvalue error is quadratic in the residual: a residual of sqrt(tol) ||A|| puts
+    # each Ritz value within tol ||A||^2 / gap of an eigenvalue (Parlett 1998, ch. 11).
+    residual_tol = math.sqrt(tol)
+    # A basis as large as the budget (0.0.1 held num_iterations vectors too): no restarts.
+    basis = min(num_iterations, n)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = lanczos_eigenpairs(op, k, which, tol=tol, generator=generator, return_eigenvectors=True,
-                                 max_matvecs=num_iterations)
+        res = lanczos_eigenpairs(op, k, which, tol=residual_tol, generator=generator, return_eigenvectors=True,
+                                 max_matvecs=num_iterations, basis_size=basis if basis > k else None)
     for w in caught:
         if issubclass(w.category, RuntimeWarning) and "did not reach" in str(w.message):
             warnings.warn(
-                f"Lanczos did not reach tol={tol} within num_iterations={num_iterations} matrix-vector products "
-                f"(largest residual {float(res.residuals.max()):.3g}); the eigenvalues are its best estimate: pass a "
-                "larger num_iterations or a looser tol",
+                f"Lanczos did not reach tol={tol} (residuals <= sqrt(tol) ||A||) within num_iterations={num_iterations} "
+                f"matrix-vector products (largest residual {float(res.residuals.max()):.3g}); the eigenvalues are its "
+                "best estimate: pass a larger num_iterations or a looser tol",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -165,7 +176,7 @@ def power_iteration(
         dim: the size of ``A``.
         num_iterations: the most products with single vectors to spend.
         num_vectors: how many eigenpairs.
-        tol: stop when every pair's residual is at most ``tol * ||A||``.
+        tol: eigenvalue tolerance: stop when every pair's residual is at most ``sqrt(tol) * ||A||``.
         device: where the vectors live (default: PyTorch's default device).
         dtype: keyword-only, the vectors' dtype (default: PyTorch's default dtype).
         generator: keyword-only, source of the random start vector.
@@ -212,7 +223,7 @@ def lanczos(
         dim: the size of ``A``.
         num_iterations: the most products to spend (Lanczos steps).
         num_vectors: how many eigenpairs.
-        tol: stop when every pair's residual is at most ``tol * ||A||``.
+        tol: eigenvalue tolerance: stop when every pair's residual is at most ``sqrt(tol) * ||A||``.
         device: where the vectors live (default: PyTorch's default device).
         dtype: keyword-only, the vectors' dtype (default: PyTorch's default dtype).
         generator: keyword-only, source of the random start vector.
@@ -224,7 +235,7 @@ def lanczos(
     Example:
         >>> import torch
         >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
-        >>> values, vectors = lanczos(lambda v: A @ v, dim=100, num_vectors=3, dtype=torch.float64)
+        >>> values, vectors = lanczos(lambda v: A @ v, dim=100, num_vectors=3, tol=1e-12, dtype=torch.float64)
         >>> values.round(decimals=6), vectors.shape
         (tensor([100.,  99.,  98.], dtype=torch.float64), torch.Size([100, 3]))
     """
@@ -268,7 +279,7 @@ def model_eigenvalues(
         method: ``"lanczos"`` (the algebraically largest, decreasing) or
             ``"power_iteration"`` (the largest in magnitude, decreasing magnitude).
         num_iterations: the most Hessian-vector products to spend.
-        tol: stop when every pair's residual is at most ``tol * ||H||``.
+        tol: eigenvalue tolerance: stop when every pair's residual is at most ``sqrt(tol) * ||H||``.
         device: where to put the results (default: the parameters' device,
             where the computation runs).
         generator: keyword-only, source of the random start vector.
