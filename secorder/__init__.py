@@ -13,6 +13,7 @@ from .modules import FunctionalLoss, functional_loss, params_dict
 from .transforms import (diagonal, diagonal_estimate, empirical_fisher_vp, fisher_vp, ggn_diag, ggn_trace, ggn_vp,
                          hessian_diag, hessian_diag_estimate, hvp, trace, trace_estimate)
 from .results import DiagonalEstimate, TraceEstimate
+from .forward_laplacian import laplacian
 from .structured import Parallel, PositionalEmbedding, Residual, SelfAttention, Transpose
 from .transforms.spectra import eigenvalues, spectral_density
 from .density import SpectralDensity
@@ -26,6 +27,7 @@ __all__ = [
     "empirical_fisher_vp",
     "trace",
     "trace_estimate",
+    "laplacian",
     "diagonal",
     "diagonal_estimate",
     "hessian_diag",
