@@ -20,7 +20,7 @@ from .. import _checks
 from .forward import forward_laplacian
 from .jet import UncoveredOperation
 
-__all__ = ["laplacian", "logger", "OWN_METHODS"]
+__all__ = ["laplacian"]
 
 logger = logging.getLogger("secorder.laplacian")
 
