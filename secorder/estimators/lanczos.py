@@ -174,9 +174,10 @@ def _bvm(c: Tensor, Q: Tensor) -> Tensor:
     return torch.bmm(c.unsqueeze(1), Q).squeeze(1)
 
 
-def _orthogonalise(u: Tensor, Q: Tensor) -> Tensor:
-    """One classical Gram-Schmidt pass: ``u - Q^T (Q u)`` per run (two reads of ``Q``)."""
-    c = _coefficients(Q, u)
+def _orthogonalise(u: Tensor, Q: Tensor, c: Optional[Tensor] = None) -> Tensor:
+    """``u - Q^T c`` per run; by default ``c = Q u``: one classical Gram-Schmidt pass (two reads of ``Q``)."""
+    if c is None:
+        c = _coefficients(Q, u)
     if Q.numel() <= _SMALL_PRODUCT:
         return u - (c[..., None] * Q).sum(dim=1)
     return torch.baddbmm(u.unsqueeze(1), c.unsqueeze(1), Q, alpha=-1).squeeze(1)
@@ -246,8 +247,10 @@ class Krylov:
 
     def _alloc(self, like: Tensor) -> None:
         # Derived from the first matvec's output so that, under torch.func.vmap, the
-        # buffer is batched like the vectors written into it.
-        self._Q = torch.zeros_like(like).unsqueeze(1).repeat(1, self.capacity + 1, 1)
+        # buffer is batched like the vectors written into it. Every slot is written
+        # before it is read, except the last one once the basis spans the whole space.
+        self._Q = like.new_empty((self.p, self.capacity + 1, self.n))
+        self._Q[:, self.capacity] = 0
 
     def extend(self, steps: int) -> None:
         """Run ``steps`` more Lanczos steps (``steps`` batched matvecs)."""
@@ -265,12 +268,14 @@ class Krylov:
             self._Q[:, 0] = q
         self.scale = torch.maximum(self.scale, torch.linalg.vector_norm(w, dim=1))
         alpha = _coefficients(q.unsqueeze(1), w).squeeze(1)
-        w = torch.addcmul(w, alpha[:, None], q, value=-1)
-        if j > 0:
-            if j == self.locked and self.arrow is not None:
-                w = w - _bvm(self.arrow, self._Q[:, :j])
-            else:
-                w = torch.addcmul(w, self.off[-1][:, None], self._Q[:, j - 1], value=-1)
+        # The recurrence: w - alpha q_j - beta q_{j-1} (or the arrow to the kept Ritz
+        # vectors right after a thick restart), one product over adjacent basis slots.
+        if j == 0:
+            w = torch.addcmul(w, alpha[:, None], q, value=-1)
+        elif j == self.locked and self.arrow is not None:
+            w = _orthogonalise(w, self._Q[:, : j + 1], torch.cat([self.arrow, alpha[:, None]], dim=1))
+        else:
+            w = _orthogonalise(w, self._Q[:, j - 1 : j + 1], torch.stack([self.off[-1], alpha], dim=1))
         self.diag.append(alpha)
         self.j = j + 1
         if self.j == self.n:
