@@ -10,7 +10,7 @@ batches it reads; training cycles over the same batches with Adam.
 What "affordable" means for the exact Hessian trace and diagonal: with
 ``--exact auto`` (the default) they are computed when the fast (structured)
 engine applies to the model and loss (curvature backpropagation: a few
-backward passes, whatever the size; see :mod:`secorder.structured.hook`), or
+backward passes, whatever the size; see :mod:`secorder.transforms.engine`), or
 else when the model has at most ``--exact-limit`` parameters (default 20,000),
 since the generic path costs one Hessian-vector product per parameter.
 ``--exact always`` forces them and ``--exact never`` skips them; without them,
