@@ -44,6 +44,7 @@ SETTINGS = [
     ("conv3d-replicate", lambda: nn.Conv3d(1, 2, 2, padding=1, padding_mode="replicate"), (2, 1, 3, 3, 3)),
     ("convtranspose1d", lambda: nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1, output_padding=1, dilation=2),
      (2, 2, 4)),
+    ("convtranspose1d-crop", lambda: nn.ConvTranspose1d(2, 2, 2, stride=3, padding=2, output_padding=1), (2, 2, 4)),
     ("convtranspose2d-groups", lambda: nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), (2, 4, 3, 3)),
     ("convtranspose3d", lambda: nn.ConvTranspose3d(2, 2, (2, 1, 2), stride=(2, 1, 1), padding=(0, 0, 1), bias=False),
      (2, 2, 2, 3, 3)),

@@ -15,8 +15,8 @@ backprop", ICLR 2020, App. A): ``X[n, c, k, q]`` is the derivative of the
 output at position ``q`` with respect to the weight of input channel ``c`` and
 kernel offset ``k``. For a convolution the patches are the unfolded input
 (sliding windows, strided views of the padded input); for a transposed
-convolution they are the transposed convolution of each input channel with
-one-hot kernels. The diagonal is then the channel-block quadratic form
+convolution, the windows of the input spread out by the stride (the
+transposed convolution as a convolution with the flipped kernel). The diagonal is then the channel-block quadratic form
 :meth:`~secorder.structured.curvature.Curvature.quadratic` of the patches of
 each output channel's group (the same for every output channel when
 ``groups=1``).
@@ -50,6 +50,19 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+def _windows(x: Tensor, kernel: Tuple[int, ...], stride: Tuple[int, ...], dilation: Tuple[int, ...]) -> Tensor:
+    """``[N, C, *S]`` (already padded) to ``[N, C, prod(kernel), P]``: every window, as strided views and one copy."""
+    d = len(kernel)
+    N, C = x.shape[:2]
+    for i in range(d):
+        x = x.unfold(2 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])  # window dims go last
+    if any(di > 1 for di in dilation):
+        x = x[(Ellipsis,) + tuple(slice(None, None, di) for di in dilation)]
+    out_pos = tuple(x.shape[2:2 + d])
+    x = x.permute((0, 1) + tuple(range(2 + d, 2 + 2 * d)) + tuple(range(2, 2 + d)))
+    return x.reshape(N, C, math.prod(kernel), math.prod(out_pos))
+
+
 def unfold(x: Tensor, kernel: Tuple[int, ...], stride: Tuple[int, ...], padding: Tuple[int, ...],
            dilation: Tuple[int, ...]) -> Tensor:
     """The patches of a convolution: ``[N, C, *S]`` to ``[N, C, prod(kernel), P]`` (``P`` output positions).
@@ -60,24 +73,30 @@ def unfold(x: Tensor, kernel: Tuple[int, ...], stride: Tuple[int, ...], padding:
         tensor([[[[0., 2.],
                   [1., 3.]]]])
     """
-    d = len(kernel)
-    N, C = x.shape[:2]
     if any(padding):
         x = F.pad(x, [p for pi in reversed(padding) for p in (pi, pi)])
-    for i in range(d):
-        x = x.unfold(2 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])  # window dims go last
-    if any(di > 1 for di in dilation):
-        x = x[(Ellipsis,) + tuple(slice(None, None, di) for di in dilation)]
-    out_pos = tuple(x.shape[2:2 + d])
-    x = x.permute((0, 1) + tuple(range(2 + d, 2 + 2 * d)) + tuple(range(2, 2 + d)))
-    return x.reshape(N, C, math.prod(kernel), math.prod(out_pos))
+    return _windows(x, kernel, stride, dilation)
+
+
+def _insert_zeros(x: Tensor, dim: int, stride: int) -> Tensor:
+    """``stride - 1`` zeros between consecutive entries of ``x`` along ``dim``."""
+    if stride == 1:
+        return x
+    shape = tuple(x.shape)
+    zeros = x.new_zeros(shape[:dim + 1] + (stride - 1,) + shape[dim + 1:])
+    out = torch.cat([x.unsqueeze(dim + 1), zeros], dim + 1).reshape(shape[:dim] + (-1,) + shape[dim + 1:])
+    return out.narrow(dim, 0, (shape[dim] - 1) * stride + 1)
 
 
 def transposed_patches(x: Tensor, kernel: Tuple[int, ...], stride: Tuple[int, ...], padding: Tuple[int, ...],
                        output_padding: Tuple[int, ...], dilation: Tuple[int, ...]) -> Tensor:
     """The patches of a transposed convolution: ``[N, C, *S]`` to ``[N, C, prod(kernel), P]``.
 
-    Each input channel, transposed-convolved with the ``prod(kernel)`` one-hot kernels.
+    A transposed convolution is the convolution, with stride 1 and the kernel
+    flipped, of its input with ``stride - 1`` zeros inserted between entries and
+    ``dilation * (kernel - 1) - padding`` added on each side (plus the output
+    padding on the far side): its patches are that input's windows, in reversed
+    kernel order.
 
     Example:
         >>> x = torch.tensor([[[1., 2.]]])
@@ -86,11 +105,13 @@ def transposed_patches(x: Tensor, kernel: Tuple[int, ...], stride: Tuple[int, ..
                   [0., 1., 0., 2.]]]])
     """
     d = len(kernel)
-    N, C = x.shape[:2]
-    K = math.prod(kernel)
-    eye = torch.eye(K, dtype=x.dtype, device=x.device).reshape((1, K) + tuple(kernel))
-    out = _CONV_T[d](x, eye.expand((C, K) + tuple(kernel)), None, stride, padding, output_padding, C, dilation)
-    return out.reshape(N, C, K, -1)
+    for i in range(d):
+        x = _insert_zeros(x, 2 + i, stride[i])
+    pads = []
+    for i in reversed(range(d)):
+        edge = dilation[i] * (kernel[i] - 1) - padding[i]
+        pads += [edge, edge + output_padding[i]]
+    return _windows(F.pad(x, pads), kernel, (1,) * d, dilation).flip(2)
 
 
 @dataclass
