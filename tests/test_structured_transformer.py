@@ -378,3 +378,14 @@ def test_two_block_language_model_flattened_logits():
     x = torch.tensor([[1, 3, 1], [4, 4, 0]])  # repeated tokens within a sequence
     y = torch.tensor([3, 1, 2, 4, 0, -100])  # the last token ignored
     check(model, nn.CrossEntropyLoss(), x, y)
+
+
+@pytest.mark.parametrize("module,reason", [(nn.LSTM(3, 3), "recurrent"), (nn.GRU(3, 3), "recurrent"),
+                                           (nn.MultiheadAttention(4, 2), "so.SelfAttention")])
+def test_declined_modules_say_why(module, reason):
+    from secorder.structured import walker
+    from secorder.structured.errors import Unsupported
+
+    with pytest.raises(Unsupported, match=reason) as err:
+        walker.plan(nn.Sequential(nn.Linear(3, 3), module))
+    assert err.value.module == "1"

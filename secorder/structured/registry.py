@@ -83,7 +83,7 @@ def rule_for(module_type: type) -> Optional[AnyRule]:
 
     Example:
         >>> import torch
-        >>> rule_for(torch.nn.Linear).__name__, rule_for(torch.nn.LSTM)
+        >>> rule_for(torch.nn.Linear).__name__, rule_for(torch.nn.GroupNorm)
         ('LinearRule', None)
     """
     rule = _RULES.get(module_type)

@@ -17,6 +17,7 @@
 * :mod:`.embedding`: ``nn.Embedding`` (first layer), :class:`secorder.PositionalEmbedding`
 * :mod:`.attention`: :class:`secorder.structured.transformer.ScaledDotProductAttention` (inside :class:`secorder.SelfAttention`)
 * :mod:`.permute`: :class:`secorder.Transpose`
+* :mod:`.unsupported`: ``nn.RNN``/``LSTM``/``GRU`` and ``nn.MultiheadAttention``, declined with the reason
 * :mod:`.backpack`: BackPACK's ``Pad``, ``Slicing``, ``Permute``, ``ScaleModule`` (imported on the first lookup
   of a module type of the ``backpack`` package, see :func:`~secorder.structured.registry.register_lazy`)
 * :mod:`.example`: the documented example of a user rule (not imported here)
@@ -25,7 +26,7 @@
 from . import (  # noqa: F401 (registration)
     activations, batchnorm, conv, elementwise, linear, padding, pooling, reshape, residual,
 )
-from . import attention, embedding, layernorm, parallel, permute  # noqa: F401 (registration)
+from . import attention, embedding, layernorm, parallel, permute, unsupported  # noqa: F401 (registration)
 from ..registry import register_lazy
 
 register_lazy("backpack", __name__ + ".backpack")
