@@ -88,6 +88,19 @@ def _insert_zeros(x: Tensor, dim: int, stride: int) -> Tensor:
     return out.narrow(dim, 0, (shape[dim] - 1) * stride + 1)
 
 
+def _transposed_windows(x: Tensor, kernel: Tuple[int, ...], stride: Tuple[int, ...], padding: Tuple[int, ...],
+                        output_padding: Tuple[int, ...], dilation: Tuple[int, ...]) -> Tensor:
+    """:func:`transposed_patches` in reversed kernel order (``flip(2)`` of it, without the copy)."""
+    d = len(kernel)
+    for i in range(d):
+        x = _insert_zeros(x, 2 + i, stride[i])
+    pads = []
+    for i in reversed(range(d)):
+        edge = dilation[i] * (kernel[i] - 1) - padding[i]
+        pads += [edge, edge + output_padding[i]]
+    return _windows(F.pad(x, pads), kernel, (1,) * d, dilation)
+
+
 def transposed_patches(x: Tensor, kernel: Tuple[int, ...], stride: Tuple[int, ...], padding: Tuple[int, ...],
                        output_padding: Tuple[int, ...], dilation: Tuple[int, ...]) -> Tensor:
     """The patches of a transposed convolution: ``[N, C, *S]`` to ``[N, C, prod(kernel), P]``.
@@ -104,14 +117,7 @@ def transposed_patches(x: Tensor, kernel: Tuple[int, ...], stride: Tuple[int, ..
         tensor([[[[1., 0., 2., 0.],
                   [0., 1., 0., 2.]]]])
     """
-    d = len(kernel)
-    for i in range(d):
-        x = _insert_zeros(x, 2 + i, stride[i])
-    pads = []
-    for i in reversed(range(d)):
-        edge = dilation[i] * (kernel[i] - 1) - padding[i]
-        pads += [edge, edge + output_padding[i]]
-    return _windows(F.pad(x, pads), kernel, (1,) * d, dilation).flip(2)
+    return _transposed_windows(x, kernel, stride, padding, output_padding, dilation).flip(2)
 
 
 @dataclass
@@ -177,10 +183,13 @@ class ConvRule(Rule[ConvState]):
         return Columns(t_columns)
 
     def patches(self, x: Tensor) -> Tensor:
-        """``[N, C_in, prod(kernel), P]``: the output's derivatives with respect to the weight (see the module docstring)."""
+        """``[N, C_in, prod(kernel), P]``: the output's derivatives with respect to the weight (see the module docstring).
+
+        For a transposed convolution the kernel offsets come in reversed order.
+        """
         m = self.module
         if self.transposed:
-            return transposed_patches(x, m.kernel_size, m.stride, self.padding, self.output_padding, m.dilation)
+            return _transposed_windows(x, m.kernel_size, m.stride, self.padding, self.output_padding, m.dilation)
         return unfold(x, m.kernel_size, m.stride, self.padding, m.dilation)
 
     def parameter_diagonal(self, state: ConvState, curv: Curvature, wanted: FrozenSet[str]) -> Dict[str, Tensor]:
@@ -196,8 +205,8 @@ class ConvRule(Rule[ConvState]):
             else:  # each output channel reads the patches of its group's input channels
                 X = X.reshape(N, G, 1, J, P).expand(N, G, per_group, J, P).reshape(N, C_out, J, P)
             q = curv.quadratic(X)  # [C_out, J]
-            if self.transposed:  # weight [C_in, C_out / G, *kernel]
-                q = q.reshape(G, per_group, C_in // G, K).transpose(1, 2)
+            if self.transposed:  # weight [C_in, C_out / G, *kernel]; the patches' kernel order reversed
+                q = q.reshape(G, per_group, C_in // G, K).flip(3).transpose(1, 2)
             out["weight"] = q.reshape(state.weight.shape)
         if "bias" in wanted:
             out["bias"] = curv.quadratic(state.x.new_ones((1, 1, 1, P)))[:, 0]
