@@ -221,6 +221,23 @@ def test_grad_of_laplacian_loss_matches_float64_reference():
         torch.testing.assert_close(got, ref[k], **TOL)
 
 
+def test_second_derivatives_in_the_parameters_of_a_laplacian_loss():
+    """jvp-of-grad and hessian w.r.t. the weights go through the rules' derivatives (sum of squares included)."""
+    w = torch.randn(3, 4, dtype=D)
+    xs = torch.randn(2, 4, dtype=D)
+    u = lambda z, w: torch.tanh(w @ z).pow(2).sum() + torch.sin(w @ z).sum()  # noqa: E731
+
+    def loss(w, lap_fn):
+        return (vmap(lap_fn, in_dims=(0, None))(xs, w) ** 2).sum()
+
+    ours = so.laplacian(u)
+    ref = lambda z, w: torch.trace(hessian(u)(z, w))  # noqa: E731
+    v = torch.randn_like(w)
+    torch.testing.assert_close(torch.func.jvp(grad(lambda w: loss(w, ours)), (w,), (v,))[1],
+                               torch.func.jvp(grad(lambda w: loss(w, ref)), (w,), (v,))[1], **TOL)
+    torch.testing.assert_close(hessian(lambda w: loss(w, ours))(w), hessian(lambda w: loss(w, ref))(w), **TOL)
+
+
 def test_float32_and_chunks():
     u, params = _pinn((5, 8, 1))
     p32 = {k: v.float() for k, v in params.items()}

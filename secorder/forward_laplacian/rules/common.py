@@ -92,19 +92,51 @@ def _stored_numel(t: Tensor) -> int:
     return t.numel()
 
 
-def sum_sq(jac: Tensor) -> Tensor:
-    """``sum_i J_i^2`` over the directions (dimension 0), in cache-sized blocks of directions on CPUs."""
+def _blocked_sum_sq(jac: Tensor) -> Tensor:
     k = jac.shape[0]
     block = k
     if k > 1 and jac.device.type == "cpu":
         block = max(1, _BLOCK_ENTRIES * k // max(_stored_numel(jac), 1))
     if block >= k:
         return (jac * jac).sum(0)
-    parts = jac.split(block)  # one backward for all blocks (a slice per block would cost one each)
+    parts = jac.split(block)
     total = (parts[0] * parts[0]).sum(0)
     for part in parts[1:]:
         total = total + (part * part).sum(0)
     return total
+
+
+class _SumOfSquares(torch.autograd.Function):
+    """``sum_i J_i^2`` with its derivatives written out: ``2 J g`` in one pass backward (autograd of the
+    blocked sum would multiply, add and concatenate block by block), ``2 sum_i J_i dJ_i`` forward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(jac: Tensor) -> Tensor:
+        return _blocked_sum_sq(jac)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (jac,) = ctx.saved_tensors
+        return jac * (2 * grad)
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        (jac,) = ctx.saved_tensors
+        return 2 * (jac * tangent).sum(0)
+
+
+def sum_sq(jac: Tensor) -> Tensor:
+    """``sum_i J_i^2`` over the directions (dimension 0), in cache-sized blocks of directions on CPUs."""
+    if isinstance(jac, JetTensor):  # the Jacobian of a nested pass: let the outer pass interpret it
+        return (jac * jac).sum(0)
+    return _SumOfSquares.apply(jac)
 
 
 def align(jac: Tensor, ndim: int) -> Tensor:
