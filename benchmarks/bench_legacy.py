@@ -115,8 +115,8 @@ FUNCTIONS = {
     "full_jacobian": (_full_jacobian_case, "`core.gvp.full_jacobian` (outputs, 320 rows)", ("mlp20",), {}),
     "per_layer": (_per_layer_case, "`per_layer_hessian_diagonal`", ("mlp784",), {"mlp784": 0}),
     "empirical_fisher": (_empirical_fisher_case, "`empirical_fisher_diagonal`", ("mlp784",), {}),
-    "eig1": (_eig_case(1), "`estimate_eigenvalues` top-1", ("mlp784",), {"mlp784": 0}),
-    "eig3": (_eig_case(3), "`estimate_eigenvalues` top-3", ("mlp784",), {"mlp784": 0}),
+    "eig1": (_eig_case(1), "`estimate_eigenvalues` top-1", ("mlp784",), {}),
+    "eig3": (_eig_case(3), "`estimate_eigenvalues` top-3", ("mlp784",), {}),
 }
 
 CASES = {}
