@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import jacrev, vjp, vmap
 
 from secorder.structured import registry, rules  # noqa: F401 (built-in rules registered)
-from secorder.structured.curvature import Curvature, Diagonal, Factor, Gathered, Shared
+from secorder.structured.curvature import Curvature, Diagonal, Factor, Gathered, Shared, SoftmaxFactor
 from secorder.structured.rules.example import ScaledTanh
 
 DT = torch.float64
@@ -109,6 +109,12 @@ def random_terms(shape, K=3):
         "gathered": Gathered(Factor(torch.randn(K, N, C, Q, dtype=DT), torch.randn(K, N, dtype=DT)),
                              torch.randint(0, P, (N, C, Q)), tuple(shape)),
     }
+    if len(shape) == 2:  # the softmax cross-entropy factor lives on [N, C] logits
+        p = torch.softmax(torch.randn(N, C, dtype=DT), 1)
+        start = min(1, C - 1)
+        Kc = C - start
+        terms["softmax"] = SoftmaxFactor(torch.rand(Kc, N, dtype=DT), p, start)
+        terms["softmax-signed"] = SoftmaxFactor(torch.rand(Kc, N, dtype=DT), p, start, torch.randn(Kc, N, dtype=DT))
     return terms
 
 
@@ -121,6 +127,11 @@ def dense(term, shape):
         return torch.einsum("kn,knf,kng->nfg", w, B, B)
     if isinstance(term, Diagonal):
         return torch.diag_embed(term.d.reshape(N, F))
+    if isinstance(term, SoftmaxFactor):
+        K = term.a.shape[0]
+        E = torch.eye(F, dtype=DT)[term.start:term.start + K]
+        B = term.a[:, :, None] * (E[:, None, :] - term.p[None])
+        return dense(Factor(B, term.w), shape)
     if isinstance(term, Shared):
         K = term.B.shape[0]
         B = term.B.reshape(K, F)

@@ -22,7 +22,8 @@ result can be differentiated, ``vmap``-ed and compiled.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
+import math
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -32,7 +33,11 @@ from .errors import Unsupported, located
 from .losses import LossSpec, OutputCurvature, output_curvature
 from .walker import Plan, Step
 
-__all__ = ["Sweep", "run", "pull_loss_curvature"]
+__all__ = ["Sweep", "run", "pull_loss_curvature", "FACTOR_CHUNK_ENTRIES"]
+
+#: The default bound on one chunk of loss-factor columns: columns x samples x the widest
+#: step output, in tensor entries (64 MiB of float32 for the widest layer's columns).
+FACTOR_CHUNK_ENTRIES = 2 ** 24
 
 
 class Sweep:
@@ -50,6 +55,7 @@ class Sweep:
         self.values, self.wanted, self.trace, self.residuals = values, wanted, trace, residuals
         self.diags: Dict[str, Tensor] = {}
         self.total: Optional[Tensor] = None
+        self.widest = 1  # the largest per-sample size of a step's output (sizes factor chunks)
 
     # -- forward -----------------------------------------------------------------------------
     def run(self, plan: Plan, x: Tensor) -> Tuple[Tensor, List[Any]]:
@@ -65,6 +71,7 @@ class Sweep:
             except Unsupported as err:
                 raise located(err, step.name, step.rule.module) from None
             states.append(state)
+            self.widest = max(self.widest, math.prod(x.shape[1:]))
         return x, states
 
     # -- backward ----------------------------------------------------------------------------
@@ -173,12 +180,18 @@ def run(
     *,
     kind: str = "hessian",
     factor_chunk_size: Optional[int] = None,
+    loss_fn: Optional[Callable[[Tensor, Any], Tensor]] = None,
 ) -> Any:
     """``{qualified name: diagonal}`` for the ``wanted`` parameters, or their trace (a 0-dim tensor).
 
     ``values`` maps every qualified parameter/buffer name of the plan to the
     tensor to use (requested parameters and constants alike); ``kind`` is
-    ``"hessian"`` or ``"ggn"``.
+    ``"hessian"`` or ``"ggn"``. ``loss_fn``, when given, is evaluated on the
+    model output (its value is not used): whatever it raises for these
+    targets (a wrong dtype, a shape it refuses), the engine raises too.
+    ``factor_chunk_size`` bounds the loss-factor columns pulled back at once
+    (``None``: as many as keep ``columns x N x widest output`` under
+    :data:`FACTOR_CHUNK_ENTRIES`).
 
     Example:
         >>> import torch
@@ -193,6 +206,11 @@ def run(
         raise Unsupported(f"inputs must be a single tensor, got {type(inputs).__name__}")
     sweep = Sweep(values, wanted, trace, residuals=kind == "hessian")
     out, states = sweep.run(plan, inputs)
+    if loss_fn is not None:
+        loss_fn(out, targets)
     oc = output_curvature(spec, out, targets)
-    pull_loss_curvature(sweep, plan, states, oc, factor_chunk_size)
+    chunk = factor_chunk_size
+    if chunk is None:
+        chunk = max(1, FACTOR_CHUNK_ENTRIES // max(1, out.shape[0] * sweep.widest))
+    pull_loss_curvature(sweep, plan, states, oc, chunk)
     return sweep.result(out)

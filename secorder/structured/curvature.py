@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -53,12 +53,51 @@ from torch import Tensor
 if TYPE_CHECKING:  # pragma: no cover
     from .jacobians import Jacobian
 
-__all__ = ["Term", "Factor", "Diagonal", "Shared", "Gathered", "Curvature"]
+__all__ = ["Term", "Factor", "SoftmaxFactor", "Diagonal", "Shared", "Gathered", "Curvature"]
 
 
 def _split_channels(t: Tensor, lead: int, positions: int) -> Tensor:
     """View the feature dims of ``t`` (after ``lead`` leading dims) as ``[channels, positions]``."""
     return t.reshape(tuple(t.shape[:lead]) + (-1, positions))
+
+
+class _FactorDiagonal(torch.autograd.Function):
+    """``sum_k w[k] * B[k]**2``: column by column forward, one fused backward.
+
+    Accumulating column by column is far faster on CPU than a reduction over
+    the leading dimension (no ``K``-fold temporary); as a plain loop, though,
+    its backward would be ``K`` separate nodes. The backward is written in
+    differentiable tensor operations, so derivatives of any order and
+    ``torch.func`` transforms go through it (``generate_vmap_rule``).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(B: Tensor, w: Optional[Tensor]) -> Tensor:
+        extra = (1,) * (B.dim() - 2)
+        cols = B.unbind(0)
+        ws = [None] * len(cols) if w is None else [c.reshape(c.shape + extra) for c in w.unbind(0)]
+        out = None
+        for b, wk in zip(cols, ws):
+            bw = b if wk is None else b * wk
+            out = bw * b if out is None else torch.addcmul(out, bw, b)
+        return out if out is not None else B.new_zeros(B.shape[1:])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Tensor, Optional[Tensor]], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        B, w = ctx.saved_tensors
+        extra = (1,) * (B.dim() - 2)
+        gB = gw = None
+        if ctx.needs_input_grad[0]:
+            gB = 2 * B * grad if w is None else 2 * B * grad * w.reshape(w.shape + extra)
+        if w is not None and ctx.needs_input_grad[1]:
+            gw = (B * B * grad).flatten(2).sum(-1)
+        return gB, gw
 
 
 class Term:
@@ -89,16 +128,7 @@ class Factor(Term):
     w: Optional[Tensor] = None
 
     def diagonal(self) -> Tensor:
-        # Accumulate column by column: far faster on CPU than a reduction over the leading dim.
-        B, w = self.B, self.w
-        extra = (1,) * (B.dim() - 2)
-        out = None
-        for k in range(B.shape[0]):
-            b = B[k] if w is None else B[k] * w[k].reshape(w.shape[1:] + extra)
-            out = b * B[k] if out is None else torch.addcmul(out, b, B[k])
-        if out is None:  # no columns
-            return B.new_zeros(B.shape[1:])
-        return out
+        return _FactorDiagonal.apply(self.B, self.w)
 
     def quadratic(self, X: Tensor) -> Tensor:
         K, N = self.B.shape[:2]
@@ -112,10 +142,11 @@ class Factor(Term):
             # One test matrix for every channel (a convolution's unfolded input):
             # one batched matmul per column, no permuted copy of the columns.
             Xt = X[:, 0].transpose(1, 2)  # [N, S, J]
+            ws = [None] * K if self.w is None else self.w.unbind(0)
             total = None
-            for k in range(K):
-                M = torch.bmm(B[k], Xt)  # [N, C, J]
-                sq = M * M if self.w is None else M * M * self.w[k].reshape(N, 1, 1)
+            for b, w in zip(B.unbind(0), ws):  # unbind, not B[k]: one backward node, not K full-size ones
+                M = torch.bmm(b, Xt)  # [N, C, J]
+                sq = M * M if w is None else M * M * w.reshape(N, 1, 1)
                 t = sq.sum(0)
                 total = t if total is None else total + t
             return total
@@ -132,6 +163,45 @@ class Factor(Term):
 
     def pulled(self, jac: "Jacobian") -> Term:
         return jac.pull_factor(self)
+
+
+@dataclass
+class SoftmaxFactor(Term):
+    """The softmax cross-entropy factor, columns ``start:start+K``, without materialising them.
+
+    Column ``k`` of sample ``n`` is ``a[k, n] (e_c - p[n])`` with ``c = start + k``
+    (``p``: ``[N, C]`` probabilities, ``a``: ``[K, N]``), weighted by ``w``
+    (``[K, N]`` or None) as in :class:`Factor`. The diagonal has a closed form
+    (``O(N C)`` instead of ``O(K N C)``), and a linear layer pulls the columns
+    back as ``a (W[c] - p W)`` without forming them at the output
+    (``Dense.pull_softmax``); any other Jacobian gets them explicitly
+    (:meth:`as_factor`).
+    """
+
+    a: Tensor
+    p: Tensor
+    start: int
+    w: Optional[Tensor] = None
+
+    def _weights(self) -> Tensor:
+        return self.a * self.a if self.w is None else self.a * self.a * self.w
+
+    def diagonal(self) -> Tensor:
+        # d[n, j] = sum_k ww[k, n] (delta(c_k, j) - p[n, j])^2
+        ww = self._weights()  # [K, N]
+        K, C = ww.shape[0], self.p.shape[1]
+        own = torch.nn.functional.pad(ww.transpose(0, 1), (self.start, C - self.start - K))  # [N, C]
+        return own * (1 - 2 * self.p) + self.p * self.p * ww.sum(0).unsqueeze(1)
+
+    def as_factor(self) -> Factor:
+        K, C = self.a.shape[0], self.p.shape[1]
+        eye = torch.eye(C, dtype=self.p.dtype, device=self.p.device)[self.start:self.start + K]
+        B = (self.a.unsqueeze(2) * (eye.unsqueeze(1) - self.p.unsqueeze(0))).contiguous()
+        return Factor(B, self.w)
+
+    def pulled(self, jac: "Jacobian") -> Term:
+        pull = getattr(jac, "pull_softmax", None)
+        return jac.pull_factor(self.as_factor()) if pull is None else pull(self)
 
 
 @dataclass

@@ -1,8 +1,26 @@
-"""Entry points: run the engine on a ``FunctionalLoss`` call or on a live model.
+"""The engine's entry points: on a ``FunctionalLoss`` call, or on a live model.
 
-:func:`functional_call_diag` is what ``so.hessian_diag`` / ``so.trace`` /
-``so.ggn_diag`` / ``so.ggn_trace`` call; :func:`model_diagonal` and
-:func:`model_trace` serve the legacy ``torch_secorder`` shim.
+:func:`functional_call_diag` is what the transforms call (``so.hessian_diag``,
+``so.trace``, ``so.ggn_diag``, ``so.diagonal(curvature=...)``, ...);
+:func:`model_diagonal` and :func:`model_trace` serve the legacy
+``torch_secorder`` shim.
+
+The engine is a pure tensor computation of the parameters, inputs and
+targets, so it runs inside ``torch.func`` transforms and ``torch.compile``:
+
+* ``vmap`` over per-example inputs (``in_dims=(None, 0, 0)`` with a batch
+  dimension of one per example) computes every example's diagonal in one
+  batched sweep. The result holds ``N x n`` numbers for ``n`` parameters (what
+  BackPACK's ``BatchDiag*`` extensions return); the sweep's intermediates are
+  those of one unbatched sweep over the ``N`` examples (about ``C`` factor
+  columns per example through each layer, ``C`` the number of classes), times
+  the parameter-sized per-example results of each layer.
+* ``vmap`` over stacked parameters (an ensemble, ``in_dims=(0, None, None)``)
+  runs one sweep per ensemble member, batched.
+* ``grad``/``jacrev``/``vjp`` differentiate through the sweep (third
+  derivatives for the exact Hessian's diagonal) at the cost of one reverse pass
+  over it, a small multiple of one gradient.
+* ``torch.compile`` traces it without a graph break.
 """
 
 from __future__ import annotations
@@ -13,40 +31,66 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..modules import FunctionalLoss
 from . import backprop, losses, walker
 from .errors import Unsupported
 
-__all__ = ["functional_call_diag", "model_diagonal", "model_trace", "check_not_transformed"]
+__all__ = ["functional_call_diag", "model_diagonal", "model_trace", "KINDS"]
 
 logger = logging.getLogger("secorder.structured")
 
-_KINDS = ("hessian", "ggn")
+KINDS = ("hessian", "ggn")
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
-def check_not_transformed(tensors: Sequence[Any]) -> None:
-    """Raise :class:`Unsupported` under ``torch.compile`` or for functorch-wrapped tensors.
-
-    Inside ``vmap``/``grad``/``jvp`` the differentiated or batched tensors are
-    functorch wrappers; the structured engine then defers to the generic path,
-    which composes with those transforms.
-    """
-    if torch.compiler.is_compiling():
-        raise Unsupported("called under torch.compile")
-    for t in tensors:
-        if isinstance(t, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t):
-            raise Unsupported("called under a torch.func transform (vmap/grad/jvp) on these arguments")
+def _check_chunk(factor_chunk_size: Optional[int]) -> None:
+    if factor_chunk_size is None:
+        return
+    if isinstance(factor_chunk_size, bool) or not isinstance(factor_chunk_size, int):
+        raise TypeError(f"factor_chunk_size must be an int or None, got {type(factor_chunk_size).__name__}")
+    if factor_chunk_size < 1:
+        raise ValueError(f"factor_chunk_size must be at least 1, got {factor_chunk_size}")
 
 
-def functional_call_diag(f: Any, args: tuple, kind: str, trace: bool) -> Any:
+def _check_loss_module(loss_fn: Any) -> None:
+    if isinstance(loss_fn, nn.Module):
+        walker.check_plain(loss_fn, "the loss")
+
+
+def functional_call_diag(
+    f: Any,
+    args: tuple,
+    kind: str,
+    trace: bool,
+    *,
+    mc_samples: int = 1,
+    generator: Optional[torch.Generator] = None,
+    factor_chunk_size: Optional[int] = None,
+) -> Any:
     """Run the engine for ``f(params, inputs, targets[, buffers])`` with ``f`` a ``FunctionalLoss``.
 
-    Returns a dict shaped like ``params`` (the diagonal) or a 0-dim tensor (the
-    trace); raises :class:`Unsupported` when the call does not qualify.
+    Args:
+        f: a :class:`secorder.FunctionalLoss` whose model is an ``nn.Module``.
+        args: ``(params, inputs, targets[, buffers])`` as ``f`` takes them.
+        kind: the curvature, one of :data:`KINDS`.
+        trace: return the trace instead of the diagonal.
+        mc_samples: Monte-Carlo labels per sample (``kind="fisher"``).
+        generator: the source of the Fisher's labels.
+        factor_chunk_size: loss-factor columns pulled back at a time (a bound
+            on the sweep's memory: each column is one tensor of the size of a
+            layer's activations); ``None`` picks the largest chunk that keeps
+            a chunk's columns at any layer under 2**24 entries.
+
+    Returns:
+        A dict shaped like ``params`` (the diagonal) or a 0-dim tensor (the
+        trace).
+
+    Raises:
+        Unsupported: the call does not qualify (the transforms then fall back).
 
     Example:
         >>> import torch, secorder as so
@@ -57,6 +101,11 @@ def functional_call_diag(f: Any, args: tuple, kind: str, trace: bool) -> Any:
         {'0.weight': tensor([[2., 2.]]), '0.bias': tensor([2.])}
     """
     _check_kind(kind)
+    _check_chunk(factor_chunk_size)
+    if not isinstance(f, FunctionalLoss) or type(f).__call__ is not FunctionalLoss.__call__:
+        raise Unsupported("f is not a secorder.FunctionalLoss (or its class overrides __call__)")
+    if not isinstance(f.model, nn.Module):
+        raise Unsupported("the model is a function, not an nn.Module")
     if len(args) not in (3, 4):
         raise Unsupported(f"expected f(params, inputs, targets[, buffers]), got {len(args)} arguments")
     params, inputs, targets = args[:3]
@@ -65,8 +114,8 @@ def functional_call_diag(f: Any, args: tuple, kind: str, trace: bool) -> Any:
         raise Unsupported("params must be a dict of tensors")
     if buffers is not None and not isinstance(buffers, dict):
         raise Unsupported("buffers must be a dict of tensors")
-    check_not_transformed(list(params.values()) + [inputs, targets] + list((buffers or {}).values()))
     spec = losses.loss_spec(f.loss_fn)
+    _check_loss_module(f.loss_fn)
     plan = walker.plan(f.model)
     model = f.model
     values: Dict[str, Tensor] = {n: t.detach() for n, t in model.named_parameters()}
@@ -78,14 +127,17 @@ def functional_call_diag(f: Any, args: tuple, kind: str, trace: bool) -> Any:
         if v.shape != values[name].shape:
             raise Unsupported(f"params[{name!r}] has shape {tuple(v.shape)}, the model's has {tuple(values[name].shape)}")
     values.update(params)
-    out = backprop.run(plan, spec, values, inputs, targets, set(params), trace, kind=kind)
+    out = backprop.run(plan, spec, values, inputs, targets, set(params), trace, kind=kind,
+                       factor_chunk_size=factor_chunk_size, loss_fn=f.loss_fn)
     if trace:
         return out
     return {name: out[name] if name in out else torch.zeros_like(v) for name, v in params.items()}
 
 
-def _live(model: nn.Module, loss_fn: Any, inputs: Any, targets: Any, kind: str, params, trace: bool):
+def _live(model: nn.Module, loss_fn: Any, inputs: Any, targets: Any, kind: str, params, trace: bool,
+          factor_chunk_size: Optional[int]):
     _check_kind(kind)
+    _check_chunk(factor_chunk_size)
     named = list(model.named_parameters())
     if params is None:
         chosen = [n for n, _ in named]
@@ -97,11 +149,13 @@ def _live(model: nn.Module, loss_fn: Any, inputs: Any, targets: Any, kind: str, 
         chosen = [by_id[id(p)] for p in params]
     try:
         spec = losses.loss_spec(loss_fn)
+        _check_loss_module(loss_fn)
         plan = walker.plan(model)
         values = {n: t.detach() for n, t in model.named_parameters()}
         values.update({n: t.detach() for n, t in model.named_buffers()})
         with torch.no_grad():
-            out = backprop.run(plan, spec, values, inputs, targets, set(chosen), trace, kind=kind)
+            out = backprop.run(plan, spec, values, inputs, targets, set(chosen), trace, kind=kind,
+                               factor_chunk_size=factor_chunk_size, loss_fn=loss_fn)
     except Unsupported as err:
         logger.debug("structured engine declined: %s", err)
         return None
@@ -120,12 +174,24 @@ def model_diagonal(
     *,
     kind: str = "hessian",
     params: Optional[Sequence[Tensor]] = None,
+    factor_chunk_size: Optional[int] = None,
 ) -> Optional[List[Tensor]]:
     """Exact Hessian (``kind="hessian"``) or GGN (``kind="ggn"``) diagonal of ``loss_fn(model(inputs), targets)``.
 
-    One tensor per parameter in ``params`` (default: ``model.parameters()``,
-    trainable or not), shaped, typed and placed like it; ``None`` when the model
-    or loss does not qualify for the structured engine.
+    Args:
+        model: the model, used as it is (its parameters and buffers).
+        loss_fn: the loss, called as ``loss_fn(outputs, targets)``.
+        inputs: the model's input tensor.
+        targets: the targets.
+        kind: the curvature, one of :data:`KINDS`.
+        params: the parameters to return diagonals for (default: all of
+            ``model.parameters()``, trainable or not).
+        factor_chunk_size: see :func:`functional_call_diag`.
+
+    Returns:
+        One tensor per parameter in ``params``, shaped, typed and placed like
+        it; ``None`` when the model or loss does not qualify for the
+        structured engine.
 
     Example:
         >>> import torch
@@ -137,7 +203,7 @@ def model_diagonal(
         >>> model_diagonal(torch.nn.LSTM(2, 2), torch.nn.MSELoss(), torch.ones(1, 2), torch.zeros(1, 1)) is None
         True
     """
-    return _live(model, loss_fn, inputs, targets, kind, params, trace=False)
+    return _live(model, loss_fn, inputs, targets, kind, params, False, factor_chunk_size)
 
 
 def model_trace(
@@ -148,8 +214,21 @@ def model_trace(
     *,
     kind: str = "hessian",
     params: Optional[Sequence[Tensor]] = None,
+    factor_chunk_size: Optional[int] = None,
 ) -> Optional[Tensor]:
     """The sum of :func:`model_diagonal` over ``params`` (a 0-dim tensor), or ``None``.
+
+    Args:
+        model: the model.
+        loss_fn: the loss.
+        inputs: the model's input tensor.
+        targets: the targets.
+        kind: the curvature, one of :data:`KINDS`.
+        params: the parameters to sum over (default: all).
+        factor_chunk_size: see :func:`functional_call_diag`.
+
+    Returns:
+        The trace, or ``None`` when the model or loss does not qualify.
 
     Example:
         >>> import torch
@@ -157,4 +236,4 @@ def model_trace(
         >>> model_trace(model, torch.nn.MSELoss(reduction="sum"), torch.ones(1, 2), torch.zeros(1, 1))
         tensor(6.)
     """
-    return _live(model, loss_fn, inputs, targets, kind, params, trace=True)
+    return _live(model, loss_fn, inputs, targets, kind, params, True, factor_chunk_size)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from .curvature import Diagonal, Factor, Gathered, Shared, Term
+from .curvature import Diagonal, Factor, Gathered, Shared, SoftmaxFactor, Term
 
 __all__ = ["Jacobian", "Columns", "Elementwise", "Reshape", "Dense", "Gather", "Selection"]
 
@@ -144,6 +144,12 @@ class Dense(Jacobian):
         if t.s is None:
             return Shared(t.B @ self.W, t.r)
         return Factor((t.B.unsqueeze(1) * t.s.unsqueeze(0)) @ self.W, t.r.transpose(0, 1))
+
+    def pull_softmax(self, t: SoftmaxFactor) -> Term:
+        # a (e_c - p)^T W = a (W[c] - p W): K N in, not K N C in.
+        K = t.a.shape[0]
+        rows = self.W[t.start:t.start + K]  # [K, in]
+        return Factor(t.a.unsqueeze(2) * (rows.unsqueeze(1) - (t.p @ self.W).unsqueeze(0)), t.w)
 
 
 class Gather(Jacobian):

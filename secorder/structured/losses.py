@@ -28,9 +28,9 @@ from typing import Any, Callable, List, Optional
 import torch
 from torch import Tensor
 
-from ..losses import LossSpec, UnsupportedLoss
+from ..losses import LossSpec, UnsupportedLoss, per_sample_output_gradients, reduction_factor
 from ..losses import loss_spec as _recognise
-from .curvature import Curvature, Diagonal, Factor, Term
+from .curvature import Curvature, Diagonal, SoftmaxFactor, Term
 from .errors import Unsupported
 
 __all__ = ["LossSpec", "loss_spec", "OutputCurvature", "output_curvature"]
@@ -61,9 +61,9 @@ class OutputCurvature:
     grad: Tensor
     terms: List[Term] = field(default_factory=list)
     columns: int = 0
-    make_factor: Optional[Callable[[int, int], Factor]] = None
+    make_factor: Optional[Callable[[int, int], Term]] = None
 
-    def factor(self, start: int, stop: int) -> Factor:
+    def factor(self, start: int, stop: int) -> Term:
         """Factor columns ``start:stop``."""
         return self.make_factor(start, stop)
 
@@ -72,8 +72,20 @@ class OutputCurvature:
         return Curvature(list(self.terms) + ([self.factor(0, self.columns)] if self.columns else []))
 
 
+def _recognised(fn, *args):
+    try:
+        return fn(*args)
+    except UnsupportedLoss as err:
+        raise Unsupported(str(err)) from None
+
+
 def output_curvature(spec: LossSpec, out: Tensor, target: Tensor) -> OutputCurvature:
     """The per-sample Hessian of the loss w.r.t. ``out`` (factored) and the gradient ``dL/dout``.
+
+    The reduction follows :func:`secorder.losses.reduction_factor`: a mean
+    over no terms (an empty batch, every cross-entropy target ignored) gives
+    zero curvature and gradient, as ``torch.func.grad``/``hessian`` of the loss do
+    (the loss's value itself is NaN then).
 
     Example:
         >>> import torch
@@ -87,50 +99,36 @@ def output_curvature(spec: LossSpec, out: Tensor, target: Tensor) -> OutputCurva
         raise Unsupported(f"targets must be a tensor, got {type(target).__name__}")
     if out.dim() == 0:
         raise Unsupported("the model output has no batch dimension")
-    if spec.kind == "ce":
-        return _cross_entropy(spec, out, target)
-    if target.shape != out.shape:
-        raise Unsupported(f"targets of shape {tuple(target.shape)} do not match the output shape {tuple(out.shape)}")
-    scale = 1.0 / out.numel() if spec.reduction == "mean" else 1.0
-    if spec.kind == "mse":
-        return OutputCurvature((2.0 * scale) * (out - target.to(out.dtype)), [Diagonal(torch.full_like(out, 2.0 * scale))])
-    s = torch.sigmoid(out)
-    return OutputCurvature(scale * (s - target.to(out.dtype)), [Diagonal(scale * s * (1 - s))])
-
-
-def _cross_entropy(spec: LossSpec, out: Tensor, target: Tensor) -> OutputCurvature:
-    if out.dim() != 2:
+    if spec.kind == "ce" and out.dim() != 2:
         raise Unsupported(f"cross-entropy on outputs of shape {tuple(out.shape)}: only [N, C] logits are supported")
+    c = _recognised(reduction_factor, spec, out, target)  # 0-dim, >= 1
+    grad = _recognised(per_sample_output_gradients, spec, out, target) / c
+    if spec.kind == "mse":
+        return OutputCurvature(grad, [Diagonal((2.0 / c).expand(out.shape))])
+    if spec.kind == "bce":
+        s = torch.sigmoid(out)
+        return OutputCurvature(grad, [Diagonal(s * (1 - s) / c)])
+    return _cross_entropy(spec, out, target, c, grad)
+
+
+def _cross_entropy(spec: LossSpec, out: Tensor, target: Tensor, c: Tensor, grad: Tensor) -> OutputCurvature:
     N, C = out.shape
-    p = torch.softmax(out, dim=1)
-    if target.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-        if target.shape != (N,):
-            raise Unsupported(f"class-index targets of shape {tuple(target.shape)}; expected ({N},)")
-        keep = target != spec.ignore_index
-        weight = keep.to(out.dtype)
-        denom = weight.sum() if spec.reduction == "mean" else None
-        classes = torch.arange(C, device=out.device)
-        onehot = (torch.where(keep, target, 0).long()[:, None] == classes).to(out.dtype)
-        grad_per_sample = (p - onehot) * weight[:, None]
-    elif target.is_floating_point() and target.shape == out.shape:
-        weight = target.to(out.dtype).sum(1)
-        denom = torch.tensor(float(N), dtype=out.dtype, device=out.device) if spec.reduction == "mean" else None
-        grad_per_sample = p * weight[:, None] - target.to(out.dtype)
-    else:
-        raise Unsupported(f"cross-entropy targets of shape {tuple(target.shape)} and dtype {target.dtype}")
-    if denom is not None:
-        weight = weight / denom
-        grad_per_sample = grad_per_sample / denom
-    # Column c of sample n: sqrt(p_c) (e_c - p), built as [K, N, C] (contiguous, column first).
-    # Class-index targets have sample weights w_n >= 0 (0, 1 or 1/N), folded in as sqrt(w_n);
-    # probability targets may carry any sign, so theirs stay an explicit weight.
+    logp = torch.log_softmax(out, dim=1)
+    p = logp.exp()
+    root = (0.5 * logp).exp()  # sqrt(p), with a derivative that stays finite where p underflows
     signed = target.is_floating_point()
-    scale = (p.sqrt() if signed else (p * weight[:, None]).sqrt()).transpose(0, 1)  # [C, N]
+    if signed:
+        # Probability targets: H_n = (sum_c y_c) (diag(p) - p p^T), a weight of any sign.
+        weight = target.to(out.dtype).sum(1) / c
+        scale = root
+    else:
+        # Class indices: sample weights 0 (ignored) or 1/c (constants), folded into the columns.
+        weight = (target != spec.ignore_index).to(out.dtype) / c
+        scale = root * weight.sqrt().unsqueeze(1)
+    scale = scale.transpose(0, 1)  # [C, N]
 
-    def factor(start: int, stop: int) -> Factor:
-        eye = torch.eye(C, dtype=out.dtype, device=out.device)[start:stop]
-        B = (scale[start:stop, :, None] * (eye[:, None, :] - p[None, :, :])).contiguous()
-        w = weight[None, :].expand(stop - start, N) if signed else None
-        return Factor(B, w)
+    def factor(start: int, stop: int) -> SoftmaxFactor:
+        w = weight.unsqueeze(0).expand(stop - start, N) if signed else None
+        return SoftmaxFactor(scale[start:stop], p, start, w)
 
-    return OutputCurvature(grad_per_sample, [], C, factor)
+    return OutputCurvature(grad, [], C, factor)

@@ -27,7 +27,7 @@ from .errors import Unsupported, located
 from .registry import rule_for
 from .rule import BlockRule, Rule
 
-__all__ = ["Plan", "Step", "plan"]
+__all__ = ["Plan", "Step", "plan", "check_plain", "overridden"]
 
 
 @dataclass
@@ -87,11 +87,45 @@ def _display(prefix: str) -> str:
     return prefix[:-1] if prefix else "<root>"
 
 
-def _check_plain(module: nn.Module, prefix: str) -> None:
-    """Refuse modules whose behaviour is changed by hooks."""
+def overridden(module: nn.Module) -> List[str]:
+    """Instance attributes that shadow behaviour of ``module``'s class (``m.forward = ...``, ``m.__call__ = ...``).
+
+    A rule is chosen by ``type(module)``; anything in the instance's ``__dict__``
+    that replaces a method or other callable of the class may change what the
+    module computes, so the module no longer qualifies.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Linear(2, 2)
+        >>> overridden(m)
+        []
+        >>> m.forward = torch.sin
+        >>> overridden(m)
+        ['forward']
+    """
+    cls = type(module)
+    out = []
+    for name, value in vars(module).items():
+        attr = getattr(cls, name, None)
+        if attr is not None and (callable(attr) or isinstance(attr, property)):
+            out.append(name)
+        elif name in ("forward", "__call__"):
+            out.append(name)
+    return out
+
+
+def check_plain(module: nn.Module, what: str) -> None:
+    """Refuse a module whose behaviour is changed by hooks or instance-level overrides."""
     if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
             or getattr(module, "_backward_pre_hooks", None)):
-        raise Unsupported(f"module {_display(prefix)!r} ({type(module).__name__}) has hooks")
+        raise Unsupported(f"{what} ({type(module).__name__}) has hooks")
+    shadow = overridden(module)
+    if shadow:
+        raise Unsupported(f"{what} ({type(module).__name__}) has an instance-level {shadow[0]!r}")
+
+
+def _check_plain(module: nn.Module, prefix: str) -> None:
+    check_plain(module, f"module {_display(prefix)!r}")
 
 
 def _leaves(module: nn.Module, prefix: str) -> List[tuple]:
