@@ -25,6 +25,7 @@ EXTRA_PURPOSES: Dict[str, str] = {
     "test": "running the test suite, which also runs the command line and builds this site",
     "docs": "building this site",
     "bench": "what the benchmark peers need (see :doc:`benchmarks`)",
+    "plot": "``SpectralDensity.plot`` and ``secorder spectrum --out`` (see :doc:`spectra`)",
 }
 
 

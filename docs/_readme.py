@@ -52,6 +52,7 @@ SECTIONS: Dict[str, Tuple[str, Optional[str]]] = {
     "Structured exact engine": ("structured-engine", "Structured exact engine"),
     "Stochastic estimators": ("stochastic-estimators", "Stochastic estimators"),
     "Legacy torch_secorder API": ("legacy", "Legacy torch_secorder API"),
+    "Spectra": ("spectra", "Spectra: top eigenvalues and densities"),
 }
 
 
