@@ -389,3 +389,83 @@ def test_declined_modules_say_why(module, reason):
     with pytest.raises(Unsupported, match=reason) as err:
         walker.plan(nn.Sequential(nn.Linear(3, 3), module))
     assert err.value.module == "1"
+
+
+def test_two_block_language_model_logits_by_vocab_and_token():
+    # nn.CrossEntropyLoss on [N, vocab, T] logits with [N, T] targets; probability targets too
+    torch.manual_seed(14)
+    model = language_model(end=Transpose(1, 2))
+    x = torch.tensor([[2, 0, 2], [1, 3, 3]])
+    check(model, nn.CrossEntropyLoss(ignore_index=0), x, torch.tensor([[1, 0, 4], [2, 2, 3]]))
+    probs = torch.softmax(torch.randn(2, 5, 3, dtype=DT), 1)
+    check(model, nn.CrossEntropyLoss(reduction="sum"), x, probs, ggn=True)
+
+
+def test_token_level_curvature_stays_per_token_until_attention(monkeypatch):
+    # Per-token layers pull C columns per token; only attention makes per-sequence columns.
+    calls = []
+    original = Tokenwise.as_factor
+    monkeypatch.setattr(Tokenwise, "as_factor", lambda self: calls.append(self.shape) or original(self))
+    torch.manual_seed(15)
+    d, V = 4, 5
+    per_token = nn.Sequential(nn.Embedding(V, d), so.PositionalEmbedding(3, d), nn.LayerNorm(d),
+                              so.Residual(nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(0.1),
+                                                        nn.Linear(2 * d, d))),
+                              nn.LayerNorm(d), nn.Linear(d, V)).to(DT).eval()
+    x = torch.randint(0, V, (2, 3))
+    for end, y in ((nn.Flatten(0, 1), torch.randint(0, V, (6,))), (Transpose(1, 2), torch.randint(0, V, (2, 3)))):
+        model = nn.Sequential(*per_token, end)
+        f = so.functional_loss(model, nn.CrossEntropyLoss())
+        params = so.params_dict(model)
+        for transform in (so.ggn_diag, so.hessian_diag):
+            fn = transform(f, engine="structured")
+            d_ = fn(params, x, y)
+            assert calls == [], calls
+            ref = (reference_ggn_diag(f, params, x, y) if transform is so.ggn_diag
+                   else reference_diag(f, (params, x, y)))
+            assert rel_err(d_, ref) < 1e-10
+    with_attention = nn.Sequential(*per_token[:3], so.Residual(SelfAttention(d, 2, causal=True)), *per_token[3:],
+                                   nn.Flatten(0, 1)).to(DT)
+    f = so.functional_loss(with_attention, nn.CrossEntropyLoss())
+    so.ggn_diag(f, engine="structured")(so.params_dict(with_attention), x, torch.randint(0, V, (6,)))
+    assert calls  # the attention block made per-sequence columns
+
+
+def test_language_model_hessian_above_the_residual_bound_falls_back_and_says_why(monkeypatch):
+    torch.manual_seed(16)
+    model = language_model(blocks=1)
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    params, x, y = so.params_dict(model), torch.randint(0, 5, (2, 3)), torch.randint(0, 5, (6,))
+    monkeypatch.setattr(attention_rules, "MAX_RESIDUAL_ENTRIES", 100)
+    fn = so.hessian_diag(f)
+    d = fn(params, x, y)
+    assert fn.last_engine == "generic" and "MAX_RESIDUAL_ENTRIES" in fn.last_fallback_reason
+    assert rel_err(d, reference_diag(f, (params, x, y))) < 1e-10
+    g_fn = so.ggn_diag(f)
+    g_fn(params, x, y)
+    assert g_fn.last_engine == "structured"
+
+
+def test_training_mode_dropout_and_embedding_options_fall_back_naming_the_module():
+    model = language_model(blocks=1).train()
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    params, x, y = so.params_dict(model), torch.randint(0, 5, (2, 3)), torch.randint(0, 5, (6,))
+    with pytest.raises(ValueError, match=r"'2\.1\.body\.3' \(Dropout\).*eval"):
+        so.ggn_diag(f, engine="structured")(params, x, y)
+    model = language_model(blocks=1)
+    model[0].max_norm = 1.0
+    with pytest.raises(ValueError, match=r"'0' \(Embedding\).*max_norm"):
+        so.ggn_diag(so.functional_loss(model, nn.CrossEntropyLoss()), engine="structured")(params, x, y)
+
+
+def test_live_model_entry_point_on_a_language_model():
+    from secorder.structured import model_diagonal
+
+    torch.manual_seed(17)
+    model = language_model()
+    x, y = torch.randint(0, 5, (2, 3)), torch.randint(0, 5, (6,))
+    got = model_diagonal(model, nn.CrossEntropyLoss(), x, y, kind="ggn")
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    ref = reference_ggn_diag(f, so.params_dict(model), x, y)
+    for g, r in zip(got, ref.values()):
+        torch.testing.assert_close(g, r, **TOL)

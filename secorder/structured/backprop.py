@@ -211,6 +211,6 @@ def run(
     oc = output_curvature(spec, out, targets)
     chunk = factor_chunk_size
     if chunk is None:
-        chunk = max(1, FACTOR_CHUNK_ENTRIES // max(1, out.shape[0] * sweep.widest))
+        chunk = max(1, FACTOR_CHUNK_ENTRIES // max(1, out.shape[0] * oc.positions * sweep.widest))
     pull_loss_curvature(sweep, plan, states, oc, chunk)
     return sweep.result(out)

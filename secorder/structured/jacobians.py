@@ -25,13 +25,16 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable, Tuple
+from typing import TYPE_CHECKING, Callable, Tuple
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 
 from .curvature import Diagonal, Factor, Gathered, Shared, SoftmaxFactor, Term
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .tokens import Tokenwise
 
 __all__ = ["Jacobian", "Columns", "Elementwise", "Reshape", "Dense", "Gather", "Selection"]
 
@@ -104,6 +107,15 @@ class Elementwise(Jacobian):
         mg = torch.gather(m, 2, t.index).reshape(t.factor.B.shape[1:])
         return Gathered(Factor(t.factor.B * mg, t.factor.w), t.index, t.shape)
 
+    def pull_tokenwise(self, t: "Tokenwise") -> Term:
+        # Elementwise is per position in any layout: scale each row's block, stay per position.
+        from .tokens import Tokenwise, to_rows  # tokens builds on this module
+
+        if t.index is not None or tuple(t.shape) != self.shape:
+            return self.pull_factor(t.as_factor())
+        m = to_rows(self.m.expand(self.shape), 0, self.shape, t.pos)
+        return Tokenwise(t.inner.pulled(Elementwise(m, tuple(m.shape))), t.shape, t.pos)
+
 
 class Reshape(Jacobian):
     """A per-sample reshape (``Flatten``, ``Identity``): the input has shape ``shape``."""
@@ -125,6 +137,9 @@ class Reshape(Jacobian):
         return Shared(t.B.reshape(tuple(t.B.shape[:1]) + self.shape[1:]), t.r, s)
 
     def pull_gathered(self, t: Gathered) -> Term:
+        return t if tuple(t.shape) == self.shape else self.pull_factor(t.as_factor())
+
+    def pull_tokenwise(self, t: "Tokenwise") -> Term:
         return t if tuple(t.shape) == self.shape else self.pull_factor(t.as_factor())
 
 

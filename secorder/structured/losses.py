@@ -6,7 +6,9 @@ with respect to the model output ``f`` of shape ``[N, *feat]``, together with
 the gradient ``dL/df`` (needed by the activations' residual terms), as an
 :class:`OutputCurvature`:
 
-* Softmax cross-entropy, logits ``f_n`` of ``C`` classes, ``p = softmax(f_n)``:
+* Softmax cross-entropy, logits ``f_n`` of ``C`` classes, ``p = softmax(f_n)``
+  (logits ``[N, C, *d]``, say ``[N, vocab, tokens]``: per position, as
+  :class:`~secorder.structured.tokens.Tokenwise` terms):
   ``H_n = diag(p) - p p^T = A A^T`` with ``A = diag(sqrt p) - p sqrt(p)^T``
   (``C`` factor columns; Dangel, Harmeling, Hennig 2020, Sec. 3 and App. A.2;
   Dangel, Kunstner, Hennig 2020, App. A.2). For probability targets ``y`` the
@@ -22,6 +24,7 @@ the gradient ``dL/df`` (needed by the activations' residual terms), as an
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
@@ -62,6 +65,7 @@ class OutputCurvature:
     terms: List[Term] = field(default_factory=list)
     columns: int = 0
     make_factor: Optional[Callable[[int, int], Term]] = None
+    positions: int = 1  # per-position factor columns: each is this many per-sample columns once explicit
 
     def factor(self, start: int, stop: int) -> Term:
         """Factor columns ``start:stop``."""
@@ -99,8 +103,10 @@ def output_curvature(spec: LossSpec, out: Tensor, target: Tensor) -> OutputCurva
         raise Unsupported(f"targets must be a tensor, got {type(target).__name__}")
     if out.dim() == 0:
         raise Unsupported("the model output has no batch dimension")
+    if spec.kind == "ce" and out.dim() > 2:
+        return _per_position(spec, out, target)
     if spec.kind == "ce" and out.dim() != 2:
-        raise Unsupported(f"cross-entropy on outputs of shape {tuple(out.shape)}: only [N, C] logits are supported")
+        raise Unsupported(f"cross-entropy on outputs of shape {tuple(out.shape)}: only [N, C, *d] logits are supported")
     c = _recognised(reduction_factor, spec, out, target)  # 0-dim, >= 1
     grad = _recognised(per_sample_output_gradients, spec, out, target) / c
     if spec.kind == "mse":
@@ -109,6 +115,34 @@ def output_curvature(spec: LossSpec, out: Tensor, target: Tensor) -> OutputCurva
         s = torch.sigmoid(out)
         return OutputCurvature(grad, [Diagonal(s * (1 - s) / c)])
     return _cross_entropy(spec, out, target, c, grad)
+
+
+def _per_position(spec: LossSpec, out: Tensor, target: Tensor) -> OutputCurvature:
+    """Cross-entropy on ``[N, C, *d]`` logits (``[N, vocab, tokens]``): one ``[N, C]`` problem over the positions.
+
+    Each position is a sample of the ``[N * P, C]`` rows (classes last), the
+    reduction is over all of them (as ``nn.CrossEntropyLoss`` does), and the terms
+    are :class:`~secorder.structured.tokens.Tokenwise` at the logits: ``C`` columns
+    per position instead of ``C * P`` per sample.
+    """
+    from .tokens import Tokenwise, from_rows, to_rows  # tokens imports the curvature kinds
+
+    pos = tuple(range(2, out.dim()))
+    shape = tuple(out.shape)
+    if target.is_floating_point():
+        if tuple(target.shape) != shape:
+            raise Unsupported(f"probability targets of shape {tuple(target.shape)} for logits of shape {shape}")
+        rows_target = to_rows(target, 0, shape, pos)
+    else:
+        if tuple(target.shape) != shape[:1] + shape[2:]:
+            raise Unsupported(f"class-index targets of shape {tuple(target.shape)} for logits of shape {shape} "
+                              f"(expected {shape[:1] + shape[2:]})")
+        rows_target = target.reshape(-1)
+    oc = output_curvature(spec, to_rows(out, 0, shape, pos), rows_target)
+    inner = oc.make_factor
+    return OutputCurvature(from_rows(oc.grad, 0, shape, pos), [Tokenwise(t, shape, pos) for t in oc.terms],
+                           oc.columns, lambda start, stop: Tokenwise(inner(start, stop), shape, pos),
+                           math.prod(shape[2:]))
 
 
 def _cross_entropy(spec: LossSpec, out: Tensor, target: Tensor, c: Tensor, grad: Tensor) -> OutputCurvature:

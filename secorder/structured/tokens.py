@@ -50,7 +50,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .curvature import Curvature, Diagonal, Factor, Gathered, Shared, Term
+from .curvature import Curvature, Diagonal, Factor, Gathered, Shared, SoftmaxFactor, Term
 from .jacobians import Jacobian
 
 __all__ = ["Tokenwise", "PerPosition", "Permute", "FlattenBatch", "channels_first", "to_rows", "from_rows"]
@@ -260,6 +260,9 @@ class FlattenBatch(Jacobian):
 
     def pull_gathered(self, t: Gathered) -> Term:
         return self._wrap(t)
+
+    def pull_softmax(self, t: SoftmaxFactor) -> Term:
+        return self._wrap(t)  # stays implicit: a linear layer at every position pulls it back unformed
 
     def pull_tokenwise(self, t: Tokenwise) -> Term:
         if t.index is not None:
