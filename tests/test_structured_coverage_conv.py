@@ -317,3 +317,36 @@ def test_blocks_with_unplanned_parameters_or_merges_decline():
         params = {k: v for k, v in so.params_dict(model).items() if not k.startswith("0.extra")}
         fn(params, torch.randn(4, 3, dtype=DT), torch.randn(4, 2, dtype=DT))
         assert fn.last_engine == "generic" and fragment in fn.last_fallback_reason
+
+
+@pytest.mark.filterwarnings("error::UserWarning")  # a batching-rule fallback inside the sweep fails the test
+def test_rules_compose_with_vmap_and_grad():
+    from backpack.custom_module.slicing import Slicing
+
+    from tests.reference import reference_trace
+
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 2, groups=2, padding=1, padding_mode="circular"), nn.SELU(), nn.MaxPool1d(2, ceil_mode=True),
+        nn.ConvTranspose1d(4, 2, 2, stride=2), nn.Mish(), nn.AvgPool1d(2, padding=1), nn.ZeroPad1d((0, 1)),
+        nn.LogSigmoid(), Slicing((slice(None), slice(None), slice(0, 4))), nn.Flatten(), nn.Linear(8, 3),
+    ).to(DT)
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    params, x, y = so.params_dict(model), torch.randn(3, 2, 5, dtype=DT), torch.tensor([0, 2, 1])
+    diag = so.hessian_diag(f, engine="structured")
+    per_example = torch.func.vmap(diag, in_dims=(None, 0, 0))(params, x.unsqueeze(1), y.unsqueeze(1))
+    stacked = {k: torch.stack([v, -0.5 * v]) for k, v in params.items()}
+    ensemble = torch.func.vmap(diag, in_dims=(0, None, None))(stacked, x, y)
+    for i in range(3):
+        one = diag(params, x[i:i + 1], y[i:i + 1])
+        for k in params:
+            torch.testing.assert_close(per_example[k][i], one[k], **TOL)
+    for i in range(2):
+        one = diag({k: v[i] for k, v in stacked.items()}, x, y)
+        for k in params:
+            torch.testing.assert_close(ensemble[k][i], one[k], **TOL)
+    trace = so.trace(f, engine="structured")
+    g = torch.func.grad(lambda p: f(p, x, y) + 0.1 * trace(p, x, y))(params)
+    ref = torch.func.grad(lambda p: f(p, x, y) + 0.1 * reference_trace(f, (p, x, y)))(params)
+    for k in params:
+        torch.testing.assert_close(g[k], ref[k], rtol=1e-9, atol=1e-12)
