@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torch_secorder
 from torch_secorder import LegacyTypeError, LegacyValueError
 from torch_secorder.analysis.eigensolvers import lanczos, model_eigenvalues, power_iteration
-from tests.test_legacy_support import model_hessian, split_like, tanh_mlp
+from tests.test_legacy_support import model_hessian, tanh_mlp
 
 F64 = torch.float64
 

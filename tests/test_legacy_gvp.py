@@ -4,7 +4,6 @@ import inspect
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev
 

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import torch_secorder as ts
 

@@ -66,7 +66,6 @@ class _Scan:
             for name, d in directions
         ]
         self.buffers = dict(model.named_buffers())
-        self.dtype = self.base[0].dtype if self.base[0].is_floating_point() else torch.get_default_dtype()
 
     def loss(self, coefficients: Tuple[Tensor, ...]) -> Tensor:
         state: Dict[str, Tensor] = {n: b.clone() for n, b in self.buffers.items()}
