@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .curvature import Curvature
 from .errors import Unsupported, located
-from .losses import LossSpec, OutputCurvature, output_curvature
+from .losses import LossSpec, OutputCurvature, output_curvature, sampled_curvature
 from .walker import Plan, Step
 
 __all__ = ["Sweep", "run", "pull_loss_curvature", "FACTOR_CHUNK_ENTRIES"]
@@ -181,12 +181,16 @@ def run(
     kind: str = "hessian",
     factor_chunk_size: Optional[int] = None,
     loss_fn: Optional[Callable[[Tensor, Any], Tensor]] = None,
+    mc_samples: int = 1,
+    generator: Optional[torch.Generator] = None,
 ) -> Any:
     """``{qualified name: diagonal}`` for the ``wanted`` parameters, or their trace (a 0-dim tensor).
 
     ``values`` maps every qualified parameter/buffer name of the plan to the
     tensor to use (requested parameters and constants alike); ``kind`` is
-    ``"hessian"`` or ``"ggn"``. ``loss_fn``, when given, is evaluated on the
+    ``"hessian"``, ``"ggn"``, ``"fisher"`` (``mc_samples`` labels per sample
+    from ``generator``, drawn after the forward pass) or ``"empirical_fisher"``.
+    Only the Hessian has residual terms. ``loss_fn``, when given, is evaluated on the
     model output (its value is not used): whatever it raises for these
     targets (a wrong dtype, a shape it refuses), the engine raises too.
     ``factor_chunk_size`` bounds the loss-factor columns pulled back at once
@@ -208,7 +212,10 @@ def run(
     out, states = sweep.run(plan, inputs)
     if loss_fn is not None:
         loss_fn(out, targets)
-    oc = output_curvature(spec, out, targets)
+    if kind in ("fisher", "empirical_fisher"):
+        oc = sampled_curvature(spec, out, targets, kind, mc_samples, generator)
+    else:
+        oc = output_curvature(spec, out, targets)
     chunk = factor_chunk_size
     if chunk is None:
         chunk = max(1, FACTOR_CHUNK_ENTRIES // max(1, out.shape[0] * oc.positions * sweep.widest))

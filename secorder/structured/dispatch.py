@@ -39,7 +39,7 @@ __all__ = ["functional_call_diag", "model_diagonal", "model_trace", "KINDS"]
 
 logger = logging.getLogger("secorder.structured")
 
-KINDS = ("hessian", "ggn")
+KINDS = ("hessian", "ggn", "fisher", "empirical_fisher")
 
 
 def _check_kind(kind: str) -> None:
@@ -76,10 +76,20 @@ def functional_call_diag(
     Args:
         f: a :class:`secorder.FunctionalLoss` whose model is an ``nn.Module``.
         args: ``(params, inputs, targets[, buffers])`` as ``f`` takes them.
-        kind: the curvature, one of :data:`KINDS`.
+        kind: the curvature, one of :data:`KINDS`: ``"hessian"`` (with the
+            residual terms of nonlinear modules), ``"ggn"``, ``"fisher"``
+            (``mc_samples`` sampled factor columns per sample instead of the
+            ``C`` of the GGN; curvlinops' ``FisherMCLinearOperator``
+            convention) or ``"empirical_fisher"`` (the per-sample gradient as
+            the one factor column: for a linear layer the diagonal is one
+            matmul of squares).
         trace: return the trace instead of the diagonal.
-        mc_samples: Monte-Carlo labels per sample (``kind="fisher"``).
-        generator: the source of the Fisher's labels.
+        mc_samples: Monte-Carlo labels per sample (``kind="fisher"``), an int >= 1.
+        generator: the source of the Fisher's labels (``None``: the global RNG).
+            They are drawn after the forward pass, by
+            :func:`secorder.losses.sample_output_gradients`, exactly as the
+            generic operator draws them: the same generator state gives the
+            same matrix on both paths.
         factor_chunk_size: loss-factor columns pulled back at a time (a bound
             on the sweep's memory: each column is one tensor of the size of a
             layer's activations); ``None`` picks the largest chunk that keeps
@@ -128,14 +138,15 @@ def functional_call_diag(
             raise Unsupported(f"params[{name!r}] has shape {tuple(v.shape)}, the model's has {tuple(values[name].shape)}")
     values.update(params)
     out = backprop.run(plan, spec, values, inputs, targets, set(params), trace, kind=kind,
-                       factor_chunk_size=factor_chunk_size, loss_fn=f.loss_fn)
+                       factor_chunk_size=factor_chunk_size, loss_fn=f.loss_fn, mc_samples=mc_samples,
+                       generator=generator)
     if trace:
         return out
     return {name: out[name] if name in out else torch.zeros_like(v) for name, v in params.items()}
 
 
 def _live(model: nn.Module, loss_fn: Any, inputs: Any, targets: Any, kind: str, params, trace: bool,
-          factor_chunk_size: Optional[int]):
+          factor_chunk_size: Optional[int], mc_samples: int, generator: Optional[torch.Generator]):
     _check_kind(kind)
     _check_chunk(factor_chunk_size)
     named = list(model.named_parameters())
@@ -155,7 +166,8 @@ def _live(model: nn.Module, loss_fn: Any, inputs: Any, targets: Any, kind: str, 
         values.update({n: t.detach() for n, t in model.named_buffers()})
         with torch.no_grad():
             out = backprop.run(plan, spec, values, inputs, targets, set(chosen), trace, kind=kind,
-                               factor_chunk_size=factor_chunk_size, loss_fn=loss_fn)
+                               factor_chunk_size=factor_chunk_size, loss_fn=loss_fn, mc_samples=mc_samples,
+                               generator=generator)
     except Unsupported as err:
         logger.debug("structured engine declined: %s", err)
         return None
@@ -175,8 +187,10 @@ def model_diagonal(
     kind: str = "hessian",
     params: Optional[Sequence[Tensor]] = None,
     factor_chunk_size: Optional[int] = None,
+    mc_samples: int = 1,
+    generator: Optional[torch.Generator] = None,
 ) -> Optional[List[Tensor]]:
-    """Exact Hessian (``kind="hessian"``) or GGN (``kind="ggn"``) diagonal of ``loss_fn(model(inputs), targets)``.
+    """The Hessian, GGN, Monte-Carlo Fisher or empirical Fisher diagonal of ``loss_fn(model(inputs), targets)``.
 
     Args:
         model: the model, used as it is (its parameters and buffers).
@@ -187,6 +201,8 @@ def model_diagonal(
         params: the parameters to return diagonals for (default: all of
             ``model.parameters()``, trainable or not).
         factor_chunk_size: see :func:`functional_call_diag`.
+        mc_samples: Monte-Carlo labels per sample (``kind="fisher"``).
+        generator: the source of the Fisher's labels (``None``: the global RNG).
 
     Returns:
         One tensor per parameter in ``params``, shaped, typed and placed like
@@ -203,7 +219,7 @@ def model_diagonal(
         >>> model_diagonal(torch.nn.LSTM(2, 2), torch.nn.MSELoss(), torch.ones(1, 2), torch.zeros(1, 1)) is None
         True
     """
-    return _live(model, loss_fn, inputs, targets, kind, params, False, factor_chunk_size)
+    return _live(model, loss_fn, inputs, targets, kind, params, False, factor_chunk_size, mc_samples, generator)
 
 
 def model_trace(
@@ -215,6 +231,8 @@ def model_trace(
     kind: str = "hessian",
     params: Optional[Sequence[Tensor]] = None,
     factor_chunk_size: Optional[int] = None,
+    mc_samples: int = 1,
+    generator: Optional[torch.Generator] = None,
 ) -> Optional[Tensor]:
     """The sum of :func:`model_diagonal` over ``params`` (a 0-dim tensor), or ``None``.
 
@@ -226,6 +244,8 @@ def model_trace(
         kind: the curvature, one of :data:`KINDS`.
         params: the parameters to sum over (default: all).
         factor_chunk_size: see :func:`functional_call_diag`.
+        mc_samples: Monte-Carlo labels per sample (``kind="fisher"``).
+        generator: the source of the Fisher's labels.
 
     Returns:
         The trace, or ``None`` when the model or loss does not qualify.
@@ -236,4 +256,4 @@ def model_trace(
         >>> model_trace(model, torch.nn.MSELoss(reduction="sum"), torch.ones(1, 2), torch.zeros(1, 1))
         tensor(6.)
     """
-    return _live(model, loss_fn, inputs, targets, kind, params, True, factor_chunk_size)
+    return _live(model, loss_fn, inputs, targets, kind, params, True, factor_chunk_size, mc_samples, generator)

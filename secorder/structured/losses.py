@@ -32,11 +32,12 @@ import torch
 from torch import Tensor
 
 from ..losses import LossSpec, UnsupportedLoss, per_sample_output_gradients, reduction_factor
+from ..losses import sample_output_gradients
 from ..losses import loss_spec as _recognise
-from .curvature import Curvature, Diagonal, SoftmaxFactor, Term
+from .curvature import Curvature, Diagonal, Factor, SoftmaxFactor, Term
 from .errors import Unsupported
 
-__all__ = ["LossSpec", "loss_spec", "OutputCurvature", "output_curvature"]
+__all__ = ["LossSpec", "loss_spec", "OutputCurvature", "output_curvature", "sampled_curvature"]
 
 
 def loss_spec(loss_fn: Callable[..., Any]) -> LossSpec:
@@ -61,7 +62,7 @@ class OutputCurvature:
     from :meth:`factor` a range at a time.
     """
 
-    grad: Tensor
+    grad: Optional[Tensor]  # None where no residual needs it (the Fisher kinds)
     terms: List[Term] = field(default_factory=list)
     columns: int = 0
     make_factor: Optional[Callable[[int, int], Term]] = None
@@ -115,6 +116,41 @@ def output_curvature(spec: LossSpec, out: Tensor, target: Tensor) -> OutputCurva
         s = torch.sigmoid(out)
         return OutputCurvature(grad, [Diagonal(s * (1 - s) / c)])
     return _cross_entropy(spec, out, target, c, grad)
+
+
+def sampled_curvature(spec: LossSpec, out: Tensor, target: Tensor, kind: str, mc_samples: int = 1,
+                      generator: Optional[torch.Generator] = None) -> OutputCurvature:
+    """The Fisher kinds' output curvature: ``(1/(K c)) sum_k g_nk g_nk^T`` per sample, as factor columns.
+
+    ``kind="fisher"``: ``g_nk`` for ``K = mc_samples`` labels drawn from the
+    model's predictive distribution by
+    :func:`secorder.losses.sample_output_gradients` (the function, and so the
+    generator calls, of the generic Monte-Carlo Fisher operator: the same
+    generator state gives the same matrix on both paths).
+    ``kind="empirical_fisher"``: ``K = 1``, ``g_n`` the per-sample gradient
+    (:func:`secorder.losses.per_sample_output_gradients`). ``c`` is
+    :func:`secorder.losses.reduction_factor`. No gradient rides along: these
+    curvatures have no residual terms.
+
+    Example:
+        >>> import torch
+        >>> oc = sampled_curvature(LossSpec("mse", "sum"), torch.zeros(2, 1), torch.ones(2, 1), "empirical_fisher")
+        >>> oc.whole().diagonal()
+        tensor([[4.],
+                [4.]])
+    """
+    if not isinstance(target, Tensor):
+        raise Unsupported(f"targets must be a tensor, got {type(target).__name__}")
+    if out.dim() == 0:
+        raise Unsupported("the model output has no batch dimension")
+    c = _recognised(reduction_factor, spec, out, target)
+    if kind == "empirical_fisher":
+        G = _recognised(per_sample_output_gradients, spec, out, target).unsqueeze(0)
+        scale = c.rsqrt()
+    else:
+        G = _recognised(sample_output_gradients, spec, out, target, mc_samples, generator)
+        scale = (c * mc_samples).rsqrt()
+    return OutputCurvature(None, [], G.shape[0], lambda start, stop: Factor(G[start:stop] * scale))
 
 
 def _per_position(spec: LossSpec, out: Tensor, target: Tensor) -> OutputCurvature:
