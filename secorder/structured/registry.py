@@ -11,6 +11,7 @@ up (:func:`register_lazy`), so that the package is never imported for nothing.
 from __future__ import annotations
 
 import importlib
+import sys
 from types import MappingProxyType
 from typing import Callable, Dict, Mapping, Optional, Type, TypeVar, Union
 
@@ -89,17 +90,15 @@ def rule_for(module_type: type) -> Optional[AnyRule]:
     rule = _RULES.get(module_type)
     if rule is None and _LAZY:
         package = (getattr(module_type, "__module__", None) or "").split(".")[0]
-        if package in _LAZY:
-            try:
-                importlib.import_module(_LAZY.pop(package))
-            except ImportError:  # a version of the package the rules do not know: no rules
-                return None
+        if package in _LAZY and _load(package):
             rule = _RULES.get(module_type)
     return rule
 
 
 def register_lazy(package: str, rules_module: str) -> None:
     """Import ``rules_module`` (which registers rules) when a module type of ``package`` is first looked up.
+
+    If ``package`` is imported already, ``rules_module`` is imported at once.
 
     Args:
         package: a top-level package name, such as ``"backpack"``.
@@ -111,6 +110,16 @@ def register_lazy(package: str, rules_module: str) -> None:
     if not isinstance(package, str) or not isinstance(rules_module, str):
         raise TypeError(f"package and rules_module must be str, got {type(package).__name__}, {type(rules_module).__name__}")
     _LAZY[package] = rules_module
+    if package in sys.modules:  # already imported: register now (an import while torch.compile traces would break)
+        _load(package)
+
+
+def _load(package: str) -> bool:
+    try:
+        importlib.import_module(_LAZY.pop(package))
+    except ImportError:  # a version of the package the rules do not know: no rules
+        return False
+    return True
 
 
 def registered_rules() -> Mapping[type, AnyRule]:
