@@ -15,16 +15,22 @@ training step, ``torch.func.grad`` w.r.t. the parameters of
 
 Each (method, dimension, task) runs in its own process (see
 :mod:`benchmarks.harness`); the rounds interleave the methods and each keeps
-its fastest round. Ratios are each row's warm time (and peak extra memory) over
-ours, as in the other benchmarks: above 1x means we are faster / leaner; the
-summary line gives the smallest of the baselines' time ratios (the issue's
-targets: at least 3x at d = 100, at least 1x at d = 2).
+its fastest round. Besides the wall time of the warm calls (median) the worker
+records their processor time (median of ``time.process_time``): on a shared,
+loaded machine a process waits for a core for most of its wall time, and the
+processor time is the steadier comparison. Ratios are each row's time (and peak
+extra memory) over ours, as in the other benchmarks: above 1x means we are
+faster / leaner; the summary lines give the smallest of the baselines' ratios
+(the issue's targets: at least 3x at d = 100, at least 1x at d = 2).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 from torch import nn
@@ -91,6 +97,25 @@ def case(method: str, d: int, task: str):
     return lambda: step(params)
 
 
+def worker() -> None:
+    """``--worker CASE --warm N``: :func:`harness.measure` plus the processor time of the warm calls."""
+    args = sys.argv[1:]
+    name, warm = args[args.index("--worker") + 1], int(args[args.index("--warm") + 1])
+    torch.manual_seed(0)
+    fn = CASES[name]()
+    cpu = []
+
+    def timed():
+        start = time.process_time()
+        out = fn()
+        cpu.append(time.process_time() - start)
+        return out
+
+    result = harness.measure(timed, warm=warm)
+    result["cpu_s"] = statistics.median(cpu[1:]) if len(cpu) > 1 else cpu[0]
+    print("RESULT " + json.dumps(result))
+
+
 CASES = {}
 for _m in METHODS:
     for _d in DIMS:
@@ -106,8 +131,9 @@ def main() -> None:
     dims = next((tuple(int(x) for x in a.split("=")[1].split(",")) for a in sys.argv if a.startswith("--dims=")),
                 DIMS)
     lines = [
-        "| d | task | method | warm (ms) | peak extra mem (MiB) | time vs ours | mem vs ours |",
-        "|---|---|---|---|---|---|---|",
+        "| d | task | method | warm wall (ms) | warm CPU (ms) | peak extra mem (MiB) | wall vs ours | CPU vs ours "
+        "| mem vs ours |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     summary = []
     for d in dims:
@@ -117,19 +143,24 @@ def main() -> None:
                 for m in METHODS:
                     slow = m in ("nested_jvp", "hessian") and d >= 100
                     r = harness.run_case("bench_laplacian", f"{m}:{d}:{task}", warm=2 if slow else warm)
-                    if m not in res or r["warm_s"] < res[m]["warm_s"]:
+                    if m not in res:
                         res[m] = r
+                    else:  # each measure keeps its best round
+                        res[m] = {k: min(res[m][k], r[k]) for k in r}
             ours = res["forward"]
             for m in METHODS:
                 r = res[m]
                 lines.append(
-                    f"| {d} | {task} | {LABELS[m]} | {1e3 * r['warm_s']:.1f} | {r['peak_mib']:.1f} | "
-                    f"{harness.fmt_ratio(r['warm_s'], ours['warm_s'])} | "
+                    f"| {d} | {task} | {LABELS[m]} | {1e3 * r['warm_s']:.1f} | {1e3 * r['cpu_s']:.1f} | "
+                    f"{r['peak_mib']:.1f} | {harness.fmt_ratio(r['warm_s'], ours['warm_s'])} | "
+                    f"{harness.fmt_ratio(r['cpu_s'], ours['cpu_s'])} | "
                     f"{harness.fmt_ratio(r['peak_mib'], max(ours['peak_mib'], 1e-9))} |"
                 )
-            fastest = min(BASELINES, key=lambda m: res[m]["warm_s"])
-            summary.append(f"d={d} {task}: {harness.fmt_ratio(res[fastest]['warm_s'], ours['warm_s'])} "
-                           f"faster than the fastest baseline ({fastest})")
+            wall = min(BASELINES, key=lambda m: res[m]["warm_s"])
+            cpu = min(BASELINES, key=lambda m: res[m]["cpu_s"])
+            summary.append(f"d={d} {task}: {harness.fmt_ratio(res[wall]['warm_s'], ours['warm_s'])} the wall time "
+                           f"of the fastest baseline ({wall}), {harness.fmt_ratio(res[cpu]['cpu_s'], ours['cpu_s'])} "
+                           f"its CPU time ({cpu})")
             print("\n".join(lines[-len(METHODS):]), flush=True)
     print(f"\n(torch {torch.__version__}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, {POINTS} points, "
           "float32 CPU)")
@@ -139,6 +170,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
-        harness.worker_main(CASES)
+        worker()
     else:
         main()
