@@ -167,13 +167,6 @@ def _coefficients(Q: Tensor, x: Tensor) -> Tensor:
     return torch.bmm(x.unsqueeze(1), Q.transpose(1, 2)).squeeze(1)
 
 
-def _bvm(c: Tensor, Q: Tensor) -> Tensor:
-    """Per run ``c_r^T Q_r``: ``(p, j) x (p, j, n) -> (p, n)``."""
-    if Q.numel() <= _SMALL_PRODUCT:
-        return (c[..., None] * Q).sum(dim=1)
-    return torch.bmm(c.unsqueeze(1), Q).squeeze(1)
-
-
 def _orthogonalise(u: Tensor, Q: Tensor, c: Optional[Tensor] = None) -> Tensor:
     """``u - Q^T c`` per run; by default ``c = Q u``: one classical Gram-Schmidt pass (two reads of ``Q``)."""
     if c is None:
@@ -200,7 +193,10 @@ class Krylov:
     ``Q^T H Q`` (tridiagonal, or arrowhead plus tridiagonal after
     :meth:`restart`), :attr:`basis` holds the ``j`` orthonormal vectors of each
     run, :attr:`next_vector` the normalised residual direction and
-    :attr:`next_beta` its coupling (``H Q = Q T + next_beta next_vector e_j^T``).
+    :attr:`next_beta` its coupling (``H Q = Q T + next_beta next_vector e_j^T``),
+    :attr:`last_broke` whether the latest step broke down (``(p,)`` bool) and
+    :meth:`steps_until_breakdown` the dimension of each run's first invariant
+    subspace.
 
     Example:
         >>> import torch
