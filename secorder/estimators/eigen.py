@@ -70,8 +70,8 @@ class Eigenpairs(NamedTuple):
         invariant: 0-dim bool: a Krylov breakdown happened, i.e. an invariant subspace
             was found (to working precision; in the adaptive mode also to ``tol``): its
             Ritz values are eigenvalues, and the run went on in its complement.
-        converged: 0-dim bool: every residual is at most ``tol`` times the estimated
-            norm of the operator.
+        converged: 0-dim bool: every residual is at most ``tol`` (with a fixed
+            ``num_iterations``: :data:`DEFAULT_TOL`) times the estimated norm of the operator.
 
     Example:
         >>> import torch
