@@ -308,3 +308,46 @@ def test_flat_operator_round_trips_leaves():
     X = torch.arange(14, dtype=DT).reshape(2, 7)
     assert torch.equal(flat.to_flat(flat.to_leaves(X)), X)
     assert torch.equal(flat(X), X) and flat.num_matvecs == 2
+
+
+# --------------------------------------------------------------------------- property test
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 24),
+    data=st.data(),
+    seed=st.integers(0, 2**16),
+    which=st.sampled_from(["largest", "smallest", "magnitude"]),
+    repeats=st.booleans(),
+)
+def test_any_size_split_and_spectrum_matches_eigvalsh(n, data, seed, which, repeats):
+    g = torch.Generator().manual_seed(seed)
+    evals = torch.randn(n, generator=g, dtype=DT)
+    if repeats:  # a few distinct values, repeated: breakdowns on every path
+        evals = torch.round(evals)
+    A = symmetric(evals, seed=seed)
+    cut = data.draw(st.integers(0, n))
+    shapes = [s for s in [(cut,), (n - cut,)] if s[0] > 0]
+    op = dense_operator(A, shapes)
+    k = data.draw(st.integers(1, n))
+    want = expected(A, k, which)
+    ref = torch.linalg.eigvalsh(A)
+
+    def check(got, atol):
+        if which == "magnitude":  # -2 and 2 tie: compare magnitudes, and each value is an eigenvalue
+            assert torch.allclose(got.abs(), want.abs(), atol=atol), (got, want)
+            assert ((got[:, None] - ref[None]).abs().min(dim=1).values <= atol).all(), (got, ref)
+        else:
+            assert torch.allclose(got, want, atol=atol), (got, want)
+
+    fixed = lanczos_eigenpairs(op, k, which, num_iterations=n, generator=gen(seed))
+    check(fixed.eigenvalues, 1e-9)
+    adaptive = lanczos_eigenpairs(op, k, which, tol=1e-10, generator=gen(seed), return_eigenvectors=True)
+    check(adaptive.eigenvalues, 1e-8)
+    U = torch.cat([u.reshape(k, -1) for u in adaptive.eigenvectors], 1)
+    assert torch.allclose(U @ U.T, torch.eye(k, dtype=DT), atol=1e-8)
+    assert torch.allclose(U @ A, adaptive.eigenvalues[:, None] * U, atol=1e-7)
