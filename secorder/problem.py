@@ -120,6 +120,8 @@ class Problem:
     def evaluate(self, thunk: Callable[[], Any]) -> Any:
         """Run ``thunk`` (which calls user code) with the call's one draw of randomness."""
         try:
+            if torch.compiler.is_compiling():
+                return thunk()  # torch.compile: no RNG state to capture in a traced graph
             if self._rng is None:
                 self._rng = _RngState(_cuda_devices((self.args, self.kwargs)))
                 return thunk()

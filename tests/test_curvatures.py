@@ -468,3 +468,17 @@ def test_complex_tangents_in_every_product():
         for k in out:
             assert out[k].is_complex()
             torch.testing.assert_close(out[k], torch.complex(a[k], b[k]), **TOL)
+
+
+def test_torch_compile_composes_with_every_curvature():
+    """The Gauss-Newton operators run eagerly inside compiled code (dynamo cannot trace a VJP of a VJP)."""
+    case = Case("mlp", "ce", "mean", n=3)
+    args = (case.params, case.x, case.y)
+    v = tree.tree_map(torch.ones_like, case.params)
+    for c in CURVATURES:
+        fn = so.trace(case.f, curvature=c, **extra(c))
+        torch.testing.assert_close(torch.compile(fn)(*args), fn(*args), **TOL)
+    for prod in (so.ggn_vp(case.f), so.fisher_vp(case.f, seed=0), so.empirical_fisher_vp(case.f)):
+        a, b = torch.compile(prod)(*args, v), prod(*args, v)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], **TOL)

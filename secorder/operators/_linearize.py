@@ -4,13 +4,15 @@ A batched matvec is a ``vmap`` of a linear map (a VJP, or a VJP of a VJP) that w
 built by one forward (and backward) pass at the primal point. Every chunk of probes
 of the same call reuses that pass: :class:`LastLinearization` builds it on first
 use and keeps the most recent one (all leaves, or the block of one leaf), so the
-exact diagonal, which walks the leaves in order, holds one at a time.
+exact diagonal, which walks the leaves in order, holds one at a time. Under
+``torch.compile`` it is rebuilt for every matvec instead.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Hashable, List, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 __all__ = ["restrict", "LastLinearization"]
@@ -53,6 +55,10 @@ class LastLinearization:
         self._value: Any = None
 
     def __call__(self, key: Optional[int]) -> Any:
+        if torch.compiler.is_compiling():
+            # A linearisation kept across calls would cross torch.compile's frames (its
+            # functorch-wrapped tensors cannot be captured): rebuild it per matvec there.
+            return self._make(key)
         if self._key is self._UNSET or key != self._key:
             self._value = None  # free the previous linearisation before building the next
             self._value = self._make(key)

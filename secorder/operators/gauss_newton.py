@@ -18,7 +18,8 @@ this module supplies the rest:
 
 The output operator is built once, from the output of the first linearisation, so
 the Monte-Carlo Fisher's labels are drawn when the operator is made, before any
-probe.
+probe. Dynamo cannot yet trace a VJP of a VJP, so the transforms run these operators
+eagerly under ``torch.compile`` (:func:`secorder.transforms._core.eager_under_compile`).
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ from ..problem import Problem
 from ..results import STOP_NUM_SAMPLES, DiagonalEstimate, TraceEstimate
 from . import engine as _engine
 
-__all__ = ["Request", "make_request", "quantity_transform", "evaluate", "check_common", "check_split"]
+__all__ = ["Request", "make_request", "quantity_transform", "evaluate", "check_common", "check_split",
+           "eager_under_compile", "call_generator"]
 
 
 @dataclass(frozen=True)
@@ -124,13 +125,24 @@ def make_request(
 def quantity_transform(request: Request, f: Callable[..., Any], what: str, *, full: bool) -> Callable[..., Any]:
     """The transformed function: ``fn(*args, **kwargs)`` evaluates ``request`` for one call of ``f``."""
 
+    run = eager_under_compile(evaluate) if request.curvature.needs_split else evaluate
+
     @functools.wraps(f)
     def fn(*args: Any, **kwargs: Any) -> Any:
-        return evaluate(request, fn, f, args, kwargs, what, full=full)
+        return run(request, fn, f, args, kwargs, what, full=full)
 
     fn.last_engine = None
     fn.last_fallback_reason = None
     return fn
+
+
+def eager_under_compile(fn: Callable) -> Callable:
+    """``fn`` run eagerly under ``torch.compile`` (a graph break around it).
+
+    The GGN and Fisher operators take a VJP of a VJP, which dynamo cannot trace yet;
+    their transforms still work inside compiled code, without compiling that part.
+    """
+    return torch.compiler.disable(fn)
 
 
 def call_generator(options: registry.Options, problem: Problem) -> Optional[torch.Generator]:

@@ -128,8 +128,8 @@ def _curvature_vp(curvature: str, name: str, f: Callable[..., Any], argnums: Any
     registry.check_random_source(seed, generator)
     options = registry.Options(seed=seed, generator=generator)
 
-    @functools.wraps(f)
-    def vp_fn(*args_and_v: Any, **kwargs: Any) -> Any:
+    @_core.eager_under_compile
+    def run(args_and_v: tuple, kwargs: dict) -> Any:
         args, v = _split_call(args_and_v, name)
         problem = Problem(f, argnums, has_aux, args, kwargs)
         _check_tangent(v, problem)
@@ -142,6 +142,10 @@ def _curvature_vp(curvature: str, name: str, f: Callable[..., Any], argnums: Any
             return problem.result(out)
 
         return _linear_in_tangent(product, v, has_aux)
+
+    @functools.wraps(f)
+    def vp_fn(*args_and_v: Any, **kwargs: Any) -> Any:
+        return run(args_and_v, kwargs)
 
     return vp_fn
 
