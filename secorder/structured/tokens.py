@@ -70,7 +70,7 @@ def to_rows(t: Tensor, lead: int, shape: Sequence[int], pos: Sequence[int]) -> T
     """
     perm = _rows_perm(len(shape), pos)
     t = t.permute(list(range(lead)) + [lead + p for p in perm])
-    P = math.prod(shape[p] for p in pos)
+    P = math.prod([shape[p] for p in pos])
     feat = tuple(shape[d] for d in perm[1 + len(pos):])
     return t.reshape(tuple(t.shape[:lead]) + (shape[0] * P,) + feat)
 
@@ -106,7 +106,7 @@ class Tokenwise(Term):
 
     @property
     def positions(self) -> int:
-        return math.prod(self.shape[p] for p in self.pos)
+        return math.prod([self.shape[p] for p in self.pos])
 
     def diagonal(self) -> Tensor:
         d = self.inner.diagonal()

@@ -20,8 +20,8 @@ time, bounding the memory to ``chunk x T`` columns per sequence.
 
 The exact Hessian adds this module's residual, the Hessian of ``sum g . o`` with
 respect to one head's queries, keys and values (``g = dL/do``): a dense symmetric
-``3 T dh x 3 T dh`` block per head and sequence, computed with
-``torch.func.hessian`` and written as ``6 T dh`` signed columns per head
+``3 T dh x 3 T dh`` block per head and sequence, in closed form
+(:func:`attention_hessian`), written as ``6 T dh`` signed columns per head
 (:func:`symmetric_columns`: exact and differentiable, unlike an eigendecomposition,
 whose derivative is undefined at the repeated eigenvalues a causal mask brings),
 which are then pulled back through everything before the attention. That is ``2 N (3 T d)^2`` entries of explicit columns: above
@@ -38,7 +38,6 @@ from typing import Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.func import hessian, vmap
 
 from ..curvature import Factor, Term
 from ..errors import Unsupported
@@ -48,7 +47,8 @@ from ..rule import Rule
 from ..tokens import Tokenwise
 from ..transformer import ScaledDotProductAttention, attention
 
-__all__ = ["AttentionRule", "AttentionState", "AttentionJacobian", "MAX_RESIDUAL_ENTRIES", "symmetric_columns"]
+__all__ = ["AttentionRule", "AttentionState", "AttentionJacobian", "MAX_RESIDUAL_ENTRIES", "symmetric_columns",
+           "attention_hessian"]
 
 #: The largest number of entries (``2 N (3 T d)^2``) of the exact Hessian's attention residual columns.
 MAX_RESIDUAL_ENTRIES = 2 ** 26
@@ -139,14 +139,62 @@ class AttentionJacobian(Jacobian):
         return Factor(B, w)
 
 
-def _head_output_dot(qkv: Tensor, g: Tensor, causal: bool) -> Tensor:
-    """``sum g . o`` for one head: ``qkv`` is ``[3, T, dh]``, ``g`` ``[T, dh]``."""
-    q, k, v = qkv.unbind(0)
-    s = (q @ k.transpose(0, 1)) * (1.0 / math.sqrt(q.shape[-1]))
-    if causal:
-        T = q.shape[0]
-        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return ((torch.softmax(s, -1) @ v) * g).sum()
+def _tr(X: Tensor) -> Tensor:
+    """Block transpose of ``[..., T, T', e, e']`` blocks: ``(X^T)[a, b] = X[b, a]^T``."""
+    return X.permute(*range(X.dim() - 4), -3, -4, -1, -2)
+
+
+def attention_hessian(q: Tensor, k: Tensor, v: Tensor, a: Tensor, g: Tensor) -> Tensor:
+    """The Hessian of ``sum_t g_t . o_t`` with respect to one head's ``(q, k, v)``, in closed form.
+
+    ``q, k, v, g``: ``[..., T, e]``; ``a``: the attention weights ``[..., T, T]`` (zero where
+    masked). Returns ``[..., 3, T, e, 3, T, e]``. With ``s = 1 / sqrt(e)``,
+    ``c_tu = g_t . v_u``, ``E = a * (c - rowsum(a * c))`` (the gradient with respect to the
+    scores), ``kb_t = sum_u a_tu k_u`` and ``eh_t = sum_u E_tu k_u``, the score Hessian of row
+    ``t`` is ``diag(E_t) - a_t E_t^T - E_t a_t^T`` and the blocks are
+    ``qq[t, t] = s^2 (sum_u E_tu k_u k_u^T - kb_t eh_t^T - eh_t kb_t^T)``,
+    ``qk[t, u] = s^2 (E_tu (k_u - kb_t) - a_tu eh_t) q_t^T + s E_tu I``,
+    ``qv[t, u] = s a_tu (k_u - kb_t) g_t^T``,
+    ``kk[u, w] = s^2 (delta_uw sum_t E_tu q_t q_t^T - sum_t (a_tu E_tw + E_tu a_tw) q_t q_t^T)``,
+    ``kv[u, w] = s (delta_uw sum_t a_tw q_t g_t^T - sum_t a_tw a_tu q_t g_t^T)`` and ``vv = 0``.
+
+    Example:
+        >>> from secorder.structured.transformer import attention
+        >>> qkv, g = torch.randn(1, 3, 6, dtype=torch.float64), torch.randn(1, 3, 2, dtype=torch.float64)
+        >>> _, (q, k, v, a) = attention(qkv, 1, causal=True)
+        >>> H = attention_hessian(q[0, 0], k[0, 0], v[0, 0], a[0, 0], g[0]).reshape(18, 18)
+        >>> phi = lambda u: (attention(u.reshape(3, 3, 2).transpose(0, 1).reshape(1, 3, 6), 1, True)[0] * g).sum()
+        >>> ref = torch.func.hessian(phi)(torch.stack([q, k, v], 2)[0, 0].reshape(18))
+        >>> torch.allclose(H, ref)
+        True
+    """
+    T, e = q.shape[-2:]
+    sc = 1.0 / math.sqrt(e)
+    eye_t = torch.eye(T, dtype=q.dtype, device=q.device)
+    eye_e = torch.eye(e, dtype=q.dtype, device=q.device)
+    c = g @ v.transpose(-1, -2)
+    E = a * (c - (a * c).sum(-1, keepdim=True))
+    kb, eh = a @ k, E @ k  # [..., T, e]
+    qq_t = sc * sc * (torch.einsum("...tu,...ud,...uf->...tdf", E, k, k)
+                      - kb.unsqueeze(-1) * eh.unsqueeze(-2) - eh.unsqueeze(-1) * kb.unsqueeze(-2))
+    qq = qq_t.unsqueeze(-3) * eye_t[:, :, None, None]  # [..., t, t', e, e']
+    dk = k.unsqueeze(-3) - kb.unsqueeze(-2)  # [..., t, u, e]: k_u - kb_t
+    qk = (sc * sc) * (E.unsqueeze(-1) * dk - a.unsqueeze(-1) * eh.unsqueeze(-2)).unsqueeze(-1) \
+        * q[..., :, None, None, :] + sc * E[..., None, None] * eye_e
+    qv = sc * (a.unsqueeze(-1) * dk).unsqueeze(-1) * g[..., :, None, None, :]
+    qqT = q.unsqueeze(-1) * q.unsqueeze(-2)  # [..., t, e, e]
+    qgT = q.unsqueeze(-1) * g.unsqueeze(-2)
+    diag_k = torch.einsum("...tu,...tdf->...udf", E, qqT)
+    P = torch.einsum("...tu,...tw,...tdf->...uwdf", a, E, qqT)  # sum_t a_tu E_tw q_t q_t^T
+    kk = sc * sc * (diag_k.unsqueeze(-3) * eye_t[:, :, None, None] - P - P.transpose(-3, -4))
+    diag_kv = torch.einsum("...tw,...tdf->...wdf", a, qgT)
+    kv = sc * (diag_kv.unsqueeze(-3) * eye_t[:, :, None, None]
+               - torch.einsum("...tw,...tu,...tdf->...uwdf", a, a, qgT))
+    zero = torch.zeros_like(qq)
+    rows = [torch.stack([qq, qk, qv], -5), torch.stack([_tr(qk), kk, kv], -5),
+            torch.stack([_tr(qv), _tr(kv), zero], -5)]
+    H = torch.stack(rows, -6)  # [..., 3 (row part), 3 (column part), t, t', e, e']
+    return H.permute(*range(H.dim() - 6), -6, -4, -2, -5, -3, -1)
 
 
 @register_rule(ScaledDotProductAttention)
@@ -173,10 +221,8 @@ class AttentionRule(Rule[AttentionState]):
                 f"(2 N (3 T d)^2 = {entries} entries, above secorder.structured.rules.attention.MAX_RESIDUAL_ENTRIES="
                 f"{MAX_RESIDUAL_ENTRIES}); the GGN diagonal is structured at any size"
             )
-        qkv = torch.stack([state.q, state.k, state.v], 2)  # [N, h, 3, T, dh]
         g = grad_out.reshape(N, T, h, dh).transpose(1, 2)  # [N, h, T, dh]
-        hess = vmap(vmap(hessian(_head_output_dot), in_dims=(0, 0, None)), in_dims=(0, 0, None))
-        H = hess(qkv, g, self.module.causal).reshape(N, h, M, M)
+        H = attention_hessian(state.q, state.k, state.v, state.a, g).reshape(N, h, M, M)
         cols, w = symmetric_columns((H + H.transpose(-1, -2)) / 2)  # [N, h, M, 2M], [2M]
         # Column (head, k) of sample n lives in its head's q|k|v slots of every position.
         cols = cols.reshape(N, h, 3, T, dh, 2 * M).permute(1, 5, 0, 3, 2, 4)  # [h, 2M, N, T, 3, dh]
