@@ -28,6 +28,8 @@ ROWS = {
     "relu 784-256-256-10 N=256": dict(kind="mlp", sizes=(784, 256, 256, 10), act=nn.ReLU, n=256),
     "tanh 784-256-256-10 N=256": dict(kind="mlp", sizes=(784, 256, 256, 10), act=nn.Tanh, n=256),
     "cnn N=64": dict(kind="cnn", n=64),
+    "convtranspose2d cnn N=64": dict(kind="convt", n=64),
+    "conv3d cnn N=32": dict(kind="cnn3d", n=32),
 }
 
 
@@ -45,6 +47,9 @@ def workload(row):
         model = nn.Sequential(*layers)
         x = torch.randn(spec["n"], sizes[0], generator=g)
         C = sizes[-1]
+    elif spec["kind"] in ("convt", "cnn3d"):
+        model, x = conv_workload(spec["kind"], spec["n"], g)
+        C = 10
     else:
         model = nn.Sequential(
             nn.Conv2d(1, 16, 3), nn.ReLU(), nn.MaxPool2d(2),
@@ -111,6 +116,104 @@ for _row in ROWS:
         CASES[f"backpack-{_what}:{_row}"] = (lambda r, w: lambda: _backpack(r, w))(_row, _what)
     CASES[f"grad:{_row}"] = (lambda r: lambda: _grad(r))(_row)
 
+# ---- CNNs with a transposed or a 3-D convolution (BackPACK runs them) --------------------------------
+
+
+def conv_workload(kind, n, g):
+    """``(model, x)`` of the ``convt`` and ``cnn3d`` rows."""
+    if kind == "convt":
+        model = nn.Sequential(
+            nn.Conv2d(1, 16, 3, stride=2), nn.ReLU(), nn.ConvTranspose2d(16, 8, 3, stride=2), nn.ReLU(),
+            nn.MaxPool2d(3), nn.Flatten(), nn.Linear(8 * 9 * 9, 10),
+        )
+        return model, torch.randn(n, 1, 28, 28, generator=g)
+    model = nn.Sequential(
+        nn.Conv3d(1, 8, 3), nn.ReLU(), nn.MaxPool3d(2), nn.Conv3d(8, 16, 3), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 1 * 5 * 5, 10),
+    )
+    return model, torch.randn(n, 1, 8, 16, 16, generator=g)
+
+
+# ---- a ResNet of two basic blocks (BackPACK refuses it) -------------------------------------------
+# Exact Hessian / GGN diagonals against one gradient, the generic one-hot path (one HVP per
+# parameter, all of them) and curvlinops' Hutchinson diagonal estimate at 100 probes.
+
+RESNET_ROWS = {"resnet 2 basic blocks c=8 16x16 N=32": dict(c=8, side=16, n=32, classes=10)}
+
+
+def resnet_workload(row):
+    import secorder as so
+
+    spec = RESNET_ROWS[row]
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    c = spec["c"]
+
+    def basic_block():
+        body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                             nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        return nn.Sequential(so.Residual(body), nn.ReLU())
+
+    model = nn.Sequential(nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                          basic_block(), basic_block(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(c, spec["classes"]))
+    x = torch.randn(spec["n"], 1, spec["side"], spec["side"], generator=g)
+    y = torch.randint(0, spec["classes"], (spec["n"],), generator=g)
+    return model.eval(), x, y
+
+
+def _resnet(row, what):
+    import secorder as so
+
+    model, x, y = resnet_workload(row)
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    params = so.params_dict(model)
+    if what == "grad":
+        g = torch.func.grad(f)
+        return lambda: g(params, x, y)
+    if what == "hutchinson":
+        from curvlinops import HessianLinearOperator, hutchinson_diag
+
+        H = HessianLinearOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), [(x, y)],
+                                  check_deterministic=False)
+        return lambda: hutchinson_diag(H, 100)
+    fn = {"diag": so.hessian_diag(f, engine="structured"), "ggn": so.ggn_diag(f, engine="structured"),
+          "generic": so.hessian_diag(f, engine="generic")}[what]
+    return lambda: fn(params, x, y)
+
+
+for _row in RESNET_ROWS:
+    for _what in ("diag", "ggn", "grad", "generic", "hutchinson"):
+        CASES[f"resnet-{_what}:{_row}"] = (lambda r, w: lambda: _resnet(r, w))(_row, _what)
+
+
+def resnet_table(quick: bool, repeat: int) -> None:
+    """The ResNet rows: structured diagonals vs one gradient, the generic path and curvlinops' Hutchinson."""
+    lines = ["| row | method | warm (ms) | peak extra mem (MiB) | time vs one gradient | time vs structured |",
+             "|---|---|---|---|---|---|"]
+    labels = {"grad": "one gradient (`torch.func.grad`)", "diag": "secorder `hessian_diag` (structured)",
+              "ggn": "secorder `ggn_diag` (structured)", "generic": "secorder `hessian_diag` (generic one-hot)",
+              "hutchinson": "curvlinops `hutchinson_diag` (Hessian, 100 probes)"}
+    rows = [r for r in RESNET_ROWS if not any(a.startswith("--row=") for a in sys.argv) or f"--row={r}" in sys.argv]
+    for row in rows:
+        res = {}
+        for i in range(repeat):
+            for m, warm in (("grad", 3 if quick else 10), ("diag", 3 if quick else 10), ("ggn", 3 if quick else 10),
+                            ("hutchinson", 1 if quick else 3), ("generic", 1)):
+                if m == "generic" and i:  # a minute or more per call: one round
+                    continue
+                r = harness.run_case("bench_structured", f"resnet-{m}:{row}", warm=warm)
+                if m not in res or r["warm_s"] < res[m]["warm_s"]:
+                    res[m] = r
+        g, s = res["grad"]["warm_s"], res["diag"]["warm_s"]
+        for m in ("grad", "diag", "ggn", "hutchinson", "generic"):
+            t = res[m]["warm_s"]
+            lines.append(f"| {row} | {labels[m]} | {1e3 * t:.1f} | {res[m]['peak_mib']:.1f} | "
+                         f"{harness.fmt_ratio(t, g)} | {harness.fmt_ratio(t, s)} |")
+        print("\n".join(lines[-5:]), flush=True)
+    print("\n" + "\n".join(lines))
+
+
 LABELS = {
     "ours-diag": "secorder `hessian_diag` (structured)",
     "backpack-diag": "BackPACK `DiagHessian`",
@@ -158,6 +261,7 @@ def main() -> None:
             )
         print("\n".join(lines[-len(methods):]), flush=True)
     print("\n" + "\n".join(lines))
+    resnet_table(quick, repeat)
 
 
 if __name__ == "__main__":
