@@ -48,6 +48,7 @@ _SEPARATOR = re.compile(r"\s*\|?[\s:|-]+\|?\s*")
 #: README ``## `` heading -> (part name, its section title on the Benchmarks page or ``None``).
 SECTIONS: Dict[str, Tuple[str, Optional[str]]] = {
     "Layout": ("layout", None),
+    "Curvatures": ("curvatures", "Curvatures: GGN, Fisher and empirical Fisher"),
     "Benchmarks": ("exact-trace", "Exact Hessian trace, generic path"),
     "Structured exact engine": ("structured-engine", "Structured exact engine"),
     "Stochastic estimators": ("stochastic-estimators", "Stochastic estimators"),
