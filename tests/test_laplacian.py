@@ -250,6 +250,22 @@ def test_float32_and_chunks():
                                    reference(u, (params, x.double()), 1), **TOL)
 
 
+def test_default_passes_split_after_the_first_call(monkeypatch):
+    from secorder.forward_laplacian import forward as forward_module
+
+    u, params = _pinn((6, 8, 1))
+    points = torch.randn(5, 6, dtype=D)
+    lap = vmap(so.laplacian(u, argnums=1), in_dims=(None, 0))
+    first = lap(params, points)
+    calls = []
+    original = forward_module._seeds
+    monkeypatch.setattr(forward_module, "_seeds", lambda *a: calls.append(a[2] - a[1]) or original(*a))
+    monkeypatch.setattr(forward_module, "CPU_JACOBIAN_BYTES", 1)  # every direction its own pass
+    torch.testing.assert_close(lap(params, points), first, **TOL)
+    assert calls == [1] * 6
+    torch.testing.assert_close(first, torch.stack([reference(u, (params, p), 1) for p in points]), **TOL)
+
+
 def test_has_aux_returns_plain_aux():
     def f(x):
         h = torch.tanh(x)

@@ -39,9 +39,10 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor
+from torch._C import _functorch
 
 __all__ = ["Jet", "JetTensor", "ForwardPass", "UncoveredOperation", "interpret", "op_name", "make_jet", "lazy",
-           "map_args", "arg_leaves"]
+           "map_args", "arg_leaves", "stored_numel"]
 
 
 class UncoveredOperation(NotImplementedError):
@@ -64,6 +65,13 @@ class ForwardPass:
     def __init__(self) -> None:
         self.depth = getattr(ForwardPass._local, "depth", 0) + 1
         self.uncovered: Optional[UncoveredOperation] = None
+        self.widest = 0  # bytes stored per direction by the largest traced value (a Jacobian's size hint)
+
+    def note(self, value: Tensor) -> None:
+        """Record the storage of a traced value: its Jacobian stores about that much per direction."""
+        size = stored_numel(value) * value.element_size()
+        if size > self.widest:
+            self.widest = size
 
     def __enter__(self) -> "ForwardPass":
         ForwardPass._local.depth = self.depth
@@ -164,6 +172,16 @@ class _Computed:
         return self.tensor
 
 
+def stored_numel(t: Tensor) -> int:
+    """Entries of ``t`` as stored: under ``vmap`` a tensor's shape is one batch element's."""
+    try:
+        while _functorch.is_functorch_wrapped_tensor(t):
+            t = _functorch.get_unwrapped(t)
+    except (AttributeError, RuntimeError):  # a performance hint only
+        pass
+    return t.numel()
+
+
 def map_args(fn: Callable[[Any], Any], obj: Any) -> Any:
     """Apply ``fn`` to every leaf of a torch call's arguments or results.
 
@@ -218,6 +236,8 @@ class JetTensor(Tensor):
         value = jet.value
         out = Tensor._make_wrapper_subclass(cls, value.shape, dtype=value.dtype, device=value.device)
         out.jet = jet
+        if not isinstance(value, JetTensor):
+            jet.trace.note(value)
         return out
 
     @classmethod

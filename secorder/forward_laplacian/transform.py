@@ -101,8 +101,11 @@ def laplacian(
         has_aux: ``f`` returns ``(scalar, aux)``; the transformed function then
             returns ``(laplacian, aux)``.
         chunk_size: input directions per pass (``"forward"``) or per batched
-            Hessian-vector product (``"exact"``, stochastic probes); ``None``
-            takes all at once. Memory scales with it.
+            Hessian-vector product (``"exact"``, stochastic probes). Memory
+            scales with it. ``None``: all at once, except that on CPUs the
+            forward Laplacian splits them after a first call so that each
+            Jacobian stays below 24 MiB (see
+            :mod:`secorder.forward_laplacian.forward`).
         num_samples, seed, generator, distribution, rtol, atol, max_matvecs:
             options of the stochastic methods, as in :func:`secorder.trace`.
 
@@ -148,13 +151,15 @@ def laplacian(
     else:
         fallback = _trace_transform(f, argnums, has_aux, chunk_size, method, options)
 
+    sizes: dict = {}  # storage per direction seen, per input signature (the CPU default's pass size)
+
     @functools.wraps(f)
     def laplacian_fn(*args: Any) -> Any:
         if method not in OWN_METHODS:
             _record(laplacian_fn, method, None)
             return fallback(*args)
         try:
-            lap, aux = forward_laplacian(f, args, argnums, has_aux, chunk_size)
+            lap, aux = forward_laplacian(f, args, argnums, has_aux, chunk_size, sizes)
         except UncoveredOperation as err:
             if method == "forward":
                 raise

@@ -26,10 +26,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch._C import _functorch
 from torch.func import vmap
 
-from ..jet import Jet, JetTensor, UncoveredOperation, arg_leaves, lazy, make_jet, map_args, op_name
+from ..jet import Jet, JetTensor, UncoveredOperation, arg_leaves, lazy, make_jet, map_args, op_name, stored_numel
 
 __all__ = [
     "is_jet", "primal", "traced", "find_trace", "has_jet", "sum_sq", "align", "shift_dim", "zeros_like_const",
@@ -82,21 +81,11 @@ def check_not_inplace(func: Callable, args: tuple, kwargs: dict, position: Optio
 _BLOCK_ENTRIES = 1 << 19
 
 
-def _stored_numel(t: Tensor) -> int:
-    """Entries of ``t`` as stored: under ``vmap`` a tensor's shape is one batch element's."""
-    try:
-        while _functorch.is_functorch_wrapped_tensor(t):
-            t = _functorch.get_unwrapped(t)
-    except (AttributeError, RuntimeError):  # a performance hint only
-        pass
-    return t.numel()
-
-
 def _blocked_sum_sq(jac: Tensor) -> Tensor:
     k = jac.shape[0]
     block = k
     if k > 1 and jac.device.type == "cpu":
-        block = max(1, _BLOCK_ENTRIES * k // max(_stored_numel(jac), 1))
+        block = max(1, _BLOCK_ENTRIES * k // max(stored_numel(jac), 1))
     if block >= k:
         return (jac * jac).sum(0)
     parts = jac.split(block)
