@@ -211,7 +211,8 @@ def run(
     sweep = Sweep(values, wanted, trace, residuals=kind == "hessian")
     out, states = sweep.run(plan, inputs)
     if loss_fn is not None:
-        loss_fn(out, targets)
+        with torch.no_grad():  # for its errors only
+            loss_fn(out, targets)
     if kind in ("fisher", "empirical_fisher"):
         oc = sampled_curvature(spec, out, targets, kind, mc_samples, generator)
     else:

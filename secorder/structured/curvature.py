@@ -61,6 +61,9 @@ def _split_channels(t: Tensor, lead: int, positions: int) -> Tensor:
     return t.reshape(tuple(t.shape[:lead]) + (-1, positions))
 
 
+_SMALL = 2 ** 20  # entries up to which a factor's diagonal is one reduction over the columns
+
+
 class _FactorDiagonal(torch.autograd.Function):
     """``sum_k w[k] * B[k]**2``: column by column forward, one fused backward.
 
@@ -76,6 +79,9 @@ class _FactorDiagonal(torch.autograd.Function):
     @staticmethod
     def forward(B: Tensor, w: Optional[Tensor]) -> Tensor:
         extra = (1,) * (B.dim() - 2)
+        if B.numel() <= _SMALL:  # small: two kernels beat a loop of them
+            sq = B * B if w is None else B * B * w.reshape(w.shape + extra)
+            return sq.sum(0)
         cols = B.unbind(0)
         ws = [None] * len(cols) if w is None else [c.reshape(c.shape + extra) for c in w.unbind(0)]
         out = None
@@ -190,7 +196,9 @@ class SoftmaxFactor(Term):
         # d[n, j] = sum_k ww[k, n] (delta(c_k, j) - p[n, j])^2
         ww = self._weights()  # [K, N]
         K, C = ww.shape[0], self.p.shape[1]
-        own = torch.nn.functional.pad(ww.transpose(0, 1), (self.start, C - self.start - K))  # [N, C]
+        own = ww.transpose(0, 1)  # [N, K]: the weight of each column at its own class
+        if K != C:
+            own = torch.nn.functional.pad(own, (self.start, C - self.start - K))
         return own * (1 - 2 * self.p) + self.p * self.p * ww.sum(0).unsqueeze(1)
 
     def as_factor(self) -> Factor:

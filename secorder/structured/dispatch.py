@@ -128,14 +128,15 @@ def functional_call_diag(
     _check_loss_module(f.loss_fn)
     plan = walker.plan(f.model)
     model = f.model
-    values: Dict[str, Tensor] = {n: t.detach() for n, t in model.named_parameters()}
+    shapes = {n: t.shape for n, t in model.named_parameters()}
+    values: Dict[str, Tensor] = {n: t.detach() for n, t in model.named_parameters() if n not in params}
     values.update({n: t for n, t in model.named_buffers()} if buffers is None else buffers)
     own = set(plan.parameter_names)
     for name, v in params.items():
         if name not in own:
             raise Unsupported(f"params has a name the engine does not know: {name!r}")
-        if v.shape != values[name].shape:
-            raise Unsupported(f"params[{name!r}] has shape {tuple(v.shape)}, the model's has {tuple(values[name].shape)}")
+        if v.shape != shapes[name]:
+            raise Unsupported(f"params[{name!r}] has shape {tuple(v.shape)}, the model's has {tuple(shapes[name])}")
     values.update(params)
     out = backprop.run(plan, spec, values, inputs, targets, set(params), trace, kind=kind,
                        factor_chunk_size=factor_chunk_size, loss_fn=f.loss_fn, mc_samples=mc_samples,

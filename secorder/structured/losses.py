@@ -109,13 +109,14 @@ def output_curvature(spec: LossSpec, out: Tensor, target: Tensor) -> OutputCurva
     if spec.kind == "ce" and out.dim() != 2:
         raise Unsupported(f"cross-entropy on outputs of shape {tuple(out.shape)}: only [N, C, *d] logits are supported")
     c = _recognised(reduction_factor, spec, out, target)  # 0-dim, >= 1
+    if spec.kind == "ce":
+        return _cross_entropy(spec, out, target, c)
     grad = _recognised(per_sample_output_gradients, spec, out, target) / c
     if spec.kind == "mse":
         return OutputCurvature(grad, [Diagonal((2.0 / c).expand(out.shape))])
     if spec.kind == "bce":
         s = torch.sigmoid(out)
         return OutputCurvature(grad, [Diagonal(s * (1 - s) / c)])
-    return _cross_entropy(spec, out, target, c, grad)
 
 
 def sampled_curvature(spec: LossSpec, out: Tensor, target: Tensor, kind: str, mc_samples: int = 1,
@@ -181,7 +182,7 @@ def _per_position(spec: LossSpec, out: Tensor, target: Tensor) -> OutputCurvatur
                            math.prod(shape[2:]))
 
 
-def _cross_entropy(spec: LossSpec, out: Tensor, target: Tensor, c: Tensor, grad: Tensor) -> OutputCurvature:
+def _cross_entropy(spec: LossSpec, out: Tensor, target: Tensor, c: Tensor) -> OutputCurvature:
     N, C = out.shape
     logp = torch.log_softmax(out, dim=1)
     p = logp.exp()
@@ -189,11 +190,17 @@ def _cross_entropy(spec: LossSpec, out: Tensor, target: Tensor, c: Tensor, grad:
     signed = target.is_floating_point()
     if signed:
         # Probability targets: H_n = (sum_c y_c) (diag(p) - p p^T), a weight of any sign.
-        weight = target.to(out.dtype).sum(1) / c
+        y = target.to(out.dtype)
+        weight = y.sum(1) / c
+        grad = (p * y.sum(1, keepdim=True) - y) / c
         scale = root
     else:
         # Class indices: sample weights 0 (ignored) or 1/c (constants), folded into the columns.
-        weight = (target != spec.ignore_index).to(out.dtype) / c
+        # (The one-hot by comparison: F.one_hot checks the class range with a host sync.)
+        keep = target != spec.ignore_index
+        weight = keep.to(out.dtype) / c
+        onehot = target.unsqueeze(1) == torch.arange(C, device=target.device)
+        grad = (p - onehot.to(out.dtype)) * weight.unsqueeze(1)
         scale = root * weight.sqrt().unsqueeze(1)
     scale = scale.transpose(0, 1)  # [C, N]
 
