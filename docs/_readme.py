@@ -54,6 +54,7 @@ SECTIONS: Dict[str, Tuple[str, Optional[str]]] = {
     "Stochastic estimators": ("stochastic-estimators", "Stochastic estimators"),
     "Legacy torch_secorder API": ("legacy", "Legacy torch_secorder API"),
     "Spectra": ("spectra", "Spectra: top eigenvalues and densities"),
+    "Laplacian": ("laplacian", "Laplacian: the forward Laplacian"),
 }
 
 
