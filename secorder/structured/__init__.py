@@ -1,4 +1,4 @@
-"""Structured exact engine: Hessian and GGN diagonals by curvature backpropagation.
+"""Structured exact engine: Hessian, GGN and Fisher diagonals by curvature backpropagation.
 
 For a model made of modules with a registered rule (a nested ``nn.Sequential``
 of ``Linear``, ``Conv1d/2d``, pooling, ``Flatten``, ``BatchNorm`` in eval mode
@@ -13,7 +13,13 @@ closed form and pulled back module by module, with the residual terms of the
 nonlinear modules (Dangel, Harmeling, Hennig, "Modular Block-diagonal
 Curvature Approximations for Feedforward Architectures", AISTATS 2020; Dangel,
 Kunstner, Hennig, "BackPACK: Packing more into backprop", ICLR 2020). Dropping
-the residual terms gives the exact generalized Gauss-Newton diagonal.
+the residual terms gives the exact generalized Gauss-Newton diagonal; sampled
+or per-sample-gradient factor columns in place of the loss's give the
+Monte-Carlo and the empirical Fisher diagonals. The engine is pure tensor code:
+it runs inside ``torch.func.vmap`` (per-example or per-ensemble-member results
+in one sweep), ``grad``/``jacrev`` and ``torch.compile`` (see :mod:`.dispatch`).
+Users extend it with rules for their own modules (:func:`register_rule`,
+:class:`Rule`, :mod:`.rules.example`).
 
 Modules: :mod:`.dispatch` (the entry points), :mod:`.registry` (module type to
 rule, :func:`register_rule`), :mod:`.rule` (the :class:`Rule` and

@@ -25,7 +25,34 @@ A leaf rule's life in one call of the engine:
 
 Every operation must be a pure tensor function (no in-place updates of
 inputs, no ``.item()``, hooks or ``torch.autograd.grad``) so that the engine
-runs under ``torch.func.vmap``/``grad`` and ``torch.compile``.
+runs under ``torch.func.vmap``/``grad`` and ``torch.compile``; the tests of
+``tests/test_structured_compose.py`` turn batching-rule fallback warnings into
+errors. Decline (raise ``Unsupported``) only in ``__init__`` or ``forward``:
+the Monte-Carlo Fisher's labels are drawn between the forward and the backward
+pass, and a fallback after the draw would draw them again.
+
+Adding a rule, step by step (:mod:`secorder.structured.rules.example` is a
+complete one):
+
+1. a state dataclass, and a subclass of :class:`Rule` with ``parameters``
+   (and ``has_residual`` if the module is nonlinear in its input);
+2. ``forward``, ``jacobian`` (a class of :mod:`~secorder.structured.jacobians`;
+   ``Columns`` or ``Columns.from_vjp`` fit any module, the others keep
+   curvature terms cheap), ``residual`` if nonlinear, ``parameter_diagonal``
+   (through ``curv.diagonal()`` or ``curv.quadratic(X)``);
+3. ``register_rule(ModuleType, YourRule)`` in a module imported by
+   :mod:`secorder.structured.rules` (built-in) or by your code (user rules);
+4. one line in ``SETTINGS`` of ``tests/test_structured_rules.py`` (a factory
+   and an input shape): the products, every term kind's pull-back, the
+   residual and the parameter diagonal are then checked against autograd.
+
+A new kind of Jacobian is a subclass of
+:class:`~secorder.structured.jacobians.Jacobian` with ``t_columns`` (and
+``pull_*`` overrides where a term kind can stay cheap); a new kind of
+curvature term is a subclass of :class:`~secorder.structured.curvature.Term`
+whose ``pulled`` asks the Jacobian for an optional ``pull_<kind>`` method and
+falls back to ``jac.pull_factor(self.as_factor())`` (as ``SoftmaxFactor`` and
+``Tokenwise`` do), so that no existing Jacobian has to change.
 """
 
 from __future__ import annotations
