@@ -116,6 +116,91 @@ for _row in ROWS:
         CASES[f"backpack-{_what}:{_row}"] = (lambda r, w: lambda: _backpack(r, w))(_row, _what)
     CASES[f"grad:{_row}"] = (lambda r: lambda: _grad(r))(_row)
 
+# ---- a transformer language model (no BackPACK: it has no LayerNorm/attention rules) -------------
+# Exact GGN diagonal against one gradient and the generic one-hot path. The generic path takes one
+# GGN-vector product per parameter (110,400 here, more than an hour): it is timed on the 640
+# LayerNorm parameters, which sit at every depth of the model (a product costs more the deeper its
+# parameter), and scaled to all parameters (chunk_size=8: 32 columns at a time take 13 GB).
+
+TRANSFORMER_ROWS = {
+    "transformer 2 blocks d=64 h=4 T=32 V=64 N=16": dict(d=64, heads=4, tokens=32, vocab=64, n=16, blocks=2),
+}
+GENERIC_SUBSET = tuple(f"{b}.{i}.body.0.{p}" for b in (2, 3) for i in (0, 1) for p in ("weight", "bias")) + (
+    "4.weight", "4.bias")
+
+
+def transformer_workload(row):
+    import secorder as so
+
+    spec = TRANSFORMER_ROWS[row]
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    d, V, T = spec["d"], spec["vocab"], spec["tokens"]
+
+    def block():
+        return nn.Sequential(
+            so.Residual(nn.Sequential(nn.LayerNorm(d), so.SelfAttention(d, spec["heads"], causal=True))),
+            so.Residual(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))))
+
+    model = nn.Sequential(nn.Embedding(V, d), so.PositionalEmbedding(T, d), *[block() for _ in range(spec["blocks"])],
+                          nn.LayerNorm(d), nn.Linear(d, V), nn.Flatten(0, 1))
+    x = torch.randint(0, V, (spec["n"], T), generator=g)
+    y = torch.randint(0, V, (spec["n"] * T,), generator=g)
+    return model.eval(), x, y
+
+
+def _transformer(row, what):
+    import secorder as so
+
+    model, x, y = transformer_workload(row)
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    params = so.params_dict(model)
+    if what == "grad":
+        g = torch.func.grad(f)
+        return lambda: g(params, x, y)
+    if what == "generic":
+        sub = {k: params[k] for k in GENERIC_SUBSET}
+        fn = so.ggn_diag(f, engine="generic", chunk_size=8)
+        return lambda: fn(sub, x, y)
+    fn = so.ggn_diag(f, engine="structured")
+    return lambda: fn(params, x, y)
+
+
+for _row in TRANSFORMER_ROWS:
+    for _what in ("ggn", "grad", "generic"):
+        CASES[f"tf-{_what}:{_row}"] = (lambda r, w: lambda: _transformer(r, w))(_row, _what)
+
+
+def transformer_table(quick: bool, repeat: int) -> None:
+    """Exact GGN diagonal of the transformer rows vs one gradient and vs the generic path (scaled)."""
+    import secorder as so
+
+    lines = ["| row | method | warm (ms) | peak extra mem (MiB) | time vs one gradient | time vs structured |",
+             "|---|---|---|---|---|---|"]
+    rows = [r for r in TRANSFORMER_ROWS if not any(a.startswith("--row=") for a in sys.argv)
+            or f"--row={r}" in sys.argv]
+    for row in rows:
+        res = {}
+        for _ in range(repeat):
+            for m, warm in (("grad", 3 if quick else 10), ("ggn", 1 if quick else 3), ("generic", 1)):
+                r = harness.run_case("bench_structured", f"tf-{m}:{row}", warm=warm)
+                if m not in res or r["warm_s"] < res[m]["warm_s"]:
+                    res[m] = r
+        model, _, _ = transformer_workload(row)
+        params = so.params_dict(model)
+        total, sub = sum(p.numel() for p in params.values()), sum(params[k].numel() for k in GENERIC_SUBSET)
+        scaled = res["generic"]["warm_s"] * total / sub
+        g, s = res["grad"]["warm_s"], res["ggn"]["warm_s"]
+        for label, t, mem in (("one gradient (`torch.func.grad`)", g, res["grad"]["peak_mib"]),
+                              ("secorder `ggn_diag` (structured)", s, res["ggn"]["peak_mib"]),
+                              (f"secorder `ggn_diag` (generic one-hot; {sub:,} of {total:,} parameters timed, "
+                               f"scaled)", scaled, res["generic"]["peak_mib"])):
+            lines.append(f"| {row} | {label} | {1e3 * t:.1f} | {mem:.1f} | {harness.fmt_ratio(t, g)} | "
+                         f"{harness.fmt_ratio(t, s)} |")
+        print("\n".join(lines[-3:]), flush=True)
+    print("\n" + "\n".join(lines))
+
+
 # ---- CNNs with a transposed or a 3-D convolution (BackPACK runs them) --------------------------------
 
 
@@ -261,6 +346,7 @@ def main() -> None:
             )
         print("\n".join(lines[-len(methods):]), flush=True)
     print("\n" + "\n".join(lines))
+    transformer_table(quick, repeat)
     resnet_table(quick, repeat)
 
 
