@@ -230,7 +230,7 @@ def test_resnet_float32_matches_generic():
 @pytest.mark.parametrize("model,x,fragment", [
     (lambda: nn.Sequential(nn.Conv3d(1, 2, 2), nn.Flatten(), nn.Linear(2, 2)), torch.randn(1, 2, 2, 2),
      "'0' (Conv3d) on an input of shape (1, 2, 2, 2)"),
-    (lambda: nn.Sequential(nn.Linear(3, 4), nn.ZeroPad2d(1), nn.Linear(6, 2)), torch.randn(2, 3),
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.ZeroPad2d((1, 1, 0, 0)), nn.Linear(6, 2)), torch.randn(2, 3),
      "'1' (ZeroPad2d) pads 2 dims of an input of shape (2, 4), the batch dimension included"),
     (lambda: nn.Sequential(nn.Conv1d(1, 2, 2), nn.MaxPool1d(2, return_indices=True)), torch.randn(2, 1, 5),
      "'1' (MaxPool1d) has return_indices=True"),
