@@ -123,6 +123,8 @@ FUNCTIONS = {
     + torch.where(x > 0, x ** 2, x.sin()).sum() + x.clamp(-0.5, 0.5).pow(2).sum(),
     "misc": lambda x: x.cumsum(0).sin().sum() + F.pad(x, (1, 2)).exp().sum() + x.roll(1, 0).mul(x).sum()
     + torch.diag(x).exp().sum() + (1 - x).exp().sum() + torch.sub(x, C, alpha=2).pow(2).sum() - x.neg().sin().sum(),
+    "fused": lambda x: torch.addcmul(x, x, C, value=0.5).sin().sum() + torch.addcdiv(C, x, x + 3).pow(2).sum()
+    + torch.addcmul(C, x, x).exp().sum(),
 }
 
 

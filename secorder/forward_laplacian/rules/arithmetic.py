@@ -228,3 +228,12 @@ def _selecting(greater: bool):
 
 register(torch.maximum, torch.Tensor.maximum)(_selecting(True))
 register(torch.minimum, torch.Tensor.minimum)(_selecting(False))
+
+
+@register(torch.addcmul, torch.Tensor.addcmul, torch.addcdiv, torch.Tensor.addcdiv)
+def _add_product(func, args, kwargs):
+    """``addcmul(a, t1, t2, value=v) = a + v t1 t2`` (``addcdiv``: ``a + v t1 / t2``), through the rules above."""
+    a, t1, t2 = (traced(x) for x in args[:3])
+    value = kwargs.get("value", args[3] if len(args) > 3 else 1)
+    product = t1 * t2 if func in (torch.addcmul, torch.Tensor.addcmul) else t1 / t2
+    return a + value * product

@@ -81,11 +81,17 @@ def check_not_inplace(func: Callable, args: tuple, kwargs: dict, position: Optio
 _BLOCK_ENTRIES = 1 << 19
 
 
+def _block(jac: Tensor) -> int:
+    """Directions per block of :func:`sum_sq`."""
+    k = jac.shape[0]
+    if k <= 1 or jac.device.type != "cpu":
+        return k
+    return max(1, _BLOCK_ENTRIES * k // max(stored_numel(jac), 1))
+
+
 def _blocked_sum_sq(jac: Tensor) -> Tensor:
     k = jac.shape[0]
-    block = k
-    if k > 1 and jac.device.type == "cpu":
-        block = max(1, _BLOCK_ENTRIES * k // max(stored_numel(jac), 1))
+    block = _block(jac)
     if block >= k:
         return (jac * jac).sum(0)
     parts = jac.split(block)
@@ -123,7 +129,7 @@ class _SumOfSquares(torch.autograd.Function):
 
 def sum_sq(jac: Tensor) -> Tensor:
     """``sum_i J_i^2`` over the directions (dimension 0), in cache-sized blocks of directions on CPUs."""
-    if isinstance(jac, JetTensor):  # the Jacobian of a nested pass: let the outer pass interpret it
+    if isinstance(jac, JetTensor) or _block(jac) >= jac.shape[0]:  # one block: plain autograd does as well
         return (jac * jac).sum(0)
     return _SumOfSquares.apply(jac)
 
@@ -259,7 +265,7 @@ def elementwise(derivatives: Callable, inplace: Optional[int] = None) -> Callabl
         d1, d2 = derivatives(x.value, y, *opts, **kw)
         lap = x.lap * d1
         if d2 is not None:
-            lap = lap + d2 * sum_sq(x.jac)
+            lap = torch.addcmul(lap, d2, sum_sq(x.jac))
         return make_jet(y, lazy(lambda: x.jac * d1), lap, x.trace)
 
     return rule
