@@ -235,7 +235,9 @@ def test_default_factor_chunks_follow_the_memory_bound(monkeypatch):
     model = wide_model()
     x, y = torch.randn(4, 3, dtype=DT), torch.tensor([0, 9, 3, 3])
     spy = ChunkSpy(monkeypatch)
-    monkeypatch.setattr(backprop, "FACTOR_CHUNK_ENTRIES", 4 * 10 * 4)  # 4 columns of N=4 samples x widest 10
+    # 4 columns x N=4 samples x width 6: the widest layer before the logits (the softmax factor is never
+    # formed at the 10 logits: the last linear layer pulls it back implicitly).
+    monkeypatch.setattr(backprop, "FACTOR_CHUNK_ENTRIES", 4 * 4 * 6)
     d = model_diagonal(model, nn.CrossEntropyLoss(), x, y)
     assert spy.sizes == [4, 4, 2]
     monkeypatch.setattr(backprop, "FACTOR_CHUNK_ENTRIES", 2 ** 24)

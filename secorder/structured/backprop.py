@@ -36,7 +36,7 @@ from .walker import Plan, Step
 __all__ = ["Sweep", "run", "pull_loss_curvature", "FACTOR_CHUNK_ENTRIES"]
 
 #: The default bound on one chunk of loss-factor columns: columns x samples x the widest
-#: step output, in tensor entries (64 MiB of float32 for the widest layer's columns).
+#: step output they are formed at, in tensor entries (64 MiB of float32).
 FACTOR_CHUNK_ENTRIES = 2 ** 24
 
 
@@ -55,7 +55,7 @@ class Sweep:
         self.values, self.wanted, self.trace, self.residuals = values, wanted, trace, residuals
         self.diags: Dict[str, Tensor] = {}
         self.total: Optional[Tensor] = None
-        self.widest = 1  # the largest per-sample size of a step's output (sizes factor chunks)
+        self.widths: List[int] = []  # per-sample sizes of the step outputs, in order of completion
 
     # -- forward -----------------------------------------------------------------------------
     def run(self, plan: Plan, x: Tensor) -> Tuple[Tensor, List[Any]]:
@@ -71,7 +71,7 @@ class Sweep:
             except Unsupported as err:
                 raise located(err, step.name, step.rule.module) from None
             states.append(state)
-            self.widest = max(self.widest, math.prod(x.shape[1:]))
+            self.widths.append(math.prod(x.shape[1:]))
         return x, states
 
     # -- backward ----------------------------------------------------------------------------
@@ -194,7 +194,8 @@ def run(
     model output (its value is not used): whatever it raises for these
     targets (a wrong dtype, a shape it refuses), the engine raises too.
     ``factor_chunk_size`` bounds the loss-factor columns pulled back at once
-    (``None``: as many as keep ``columns x N x widest output`` under
+    (``None``: as many as keep ``columns x N x widest output`` (the model
+    output only where the loss factor is formed there) under
     :data:`FACTOR_CHUNK_ENTRIES`).
 
     Example:
@@ -219,6 +220,10 @@ def run(
         oc = output_curvature(spec, out, targets)
     chunk = factor_chunk_size
     if chunk is None:
-        chunk = max(1, FACTOR_CHUNK_ENTRIES // max(1, out.shape[0] * oc.positions * sweep.widest))
+        # The widest tensor a chunk's columns are formed at: any step output, but the model
+        # output (completed last) only when the factor is explicit there.
+        widths = sweep.widths[:-1] if oc.implicit else sweep.widths
+        widest = max(widths, default=1)
+        chunk = max(1, FACTOR_CHUNK_ENTRIES // max(1, out.shape[0] * oc.positions * widest))
     pull_loss_curvature(sweep, plan, states, oc, chunk)
     return sweep.result(out)

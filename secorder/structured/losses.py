@@ -67,6 +67,7 @@ class OutputCurvature:
     columns: int = 0
     make_factor: Optional[Callable[[int, int], Term]] = None
     positions: int = 1  # per-position factor columns: each is this many per-sample columns once explicit
+    implicit: bool = False  # the factor is never formed at the output (chunks are sized by the layers before it)
 
     def factor(self, start: int, stop: int) -> Term:
         """Factor columns ``start:stop``."""
@@ -179,7 +180,7 @@ def _per_position(spec: LossSpec, out: Tensor, target: Tensor) -> OutputCurvatur
     inner = oc.make_factor
     return OutputCurvature(from_rows(oc.grad, 0, shape, pos), [Tokenwise(t, shape, pos) for t in oc.terms],
                            oc.columns, lambda start, stop: Tokenwise(inner(start, stop), shape, pos),
-                           math.prod(shape[2:]))
+                           math.prod(shape[2:]), oc.implicit)
 
 
 def _cross_entropy(spec: LossSpec, out: Tensor, target: Tensor, c: Tensor) -> OutputCurvature:
@@ -208,4 +209,4 @@ def _cross_entropy(spec: LossSpec, out: Tensor, target: Tensor, c: Tensor) -> Ou
         w = weight.unsqueeze(0).expand(stop - start, N) if signed else None
         return SoftmaxFactor(scale[start:stop], p, start, w)
 
-    return OutputCurvature(grad, [], C, factor)
+    return OutputCurvature(grad, [], C, factor, implicit=True)
