@@ -314,6 +314,83 @@ BASELINE = {"ours-diag": "backpack-diag", "ours-trace": "backpack-trace", "ours-
             "grad": "backpack-diag", "ours-generic": "backpack-diag"}
 
 
+# ---- wide outputs: the loss factor's memory bound (issue 9 item 15) ------------------------------
+# An MLP 32-64-C with C classes: the cross-entropy factor has C columns per sample. BackPACK forms
+# them at the logits ([C, N, C]: 512 MB at C = 1000, 51 GB at C = 10000, so not run there); here the
+# factor stays implicit at the logits and its columns go back in chunks (factor_chunk_size, default
+# bounded by 2**24 entries at the widest layer they are formed at).
+
+WIDE_ROWS = {"relu 32-64-1000 N=128": 1000, "relu 32-64-10000 N=128": 10000}
+
+
+def wide_workload(row):
+    C = WIDE_ROWS[row]
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, C))
+    x, y = torch.randn(128, 32, generator=g), torch.randint(0, C, (128,), generator=g)
+    return model.eval(), x, y
+
+
+def _wide(row, what):
+    import secorder as so
+    from secorder.structured import functional_call_diag
+
+    model, x, y = wide_workload(row)
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    params = so.params_dict(model)
+    if what == "grad":
+        g = torch.func.grad(f)
+        return lambda: g(params, x, y)
+    if what == "backpack":
+        from backpack import backpack, extend
+        from backpack.extensions import DiagGGNExact
+
+        m, lossfunc = extend(model), extend(nn.CrossEntropyLoss())
+
+        def run():
+            m.zero_grad()
+            loss = lossfunc(m(x), y)
+            with backpack(DiagGGNExact()):
+                loss.backward()
+            return [p.diag_ggn_exact for p in m.parameters()]
+
+        return run
+    chunk = WIDE_ROWS[row] if what == "ggn-whole" else None
+    kind = "hessian" if what == "diag" else "ggn"
+    return lambda: functional_call_diag(f, (params, x, y), kind, False, factor_chunk_size=chunk)
+
+
+for _row in WIDE_ROWS:
+    for _what in ("grad", "backpack", "ggn", "ggn-whole", "diag"):
+        CASES[f"wide-{_what}:{_row}"] = (lambda r, w: lambda: _wide(r, w))(_row, _what)
+
+
+def wide_table(quick: bool, repeat: int) -> None:
+    """Exact GGN/Hessian diagonals with C = 1000 and 10000 classes: time and peak memory."""
+    labels = {"grad": "one gradient (`torch.func.grad`)", "backpack": "BackPACK `DiagGGNExact`",
+              "ggn": "secorder GGN diagonal (default factor chunks)",
+              "ggn-whole": "secorder GGN diagonal (`factor_chunk_size=C`: all columns at once)",
+              "diag": "secorder Hessian diagonal (default factor chunks)"}
+    lines = ["| row | method | warm (ms) | peak extra mem (MiB) | time vs one gradient |", "|---|---|---|---|---|"]
+    rows = [r for r in WIDE_ROWS if not any(a.startswith("--row=") for a in sys.argv) or f"--row={r}" in sys.argv]
+    for row in rows:
+        methods = ["grad", "ggn", "ggn-whole", "diag"] + (["backpack"] if WIDE_ROWS[row] <= 1000 else [])
+        res = {}
+        for _ in range(repeat):
+            for m in methods:
+                warm = 1 if m == "backpack" or quick else 3
+                r = harness.run_case("bench_structured", f"wide-{m}:{row}", warm=warm)
+                if m not in res or r["warm_s"] < res[m]["warm_s"]:
+                    res[m] = r
+        for m in methods:
+            r = res[m]
+            lines.append(f"| {row} | {labels[m]} | {1e3 * r['warm_s']:.1f} | {r['peak_mib']:.1f} | "
+                         f"{harness.fmt_ratio(r['warm_s'], res['grad']['warm_s'])} |")
+        print("\n".join(lines[-len(methods):]), flush=True)
+    print("\n" + "\n".join(lines))
+
+
 def main() -> None:
     # One thread per measurement (inherited by every subprocess): on a shared machine,
     # multi-threaded kernels spin against other processes and the timings become noise.
@@ -348,6 +425,7 @@ def main() -> None:
     print("\n" + "\n".join(lines))
     transformer_table(quick, repeat)
     resnet_table(quick, repeat)
+    wide_table(quick, repeat)
 
 
 if __name__ == "__main__":
