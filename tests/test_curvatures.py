@@ -482,3 +482,20 @@ def test_torch_compile_composes_with_every_curvature():
         a, b = torch.compile(prod)(*args, v), prod(*args, v)
         for k in a:
             torch.testing.assert_close(a[k], b[k], **TOL)
+
+
+def test_empty_batch_ignored_targets_and_grad_mode_off():
+    """Every curvature: an empty batch and all-ignored targets give 0 (as the generic GGN does); no_grad changes nothing."""
+    case = Case("mlp", "ce", "mean")
+    mse = so.functional_loss(case.model, nn.MSELoss())
+    for c in names():
+        kw = extra(c)
+        fn = so.trace(case.f, curvature=c, engine="generic", **kw)
+        assert float(fn(case.params, case.x[:0], case.y[:0])) == 0.0
+        assert float(fn(case.params, case.x, torch.full_like(case.y, -100))) == 0.0
+        if c != "hessian":
+            assert float(so.trace(mse, curvature=c, **kw)(case.params, case.x[:0], torch.zeros(0, 3, dtype=D))) == 0
+        want = so.trace(case.f, curvature=c, **kw)(case.params, case.x, case.y)
+        with torch.no_grad():
+            torch.testing.assert_close(so.trace(case.f, curvature=c, engine="generic", **kw)(
+                case.params, case.x, case.y), want, **TOL)

@@ -48,13 +48,13 @@ def outer_product_map(G: Tensor, scale: Tensor, unbatch: bool) -> Callable[[Tens
                 [0., 4.]])
     """
     K, N = G.shape[0], G.shape[1]
-    feat_dims = G.dim() - 2
+    feat_dims = list(range(2, G.dim()))
 
     def h(u: Tensor) -> Tensor:
         if unbatch:
             u = u[None]
-        s = (G * u[None]).reshape(K, N, -1).sum(-1)  # [K, N]
-        w = (G * s.reshape(K, N, *([1] * feat_dims))).sum(0) * scale
+        s = (G * u[None]).sum(dim=feat_dims, keepdim=True) if feat_dims else G * u[None]  # [K, N, 1, ...]
+        w = (G * s).sum(0) * scale
         return w[0] if unbatch else w
 
     return h
