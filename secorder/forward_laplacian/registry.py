@@ -11,18 +11,21 @@ one module per family of operations; :func:`register` adds one (or replaces it),
 for the aliases a callable has (``torch.tanh`` and ``torch.Tensor.tanh`` are
 different objects).
 
-Example: the rule of ``torch.special.expit`` (already covered as ``torch.sigmoid``)
-written with the elementwise helper, which only needs the first two derivatives:
+Example: a rule for ``torch.special.expit`` (the logistic function, covered
+already) written with the entrywise builder, which only needs the first two
+derivatives ``(phi'(x), phi''(x))`` given the input ``x`` and output ``y``:
 
     >>> import torch, secorder as so
     >>> from secorder.forward_laplacian import registry, rules
     >>> def d_expit(x, y):
     ...     return y * (1 - y), y * (1 - y) * (1 - 2 * y)
+    >>> previous = registry.lookup(torch.special.expit)
     >>> _ = registry.register(torch.special.expit)(rules.elementwise(d_expit))
     >>> x = torch.tensor([0.5, -1.0], dtype=torch.float64)
     >>> lap = so.laplacian(lambda x: torch.special.expit(x).sum(), method="forward")(x)
     >>> torch.allclose(lap, torch.trace(torch.func.hessian(lambda x: torch.sigmoid(x).sum())(x)))
     True
+    >>> _ = registry.register(torch.special.expit)(previous)  # (this example restores the shipped rule)
 """
 
 from __future__ import annotations
