@@ -58,7 +58,8 @@ __all__ = ["Term", "Factor", "SoftmaxFactor", "Diagonal", "Shared", "Gathered", 
 
 def _split_channels(t: Tensor, lead: int, positions: int) -> Tensor:
     """View the feature dims of ``t`` (after ``lead`` leading dims) as ``[channels, positions]``."""
-    return t.reshape(tuple(t.shape[:lead]) + (-1, positions))
+    channels = math.prod(t.shape[lead:]) // positions if positions else -1  # explicit: N may be 0
+    return t.reshape(tuple(t.shape[:lead]) + (channels, positions))
 
 
 _SMALL = 2 ** 20  # entries up to which a factor's diagonal is one reduction over the columns
