@@ -498,3 +498,12 @@ def test_attention_model_under_vmap_and_grad():
                                                      for i in range(2)]), **TOL)
     # torch.compile(functional_call_diag, fullgraph=True) traces these rules too (no graph break; checked
     # by hand: a minute of Dynamo tracing, too slow for the suite; tests/test_structured_compose.py covers it).
+
+
+def test_empty_batch_gives_zero_curvature_on_the_structured_path():
+    model = language_model()
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    for transform in (so.ggn_diag, so.hessian_diag):
+        fn = transform(f, engine="structured")
+        d = fn(so.params_dict(model), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+        assert all(v.shape == p.shape and bool((v == 0).all()) for v, p in zip(d.values(), model.parameters()))

@@ -112,8 +112,8 @@ class Tokenwise(Term):
         d = self.inner.diagonal()
         if self.index is not None:
             N, P = self.shape[0], self.positions
-            Q = d.shape[0] // N
-            src = d.reshape((N, Q, -1))
+            Q = d.shape[0] // N if N else 0
+            src = d.reshape((N, Q, math.prod(d.shape[1:])))
             idx = self.index.reshape(N, Q, 1).expand(src.shape)
             d = src.new_zeros((N, P, src.shape[-1])).scatter_add(1, idx, src).reshape((N * P,) + tuple(d.shape[1:]))
         return from_rows(d, 0, self.shape, self.pos)
@@ -132,7 +132,7 @@ class Tokenwise(Term):
         B, w = f.B, f.w
         K, N, P = B.shape[0], self.shape[0], self.positions
         feat = tuple(B.shape[2:])
-        Q = B.shape[1] // N
+        Q = P if self.index is None else (B.shape[1] // N if N else 0)
         B = B.reshape((K, N, Q) + feat)
         ones = (1,) * len(feat)
         if self.index is None:

@@ -20,6 +20,7 @@ diagonal summed over the samples (zero for positions beyond the input's length).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Mapping, Tuple
 
@@ -104,7 +105,7 @@ class EmbeddingRule(Rule[EmbeddingState]):
 
     def parameter_diagonal(self, state: EmbeddingState, curv: Curvature, wanted: FrozenSet[str]) -> Dict[str, Tensor]:
         N = state.idx.shape[0]
-        idx = state.idx.reshape(N, -1)  # [N, P]
+        idx = state.idx.reshape(N, math.prod(state.idx.shape[1:]))  # [N, P]
         # local[n, p]: the first position of sample n holding the token at p.
         local = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(torch.int8).argmax(-1)
         table = curv.pulled(TokenGather(local, state.out_shape)).diagonal()  # [N, P, d]

@@ -50,7 +50,7 @@ class LayerNormRows(Jacobian):
 
     def t_columns(self, B: Tensor) -> Tensor:
         K, R = B.shape[:2]
-        b = B.reshape(K, R, -1)
+        b = B.reshape(K, R, self.xhat.shape[1])
         if self.gamma is not None:
             b = b * self.gamma
         out = (b - b.mean(-1, keepdim=True) - self.xhat * (b * self.xhat).mean(-1, keepdim=True)) * self.inv
@@ -76,7 +76,7 @@ class LayerNormRule(Rule[LayerNormState]):
         if x.dim() < len(ns) + 1 or tuple(x.shape[x.dim() - len(ns):]) != ns:
             raise Unsupported(f"on an input of shape {tuple(x.shape)} (normalized_shape {ns} after a batch dim)")
         F = math.prod(ns)
-        rows = x.reshape(-1, F)
+        rows = x.reshape(math.prod(x.shape[:x.dim() - len(ns)]), F)
         c = rows - rows.mean(-1, keepdim=True)
         inv = torch.rsqrt((c * c).mean(-1, keepdim=True) + self.module.eps)
         xhat = c * inv
@@ -124,7 +124,7 @@ class LayerNormRule(Rule[LayerNormState]):
         nfeat = len(state.x_shape) - 1 - state.npos
         cf = channels_first(curv, state.x_shape, nfeat)  # [N, *feat, *pos]
         R, F = state.xhat.shape
-        P = R // N
+        P = math.prod(state.x_shape[1:1 + state.npos])
         out = {}
         shape = self.module.normalized_shape
         if "weight" in wanted:

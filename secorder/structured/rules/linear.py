@@ -12,6 +12,7 @@ same matmul for a tokenwise curvature, one per column for explicit columns.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Mapping, Tuple
 
@@ -63,11 +64,11 @@ class LinearRule(Rule[LinearState]):
 
     def _positions_diagonal(self, state: LinearState, curv: Curvature, wanted: FrozenSet[str]) -> Dict[str, Tensor]:
         x = state.x
-        N, P = x.shape[0], x[0, ..., 0].numel()
+        N, P = x.shape[0], math.prod(x.shape[1:-1])
         cf = channels_first(curv, x.shape[:-1] + state.weight.shape[:1], 1)  # [N, out, *pos]
         out = {}
         if "weight" in wanted:
-            out["weight"] = cf.quadratic(x.reshape(N, P, -1).transpose(1, 2).unsqueeze(1))
+            out["weight"] = cf.quadratic(x.reshape(N, P, x.shape[-1]).transpose(1, 2).unsqueeze(1))
         if "bias" in wanted:
             out["bias"] = cf.quadratic(x.new_ones((1, 1, 1, P)))[:, 0]
         return out
