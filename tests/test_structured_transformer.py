@@ -507,3 +507,17 @@ def test_empty_batch_gives_zero_curvature_on_the_structured_path():
         fn = transform(f, engine="structured")
         d = fn(so.params_dict(model), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, dtype=torch.long))
         assert all(v.shape == p.shape and bool((v == 0).all()) for v, p in zip(d.values(), model.parameters()))
+
+
+@pytest.mark.parametrize("curvature", ["fisher", "empirical_fisher"])
+def test_fisher_kinds_on_a_language_model_match_the_generic_path(curvature):
+    torch.manual_seed(19)
+    for end, y in ((None, torch.randint(0, 5, (6,))), (Transpose(1, 2), torch.randint(0, 5, (2, 3)))):
+        model = language_model(blocks=1, end=end)
+        f = so.functional_loss(model, nn.CrossEntropyLoss())
+        params, x = so.params_dict(model), torch.randint(0, 5, (2, 3))
+        options = dict(curvature=curvature, seed=3, mc_samples=2) if curvature == "fisher" else dict(curvature=curvature)
+        fn = so.diagonal(f, **options)
+        d = fn(params, x, y)
+        assert fn.last_engine == "structured"
+        assert rel_err(d, so.diagonal(f, engine="generic", **options)(params, x, y)) < 1e-10
