@@ -80,9 +80,6 @@ class _FactorDiagonal(torch.autograd.Function):
     @staticmethod
     def forward(B: Tensor, w: Optional[Tensor]) -> Tensor:
         extra = (1,) * (B.dim() - 2)
-        if B.numel() <= _SMALL:  # small: two kernels beat a loop of them
-            sq = B * B if w is None else B * B * w.reshape(w.shape + extra)
-            return sq.sum(0)
         cols = B.unbind(0)
         ws = [None] * len(cols) if w is None else [c.reshape(c.shape + extra) for c in w.unbind(0)]
         out = None
@@ -135,7 +132,11 @@ class Factor(Term):
     w: Optional[Tensor] = None
 
     def diagonal(self) -> Tensor:
-        return _FactorDiagonal.apply(self.B, self.w)
+        B, w = self.B, self.w
+        if B.numel() <= _SMALL:  # small: two plain kernels (and two cheap backward nodes)
+            sq = B * B if w is None else B * B * w.reshape(tuple(w.shape) + (1,) * (B.dim() - 2))
+            return sq.sum(0)
+        return _FactorDiagonal.apply(B, w)
 
     def quadratic(self, X: Tensor) -> Tensor:
         K, N = self.B.shape[:2]
