@@ -286,6 +286,7 @@ def test_derived_rule_is_one_line_for_a_user_activation():
 
 
 def test_backpack_parallel_nested_branches():
+    pytest.importorskip("backpack")
     from backpack.custom_module.branching import Parallel
 
     torch.manual_seed(8)
@@ -300,6 +301,7 @@ def test_backpack_parallel_nested_branches():
 
 
 def test_blocks_with_unplanned_parameters_or_merges_decline():
+    pytest.importorskip("backpack")
     from backpack.custom_module.branching import Parallel
 
     class Mean(nn.Module):
@@ -321,6 +323,7 @@ def test_blocks_with_unplanned_parameters_or_merges_decline():
 
 @pytest.mark.filterwarnings("error::UserWarning")  # a batching-rule fallback inside the sweep fails the test
 def test_rules_compose_with_vmap_and_grad():
+    pytest.importorskip("backpack")
     from backpack.custom_module.slicing import Slicing
 
     from tests.reference import reference_trace
