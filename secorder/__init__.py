@@ -10,6 +10,7 @@ Example:
 
 from . import tree
 from .modules import FunctionalLoss, functional_loss, params_dict
+from .dataset import DatasetLoss, dataset_loss
 from .transforms import (diagonal, diagonal_estimate, empirical_fisher_vp, fisher_vp, ggn_diag, ggn_trace, ggn_vp,
                          hessian_diag, hessian_diag_estimate, hvp, trace, trace_estimate)
 from .results import DiagonalEstimate, TraceEstimate
@@ -44,6 +45,8 @@ __all__ = [
     "functional_loss",
     "params_dict",
     "FunctionalLoss",
+    "dataset_loss",
+    "DatasetLoss",
     "tree",
     "eigenvalues",
     "spectral_density",

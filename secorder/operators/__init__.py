@@ -20,6 +20,8 @@ transforms, the spectra and the data-set layer call it. Its contract:
   compose with ``vmap``/``grad`` around the caller, and reuse one linearisation
   (forward/backward pass at the primal point) for all the call's products;
   ``psd`` says whether the operator is known to be positive semi-definite.
+* A data-set loss (:func:`secorder.dataset_loss`) gets the operator of
+  :mod:`secorder.operators.dataset`: every product is one pass over its data.
 * Errors: ``ValueError`` for an unknown curvature (listing the valid ones) and
   for a loss without known predictive distribution (Fishers; naming the
   supported losses); ``TypeError``/``ValueError`` for ``mc_samples`` that is not
@@ -48,9 +50,10 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import empirical_fisher, fisher, ggn, hessian
+from . import dataset, empirical_fisher, fisher, ggn, hessian
 from .base import LeafOperator
 from .hessian import hessian_operator
+from ..dataset import is_dataset_loss
 
 __all__ = ["LeafOperator", "hessian_operator", "Curvature", "register", "names", "get", "make_operator",
            "check_curvature", "check_mc_samples"]
@@ -152,6 +155,8 @@ def make_operator(
     """
     entry = check_curvature(curvature)
     check_mc_samples(mc_samples)
+    if is_dataset_loss(getattr(problem, "f", None)):  # per-batch operators summed over the data (and ranks)
+        return dataset.build(curvature, problem, mc_samples=mc_samples, generator=generator)
     return entry.build(problem, mc_samples=mc_samples, generator=generator)
 
 

@@ -29,9 +29,11 @@ import torch
 
 from .. import _checks, tree
 from ..estimators import registry
+from ..dataset import is_dataset_loss
 from ..estimators.probes import make_generator
 from ..modules import FunctionalLoss
 from ..operators import Curvature, check_curvature, check_mc_samples, make_operator
+from ..operators.dataset import call_generator as _dataset_generator
 from ..problem import Problem
 from ..results import STOP_NUM_SAMPLES, DiagonalEstimate, TraceEstimate
 from . import engine as _engine
@@ -67,7 +69,7 @@ def check_has_aux(has_aux: Any) -> None:
 
 def check_split(f: Any, curvature: Curvature) -> None:
     """Curvatures built from the model/loss split need ``f`` from ``so.functional_loss`` (checked at creation)."""
-    if curvature.needs_split and not isinstance(f, FunctionalLoss):
+    if curvature.needs_split and not isinstance(f.f if is_dataset_loss(f) else f, FunctionalLoss):
         raise TypeError(
             f"curvature={curvature.name!r} needs the split of f into model and loss: build f with "
             "so.functional_loss(model, loss_fn), where model is an nn.Module or a function "
@@ -146,8 +148,13 @@ def eager_under_compile(fn: Callable) -> Callable:
 
 
 def call_generator(options: registry.Options, problem: Problem) -> Optional[torch.Generator]:
-    """The call's generator: fresh from ``seed``, the given one, or ``None`` (global RNG)."""
-    return make_generator(options.seed, options.generator, problem.leaves[0].device)
+    """The call's generator: fresh from ``seed``, the given one, or ``None`` (global RNG).
+
+    For a data-set loss with a process group, the same on every rank
+    (:func:`secorder.operators.dataset.call_generator`).
+    """
+    device = problem.leaves[0].device
+    return _dataset_generator(problem.f, make_generator(options.seed, options.generator, device), device)
 
 
 def evaluate(

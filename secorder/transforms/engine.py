@@ -16,7 +16,10 @@ stored on the transformed function as ``last_engine`` (``"structured"`` or
 The engine's entry point is
 ``secorder.structured.functional_call_diag(f, args, kind, trace, *, mc_samples=1, generator=None)``
 with ``kind`` a curvature name; it returns the diagonal (a dict shaped like
-``params``) or the trace, or raises ``Unsupported``.
+``params``) or the trace, or raises ``Unsupported``. For a data-set loss
+(:func:`secorder.dataset_loss`) of a ``FunctionalLoss``, the same checks apply to
+its per-batch loss and :func:`secorder.structured.dataset.functional_call_diag`
+runs the engine on every batch in one pass.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
+from ..dataset import is_dataset_loss
 from ..modules import FunctionalLoss
+from ..structured import dataset as _dataset
 from ..structured import dispatch as _dispatch
 from ..structured.errors import Unsupported
 
@@ -81,6 +86,8 @@ def _structured_kinds() -> tuple:
 def _call(f: Any, args: tuple, kind: str, trace: bool, mc_samples: int, generator: Optional[torch.Generator]):
     if kind not in _structured_kinds():
         raise Unsupported(f"the structured engine does not compute curvature={kind!r}")
+    if is_dataset_loss(f):  # every batch through the engine, weighted and summed (one pass)
+        return _dataset.functional_call_diag(f, args, kind, trace, mc_samples=mc_samples, generator=generator)
     if _accepts_sampling():
         return _dispatch.functional_call_diag(f, args, kind, trace, mc_samples=mc_samples, generator=generator)
     if kind == "fisher":
@@ -116,9 +123,10 @@ def attempt(
         record(fn, "generic", "engine='generic' was requested", what)
         return None
     try:
-        if not isinstance(f, FunctionalLoss):
+        per_batch = f.f if is_dataset_loss(f) else f
+        if not isinstance(per_batch, FunctionalLoss):
             raise Unsupported("f is not a secorder.FunctionalLoss (see so.functional_loss)")
-        if not isinstance(f.model, nn.Module):
+        if not isinstance(per_batch.model, nn.Module):
             raise Unsupported("the model is a function, not an nn.Module")
         if isinstance(argnums, bool) or argnums not in (0, -len(args)):
             raise Unsupported(f"argnums={argnums!r}: the structured engine differentiates params (argnums=0) only")

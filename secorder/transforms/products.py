@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp
 
 from .. import _checks, tree
+from ..dataset import is_dataset_loss
 from ..estimators import registry
 from ..operators import make_operator
 from ..problem import Problem
@@ -91,6 +92,9 @@ def hvp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = 
         args, v = _split_call(args_and_v, "hvp")
         problem = Problem(f, argnums, has_aux, args, kwargs)
         _check_tangent(v, problem)
+        if is_dataset_loss(f):  # one pass of the summed Hessian operator over the data
+            op = make_operator("hessian", problem)
+            return _linear_in_tangent(lambda t: _operator_product(op, problem, t), v, has_aux)
 
         def product(t: Any) -> Any:
             try:
@@ -103,6 +107,12 @@ def hvp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = 
         return _linear_in_tangent(product, v, has_aux)
 
     return hvp_fn
+
+
+def _operator_product(op: Any, problem: Problem, v: Any) -> Any:
+    """``op`` applied to the one tangent ``v`` (a probe batch of one), shaped like ``v``."""
+    out = op.matvec([leaf[None] for leaf in tree.leaves(v)])
+    return tree.unflatten(problem.spec, [r[0] for r in out])
 
 
 def _forward_over_reverse(problem: Problem, v: Any) -> Any:

@@ -40,6 +40,7 @@ from ..estimators.registry import check_random_source
 from ..estimators.slq import DEFAULT_NUM_ITERATIONS, DEFAULT_NUM_PROBES, check_slq_options
 from ..estimators.slq import stochastic_lanczos_quadrature
 from ..operators import make_operator
+from ..operators.dataset import call_generator
 from ..problem import Problem
 from ._core import check_common
 
@@ -67,7 +68,9 @@ def _prologue(f: Any, argnums: Any, has_aux: Any, curvature: Any, mc_samples: An
 
 def _setup(problem: Problem, curvature: str, mc_samples: int, seed: Optional[int],
            generator: Optional[torch.Generator]):
-    gen = make_generator(seed, generator, problem.leaves[0].device)
+    device = problem.leaves[0].device
+    # A data-set loss with a process group: the same generator on every rank.
+    gen = call_generator(problem.f, make_generator(seed, generator, device), device)
     # The Monte-Carlo Fisher draws its labels when the operator is made, before the probes.
     return make_operator(curvature, problem, mc_samples=mc_samples, generator=gen), gen
 

@@ -1,0 +1,678 @@
+"""A loss over a whole data set: ``so.dataset_loss(f, data)`` is ``F(params)``, and every transform takes it.
+
+``F = so.dataset_loss(f, data)`` turns a per-batch loss ``f(params, inputs, targets)``
+and a re-iterable ``data`` of ``(inputs, targets)`` batches into a loss of the
+parameters alone. Every transform accepts ``F`` (``so.hvp``, the curvature
+products, ``so.trace``, ``so.diagonal`` and their estimates for every method and
+curvature, ``so.eigenvalues``, ``so.spectral_density``) and returns what the same
+call returns on one batch holding all the data, with memory bounded by one batch
+times the probe chunk. A curvature product is a sum over batches: every batch is
+visited once per block of probes, all probes of the block together
+(:mod:`secorder.operators.dataset`); the structured engine visits each batch once
+for an exact diagonal or trace (:mod:`secorder.structured.dataset`).
+
+**Weights.** ``F`` is the mean (``reduction="mean"``) or the sum (``"sum"``) of the
+per-term losses over the data set, whatever ``f``'s own reduction. Each batch
+counts with the number of terms its loss averages over:
+
+* for the losses secorder recognises (``f`` from :func:`secorder.functional_loss`
+  with cross-entropy, MSE or BCE with logits, as modules or functions,
+  :func:`secorder.losses.loss_spec`), the count PyTorch's mean divides by: the
+  targets that are not ``ignore_index`` for cross-entropy with class targets
+  (so a batch of padding tokens weighs nothing, and ``F`` is the mean over all
+  non-ignored targets of the data set, exactly as one big batch would give),
+  samples times positions for ``[N, C, *d]`` logits, every element for MSE and
+  BCE; a loss with ``reduction="sum"`` is taken as the batch's sum;
+* for any other ``f``, the number of samples (the leading dimension of the
+  targets), and ``f`` is taken to return the batch mean.
+
+So ``F(params) = (1/N) sum_b n_b f_b(params)`` for per-batch means ``f_b`` and
+counts ``n_b``, ``N = sum_b n_b`` (``num_data`` when given); with
+``reduction="sum"``, ``F = sum_b n_b f_b``.
+
+**Distributed.** With ``process_group=`` (a ``torch.distributed`` group, such as
+``torch.distributed.group.WORLD``) every rank passes its own shard of the data and
+the same parameters; each pass over the data ends in one all-reduce of its
+partial sums (and of the counts, so ``N`` is summed over the ranks), whatever the
+number of batches of each rank, and every rank gets the same result, equal to the
+single-process result on the union of the shards (rank 0's batches first). The
+probes and the Monte-Carlo Fisher's labels are identical on every rank (seeded, or
+drawn on rank 0 and broadcast: :mod:`secorder.distributed`). Every call opens with
+a handshake that checks that the ranks pass parameters of the same names, shapes
+and dtypes and call the same thing, and waits at most
+:data:`secorder.distributed.HANDSHAKE_TIMEOUT`; an error on one rank during a
+pass (a bad batch) is raised on every rank instead of leaving the others waiting.
+
+**Randomness.** The Monte-Carlo Fisher (``curvature="fisher"``) draws one seed
+from the call's generator (``seed=``/``generator=``, else the global RNG) and the
+labels of batch ``b`` (its position in the union of the shards) from a generator
+seeded with that seed and ``b``: every pass, every rank and both engines see the
+same labels. The data must give the same batches on every pass: shuffling,
+random augmentation, or training-mode dropout/BatchNorm make every pass a
+different function; ``check_deterministic=True`` compares two passes.
+
+Example:
+    >>> import torch, secorder as so
+    >>> model = torch.nn.Linear(3, 1)
+    >>> f = so.functional_loss(model, torch.nn.MSELoss())
+    >>> x, y = torch.randn(10, 3), torch.randn(10, 1)
+    >>> F = so.dataset_loss(f, [(x[:4], y[:4]), (x[4:], y[4:])])
+    >>> params = so.params_dict(model)
+    >>> torch.allclose(F(params), f(params, x, y))
+    True
+    >>> torch.allclose(so.trace(F)(params), so.trace(f)(params, x, y))
+    True
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import distributed, tree
+from .losses import LossSpec, UnsupportedLoss, loss_spec
+from .modules import FunctionalLoss
+
+__all__ = ["dataset_loss", "DatasetLoss", "is_dataset_loss", "REDUCTIONS"]
+
+REDUCTIONS = ("mean", "sum")
+
+_NONDETERMINISTIC_CAUSES = (
+    "likely causes: a shuffling DataLoader (shuffle=True or a random sampler: with drop_last or BatchNorm batch "
+    "statistics the batches themselves change), random data augmentation drawn on every pass, or a model in "
+    "training mode (dropout masks, BatchNorm batch statistics); call model.eval() and iterate in a fixed order"
+)
+
+
+class Batch(NamedTuple):
+    """One batch of a pass, on the parameters' device, with its weight.
+
+    Fields:
+        index: its position in the data set (the union of the shards, rank 0's first).
+        inputs: the inputs, as ``f`` takes them.
+        targets: the targets.
+        count: the number of terms of the batch's mean (an int, or a 0-dim tensor
+            for cross-entropy with class targets).
+        scale: what ``f``'s value (and its derivatives) on the batch is multiplied
+            by to give the batch's sum: ``count``, or 1 for a sum-reduced loss.
+    """
+
+    index: int
+    inputs: Any
+    targets: Any
+    count: Any
+    scale: Any
+
+
+def is_dataset_loss(f: Any) -> bool:
+    """Whether ``f`` is a data-set loss (the one question the transforms and operators ask).
+
+    Example:
+        >>> is_dataset_loss(lambda p: p), is_dataset_loss(dataset_loss(lambda p, x, y: x.sum(), [(1, 2)]))
+        (False, True)
+    """
+    return isinstance(f, DatasetLoss)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"a {type(x).__name__}"
+
+
+def _looks_like_one_batch(data: Any) -> bool:
+    if not isinstance(data, (tuple, list)) or len(data) != 2 or not isinstance(data[1], Tensor):
+        return False
+    first = data[0]
+    return isinstance(first, Tensor) or (isinstance(first, dict) and all(isinstance(v, Tensor) for v in first.values()))
+
+
+def _check_data(data: Any, distributed_run: bool) -> None:
+    if isinstance(data, Tensor):
+        raise TypeError(f"data must be an iterable of (inputs, targets) batches, got {_describe(data)}")
+    if _looks_like_one_batch(data):
+        raise TypeError("data looks like one batch (inputs, targets); pass an iterable of batches, "
+                        "for example [(inputs, targets)]")
+    if isinstance(data, (str, bytes, dict)):
+        raise TypeError(f"data must be an iterable of (inputs, targets) batches, got a {type(data).__name__}")
+    try:
+        it = iter(data)
+    except TypeError:
+        raise TypeError(
+            f"data must be an iterable of (inputs, targets) batches (a list, a DataLoader, ...), "
+            f"got a {type(data).__name__}") from None
+    if it is data or isinstance(data, Iterator):
+        raise TypeError(
+            f"data is a one-shot iterator ({type(data).__name__}): it would be exhausted after one pass, and every "
+            "curvature product is a pass over the data; pass a list of batches, a DataLoader or another "
+            "iterable that can be iterated again")
+    if not distributed_run:
+        try:
+            n = len(data)
+        except TypeError:
+            return
+        if n == 0:
+            raise ValueError("data is empty: it has no batches")
+
+
+def _check_count_arg(num_data: Any, reduction: str) -> None:
+    if num_data is None:
+        return
+    if isinstance(num_data, bool) or not isinstance(num_data, int):
+        raise TypeError(f"num_data must be an int or None, got {type(num_data).__name__}")
+    if num_data < 1:
+        raise ValueError(f"num_data must be at least 1, got {num_data}")
+    if reduction != "mean":
+        raise ValueError("num_data is what the mean divides by; it does not apply to reduction='sum'")
+
+
+def _spec(f: Any) -> Optional[LossSpec]:
+    if not isinstance(f, FunctionalLoss):
+        return None
+    try:
+        return loss_spec(f.loss_fn)
+    except UnsupportedLoss:
+        return None
+
+
+def _mean_count(spec: LossSpec, targets: Tensor) -> Any:
+    """The number of terms of ``spec``'s mean on these targets (what PyTorch's ``reduction='mean'`` divides by)."""
+    if spec.kind == "ce" and targets.dtype in (torch.long, torch.uint8):
+        return (targets != spec.ignore_index).sum()
+    if spec.kind == "ce":
+        return targets.numel() // targets.shape[1] if targets.dim() >= 2 else 1
+    return targets.numel()
+
+
+def _accumulate(acc: Tensor, part: Tensor) -> Tensor:
+    """``acc + part``, in place where nothing differentiates or batches through ``acc`` (one buffer, not two)."""
+    plain = not (acc.requires_grad or part.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(acc)
+                 or torch._C._functorch.is_functorch_wrapped_tensor(part))
+    if plain and acc.shape == part.shape and acc.dtype == part.dtype:
+        return acc.add_(part)
+    return acc + part
+
+
+def _mix(seed: int, index: int) -> int:
+    """A 63-bit seed for batch ``index`` from the call's ``seed`` (SplitMix64's finaliser)."""
+    mask = (1 << 64) - 1
+    z = (seed + 0x9E3779B97F4A7C15 * (index + 1)) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+class DatasetLoss:
+    """A loss over a whole data set, ``F(params)``: made by :func:`dataset_loss` (see the module docstring).
+
+    Attributes:
+        f: the per-batch loss ``f(params, inputs, targets)``.
+        data: the batches.
+        reduction: ``"mean"`` or ``"sum"``.
+        num_data: the mean's denominator when given (else the counted terms).
+        progress: the progress-bar setting.
+        check_deterministic: whether the first use compares two passes.
+        process_group: the ``torch.distributed`` group, or ``None``.
+    """
+
+    def __init__(
+        self,
+        f: Callable[..., Any],
+        data: Iterable[Any],
+        *,
+        reduction: str = "mean",
+        num_data: Optional[int] = None,
+        progress: Optional[bool] = None,
+        check_deterministic: bool = False,
+        process_group: Any = None,
+    ):
+        if not callable(f):
+            raise TypeError(f"f must be callable as f(params, inputs, targets), got {type(f).__name__}")
+        if is_dataset_loss(f):
+            raise TypeError("f is already a data-set loss; pass its per-batch loss (F.f)")
+        if not isinstance(reduction, str):
+            raise TypeError(f"reduction must be 'mean' or 'sum', got {type(reduction).__name__}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        _check_count_arg(num_data, reduction)
+        if progress is not None and not isinstance(progress, bool):
+            raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
+        if not isinstance(check_deterministic, bool):
+            raise TypeError(f"check_deterministic must be a bool, got {type(check_deterministic).__name__}")
+        self.group = distributed.resolve(process_group)
+        _check_data(data, self.group is not None)
+        if self.group is None:
+            warning = distributed.default_group_warning()
+            if warning is not None:
+                warnings.warn(warning, stacklevel=3)
+        self.f = f
+        self.data = data
+        self.reduction = reduction
+        self.num_data = num_data
+        self.progress = progress
+        self.check_deterministic = check_deterministic
+        self.process_group = process_group
+        self._spec = _spec(f)
+        self._checked = not check_deterministic
+        self._offset = 0
+        self._expected: Optional[int] = None  # the local number of batches, once known
+        self._reductions = 0
+        self._warned = False
+        self._seen = 0  # batches of the last complete pass
+
+    def __repr__(self) -> str:
+        where = "" if self.group is None else f", ranks={self.group.size}"
+        return f"dataset_loss({self.f!r}, {type(self.data).__name__}, reduction={self.reduction!r}{where})"
+
+    # -- what users call ---------------------------------------------------------------
+
+    def __call__(self, params: Any) -> Tensor:
+        """The loss over the data set at ``params`` (one pass).
+
+        Differentiable in eager autograd (then it keeps every batch's graph until the
+        backward pass: use :meth:`value_and_grad` for the gradient with the memory of
+        one batch).
+        """
+        leaves = self._leaves(params)
+        if self.group is None and not self._warned and any(
+                torch._C._functorch.is_functorch_wrapped_tensor(t) for t in leaves):
+            self._warned = True
+            warnings.warn(
+                "a data-set loss is being differentiated as a plain function (torch.func around F(params), or a "
+                "function calling F): that keeps every batch's graph in memory at once; pass F itself to the "
+                "secorder transforms (one batch at a time), or use F.value_and_grad(params)", stacklevel=2)
+        self.prepare(params, "the loss")
+        zero = torch.zeros((), dtype=leaves[0].dtype, device=leaves[0].device)
+        return self.reduce([zero], lambda b: [self._batch_value(params, b)], "loss")[0]
+
+    def value_and_grad(self, params: Any) -> Tuple[Tensor, Any]:
+        """The loss and its gradient over the data set at ``params``, in one pass with the memory of one batch.
+
+        Args:
+            params: the parameters, as ``f`` takes them.
+
+        Returns:
+            ``(loss, grad)`` with ``grad`` shaped like ``params``.
+
+        Example:
+            >>> import torch, secorder as so
+            >>> f = lambda w, x, y: ((x @ w - y) ** 2).mean()
+            >>> x, y = torch.randn(6, 2), torch.randn(6)
+            >>> F = so.dataset_loss(f, [(x[:4], y[:4]), (x[4:], y[4:])])
+            >>> value, g = F.value_and_grad(torch.zeros(2))
+            >>> torch.allclose(g, torch.func.grad(f)(torch.zeros(2), x, y))
+            True
+        """
+        self._leaves(params)
+        self.prepare(params, "the loss and its gradient")
+        return self._value_and_grad(params)
+
+    # -- what the operator layer and the structured engine call ---------------------------
+
+    def prepare(self, params: Any, what: str, *, offsets: bool = False) -> None:
+        """Open a call: the handshake of the ranks, batch offsets, and the determinism check on first use.
+
+        Args:
+            params: the parameters of the call.
+            what: what the call computes (part of the handshake: every rank must agree).
+            offsets: whether batch positions in the union of the shards are needed
+                (the Fisher's labels), which takes every rank's number of batches.
+        """
+        self._expected = None  # within a call every pass must give the same batches; between calls data may change
+        self._offset = 0
+        if self.group is not None:
+            leaves, spec = tree.flatten(params)
+            names = tree.paths(params)
+            signature = (
+                f"{what}; reduction={self.reduction}, num_data={self.num_data}; parameters "
+                + ", ".join(f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in zip(names, leaves))
+            )
+            local = [self._local_batches()] if offsets else []
+            gathered = self.group.handshake(signature, local)
+            if offsets:
+                self._offset = sum(row[0] for row in gathered[: self.group.rank])
+                if sum(row[0] for row in gathered) == 0:
+                    raise ValueError("data is empty on every rank of process_group: no batches")
+        if not self._checked:
+            self._check_deterministic(params)
+            self._checked = True
+
+    def label_generators(self, generator: Optional[torch.Generator], device: torch.device):
+        """Per-batch generators for the Monte-Carlo Fisher's labels, and a function that undoes the draw.
+
+        One seed is drawn from ``generator`` (from the global RNG when ``None``, in
+        one process; with a process group, the call's generator is first made
+        identical on every rank); batch ``b`` draws from a generator seeded with it
+        and ``b``. Calling the returned ``undo()`` puts ``generator`` (or the global
+        RNG) back as it was, so that a path that declines leaves the draw to the next.
+
+        Returns:
+            ``(generator_of(index), undo)``.
+        """
+        if generator is None and self.group is not None:
+            generator = self.group.shared_generator(None, device)
+        if generator is not None:
+            state = generator.get_state()
+            seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+
+            def undo() -> None:
+                generator.set_state(state)
+        else:
+            state = torch.get_rng_state()
+            seed = int(torch.randint(0, 2**62, ()))
+
+            def undo() -> None:
+                torch.set_rng_state(state)
+
+        def generator_of(index: int) -> torch.Generator:
+            return torch.Generator(device=device).manual_seed(_mix(seed, index))
+
+        return generator_of, undo
+
+    def shared_generator(self, generator: Optional[torch.Generator], device: torch.device):
+        """The call's generator: unchanged in one process; identical on every rank with a process group."""
+        if self.group is None:
+            return generator
+        return self.group.shared_generator(generator, device)
+
+    def reduce(
+        self,
+        templates: Sequence[Tensor],
+        contribute: Callable[[Batch], Sequence[Tensor]],
+        what: str,
+        *,
+        decline: Tuple[type, ...] = (),
+    ) -> List[Tensor]:
+        """One pass: ``sum_b scale_b contribute(b)`` over the batches (and ranks), divided by ``N`` for the mean.
+
+        Args:
+            templates: shapes, dtypes and device of the results (the zeros of a rank
+                without batches).
+            contribute: a batch's results, as ``f``'s (a mean's) derivatives on it.
+            what: shown on the progress bar.
+            decline: exception types that mean "this path does not apply"; with a
+                process group, one rank's is raised on every rank.
+
+        Returns:
+            The results, shaped like ``templates``.
+        """
+        self._reductions += 1
+        device = templates[0].device
+        acc: Optional[List[Tensor]] = None
+        count: Any = 0
+        num = 0
+        failed: Optional[BaseException] = None
+        declined: Optional[BaseException] = None
+        try:
+            for batch in self._batches(device, what):
+                parts = list(contribute(batch))
+                if len(parts) != len(templates):
+                    raise RuntimeError(f"internal: {len(parts)} results for {len(templates)} templates")
+                fresh = not (isinstance(batch.scale, int) and batch.scale == 1)
+                if fresh:
+                    parts = [p * batch.scale for p in parts]
+                if acc is None:  # a buffer of our own, so that accumulating in place touches nothing else
+                    acc = parts if fresh else [p.clone() for p in parts]
+                else:
+                    acc = [_accumulate(a, p) for a, p in zip(acc, parts)]
+                count = count + batch.count
+                num += 1
+            self._check_batch_count(num)
+        except decline as err:
+            if self.group is None:
+                raise
+            declined = err
+        except Exception as err:
+            if self.group is None:
+                raise
+            failed = err
+        if acc is None:
+            acc = [torch.zeros_like(t) for t in templates]
+        if self.group is None:
+            total = count
+        else:
+            acc, total = self._sum_over_ranks(acc, count, num, failed, declined, decline, what)
+        if self.reduction == "mean":
+            if self.num_data is not None:
+                total = self.num_data
+            elif isinstance(total, Tensor):
+                total = total.clamp_min(1)
+            else:
+                total = max(total, 1)
+            acc = [a / total for a in acc]
+        return acc
+
+    # -- the pieces ------------------------------------------------------------------
+
+    def _leaves(self, params: Any) -> List[Tensor]:
+        leaves = tree.leaves(params)
+        if not leaves or not all(isinstance(t, Tensor) and t.is_floating_point() for t in leaves):
+            raise TypeError("params must be a pytree of floating-point tensors (at least one)")
+        return leaves
+
+    def _local_batches(self) -> int:
+        try:
+            n = len(self.data)
+        except TypeError:
+            n = sum(1 for _ in self.data)
+        self._expected = n
+        return n
+
+    def _check_batch_count(self, num: int) -> None:
+        if self._expected is not None and num != self._expected:
+            raise ValueError(
+                f"data gave {num} batches in this pass and {self._expected} before: it must give the same batches "
+                "on every pass (a one-shot iterator, random subsampling or a changing DataLoader do not)")
+        if self.group is None and num == 0:
+            if self._seen:
+                raise ValueError(
+                    f"data gave no batches in this pass, though an earlier pass gave {self._seen}: it must be "
+                    "iterable again and again (its __iter__ must start a new pass, not return a spent iterator)")
+            raise ValueError("data is empty: it gave no batches")
+        self._expected = num
+        self._seen = num
+
+    def _progress_bar(self, what: str):
+        enabled = self.progress if self.progress is not None else sys.stderr.isatty()
+        if not enabled or (self.group is not None and self.group.rank != 0):
+            return None
+        from tqdm.auto import tqdm
+
+        try:
+            total = len(self.data)
+        except TypeError:
+            total = None
+        return tqdm(total=total, desc=f"secorder: {what}", unit="batch", leave=False, file=sys.stderr)
+
+    def _batches(self, device: torch.device, what: str):
+        """The checked batches of one pass, moved to ``device``, with their weights."""
+        bar = self._progress_bar(what)
+        try:
+            for i, batch in enumerate(self.data):
+                inputs, targets, samples = self._check_batch(i, batch)
+                inputs = tree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, inputs)
+                targets = tree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, targets)
+                if self._spec is not None and isinstance(targets, Tensor):
+                    count = _mean_count(self._spec, targets)
+                    scale = count if self._spec.reduction == "mean" else 1
+                else:
+                    count = scale = samples
+                yield Batch(self._offset + i, inputs, targets, count, scale)
+                if bar is not None:
+                    bar.update()
+        finally:
+            if bar is not None:
+                bar.refresh()  # the last count is drawn even when the pass was faster than tqdm's mininterval
+                bar.close()
+
+    def _check_batch(self, i: int, batch: Any) -> Tuple[Any, Any, int]:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            got = f"a {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            raise TypeError(f"data: batch {i} is {got}; expected a pair (inputs, targets)")
+        inputs, targets = batch
+        target_leaves = [t for t in tree.leaves(targets) if isinstance(t, Tensor)]
+        if not target_leaves:
+            raise TypeError(f"data: batch {i} has targets of type {type(targets).__name__}; expected a tensor")
+        lead = target_leaves[0]
+        if lead.dim() == 0:
+            return inputs, targets, 1  # one unbatched sample
+        samples = lead.shape[0]
+        if samples == 0:
+            raise ValueError(f"data: batch {i} has no samples (targets of shape {tuple(lead.shape)}); drop empty batches")
+        for path, leaf in zip(tree.paths(inputs), tree.leaves(inputs)):
+            if isinstance(leaf, Tensor) and leaf.dim() >= 1 and leaf.shape[0] != samples:
+                raise ValueError(
+                    f"data: batch {i} has targets of shape {tuple(lead.shape)} but inputs{path} of shape "
+                    f"{tuple(leaf.shape)}: the leading (batch) dimensions differ")
+        return inputs, targets, samples
+
+    def _batch_value(self, params: Any, batch: Batch) -> Tensor:
+        value = self.f(params, batch.inputs, batch.targets)
+        if not isinstance(value, Tensor) or value.dim() != 0:
+            raise TypeError(f"f must return a scalar tensor; on batch {batch.index} it returned {_describe(value)}")
+        return self._zero_if_empty(batch, value)
+
+    @staticmethod
+    def _zero_if_empty(batch: Batch, value: Tensor) -> Tensor:
+        """A batch whose mean is over no terms (every target ignored) adds nothing (PyTorch's mean is nan there)."""
+        if isinstance(batch.count, Tensor):
+            return torch.where(batch.count > 0, value, torch.zeros_like(value))
+        return value
+
+    def _value_and_grad(self, params: Any) -> Tuple[Tensor, Any]:
+        leaves, spec = tree.flatten(params)
+        zero = torch.zeros((), dtype=leaves[0].dtype, device=leaves[0].device)
+
+        def contribute(batch: Batch) -> List[Tensor]:
+            grads, value = torch.func.grad_and_value(self.f)(params, batch.inputs, batch.targets)
+            return [self._zero_if_empty(batch, t) for t in [value] + tree.leaves(grads)]
+
+        out = self.reduce([zero] + list(leaves), contribute, "loss and gradient")
+        return out[0], tree.unflatten(spec, out[1:])
+
+    def _check_deterministic(self, params: Any) -> None:
+        """Two passes of the loss and gradient must agree (to ``sqrt(eps)``), else a clear error."""
+        v1, g1 = self._value_and_grad(params)
+        v2, g2 = self._value_and_grad(params)
+        a, b = tree.ravel(g1)[0], tree.ravel(g2)[0]
+        rtol = torch.finfo(a.dtype).eps ** 0.5
+        loss_gap = float((v1 - v2).abs())
+        loss_ok = loss_gap <= rtol * float(torch.maximum(v1.abs(), v2.abs())) or loss_gap == 0.0
+        grad_gap = float((a - b).abs().max()) if a.numel() else 0.0
+        scale = float(torch.maximum(a.abs().max(), b.abs().max())) if a.numel() else 0.0
+        if loss_ok and grad_gap <= rtol * scale:
+            return
+        raise ValueError(
+            f"check_deterministic: two passes over the data gave different results (loss {float(v1):.8g} then "
+            f"{float(v2):.8g}; gradient entries differ by up to {grad_gap:.3g}, the largest entry is {scale:.3g}); "
+            f"every pass must see the same batches and the same function: {_NONDETERMINISTIC_CAUSES}")
+
+    def _sum_over_ranks(self, acc: List[Tensor], count: Any, num: int, failed: Optional[BaseException],
+                        declined: Optional[BaseException], decline: Tuple[type, ...],
+                        what: str) -> Tuple[List[Tensor], Tensor]:
+        """The one collective of a pass: partial sums, counts and flags summed over the ranks."""
+        dtype = acc[0].dtype if acc[0].is_floating_point() else torch.float32
+        dtype = torch.promote_types(dtype, torch.float32)
+        device = acc[0].device
+        step = self._reductions % 2048
+        count_t = count.to(device=device, dtype=dtype) if isinstance(count, Tensor) else torch.tensor(
+            float(count), dtype=dtype, device=device)
+        tail = torch.stack([
+            count_t.reshape(()),
+            torch.tensor(float(num), dtype=dtype, device=device),
+            torch.tensor(float(failed is not None), dtype=dtype, device=device),
+            torch.tensor(float(declined is not None), dtype=dtype, device=device),
+            torch.tensor(float(step), dtype=dtype, device=device),
+            torch.tensor(float(step * step), dtype=dtype, device=device),
+        ])
+        sizes = [a.numel() for a in acc]
+        buf = torch.cat([a.reshape(-1).to(dtype) for a in acc] + [tail])
+        buf = self.group.all_reduce(buf)
+        total, nums, fails, declines, steps, squares = buf[-6:].detach().cpu().tolist()
+        size = self.group.size
+        if failed is not None:
+            raise failed
+        if fails > 0:
+            raise RuntimeError(f"{int(fails)} other rank(s) of process_group failed during this pass over the data "
+                               f"({what}); see their errors")
+        if size * squares != steps * steps:
+            raise RuntimeError("the ranks of process_group are out of step (they made different numbers of passes "
+                               "over the data): every rank must make the same calls on the data-set loss")
+        if declined is not None:
+            raise declined
+        if declines > 0:
+            raise decline[0](f"another rank of process_group declined during this pass ({what})")
+        if nums == 0:
+            raise ValueError("data is empty on every rank of process_group: no batches")
+        parts = torch.split(buf[: sum(sizes)], sizes)
+        out = [p.reshape(a.shape).to(a.dtype) for p, a in zip(parts, acc)]
+        return out, buf[-6].to(acc[0].dtype if acc[0].is_floating_point() else dtype)
+
+
+def dataset_loss(
+    f: Callable[..., Any],
+    data: Iterable[Any],
+    *,
+    reduction: str = "mean",
+    num_data: Optional[int] = None,
+    progress: Optional[bool] = None,
+    check_deterministic: bool = False,
+    process_group: Any = None,
+) -> DatasetLoss:
+    """The loss over a whole data set as a function of the parameters alone: ``F(params)``.
+
+    Every transform accepts ``F`` and gives what the same call gives on one batch
+    holding all the data, with the memory of one batch times the probe chunk. Passes
+    over the data per call: one for ``so.hvp`` and the curvature products; one per
+    chunk of probes for a stochastic trace or diagonal (``num_samples / chunk_size``
+    rounded up, per round of a method that needs several: Hutchinson 1, Hutch++ and
+    XTrace 2-3 in sequence, XNysTrace 1, XDiag 2; each round of adaptive stopping
+    one more); one for an exact diagonal or trace on the structured engine, else
+    one per chunk of one-hot columns per leaf; one per Lanczos step
+    (``so.eigenvalues``; ``so.spectral_density`` one per step and chunk of probes).
+    ``check_deterministic=True`` adds two passes on first use.
+
+    Args:
+        f: the per-batch loss ``f(params, inputs, targets)``, returning a scalar:
+            for the GGN and Fishers one made by :func:`secorder.functional_loss`.
+        data: a re-iterable of ``(inputs, targets)`` batches: a list, a
+            ``DataLoader``, any iterable that can be iterated again (not a
+            generator); inputs may be tensors or dicts of tensors. Batches are
+            moved to the parameters' device.
+        reduction: ``"mean"`` (default) or ``"sum"`` of the per-term losses over
+            the data set (module docstring: what a batch's weight is).
+        num_data: with ``"mean"``, the denominator (the total number of terms
+            over all ranks) instead of the count of the terms seen.
+        progress: a tqdm bar over the batches of every pass, on rank 0 only:
+            ``None`` (default) when standard error is a terminal.
+        check_deterministic: on first use, make two passes and raise if the loss
+            or gradient differ (shuffling, augmentation, training-mode layers).
+        process_group: a ``torch.distributed`` process group (such as
+            ``torch.distributed.group.WORLD``): each rank passes its shard of the
+            data and every rank gets the result over the union of the shards.
+
+    Returns:
+        A :class:`DatasetLoss` ``F``; ``F(params)`` is the loss (one pass) and
+        ``F.value_and_grad(params)`` the loss and its gradient.
+
+    Example:
+        >>> import torch, secorder as so
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> f = so.functional_loss(model, torch.nn.CrossEntropyLoss())
+        >>> x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+        >>> F = so.dataset_loss(f, [(x[i:i + 16], y[i:i + 16]) for i in range(0, 50, 16)])  # 16, 16, 16, 2
+        >>> params = so.params_dict(model)
+        >>> one_batch = so.diagonal(f, curvature="ggn")(params, x, y)
+        >>> all(torch.allclose(a, b, atol=1e-6) for a, b in zip(so.diagonal(F, curvature="ggn")(params).values(),
+        ...                                                      one_batch.values()))
+        True
+    """
+    return DatasetLoss(f, data, reduction=reduction, num_data=num_data, progress=progress,
+                       check_deterministic=check_deterministic, process_group=process_group)
