@@ -171,6 +171,8 @@ def _run(module: ModuleType, args: argparse.Namespace) -> int:
         print(f"secorder: error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_FAILURE
+    if result is None:  # a command run by several processes (torchrun): another one prints
+        return EXIT_OK
     if args.json:
         clean, nonfinite = jsonable(result)
         warnings: List[str] = clean.setdefault("warnings", [])

@@ -5,7 +5,11 @@ arguments to see it on an embedded example, a small MLP on the handwritten
 digits that ship with scikit-learn (no download); ``--model
 path/to/file.py:factory`` points it at your own code (see
 :mod:`secorder.cli.problem`). The report is about the mean loss over the
-batches it reads; training cycles over the same batches with Adam.
+batches it reads, as a data set (:func:`secorder.dataset_loss`) of batches of at
+most ``--batch-size`` examples; training cycles over the batches as read with Adam.
+Under ``torchrun --nproc-per-node N -m secorder report`` the batches are sharded
+over the ranks, the curvature is still that of the whole data set, and only rank 0
+prints (:mod:`secorder.cli.dataset`).
 
 What "affordable" means for the exact Hessian trace and diagonal: with
 ``--exact auto`` (the default) they are computed when the fast (structured)
@@ -37,10 +41,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import estimates, modules, transforms, tree
+from ..dataset import dataset_loss
 from ..estimators import exact as exact_estimators
-from ..operators import hessian_operator
+from ..operators import make_operator
 from ..estimators import registry
+from ..problem import Problem as _Call
 from ..structured.errors import Unsupported
+from .dataset import Launch, broadcast_parameters, launch, rebatch, shard
 from .errors import UsageError
 from .options import DTYPES, add_problem_options, nonneg_int, positive_float, positive_int, resolve_device
 from .output import Clock, Progress, fmt, format_table
@@ -54,6 +61,7 @@ HELP = "Hessian trace, per-layer traces and diagonal at initialisation and after
 DESCRIPTION = ("Report the curvature of a model's loss at initialisation and after a short training run. "
                "Without --model: a 64-32-10 MLP on scikit-learn's handwritten digits (offline).")
 DEFAULT_EXACT_LIMIT = 20_000
+DEFAULT_BATCH_SIZE = 256
 #: ``--method``'s choices: the estimator registry's stochastic trace methods, except those
 #: meant for positive semi-definite operators only (a network's Hessian is indefinite).
 METHODS = tuple(e.name for e in registry.estimators("trace") if e.stochastic and not e.psd_only)
@@ -66,7 +74,10 @@ logger = logging.getLogger(__name__)
 JSON_LAYOUT: Dict[str, Any] = OrderedDict([
     ("model", "the ``--model`` target, or a description of the default problem"),
     ("num_params", "number of trainable parameter entries"),
-    ("num_batches", "batches read (at most ``--max-batches``)"),
+    ("num_batches", "batches of the data set, over all processes (the batches read, at most ``--max-batches``, "
+                    "split into batches of at most ``--batch-size`` examples)"),
+    ("batch_size", "``--batch-size``"),
+    ("processes", "processes the data set is sharded over (``torchrun --nproc-per-node``; 1 without torchrun)"),
     ("device", "the device, such as ``cpu`` or ``cuda:0``"),
     ("dtype", "``float32`` or ``float64``"),
     ("seed", "the ``--seed``"),
@@ -132,6 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="random probes for the stochastic estimate (default 100)")
     parser.add_argument("--method", choices=METHODS, default="hutchinson",
                         help="stochastic trace estimator (default hutchinson); see the docs' 'Choosing an estimator'")
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                        help="most examples per batch of the passes over the data set; larger batches read from the "
+                             f"problem are split (default {DEFAULT_BATCH_SIZE})")
     parser.add_argument("--chunk-size", type=positive_int, default=None,
                         help="probes per batched Hessian-vector product (default: chosen by secorder)")
     parser.add_argument("--exact", choices=("auto", "always", "never"), default="auto",
@@ -216,40 +230,34 @@ def _diag_summary(flat: Tensor, source: str, matvecs: Optional[int]) -> Dict[str
 
 
 class _Loss:
-    """The user's problem as ``f(params)``, the mean loss over the batches, and its exact diagonal."""
+    """The user's problem as ``f(params)``, the mean loss over the data set (this rank's shard), and its exact diagonal."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, batches: List[Batch], engine: str):
-        self.model, self.batches = model, batches
+    def __init__(self, model: nn.Module, loss_fn: Callable, batches: List[Batch], engine: str, where: Launch,
+                 progress: bool):
+        self.model = model
         self.loss = modules.functional_loss(model, loss_fn)
+        self.F = dataset_loss(self.loss, shard(batches, where), progress=progress, process_group=where.group)
         self.labels = _layer_labels(model, modules.params_dict(model))
         self.structured_reason: Optional[str] = None if engine == "auto" else "--engine generic"
 
     def f(self, params: Dict[str, Tensor]) -> Tensor:
-        total = self.loss(params, *self.batches[0])
-        for b in self.batches[1:]:
-            total = total + self.loss(params, *b)
-        return total / len(self.batches)
+        return self.F(params)
 
     def structured_diagonal(self, params: Dict[str, Tensor], progress: bool) -> Optional[Dict[str, Tensor]]:
-        """The exact diagonal by the fast engine, or ``None`` (reason kept and logged) when it does not apply."""
+        """The exact diagonal by the fast engine (one pass), or ``None`` (reason kept and logged) when it does not apply."""
         if self.structured_reason is not None:
             return None
-        fn = transforms.hessian_diag(self.loss, engine="structured")
-        total: Optional[Dict[str, Tensor]] = None
         try:
-            for x, y in Progress.over(self.batches, len(self.batches), "exact diagonal (fast engine)", progress):
-                d = fn(params, x, y)
-                total = d if total is None else tree.add(total, d)
+            return transforms.hessian_diag(self.F, engine="structured")(params)
         except Unsupported as exc:
             self.structured_reason = str(exc)
             logger.info("exact curvature by Hessian-vector products: %s", exc)
             return None
-        return tree.scale(total, 1.0 / len(self.batches))
 
     def generic_diagonal(self, params: Dict[str, Tensor], progress: bool) -> Dict[str, Tensor]:
         """The exact diagonal from one-hot Hessian-vector products; the bar advances per chunk of columns."""
-        leaves, spec = tree.flatten(params)
-        op = hessian_operator(lambda ls: self.f(tree.unflatten(spec, ls)), leaves)
+        _, spec = tree.flatten(params)
+        op = make_operator("hessian", _Call(self.F, 0, False, (params,)))
         with Progress(op.dim, "exact diagonal (one-hot HVPs)", progress, unit="col") as bar:
             def block_matvec(index: int, columns: Tensor) -> Tensor:
                 out = op.block_matvec(index, columns)
@@ -298,7 +306,7 @@ def _measure(loss: _Loss, params: Dict[str, Tensor], args: argparse.Namespace, c
     result["exact_trace"] = float(sum(per_param.values())) if per_param is not None else None
 
     t = clock.now()
-    est = estimates.trace_estimate(loss.f, method=args.method, num_samples=args.num_samples, seed=args.seed,
+    est = estimates.trace_estimate(loss.F, method=args.method, num_samples=args.num_samples, seed=args.seed,
                                    chunk_size=args.chunk_size)(params)
     lo, hi = est.interval(0.95)
     times["stochastic"] = clock.now() - t
@@ -314,7 +322,7 @@ def _measure(loss: _Loss, params: Dict[str, Tensor], args: argparse.Namespace, c
         per_param = {n: float(v) for n, v in est.per_leaf.items()}
         source = f"{args.method}, same probes"
         t = clock.now()
-        diag = estimates.hessian_diag_estimate(loss.f, method="hutchinson", num_samples=args.num_samples,
+        diag = estimates.hessian_diag_estimate(loss.F, method="hutchinson", num_samples=args.num_samples,
                                                seed=args.seed, chunk_size=args.chunk_size)(params)
         times["diagonal"] = clock.now() - t
         matvecs = int(diag.num_matvecs)
@@ -327,8 +335,12 @@ def _measure(loss: _Loss, params: Dict[str, Tensor], args: argparse.Namespace, c
     return result
 
 
-def _train(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch], args: argparse.Namespace) -> Optional[float]:
-    """``--steps`` Adam steps cycling over ``batches``; returns the last batch loss (``None`` without steps)."""
+def _train(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch], args: argparse.Namespace,
+           where: Launch) -> Optional[float]:
+    """``--steps`` Adam steps cycling over ``batches``; returns the last batch loss (``None`` without steps).
+
+    Every rank trains the same way on all the batches; rank 0's parameters are then given to all.
+    """
     if args.steps == 0:
         return None
     model.train()
@@ -342,6 +354,7 @@ def _train(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch], args: 
         opt.step()
         last = loss.detach()
     model.eval()
+    broadcast_parameters(model, where)
     return float(last)
 
 
@@ -365,26 +378,43 @@ def _warnings(phases: List[Dict[str, Any]], args: argparse.Namespace) -> List[st
     return out
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
-    """Load the problem, measure, train, measure again; the report as a JSON-ready dict (see :data:`JSON_LAYOUT`)."""
+def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """Load the problem, measure, train, measure again; the report as a JSON-ready dict (see :data:`JSON_LAYOUT`).
+
+    Under ``torchrun``, every rank runs it on its shard and only rank 0 returns the
+    report (the others return ``None``, and print nothing).
+    """
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     try:  # the estimator checks its options when it is created, before any work
         estimates.trace_estimate(lambda p: p, method=args.method, num_samples=args.num_samples)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"--method {args.method} --num-samples {args.num_samples}: {exc}") from exc
+    where = launch(device)
+    try:
+        report = _report(args, where.device, dtype, where)
+    finally:
+        where.close()
+    return report if where.printer else None
+
+
+def _report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, where: Launch) -> Dict[str, Any]:
+    progress = args.progress and where.printer
+    args = argparse.Namespace(**{**vars(args), "progress": progress})
     clock = Clock(device)
     t = clock.now()
     problem = load_problem(args.model, max_batches=args.max_batches, device=device, dtype=dtype, seed=args.seed)
+    batches = rebatch(problem.batches, args.batch_size)
+    broadcast_parameters(problem.model, where)
     setup_s = clock.now() - t
     t = clock.now()
     _warm_up(args.method, device, dtype)
     warmup_s = clock.now() - t
 
     model = problem.model
-    loss = _Loss(model, problem.loss_fn, problem.batches, args.engine)
+    loss = _Loss(model, problem.loss_fn, batches, args.engine, where, progress)
     init = _measure(loss, modules.params_dict(model), args, clock)
     t = clock.now()
-    last = _train(model, problem.loss_fn, problem.batches, args)
+    last = _train(model, problem.loss_fn, problem.batches, args, where)
     train_s = clock.now() - t
     trained = _measure(loss, modules.params_dict(model), args, clock)
     trained["seconds"] = OrderedDict([("training", train_s), *trained["seconds"].items()])
@@ -392,7 +422,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return OrderedDict([
         ("model", problem.name),
         ("num_params", tree.size(modules.params_dict(model))),
-        ("num_batches", len(problem.batches)),
+        ("num_batches", len(batches)),
+        ("batch_size", args.batch_size),
+        ("processes", where.size),
         ("device", str(device)),
         ("dtype", args.dtype),
         ("seed", args.seed),
@@ -431,8 +463,9 @@ def format_text(report: Dict[str, Any]) -> str:
     phases = report["phases"]
     lines = [
         f"secorder report: {report['model']}",
-        f"  {report['num_params']} parameters, {report['num_batches']} batch(es), "
-        f"device {report['device']}, {report['dtype']}, seed {report['seed']}",
+        f"  {report['num_params']} parameters, {report['num_batches']} batch(es) of at most {report['batch_size']}"
+        + (f" on {report['processes']} processes" if report["processes"] > 1 else "")
+        + f", device {report['device']}, {report['dtype']}, seed {report['seed']}",
         *(f"  warning: {w}" for w in report["warnings"]),
         f"  {_exact_line(phases[0]['exact'])}",
         "",
