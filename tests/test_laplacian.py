@@ -298,6 +298,55 @@ def test_torch_compile_agrees():
     torch.testing.assert_close(torch.compile(fn)(params, points), fn(params, points), **TOL)
 
 
+def test_grad_mode_off_and_inference_mode():
+    """The forward Laplacian needs no autograd: under no_grad/inference_mode it (and the fallback) still runs."""
+    u = lambda z: torch.tanh(z).pow(3).sum() + (z[0] * z[1]).exp()  # noqa: E731
+    x = torch.randn(3, dtype=D)
+    ref = reference(u, (x,))
+    fallback = so.laplacian(_uncovered)
+    fallback_ref = reference(_uncovered, (x,))
+    with torch.no_grad():
+        fn = so.laplacian(u)
+        torch.testing.assert_close(fn(x), ref, **TOL)
+        assert fn.last_method == "forward"
+        torch.testing.assert_close(fallback(x), fallback_ref, **TOL)
+        assert fallback.last_method == "exact"
+    with torch.inference_mode():
+        torch.testing.assert_close(so.laplacian(u)(x.clone()), ref, **TOL)
+
+
+def test_float32_batch_of_points_under_vmap():
+    u, params = _pinn((4, 16, 16, 1))
+    points = torch.randn(64, 4, dtype=D)
+    ref = torch.stack([reference(u, (params, p), 1) for p in points])
+    p32 = {k: v.float() for k, v in params.items()}
+    lap = vmap(so.laplacian(u, argnums=1), in_dims=(None, 0))
+    for _ in range(2):  # the second call splits the directions (CPU default), with the same result
+        out = lap(p32, points.float())
+        assert out.dtype == torch.float32 and out.shape == (64,)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_autograd_through_the_input_and_module_parameters():
+    """backward() of the Laplacian reaches the input (third derivatives) and an nn.Module's own parameters."""
+    torch.manual_seed(0)
+    model = mlp(nn.Tanh(), (3, 6, 1))
+    f = lambda z: model(z).squeeze(-1)  # noqa: E731
+    x = torch.randn(3, dtype=D)
+    grads = {}
+    for method in ("forward", "exact"):
+        model.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_()
+        so.laplacian(f, method=method)(xr).backward()
+        grads[method] = [xr.grad] + [p.grad for p in model.parameters()]
+    torch.testing.assert_close(grads["forward"][0], grad(lambda z: reference(f, (z,)))(x), **TOL)
+    for ours, exact in zip(grads["forward"], grads["exact"]):
+        if exact is None:  # the output bias does not change the Laplacian
+            assert ours is None or torch.all(ours == 0)
+        else:
+            torch.testing.assert_close(ours, exact, **TOL)
+
+
 # --- methods and the fallback ------------------------------------------------------------------------
 
 
@@ -311,6 +360,16 @@ def test_exact_and_stochastic_methods():
     torch.testing.assert_close(est, -torch.sin(x).sum(), **TOL)
     again = so.laplacian(g, method="hutchinson", num_samples=4, seed=0)(x)
     assert torch.equal(est, again)
+
+
+def test_stochastic_options_reach_so_trace():
+    g = lambda z: (torch.tanh(z) ** 2).sum() + z[0] * z[1] * z[2]  # noqa: E731  (off-diagonal Hessian terms)
+    x = torch.randn(6, dtype=D)
+    for method, distribution in (("hutchinson", "normal"), ("hutch++", "rademacher")):
+        opts = dict(method=method, num_samples=6, seed=3, distribution=distribution)
+        assert torch.equal(so.laplacian(g, **opts)(x), so.trace(g, **opts)(x))
+    with pytest.raises(ValueError, match="distribution"):
+        so.laplacian(g, distribution="rademacher")  # a stochastic option with the forward Laplacian
 
 
 def _uncovered(x):

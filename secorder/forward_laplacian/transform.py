@@ -57,7 +57,7 @@ def laplacian(
     num_samples: Optional[int] = None,
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
-    distribution: str = "rademacher",
+    distribution: Optional[str] = None,
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
     max_matvecs: Optional[int] = None,
@@ -107,7 +107,8 @@ def laplacian(
             Jacobian stays below 24 MiB (see
             :mod:`secorder.forward_laplacian.forward`).
         num_samples, seed, generator, distribution, rtol, atol, max_matvecs:
-            options of the stochastic methods, as in :func:`secorder.trace`.
+            options of the stochastic methods, as in :func:`secorder.trace`
+            (``None``: its default; given with another method, a ``ValueError``).
 
     Returns:
         A function of ``f``'s arguments returning the Laplacian, a 0-dim tensor
@@ -137,11 +138,9 @@ def laplacian(
         raise TypeError(f"method must be a str, got {type(method).__name__}")
     if not isinstance(has_aux, bool):
         raise TypeError(f"has_aux must be a bool, got {type(has_aux).__name__}")
-    given = dict(num_samples=num_samples, seed=seed, generator=generator, rtol=rtol, atol=atol,
-                 max_matvecs=max_matvecs)
-    options = {k: v for k, v in given.items() if v is not None}
-    if distribution != "rademacher":
-        options["distribution"] = distribution
+    given = dict(num_samples=num_samples, seed=seed, generator=generator, distribution=distribution, rtol=rtol,
+                 atol=atol, max_matvecs=max_matvecs)
+    options = {k: v for k, v in given.items() if v is not None}  # None: so.trace's default (the method's own)
     if method in OWN_METHODS:
         if options:
             raise ValueError(
