@@ -26,6 +26,7 @@ faster / leaner; the summary lines give the smallest of the baselines' ratios
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -123,13 +124,24 @@ for _m in METHODS:
             CASES[f"{_m}:{_d}:{_t}"] = (lambda m, d, t: lambda: case(m, d, t))(_m, _d, _t)
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (``--help`` lists it); an unknown argument is an error, not a silent full run."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_laplacian",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 warm calls and 1 round instead of 5 and 2")
+    parser.add_argument("--dims", type=lambda s: tuple(int(x) for x in s.split(",")), default=DIMS,
+                        help="input dimensions, comma-separated (default 2,10,100)")
+    parser.add_argument("--repeat", type=int, default=None, help="rounds per case (default 2, --quick 1)")
+    return parser.parse_args(argv)
+
+
 def main() -> None:
+    args = parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    quick = "--quick" in sys.argv
+    quick = args.quick
     warm = 2 if quick else 5
-    repeat = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--repeat=")), 1 if quick else 2)
-    dims = next((tuple(int(x) for x in a.split("=")[1].split(",")) for a in sys.argv if a.startswith("--dims=")),
-                DIMS)
+    repeat = args.repeat if args.repeat is not None else (1 if quick else 2)
+    dims = args.dims
     lines = [
         "| d | task | method | warm wall (ms) | warm CPU (ms) | peak extra mem (MiB) | wall vs ours | CPU vs ours "
         "| mem vs ours |",
