@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import grad, jacrev, vmap
+from torch.func import grad, jacrev, vjp, vmap
 
 import secorder as so
 from secorder import tree
@@ -195,6 +195,37 @@ def test_jacrev_of_diagonal_matches_float64_third_derivatives():
         G = jacrev(lambda p: so.ggn_trace(f, engine="structured")(p, x, y))(params)
         Gr = jacrev(lambda p: so.ggn_trace(f, engine="generic")(p, x, y))(params)
         close(G, Gr, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_fn,target", LOSSES, ids=lambda v: repr(v)[:36])
+def test_grad_of_penalties_every_loss_matches_float64_third_derivatives(loss_fn, target, monkeypatch):
+    torch.manual_seed(8)
+    model = mlp()
+    f = so.functional_loss(model, loss_fn)
+    params, x, y = so.params_dict(model), torch.randn(4, 3, dtype=DT), targets(target, 4)
+    trace, ggn_trace = so.trace(f, engine="structured"), so.ggn_trace(f, engine="structured")
+    counter = SweepCounter(monkeypatch)
+    g = grad(lambda p: f(p, x, y) + 0.1 * trace(p, x, y))(params)
+    gg = grad(lambda p: ggn_trace(p, x, y))(params)
+    assert counter.calls == 2  # one structured sweep per differentiated call
+    close(g, grad(lambda p: f(p, x, y) + 0.1 * reference_trace(f, (p, x, y)))(params), rtol=1e-9, atol=1e-12)
+    close(gg, grad(lambda p: so.ggn_trace(f, engine="generic")(p, x, y))(params), rtol=1e-9, atol=1e-12)
+
+
+def test_vjp_of_hessian_and_ggn_diagonals_matches_the_generic_path(monkeypatch):
+    torch.manual_seed(9)
+    model = residual()
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    params, x, y = so.params_dict(model), torch.randn(4, 3, dtype=DT), targets("class", 4)
+    for curvature in ("hessian", "ggn"):
+        counter = SweepCounter(monkeypatch)
+        out, pull = vjp(lambda p: so.diagonal(f, curvature=curvature, engine="structured")(p, x, y), params)
+        cotangent = {k: torch.randn_like(v) for k, v in out.items()}
+        (got,) = pull(cotangent)
+        assert counter.calls == 1, curvature
+        ref_out, ref_pull = vjp(lambda p: so.diagonal(f, curvature=curvature, engine="generic")(p, x, y), params)
+        close(out, ref_out)
+        close(got, ref_pull(cotangent)[0], rtol=1e-9, atol=1e-12)
 
 
 def test_vmap_of_grad_per_example_gradients_of_a_penalty(monkeypatch):

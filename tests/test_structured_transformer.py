@@ -380,7 +380,8 @@ def test_two_block_language_model_flattened_logits():
     check(model, nn.CrossEntropyLoss(), x, y)
 
 
-@pytest.mark.parametrize("module,reason", [(nn.LSTM(3, 3), "recurrent"), (nn.GRU(3, 3), "recurrent"),
+@pytest.mark.parametrize("module,reason", [(nn.RNN(3, 3), "recurrent"), (nn.LSTM(3, 3), "recurrent"),
+                                           (nn.GRU(3, 3), "recurrent"),
                                            (nn.MultiheadAttention(4, 2), "so.SelfAttention")])
 def test_declined_modules_say_why(module, reason):
     from secorder.structured import walker
