@@ -4,9 +4,10 @@
 trace when ``f`` is a :class:`secorder.modules.FunctionalLoss`, the differentiated
 argument is its ``params`` dict (``argnums=0``), ``has_aux=False``, no keyword
 argument other than ``buffers`` is passed, the model, its layers, the loss and the
-curvature are supported, and no ``torch.func`` transform or ``torch.compile`` wraps
-the arguments; otherwise the generic path runs (a curvature operator and the exact
-or stochastic estimator). ``engine="structured"`` raises
+curvature are supported (also inside ``torch.func`` transforms and
+``torch.compile``: the engine is pure tensor code, see
+:mod:`secorder.structured.dispatch`); otherwise the generic path runs (a
+curvature operator and the exact or stochastic estimator). ``engine="structured"`` raises
 :class:`~secorder.structured.errors.Unsupported` (a ``ValueError``) naming the
 reason instead of falling back; ``engine="generic"`` always takes the generic path.
 The path taken is logged at DEBUG level on the ``secorder.structured`` logger and
