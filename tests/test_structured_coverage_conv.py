@@ -52,6 +52,8 @@ SETTINGS = [
     ("maxpool1d", lambda: nn.MaxPool1d(2, 1, 0, 2, ceil_mode=True), (2, 2, 7)),
     ("maxpool3d", lambda: nn.MaxPool3d(2, stride=1, padding=1, dilation=(1, 2, 1)), (2, 2, 3, 4, 3)),
     ("adaptivemaxpool2d", lambda: nn.AdaptiveMaxPool2d((2, 3)), (2, 2, 5, 4)),
+    ("adaptivemaxpool1d", lambda: nn.AdaptiveMaxPool1d(3), (2, 2, 7)),
+    ("adaptivemaxpool3d", lambda: nn.AdaptiveMaxPool3d((2, 1, 2)), (2, 2, 3, 3, 3)),
     ("avgpool1d", lambda: nn.AvgPool1d(3, 2, 1, ceil_mode=True, count_include_pad=False), (2, 2, 6)),
     ("avgpool3d", lambda: nn.AvgPool3d(2, 1, 1, divisor_override=3), (2, 2, 2, 3, 3)),
     ("adaptiveavgpool1d", lambda: nn.AdaptiveAvgPool1d(3), (2, 2, 7)),
