@@ -13,7 +13,10 @@ with :func:`check_options` and run a method with :func:`run`, the command line's
 
 Options: the stochastic keyword options of the transforms are an :class:`Options`
 (``num_samples``, ``seed``, ``generator``, ``distribution``, ``rtol``, ``atol``,
-``max_matvecs``). Randomness: ``seed=`` seeds a fresh ``torch.Generator`` (on the
+``max_matvecs``); ``distribution=None`` means the method's own default test vectors
+(Rademacher for Hutchinson, normal for the deflating methods, whose intervals
+under-cover with Rademacher or sphere vectors on operators close to a multiple of
+the identity at small budgets). Randomness: ``seed=`` seeds a fresh ``torch.Generator`` (on the
 device of the differentiated argument) on every call, so the same seed gives the
 same result bit for bit; ``generator=`` is used and advanced; with neither, the
 global RNG draws fresh probes on every call, and
@@ -61,6 +64,9 @@ class Estimator:
         even: ``num_samples`` must be even.
         even_reason: why (shown in the error).
         adaptive: supports ``rtol``/``atol``/``max_matvecs``.
+        default_distribution: the test-vector distribution when ``distribution`` is not
+            given (the one its error bar's coverage was checked with, see
+            ``benchmarks/coverage_intervals.py``).
         psd_only: meant for positive semi-definite operators only.
         error_bar: how ``stderr`` and its degrees of freedom are made (for the docs).
         citation: the source.
@@ -75,6 +81,7 @@ class Estimator:
     even: bool = False
     even_reason: str = ""
     adaptive: bool = False
+    default_distribution: str = "rademacher"
     psd_only: bool = False
     error_bar: str = ""
     citation: str = ""
@@ -91,7 +98,7 @@ class Options(NamedTuple):
     num_samples: Optional[int] = None
     seed: Optional[int] = None
     generator: Optional[torch.Generator] = None
-    distribution: str = "rademacher"
+    distribution: Optional[str] = None  # None: the method's default_distribution
     rtol: Optional[float] = None
     atol: Optional[float] = None
     max_matvecs: Optional[int] = None
@@ -187,7 +194,8 @@ def check_options(method: str, quantity: str, options: Options) -> Estimator:
     if options.num_samples is not None:
         check_num_samples(estimator, options.num_samples)
     check_random_source(options.seed, options.generator)
-    check_distribution(options.distribution)
+    if options.distribution is not None:
+        check_distribution(options.distribution)
     adaptive = check_tolerances(options.rtol, options.atol, options.max_matvecs)
     if adaptive and not estimator.adaptive:
         supported = [e.name for e in estimators(quantity) if e.adaptive]
@@ -226,7 +234,8 @@ def run(
     if not estimator.stochastic:
         return estimator.fn(op, chunk_size)
     num = options.num_samples if options.num_samples is not None else estimator.default_samples
-    kwargs = dict(distribution=options.distribution, generator=generator, chunk_size=chunk_size)
+    distribution = options.distribution if options.distribution is not None else estimator.default_distribution
+    kwargs = dict(distribution=distribution, generator=generator, chunk_size=chunk_size)
     if estimator.adaptive:
         kwargs.update(rtol=options.rtol, atol=options.atol, max_matvecs=options.max_matvecs)
     return estimator.fn(op, num, **kwargs)
@@ -243,7 +252,8 @@ def table(quantity: str) -> List[Dict[str, Any]]:
     for e in estimators(quantity):
         rows.append(dict(
             method=e.name, summary=e.summary, default_samples=e.default_samples, min_samples=e.min_samples,
-            even=e.even, adaptive=e.adaptive, psd_only=e.psd_only, error_bar=e.error_bar, citation=e.citation,
+            even=e.even, adaptive=e.adaptive, default_distribution=e.default_distribution, psd_only=e.psd_only,
+            error_bar=e.error_bar, citation=e.citation,
         ))
     return rows
 

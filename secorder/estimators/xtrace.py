@@ -15,9 +15,15 @@ intervals use Student's t with it: with the normal quantile the jackknife covere
 ``m = 2`` XTrace's jackknife rests on two single-vector Hutchinson estimates, which
 can agree exactly while XTrace errs (``A = 2 I``, Rademacher), so XTrace needs
 ``m >= 3``. Rademacher (or sphere) test vectors on an operator close to a multiple of
-the identity still leave the leave-out estimators nearly equal and the interval
-under-covers (0.70 for ``2 I``, ``n = 10``, ``m = 3``); normal test vectors do not. The
-per-leaf standard errors keep the leave-one-out ``std / sqrt(m)``, which is
+the identity leave the leave-out estimators nearly equal (their residual terms
+``u_i^T A u_i`` then vary only through the few directions the basis removes: a skewed,
+for Rademacher discrete, distribution) and the interval under-covers (XTrace at
+``m = 3``: 0.70 for ``2 I`` with ``n = 10``, 0.84 for ``I + 0.05 B B^T / n``; XNysTrace
+at 2 test vectors: 0.00 and 0.81). With normal test vectors ``|omega_i|^2`` varies as a
+chi-square with ``n`` degrees of freedom, the spread sees it, and the intervals cover
+0.93-0.98 at every budget we measured (``benchmarks/coverage_intervals.py``), so
+XTrace and XNysTrace draw normal test vectors unless ``distribution`` says otherwise.
+The per-leaf standard errors keep the leave-one-out ``std / sqrt(m)``, which is
 optimistic by about 1.4x.
 
 The leave-one-out bases cost no extra matvec. With ``A Omega = Q R`` the
@@ -172,7 +178,7 @@ def xtrace(
     op: LeafOperator,
     num_samples: int = 100,
     *,
-    distribution: str = "rademacher",
+    distribution: str = "normal",
     generator: Optional[torch.Generator] = None,
     sampler: Optional[Sampler] = None,
     density: float = 0.1,
@@ -228,7 +234,7 @@ def xnystrace(
     op: LeafOperator,
     num_samples: int = 100,
     *,
-    distribution: str = "rademacher",
+    distribution: str = "normal",
     generator: Optional[torch.Generator] = None,
     sampler: Optional[Sampler] = None,
     density: float = 0.1,
@@ -329,8 +335,16 @@ def xdiag(
 ) -> DiagonalEstimate:
     """XDiag estimate of ``diag(op)`` (one tensor per leaf) with entrywise standard errors.
 
-    ``num_samples`` matvecs, even and at least 4. Memory: a few ``n x num_samples/2``
-    matrices (the low-rank basis), as for XTrace.
+    ``num_samples`` matvecs, even and at least 6 (with ``m = 2`` test vectors the two
+    leave-one-out estimators of ``c I`` coincide for Rademacher vectors, so the error
+    bar was exactly 0 while the estimate erred). Memory: a few ``n x num_samples/2``
+    matrices (the low-rank basis), as for XTrace. The entrywise error bar is the
+    spread of the leave-one-out estimators, which ignores their correlation: its 95%
+    intervals cover 0.93-0.95 of the entries of a tanh MLP Hessian or an indefinite
+    matrix, but only 0.77-0.87 on operators close to a multiple of the identity, at
+    every budget and with either Rademacher or normal test vectors
+    (``benchmarks/coverage_intervals.py``); for those, :func:`hutchinson_diagonal`
+    with Rademacher probes covers (and is exact on diagonal operators).
 
     Example:
         >>> import torch
@@ -364,17 +378,19 @@ registry.register(registry.Estimator(
     name="xtrace", quantity="trace", fn=xtrace, default_samples=100, min_samples=6, even=True,
     even_reason="half the matvecs sketch A Omega, half compute A Q",
     error_bar="jackknife over the m = num_samples/2 test vectors (conservative); Student t with m - 1 dof",
+    default_distribution="normal",
     citation="Epperly, Tropp and Webber 2024",
     summary="exchangeable low-rank plus Hutchinson, every probe used twice; any symmetric operator",
 ))
 registry.register(registry.Estimator(
     name="xnystrace", quantity="trace", fn=xnystrace, default_samples=100, min_samples=2, psd_only=True,
+    default_distribution="normal",
     error_bar="jackknife over the num_samples test vectors; Student t with num_samples - 1 dof",
     citation="Epperly, Tropp and Webber 2024",
     summary="Nystrom version of XTrace, one matvec per test vector; positive semi-definite operators only",
 ))
 registry.register(registry.Estimator(
-    name="xdiag", quantity="diagonal", fn=xdiag, default_samples=100, min_samples=4, even=True,
+    name="xdiag", quantity="diagonal", fn=xdiag, default_samples=100, min_samples=6, even=True,
     even_reason="half the matvecs sketch A Omega, half compute A Q",
     error_bar="entrywise spread of the m = num_samples/2 leave-one-out estimators; Student t with m - 1 dof",
     citation="Epperly, Tropp and Webber 2024",

@@ -37,7 +37,7 @@ def trace(
     num_samples: Optional[int] = None,
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
-    distribution: str = "rademacher",
+    distribution: Optional[str] = None,
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
     max_matvecs: Optional[int] = None,
@@ -67,7 +67,10 @@ def trace(
         seed: seeds a fresh generator on every call: same seed, same result.
         generator: a ``torch.Generator`` to draw from (advanced), instead of ``seed``.
         distribution: probe distribution: ``"rademacher"``, ``"normal"``,
-            ``"sphere"`` or ``"sparse"``.
+            ``"sphere"`` or ``"sparse"``; ``None`` (default): the method's own,
+            Rademacher for ``"hutchinson"`` and ``"xdiag"``, normal for ``"hutch++"``,
+            ``"xtrace"`` and ``"xnystrace"`` (whose intervals keep their coverage with
+            normal test vectors, see :mod:`secorder.estimators.registry`).
         rtol: adaptive stopping (``"hutchinson"``, ``"hutch++"``): relative tolerance
             of the standard error.
         atol: adaptive stopping: absolute tolerance of the standard error.
@@ -113,7 +116,7 @@ def trace_estimate(
     num_samples: Optional[int] = None,
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
-    distribution: str = "rademacher",
+    distribution: Optional[str] = None,
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
     max_matvecs: Optional[int] = None,
@@ -174,7 +177,7 @@ def diagonal(
     num_samples: Optional[int] = None,
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
-    distribution: str = "rademacher",
+    distribution: Optional[str] = None,
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
     max_matvecs: Optional[int] = None,
@@ -240,7 +243,7 @@ def diagonal_estimate(
     num_samples: Optional[int] = None,
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
-    distribution: str = "rademacher",
+    distribution: Optional[str] = None,
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
     max_matvecs: Optional[int] = None,
