@@ -101,6 +101,8 @@ def _table(lines: List[str]) -> List[str]:
         for i, cell in enumerate(row):
             cell = _code(cell) or " "
             cell = cell.replace("*", "\\*") if "``" not in cell else cell
+            if re.match(r"([-+]|\d+[.)])(\s|$)", cell):  # "-" alone would start a bullet list, "1." a numbered one
+                cell = "\\" + cell
             out.append(f"   {'* -' if i == 0 else '  -'} {cell}")
     out.append("")
     return out
