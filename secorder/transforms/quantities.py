@@ -189,7 +189,11 @@ def diagonal(
     ``vmap``-batched product, so peak extra memory is about ``chunk_size`` times the
     leaf size; or, when ``f`` comes from :func:`secorder.functional_loss` and the
     model qualifies, curvature backpropagation in the time of a few backward passes
-    (:mod:`secorder.transforms.engine`).
+    (:mod:`secorder.transforms.engine`). That engine stays in use inside ``torch.func``:
+    ``vmap`` over per-example inputs gives every example's diagonal from one sweep;
+    the result holds ``N x n`` numbers (``n`` parameters), and the sweep needs about
+    the memory of one sweep over the whole batch besides it
+    (:mod:`secorder.structured.dispatch`).
 
     Args:
         f: as in :func:`trace`.
