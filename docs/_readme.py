@@ -55,6 +55,7 @@ SECTIONS: Dict[str, Tuple[str, Optional[str]]] = {
     "Legacy torch_secorder API": ("legacy", "Legacy torch_secorder API"),
     "Spectra": ("spectra", "Spectra: top eigenvalues and densities"),
     "Laplacian": ("laplacian", "Laplacian: the forward Laplacian"),
+    "Data sets": ("datasets", "Data sets: curvature of the whole training loss"),
 }
 
 
