@@ -246,10 +246,9 @@ class DatasetLoss:
             raise TypeError(f"check_deterministic must be a bool, got {type(check_deterministic).__name__}")
         self.group = distributed.resolve(process_group)
         _check_data(data, self.group is not None)
+        self._group_warned = False
         if self.group is None:
-            warning = distributed.default_group_warning()
-            if warning is not None:
-                warnings.warn(warning, stacklevel=3)
+            self._warn_default_group(stacklevel=4)
         self.f = f
         self.data = data
         self.reduction = reduction
@@ -314,6 +313,15 @@ class DatasetLoss:
 
     # -- what the operator layer and the structured engine call ---------------------------
 
+    def _warn_default_group(self, stacklevel: int) -> None:
+        """Warn once when ``torch.distributed`` runs several ranks but this loss has no process group."""
+        if self._group_warned:
+            return
+        warning = distributed.default_group_warning()
+        if warning is not None:
+            self._group_warned = True
+            warnings.warn(warning, stacklevel=stacklevel)
+
     def prepare(self, params: Any, what: str, *, offsets: bool = False) -> None:
         """Open a call: the handshake of the ranks, batch offsets, and the determinism check on first use.
 
@@ -325,6 +333,8 @@ class DatasetLoss:
         """
         self._expected = None  # within a call every pass must give the same batches; between calls data may change
         self._offset = 0
+        if self.group is None:  # made before init_process_group (group.WORLD was None then), used after it
+            self._warn_default_group(stacklevel=5)
         if self.group is not None:
             leaves, spec = tree.flatten(params)
             names = tree.paths(params)
@@ -655,6 +665,9 @@ def dataset_loss(
         process_group: a ``torch.distributed`` process group (such as
             ``torch.distributed.group.WORLD``): each rank passes its shard of the
             data and every rank gets the result over the union of the shards.
+            Make ``F`` after ``torch.distributed.init_process_group``: before it,
+            ``torch.distributed.group.WORLD`` is ``None``, which means one process
+            (a call in a multi-rank run then warns that each rank sees its own data only).
 
     Returns:
         A :class:`DatasetLoss` ``F``; ``F(params)`` is the loss (one pass) and

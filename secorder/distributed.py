@@ -62,7 +62,8 @@ def default_group_warning() -> Optional[str]:
         return None
     return ("torch.distributed is initialised with several ranks, but the data-set loss has process_group=None: "
             "each rank computes the curvature of its own data alone; pass "
-            "process_group=torch.distributed.group.WORLD to sum over the ranks")
+            "process_group=torch.distributed.group.WORLD to sum over the ranks (after init_process_group: "
+            "before it, torch.distributed.group.WORLD is None)")
 
 
 def checksum(text: str) -> int:

@@ -16,6 +16,7 @@ import pickle
 import socket
 import time
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -176,9 +177,17 @@ def _checks(rank):
 def _worker(rank, port, queue):
     torch.set_num_threads(1)
     try:
+        model, f, batches = _problem()
+        # made before init_process_group: group.WORLD is None then, so this loss is one process's
+        early = so.dataset_loss(f, batches[:1], process_group=torch.distributed.group.WORLD)
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                                              timeout=datetime.timedelta(seconds=120))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            early(so.params_dict(model))
+            early(so.params_dict(model))
         results = _checks(rank)
+        results["early_warnings"] = [str(w.message) for w in caught]
     except BaseException:
         results = {"crashed": traceback.format_exc()}
     queue.put(pickle.dumps((rank, results)))
@@ -258,6 +267,13 @@ def test_bad_input_on_one_rank_raises_on_every_rank(launched):
     assert results[0]["bad_batch"].startswith("RuntimeError: 1 other rank(s) of process_group failed")
     assert results[0]["timeout"].startswith("RuntimeError: rank 0: the other ranks of process_group did not join")
     assert results[1]["not_initialised"].startswith("ValueError: process_group: torch.distributed is not initialised")
+
+
+def test_a_loss_made_before_init_process_group_warns_once(launched):
+    _, results = launched
+    for rank in (0, 1):
+        (message,) = results[rank]["early_warnings"]
+        assert "each rank computes the curvature of its own data alone" in message
 
 
 def test_report_under_two_ranks_prints_once(launched):
