@@ -189,13 +189,25 @@ def _mean_count(spec: LossSpec, targets: Tensor) -> Any:
     return targets.numel()
 
 
-def _accumulate(acc: Tensor, part: Tensor) -> Tensor:
-    """``acc + part``, in place where nothing differentiates or batches through ``acc`` (one buffer, not two)."""
-    plain = not (acc.requires_grad or part.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(acc)
-                 or torch._C._functorch.is_functorch_wrapped_tensor(part))
-    if plain and acc.shape == part.shape and acc.dtype == part.dtype:
-        return acc.add_(part)
-    return acc + part
+def _plain(*tensors: Tensor) -> bool:
+    """Whether nothing differentiates or batches through ``tensors`` (so our own buffers may be updated in place)."""
+    return not any(t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _accumulate(acc: Tensor, part: Tensor, scale: Any = None) -> Tensor:
+    """``acc + scale * part`` (``scale`` ``None``: 1), in place where :func:`_plain` allows: one buffer, one sweep.
+
+    Example:
+        >>> _accumulate(torch.ones(2), torch.ones(2), torch.tensor(3))
+        tensor([4., 4.])
+    """
+    if _plain(acc, part) and acc.shape == part.shape and acc.dtype == part.dtype:
+        if scale is None:
+            return acc.add_(part)
+        if isinstance(scale, Tensor):
+            return acc.addcmul_(part, scale)
+        return acc.add_(part, alpha=scale)
+    return acc + (part if scale is None else part * scale)
 
 
 def _mix(seed: int, index: int) -> int:
@@ -423,13 +435,11 @@ class DatasetLoss:
                 parts = list(contribute(batch))
                 if len(parts) != len(templates):
                     raise RuntimeError(f"internal: {len(parts)} results for {len(templates)} templates")
-                fresh = not (isinstance(batch.scale, int) and batch.scale == 1)
-                if fresh:
-                    parts = [p * batch.scale for p in parts]
+                scale = None if isinstance(batch.scale, int) and batch.scale == 1 else batch.scale
                 if acc is None:  # a buffer of our own, so that accumulating in place touches nothing else
-                    acc = parts if fresh else [p.clone() for p in parts]
+                    acc = [p.clone() if scale is None else p * scale for p in parts]
                 else:
-                    acc = [_accumulate(a, p) for a, p in zip(acc, parts)]
+                    acc = [_accumulate(a, p, scale) for a, p in zip(acc, parts)]
                 count = count + batch.count
                 num += 1
             self._check_batch_count(num)
@@ -454,7 +464,7 @@ class DatasetLoss:
                 total = total.clamp_min(1)
             else:
                 total = max(total, 1)
-            acc = [a / total for a in acc]
+            acc = [a.div_(total) if _plain(a) else a / total for a in acc]
         return acc
 
     # -- the pieces ------------------------------------------------------------------
