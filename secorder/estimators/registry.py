@@ -44,7 +44,7 @@ from ._common import check_count, check_tolerances
 from .probes import check_distribution, check_seed
 
 __all__ = ["Estimator", "Options", "QUANTITIES", "register", "get", "names", "estimators", "check_options",
-           "check_num_samples", "check_seed", "check_random_source", "run", "table"]
+           "check_num_samples", "max_samples", "check_seed", "check_random_source", "run", "table"]
 
 QUANTITIES = ("trace", "diagonal")
 
@@ -64,6 +64,8 @@ class Estimator:
         even: ``num_samples`` must be even.
         even_reason: why (shown in the error).
         adaptive: supports ``rtol``/``atol``/``max_matvecs``.
+        max_per_dim: ``num_samples`` is at most this many times the operator's
+            dimension (``None``: no limit); see :func:`max_samples`.
         default_distribution: the test-vector distribution when ``distribution`` is not
             given (the one its error bar's coverage was checked with, see
             ``benchmarks/coverage_intervals.py``).
@@ -81,6 +83,7 @@ class Estimator:
     even: bool = False
     even_reason: str = ""
     adaptive: bool = False
+    max_per_dim: Optional[int] = None
     default_distribution: str = "rademacher"
     psd_only: bool = False
     error_bar: str = ""
@@ -174,6 +177,16 @@ def check_num_samples(estimator: Estimator, num_samples: Any) -> int:
         )
     check_count(num_samples, "num_samples", estimator.min_samples, f" for method={estimator.name!r}")
     return num_samples
+
+
+def max_samples(estimator: Estimator, dim: int) -> Optional[int]:
+    """The largest ``num_samples`` ``estimator`` takes on an operator of dimension ``dim`` (``None``: no limit).
+
+    Example:
+        >>> max_samples(get("xdiag", "diagonal"), 10), max_samples(get("hutchinson", "trace"), 10)
+        (10, None)
+    """
+    return None if estimator.max_per_dim is None else estimator.max_per_dim * dim
 
 
 def check_options(method: str, quantity: str, options: Options) -> Estimator:
