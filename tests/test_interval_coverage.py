@@ -173,3 +173,32 @@ def test_xdiag_intervals_cover_at_the_largest_budget(matrices):
     assert _diagonal_coverage(xdiag, matrices["2I"], 10) >= THRESHOLD
     with pytest.raises(ValueError, match="num_samples <= the dimension 10"):
         xdiag(_op(matrices["2I"]), 12, generator=_gen(0))
+
+
+def _leaf_op(A, sizes, psd=False):
+    def matvec(V):
+        return list(torch.split(torch.cat(V, dim=1) @ A, list(sizes), dim=1))
+
+    return LeafOperator([torch.zeros(s, dtype=D) for s in sizes], matvec, None, psd=psd)
+
+
+PER_LEAF_CASES = [(xtrace, 6, op) for op in ("mlp", "2I", "near-I", "indef")] + [
+    (xnystrace, 2, op) for op in ("mlp-ggn", "2I", "near-I")]
+
+
+@pytest.mark.parametrize("estimator,budget,operator", PER_LEAF_CASES,
+                         ids=[f"{e.__name__}-{o}" for e, _, o in PER_LEAF_CASES])
+def test_per_leaf_intervals_cover_at_the_minimum_budget(matrices, estimator, budget, operator):
+    """Per-leaf traces (the MLP split into its four parameters, the others into blocks of
+    4, 3 and the rest): the mean over leaves of the per-leaf intervals' coverage, same
+    bound as above. The leave-one-out spread used before covered 0.86 for XTrace on ``2 I``
+    at 6 and 0.57-0.85 at larger budgets (``--per-leaf`` in the benchmark)."""
+    A = matrices[operator]
+    sizes = (24, 6, 18, 3) if A.shape[0] == 51 else (4, 3, A.shape[0] - 7)
+    op = _leaf_op(A, sizes, psd=estimator is xnystrace)
+    truth = torch.stack([d.sum() for d in torch.split(A.diagonal(), list(sizes))])
+    total = 0.0
+    for r in range(SEEDS):
+        lo, hi = estimator(op, budget, generator=_gen(r)).per_leaf_interval(0.95)
+        total += float(((lo <= truth) & (truth <= hi)).double().mean())
+    assert total / SEEDS >= THRESHOLD, f"coverage {total / SEEDS:.3f}"
