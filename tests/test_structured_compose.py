@@ -265,6 +265,12 @@ def test_compile_traces_the_engine_without_a_graph_break(monkeypatch):
     d = compiled(params, x, y)
     assert counter.calls == 1  # traced once through the structured sweep
     close(d, reference_diag(f, (params, x, y)))
+    # The public transform too: recording last_engine is skipped while tracing (an attribute
+    # write on a function would break the graph), so fullgraph=True holds for so.hessian_diag.
+    torch._dynamo.reset()
+    d = torch.compile(so.hessian_diag(f), backend="eager", fullgraph=True)(params, x, y)
+    assert counter.calls == 2
+    close(d, reference_diag(f, (params, x, y)))
 
 
 # ---- what still falls back says so ---------------------------------------------------------------

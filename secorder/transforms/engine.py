@@ -66,7 +66,15 @@ def check_engine(engine: Any) -> None:
 
 
 def record(fn: Callable, engine: str, reason: Optional[str], what: str) -> None:
-    """Store the path taken on ``fn`` and log it."""
+    """Store the path taken on ``fn`` and log it.
+
+    Not while ``torch.compile`` traces the call: Dynamo cannot trace an attribute
+    write on a function, and a graph break there would stop ``fullgraph=True``. A
+    compiled call leaves ``last_engine`` / ``last_fallback_reason`` as the last eager
+    call set them; the path itself is the same as in eager mode.
+    """
+    if torch.compiler.is_compiling():
+        return
     fn.last_engine = engine
     fn.last_fallback_reason = reason
     if reason is None:
