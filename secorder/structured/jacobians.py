@@ -103,7 +103,7 @@ class Elementwise(Jacobian):
     def pull_gathered(self, t: Gathered) -> Term:
         # diag(m) P^T B = P^T (gather(m) B): scale the short columns, stay gathered.
         N, C, Q = t.index.shape
-        m = self.m.expand(self.shape).reshape(N, C, -1)
+        m = self.m.expand(self.shape).reshape(N, C, torch.Size(self.shape[2:]).numel())
         mg = torch.gather(m, 2, t.index).reshape(t.factor.B.shape[1:])
         return Gathered(Factor(t.factor.B * mg, t.factor.w), t.index, t.shape)
 

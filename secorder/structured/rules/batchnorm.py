@@ -64,9 +64,9 @@ class BatchNormRule(Rule[BatchNormState]):
         N, C = state.shape[:2]
         out = {}
         if "weight" in wanted:
-            out["weight"] = curv.quadratic(state.xhat.reshape(N, C, 1, -1))[:, 0]
+            out["weight"] = curv.quadratic(state.xhat.reshape(N, C, 1, state.xhat.shape[2:].numel()))[:, 0]
         if "bias" in wanted:
-            S = state.xhat[0, 0].numel()
+            S = state.xhat.shape[2:].numel()
             out["bias"] = curv.quadratic(state.xhat.new_ones((1, 1, 1, S)))[:, 0]
         return out
 

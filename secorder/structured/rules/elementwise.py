@@ -144,5 +144,5 @@ class PReLURule(Rule[PReLUState]):
         x = state.x
         dz = torch.where(x > 0, torch.zeros_like(x), x)  # dz/da, per entry of a's channel
         N, C = x.shape[0], state.slope.numel()
-        return {"weight": curv.quadratic(dz.reshape(N, C, 1, -1))[:, 0]}
+        return {"weight": curv.quadratic(dz.reshape(N, C, 1, x.shape[1:].numel() // C))[:, 0]}
 

@@ -93,7 +93,7 @@ class ScaledTanhRule(Rule[ScaledTanhState]):
                            wanted: FrozenSet[str]) -> Dict[str, Tensor]:
         # dz/dscale = tanh(x): one channel whose positions are all the features, one test vector.
         N = state.t.shape[0]
-        return {"scale": curv.quadratic(state.t.reshape(N, 1, 1, -1)).reshape(())}
+        return {"scale": curv.quadratic(state.t.reshape(N, 1, 1, state.t.shape[1:].numel())).reshape(())}
 
 
 register_rule(ScaledTanh, ScaledTanhRule)

@@ -64,7 +64,7 @@ class MaxPoolRule(Rule[MaxPoolState]):
         _check_batched(x, self.dims)
         z, idx = self.pool(self.module, x)
         N, C = z.shape[:2]
-        return z, MaxPoolState(idx.reshape(N, C, -1), tuple(x.shape))
+        return z, MaxPoolState(idx.reshape(N, C, idx.shape[2:].numel()), tuple(x.shape))
 
     def jacobian(self, state: MaxPoolState) -> Jacobian:
         return Gather(state.index, state.in_shape)
