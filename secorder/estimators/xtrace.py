@@ -25,7 +25,7 @@ chi-square with ``n`` degrees of freedom, the spread sees it, and the intervals 
 XTrace and XNysTrace draw normal test vectors unless ``distribution`` says otherwise.
 The per-leaf standard errors are the jackknife of the per-leaf traces
 (:func:`_xtrace_per_leaf_jackknife`, :func:`_xnystrace_jackknife`): the leave-one-out
-``std / sqrt(m)`` they replace was optimistic (per-leaf 95% intervals covered 0.57-0.91
+``std / sqrt(m)`` they replace was optimistic (per-leaf 95% intervals covered 0.57-0.95
 for XTrace and 0.57-0.94 for XNysTrace; the jackknife 0.92-1.00, ``--per-leaf`` in
 ``benchmarks/coverage_intervals.py``).
 
