@@ -6,6 +6,7 @@ curvlinops 3.0.1's operators where it is installed.
 """
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ class Case:
     """A model, a loss and data, with explicit dense curvature matrices in ravel order."""
 
     def __init__(self, arch, kind, reduction, ignore=False, n=5):
-        g = torch.Generator().manual_seed(hash((arch, kind, reduction)) % 1000)
+        g = torch.Generator().manual_seed(zlib.crc32(f"{arch}-{kind}-{reduction}".encode()) % 1000)  # not hash(): salted per process
         self.model = (tanh_mlp((4, 5, 3)) if arch == "mlp" else small_cnn()).to(D)
         with torch.no_grad():
             for p in self.model.parameters():
@@ -369,8 +370,15 @@ def test_every_method_of_every_curvature_is_the_estimator_on_the_explicit_matrix
             got = so.trace_estimate(case.f, curvature=curvature, method=method, num_samples=num, seed=5, **kw)(*args)
             want = fn(explicit(M), num, generator=generator(curvature, 5))
             torch.testing.assert_close(got.value, want.value, **TOL, msg=lambda m: f"{curvature} {method}: {m}")
-            # an error bar of an exact (rank-deficient) estimate is rounding noise: compare on the value's scale
-            torch.testing.assert_close(got.stderr, want.stderr, rtol=1e-10, atol=1e-10 * float(want.value.abs()))
+            # The transform's products differ from M's by rounding, and an error bar from a nearly
+            # rank-deficient sketch (a jackknife over near-singular pieces) amplifies rounding: agree to
+            # 1e-10 on the value's scale, or to 100x what the same estimator moves by when M is perturbed
+            # at rounding level (measured, not assumed).
+            bump = 1e-15 * M.abs().max() * torch.randn(M.shape, generator=torch.Generator().manual_seed(1), dtype=D)
+            moved = fn(explicit(M + (bump + bump.T) / 2), num, generator=generator(curvature, 5)).stderr
+            slack = max(1e-10 * float(want.value.abs()), 100 * float((moved - want.stderr).abs()))
+            torch.testing.assert_close(got.stderr, want.stderr, rtol=1e-10, atol=slack,
+                                       msg=lambda m: f"{curvature} {method}: {m}")
             torch.testing.assert_close(torch.stack(tree.leaves(got.per_leaf)).reshape(-1),
                                        want.per_leaf.reshape(-1), **TOL)
         for method, (fn, num) in diag_methods.items():
@@ -379,8 +387,12 @@ def test_every_method_of_every_curvature_is_the_estimator_on_the_explicit_matrix
             want = fn(explicit(M), num, generator=generator(curvature, 5))
             torch.testing.assert_close(tree.ravel(got.value)[0], torch.cat([w.reshape(-1) for w in want.value]),
                                        **TOL, msg=lambda m: f"{curvature} {method}: {m}")
-            torch.testing.assert_close(tree.ravel(got.stderr)[0], torch.cat([w.reshape(-1) for w in want.stderr]),
-                                       **TOL)
+            want_se = torch.cat([w.reshape(-1) for w in want.stderr])
+            bump = 1e-15 * M.abs().max() * torch.randn(M.shape, generator=torch.Generator().manual_seed(1), dtype=D)
+            moved = fn(explicit(M + (bump + bump.T) / 2), num, generator=generator(curvature, 5)).stderr
+            slack = 100 * float((torch.cat([w.reshape(-1) for w in moved]) - want_se).abs().max())
+            torch.testing.assert_close(tree.ravel(got.stderr)[0], want_se, rtol=1e-10, atol=max(1e-12, slack),
+                                       msg=lambda m: f"{curvature} {method}: {m}")
 
 
 def test_fisher_labels_come_first_from_the_probe_generator():
