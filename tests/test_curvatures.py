@@ -26,14 +26,6 @@ D = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small problems: one intra-op thread is faster, and immune to a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # -- explicit references ---------------------------------------------------------------------
 
 

@@ -37,14 +37,6 @@ SEEDS = 100
 THRESHOLD = 0.90 - 0.03  # see the module docstring
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _mlp():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(D)
@@ -70,12 +62,7 @@ def _indefinite(n=40):
 
 @pytest.fixture(scope="module")
 def matrices():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the function-scoped _one_thread
-    try:
-        H, G = _mlp()
-    finally:
-        torch.set_num_threads(threads)
+    H, G = _mlp()
     return {"mlp": H, "mlp-ggn": G, "2I": 2 * torch.eye(10, dtype=D), "near-I": _near_identity(),
             "indef": _indefinite()}
 
