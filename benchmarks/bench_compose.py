@@ -169,8 +169,8 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     quick = "--quick" in sys.argv
     warm = 3 if quick else 10
-    repeat = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--repeat=")), 1 if quick else 3)
-    rows = [r for r in ROWS if not any(a.startswith("--row=") for a in sys.argv) or f"--row={r}" in sys.argv]
+    repeat = harness.repeat_option(1 if quick else 3)
+    rows = harness.selected_rows(ROWS)
     lines = [
         "| row | method | warm (ms) | peak extra mem (MiB) | ratio | to |",
         "|---|---|---|---|---|---|",
@@ -180,8 +180,7 @@ def main() -> None:
         for _ in range(repeat):
             for m in METHODS:
                 r = harness.run_case("bench_compose", f"{m}:{row}", warm=warm)
-                if m not in res or r["warm_s"] < res[m]["warm_s"]:
-                    res[m] = r
+                harness.keep_fastest(res, m, r)
         for m in METHODS:
             r, b = res[m], res[BASELINE[m]]
             lines.append(

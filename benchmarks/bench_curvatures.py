@@ -134,9 +134,7 @@ def diagonal_path(row, curvature):
 
 def _best(case, repeat, warm, res):
     for _ in range(repeat):
-        r = harness.run_case("bench_curvatures", case, warm=warm)
-        if case not in res or r["warm_s"] < res[case]["warm_s"]:
-            res[case] = r
+        harness.keep_fastest(res, case, harness.run_case("bench_curvatures", case, warm=warm))
     return res[case]
 
 
@@ -144,8 +142,8 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     quick = "--quick" in sys.argv
     warm = 2 if quick else 5
-    repeat = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--repeat=")), 1 if quick else 2)
-    rows = [r for r in ROWS if not any(a.startswith("--row=") for a in sys.argv) or f"--row={r}" in sys.argv]
+    repeat = harness.repeat_option(1 if quick else 2)
+    rows = harness.selected_rows(ROWS)
     parts = [a.split("=")[1] for a in sys.argv if a.startswith("--part=")] or ["diag", "trace"]
     diag_lines = ["| row | curvature | ours (path) | ms | peer | ms | ours / peer | ours / gradient |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -181,7 +181,7 @@ CHEAP_ROUNDS = 5
 def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     quick = "--quick" in sys.argv
-    repeat = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--repeat=")), 1 if quick else 2)
+    repeat = harness.repeat_option(1 if quick else 2)
     methods = [m for _, _, ms in GROUPS for m in ms]
     res = {}
     for i in range(max(repeat, CHEAP_ROUNDS)):
@@ -192,8 +192,7 @@ def main() -> None:
             r = harness.run_case("bench_dataset", m, warm=warm)
             print(f"{m}: warm {r['warm_s']:.3f} s, first {r['first_s']:.3f} s, peak {r['peak_mib']:.1f} MiB",
                   flush=True)
-            if m not in res or r["warm_s"] < res[m]["warm_s"]:
-                res[m] = r
+            harness.keep_fastest(res, m, r)
     lines = [f"MLP {'-'.join(map(str, SIZES))} tanh, {NUM_BATCHES} batches of {BATCH}, float32, CPU, "
              f"one thread per process",
              "",

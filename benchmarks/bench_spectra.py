@@ -306,7 +306,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     quick = "--quick" in sys.argv
-    rows = [r for r in ROWS if not any(a.startswith("--row=") for a in sys.argv) or f"--row={r}" in sys.argv]
+    rows = harness.selected_rows(ROWS)
     lines = [
         "| row | task | method | warm (s) | matvecs | rel. error | time vs ours |",
         "|---|---|---|---|---|---|---|",

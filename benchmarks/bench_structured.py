@@ -177,15 +177,13 @@ def transformer_table(quick: bool, repeat: int) -> None:
 
     lines = ["| row | method | warm (ms) | peak extra mem (MiB) | time vs one gradient | time vs structured |",
              "|---|---|---|---|---|---|"]
-    rows = [r for r in TRANSFORMER_ROWS if not any(a.startswith("--row=") for a in sys.argv)
-            or f"--row={r}" in sys.argv]
+    rows = harness.selected_rows(TRANSFORMER_ROWS)
     for row in rows:
         res = {}
         for _ in range(repeat):
             for m, warm in (("grad", 3 if quick else 10), ("ggn", 1 if quick else 3), ("generic", 1)):
                 r = harness.run_case("bench_structured", f"tf-{m}:{row}", warm=warm)
-                if m not in res or r["warm_s"] < res[m]["warm_s"]:
-                    res[m] = r
+                harness.keep_fastest(res, m, r)
         model, _, _ = transformer_workload(row)
         params = so.params_dict(model)
         total, sub = sum(p.numel() for p in params.values()), sum(params[k].numel() for k in GENERIC_SUBSET)
@@ -279,7 +277,7 @@ def resnet_table(quick: bool, repeat: int) -> None:
     labels = {"grad": "one gradient (`torch.func.grad`)", "diag": "secorder `hessian_diag` (structured)",
               "ggn": "secorder `ggn_diag` (structured)", "generic": "secorder `hessian_diag` (generic one-hot)",
               "hutchinson": "curvlinops `hutchinson_diag` (Hessian, 100 probes)"}
-    rows = [r for r in RESNET_ROWS if not any(a.startswith("--row=") for a in sys.argv) or f"--row={r}" in sys.argv]
+    rows = harness.selected_rows(RESNET_ROWS)
     for row in rows:
         res = {}
         for i in range(repeat):
@@ -288,8 +286,7 @@ def resnet_table(quick: bool, repeat: int) -> None:
                 if m == "generic" and i:  # a minute or more per call: one round
                     continue
                 r = harness.run_case("bench_structured", f"resnet-{m}:{row}", warm=warm)
-                if m not in res or r["warm_s"] < res[m]["warm_s"]:
-                    res[m] = r
+                harness.keep_fastest(res, m, r)
         g, s = res["grad"]["warm_s"], res["diag"]["warm_s"]
         for m in ("grad", "diag", "ggn", "hutchinson", "generic"):
             t = res[m]["warm_s"]
@@ -373,7 +370,7 @@ def wide_table(quick: bool, repeat: int) -> None:
               "ggn-whole": "secorder GGN diagonal (`factor_chunk_size=C`: all columns at once)",
               "diag": "secorder Hessian diagonal (default factor chunks)"}
     lines = ["| row | method | warm (ms) | peak extra mem (MiB) | time vs one gradient |", "|---|---|---|---|---|"]
-    rows = [r for r in WIDE_ROWS if not any(a.startswith("--row=") for a in sys.argv) or f"--row={r}" in sys.argv]
+    rows = harness.selected_rows(WIDE_ROWS)
     for row in rows:
         methods = ["grad", "ggn", "ggn-whole", "diag"] + (["backpack"] if WIDE_ROWS[row] <= 1000 else [])
         res = {}
@@ -381,8 +378,7 @@ def wide_table(quick: bool, repeat: int) -> None:
             for m in methods:
                 warm = 1 if m == "backpack" or quick else 3
                 r = harness.run_case("bench_structured", f"wide-{m}:{row}", warm=warm)
-                if m not in res or r["warm_s"] < res[m]["warm_s"]:
-                    res[m] = r
+                harness.keep_fastest(res, m, r)
         for m in methods:
             r = res[m]
             lines.append(f"| {row} | {labels[m]} | {1e3 * r['warm_s']:.1f} | {r['peak_mib']:.1f} | "
@@ -397,9 +393,8 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     quick = "--quick" in sys.argv
     warm = 3 if quick else 10
-    repeat = next((int(a.split("=")[1]) for a in sys.argv if a.startswith("--repeat=")), 1 if quick else 3)
-    rows = [r for r in ROWS if not any(a.startswith("--row=") for a in sys.argv)
-            or f"--row={r}" in sys.argv]
+    repeat = harness.repeat_option(1 if quick else 3)
+    rows = harness.selected_rows(ROWS)
     lines = [
         "| row | method | warm (ms) | peak extra mem (MiB) | time vs BackPACK | mem vs BackPACK |",
         "|---|---|---|---|---|---|",
@@ -412,8 +407,7 @@ def main() -> None:
         for _ in range(repeat):  # rounds interleave the methods; keep each method's fastest run
             for m in methods:
                 r = harness.run_case("bench_structured", f"{m}:{row}", warm=warm)
-                if m not in res or r["warm_s"] < res[m]["warm_s"]:
-                    res[m] = r
+                harness.keep_fastest(res, m, r)
         for m in methods:
             r, b = res[m], res[BASELINE[m]]
             lines.append(

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS = REPO / ".bench_peers"
@@ -148,3 +148,20 @@ def run_case(module: str, case: str, warm: int = 5, peer: Optional[str] = None,
 
 def fmt_ratio(num: float, den: float) -> str:
     return f"{num / den:.2f}x" if den > 0 else "n/a"
+
+
+def selected_rows(rows: Iterable[str]) -> List[str]:
+    """The rows named by ``--row=NAME`` arguments, in the benchmark's order (every row without one)."""
+    chosen = [a[len("--row="):] for a in sys.argv if a.startswith("--row=")]
+    return [r for r in rows if not chosen or r in chosen]
+
+
+def repeat_option(default: int) -> int:
+    """The number of rounds: ``--repeat=R``, else ``default``."""
+    return next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--repeat=")), default)
+
+
+def keep_fastest(best: Dict[str, Dict[str, float]], key: str, result: Dict[str, float]) -> None:
+    """Keep ``result`` under ``key`` if it is the first or the fastest warm run so far (rounds interleave cases)."""
+    if key not in best or result["warm_s"] < best[key]["warm_s"]:
+        best[key] = result
