@@ -230,6 +230,14 @@ class DatasetLoss:
         progress: the progress-bar setting.
         check_deterministic: whether the first use compares two passes.
         process_group: the ``torch.distributed`` group, or ``None``.
+
+    Example:
+        >>> import torch, secorder as so
+        >>> f = lambda w, x, y: ((x @ w - y) ** 2).mean()
+        >>> x, y = torch.arange(8.).reshape(4, 2), torch.ones(4)
+        >>> F = so.dataset_loss(f, [(x[:3], y[:3]), (x[3:], y[3:])])   # batches of 3 and 1
+        >>> isinstance(F, so.DatasetLoss), torch.allclose(F(torch.ones(2)), f(torch.ones(2), x, y))
+        (True, True)
     """
 
     def __init__(
