@@ -18,6 +18,7 @@ from .forward_laplacian import laplacian
 from .structured import Parallel, PositionalEmbedding, Residual, SelfAttention, Transpose
 from .transforms.spectra import eigenvalues, spectral_density
 from .density import SpectralDensity
+from .kronecker import KroneckerCurvature, ekfac, kfac
 
 __version__ = "0.1.0"
 
@@ -51,4 +52,7 @@ __all__ = [
     "eigenvalues",
     "spectral_density",
     "SpectralDensity",
+    "kfac",
+    "ekfac",
+    "KroneckerCurvature",
 ]
