@@ -18,7 +18,7 @@ from .forward_laplacian import laplacian
 from .structured import Parallel, PositionalEmbedding, Residual, SelfAttention, Transpose
 from .transforms.spectra import eigenvalues, spectral_density
 from .density import SpectralDensity
-from .kronecker import KroneckerCurvature, ekfac, kfac
+from .kronecker import KroneckerCurvature, ekfac, kfac, kfac_curvature
 
 __version__ = "0.1.0"
 
@@ -55,4 +55,5 @@ __all__ = [
     "kfac",
     "ekfac",
     "KroneckerCurvature",
+    "kfac_curvature",
 ]

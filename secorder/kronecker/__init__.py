@@ -17,7 +17,8 @@ Layout (one idea per module):
   transform of secorder.
 """
 
+from .operator import kfac_curvature
 from .result import KroneckerCurvature
 from .transform import ekfac, kfac
 
-__all__ = ["kfac", "ekfac", "KroneckerCurvature"]
+__all__ = ["kfac", "ekfac", "KroneckerCurvature", "kfac_curvature"]

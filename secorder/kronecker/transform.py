@@ -37,7 +37,7 @@ from .columns import FISHER_TYPES
 from .compute import compute
 from .result import KroneckerCurvature
 
-__all__ = ["kfac", "ekfac", "KFAC_APPROX", "FISHER_TYPES", "EKFAC_FISHER_TYPES", "check_options"]
+__all__ = ["kfac", "ekfac", "KFAC_APPROX", "FISHER_TYPES", "EKFAC_FISHER_TYPES", "check_f", "check_options"]
 
 KFAC_APPROX = ("expand", "reduce")
 EKFAC_FISHER_TYPES = ("type-2", "mc", "empirical")
@@ -51,18 +51,8 @@ def _choice(value: Any, valid: tuple, name: str, what: str = "") -> str:
     return value
 
 
-def check_options(f: Any, argnums: Any, fisher_type: Any, kfac_approx: Any, mc_samples: Any, seed: Any,
-                  generator: Any, chunk_size: Any, *, ekfac: bool) -> Options:
-    """Validate the options of :func:`kfac` / :func:`ekfac` (at creation); return the collection options.
-
-    Example:
-        >>> import torch, secorder as so
-        >>> f = so.functional_loss(torch.nn.Linear(2, 1), torch.nn.MSELoss())
-        >>> check_options(f, 0, "fisher", "expand", 1, None, None, None, ekfac=False)
-        Traceback (most recent call last):
-        ...
-        ValueError: unknown fisher_type 'fisher'; valid are 'type-2', 'mc', 'empirical', 'forward-only'
-    """
+def check_f(f: Any, argnums: Any) -> None:
+    """``f`` must be a :class:`secorder.FunctionalLoss` (or a data-set loss of one) and ``argnums`` 0."""
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
     per_batch = f.f if is_dataset_loss(f) else f
@@ -74,6 +64,18 @@ def check_options(f: Any, argnums: Any, fisher_type: Any, kfac_approx: Any, mc_s
     if isinstance(argnums, bool) or argnums != 0:
         raise ValueError(f"K-FAC is a curvature of the layers' parameters, the first argument of f: argnums must "
                          f"be 0, got {argnums!r}")
+
+
+def check_options(fisher_type: Any, kfac_approx: Any, mc_samples: Any, seed: Any, generator: Any, chunk_size: Any,
+                  *, ekfac: bool) -> Options:
+    """Validate the options of :func:`kfac` / :func:`ekfac` (at creation); return the collection options.
+
+    Example:
+        >>> check_options("fisher", "expand", 1, None, None, None, ekfac=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown fisher_type 'fisher'; valid are 'type-2', 'mc', 'empirical', 'forward-only'
+    """
     valid = EKFAC_FISHER_TYPES if ekfac else FISHER_TYPES
     _choice(fisher_type, valid, "fisher_type", " for EK-FAC (its corrections need gradients)"
             if ekfac and fisher_type == "forward-only" else "")
@@ -92,7 +94,8 @@ def check_options(f: Any, argnums: Any, fisher_type: Any, kfac_approx: Any, mc_s
 
 def _transform(f: Any, argnums: Any, fisher_type: Any, kfac_approx: Any, mc_samples: Any, seed: Any,
                generator: Any, chunk_size: Any, ekfac: bool) -> Callable[..., KroneckerCurvature]:
-    opts = check_options(f, argnums, fisher_type, kfac_approx, mc_samples, seed, generator, chunk_size, ekfac=ekfac)
+    check_f(f, argnums)
+    opts = check_options(fisher_type, kfac_approx, mc_samples, seed, generator, chunk_size, ekfac=ekfac)
     info = dict(method="ekfac" if ekfac else "kfac", fisher_type=fisher_type, kfac_approx=kfac_approx,
                 mc_samples=mc_samples)
 

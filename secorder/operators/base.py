@@ -13,6 +13,11 @@ symmetric linear operator on a list of leaf tensors (a flattened pytree), given 
 and ``psd``, whether the operator is known to be positive semi-definite (a GGN of a
 convex loss, a Fisher), which lets ``xnystrace`` skip its definiteness check.
 
+A structured operator that knows its exact diagonal in closed form (a
+Kronecker-factored curvature: the diagonals of its factors) says so with
+``diagonal``, a function returning it per leaf; the exact estimators then use it
+instead of one-hot block products (and report no matvecs).
+
 :func:`secorder.operators.make_operator` builds one per curvature; the legacy
 ``torch_secorder`` shim builds one on the autograd engine.
 """
@@ -20,7 +25,7 @@ convex loss, a Fisher), which lets ``xnystrace`` skip its definiteness check.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from torch import Tensor
 
@@ -48,6 +53,7 @@ class LeafOperator:
     matvec: Callable[[List[Tensor]], List[Tensor]]
     block_matvec: Callable[[int, Tensor], Tensor]
     psd: bool = False
+    diagonal: Optional[Callable[[], List[Tensor]]] = None
 
     @property
     def sizes(self) -> List[int]:
