@@ -291,7 +291,7 @@ def _embedding_correction(call: Any, Gt: Tensor) -> Tensor:
     unique, inverse = torch.unique(keys, return_inverse=True)
     out = Gt.new_zeros(V, Gt.shape[-1])
     for k in range(Gt.shape[0]):
-        rows = Gt[k].reshape(N * S, -1) * keep.unsqueeze(-1).to(Gt.dtype)
+        rows = Gt[k].reshape(N * S, Gt.shape[-1]) * keep.unsqueeze(-1).to(Gt.dtype)
         summed = Gt.new_zeros(unique.numel(), Gt.shape[-1]).index_add_(0, inverse, rows)
         out.index_add_(0, unique % V, summed ** 2)
     return out

@@ -162,12 +162,13 @@ class LinearRule(Rule):
         d_in = call.weight_shape[1]
         if x.dim() == 1:
             return x.reshape(1, 1, d_in)
-        return x.reshape(x.shape[0], -1, d_in)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), d_in)
 
     def output_rows(self, call: Call, g: Tensor) -> Tensor:
         K, d_out = g.shape[0], call.weight_shape[0]
-        N = 1 if call.x.dim() == 1 else call.x.shape[0]
-        return g.reshape(K, N, -1, d_out)
+        x = call.x
+        N, S = (1, 1) if x.dim() == 1 else (x.shape[0], math.prod(x.shape[1:-1]))
+        return g.reshape(K, N, S, d_out)
 
 
 def _tuple(value: Any, d: int) -> Tuple[int, ...]:
@@ -222,10 +223,10 @@ def conv_patches(x: Tensor, kernel: Tuple[int, ...], stride: Tuple[int, ...], pa
     if average:
         out_count = math.prod(x.shape[2:2 + d])
         mean = x.mean(positions) if out_count else x.new_zeros((N, C) + tuple(kernel))
-        return mean.reshape(N, -1)
+        return mean.reshape(N, C * math.prod(kernel))
     order = (0,) + positions + (1,) + tuple(range(2 + d, 2 + 2 * d))
     x = x.permute(order)
-    return x.reshape(N, math.prod(x.shape[1:1 + d]), -1)
+    return x.reshape(N, math.prod(x.shape[1:1 + d]), C * math.prod(kernel))
 
 
 class ConvRule(Rule):
@@ -306,7 +307,9 @@ class EmbeddingRule(Rule):
     def indices(self, call: Call) -> Tensor:
         """The token indices as ``[N, S]``."""
         idx = call.x
-        return idx.reshape(1, -1) if idx.dim() <= 1 else idx.reshape(idx.shape[0], -1)
+        if idx.dim() <= 1:
+            return idx.reshape(1, idx.numel())
+        return idx.reshape(idx.shape[0], math.prod(idx.shape[1:]))
 
     def kept(self, call: Call, idx: Tensor) -> Tensor:
         pad = call.options["padding_idx"]
@@ -338,8 +341,8 @@ class EmbeddingRule(Rule):
 
     def output_rows(self, call: Call, g: Tensor) -> Tensor:
         K, d_out = g.shape[0], call.weight_shape[1]
-        N = self.indices(call).shape[0]
-        return g.reshape(K, N, -1, d_out)
+        N, S = self.indices(call).shape
+        return g.reshape(K, N, S, d_out)
 
 
 def _describe_function(fn: Any) -> str:

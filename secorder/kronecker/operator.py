@@ -43,6 +43,7 @@ def build(problem: Any, *, method: str = "kfac", fisher_type: str = "type-2", kf
         raise ValueError(f"curvature={method!r} is a curvature of the layers' parameters, the first argument of "
                          f"f: argnums must be 0, got {problem.argnums!r}")
     check_f(problem.f, 0)
+    mc_samples = mc_samples if fisher_type == "mc" else 1  # make_operator's contract: others ignore it
     opts = check_options(fisher_type, kfac_approx, mc_samples, None, None, chunk_size, ekfac=method == "ekfac")
     info = dict(method=method, fisher_type=fisher_type, kfac_approx=kfac_approx, mc_samples=mc_samples)
     K = compute(problem.f, problem.args, problem.kwargs, opts, ekfac=method == "ekfac", generator=generator,
