@@ -150,7 +150,7 @@ class EigenBlock:
         rows, cols = self.S.shape
         QL = self.QL if self.QL is not None else torch.eye(rows, dtype=self.S.dtype, device=self.S.device)
         QR = self.QR if self.QR is not None else torch.eye(cols, dtype=self.S.dtype, device=self.S.device)
-        Q = torch.kron(QL, QR)
+        Q = torch.kron(QL.contiguous(), QR.contiguous())  # kron views its inputs: eigh gives column-major
         return (Q * self.S.reshape(-1)) @ Q.mT
 
     def inverse(self, damping: float) -> "EigenBlock":
@@ -204,7 +204,7 @@ class KronBlock:
         return _diag(self.L, self.L).sum() * _diag(self.R, self.L).sum()
 
     def dense(self) -> Tensor:
-        return torch.kron(factor_dense(self.L, self.L), factor_dense(self.R, self.L))
+        return torch.kron(factor_dense(self.L, self.L).contiguous(), factor_dense(self.R, self.L).contiguous())
 
     def inverse(self, damping: float) -> EigenBlock:
         return self.eigen().inverse(damping)

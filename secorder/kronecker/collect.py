@@ -149,12 +149,43 @@ def _structure(rec: Recorder, names: Sequence[str]) -> Tuple[List[LayerInfo], Li
     return layers, grouped
 
 
-def _forward(problem: Any, leaves: List[Tensor], names: Sequence[str], grad: bool):
+def _model_samples(problem: Any, out: Any) -> Optional[int]:
+    targets = problem.targets
+    if isinstance(targets, Tensor):
+        return targets.shape[0] if targets.dim() else 1
+    return out.shape[0] if isinstance(out, Tensor) and out.dim() else None
+
+
+def _check_samples(layers: List[LayerInfo], grouped: List[List[Any]], N: Optional[int], per_sample: bool) -> None:
+    """A layer must see the samples: one row per sample for EK-FAC, never one row shared by a batch (a broadcast)."""
+    if N is None:
+        return
+    bad = []
+    for info, calls in zip(layers, grouped):
+        for call in calls:
+            n = call.rule.samples(call)
+            if (per_sample and n != N) or (n == 1 < N):
+                bad.append(f"{info.name} ({info.kind} on an input of batch size {n})")
+                break
+    if bad:
+        need = ("EK-FAC's per-sample gradients need every layer to see one row per sample" if per_sample else
+                "K-FAC needs every layer to see the samples: an input shared by the whole batch (a broadcast buffer "
+                "such as position ids) sums the samples' output gradients before K-FAC could factor them")
+        raise ValueError(f"{need}; the batch has {N} samples but these layers see other batch sizes: "
+                         f"{'; '.join(bad)}. Leave their parameters out of params")
+
+
+def _forward(problem: Any, leaves: List[Tensor], names: Sequence[str], grad: bool, per_sample: bool = False):
     rec = Recorder(leaves, grad=grad)
-    with (torch.enable_grad() if grad else torch.no_grad()):
+    # Our own graph, whatever the caller's grad mode: no_grad and inference_mode are switched off here.
+    with torch.inference_mode(False), (torch.enable_grad() if grad else torch.no_grad()):
         with rec:
             out = problem.output_of_leaves(leaves)
     layers, grouped = _structure(rec, names)
+    _check_samples(layers, grouped, _model_samples(problem, out), per_sample)
+    if grad and any(c.edge is None for calls in grouped for c in calls):
+        raise RuntimeError("K-FAC: a layer output has no gradient graph (inference tensors as inputs or "
+                           "parameters? create them outside torch.inference_mode)")
     return out, layers, grouped
 
 
@@ -165,12 +196,14 @@ def _auto_chunk(out: Tensor, grouped: List[List[Any]], count: int) -> int:
 
 def _backward(out: Tensor, grouped: List[List[Any]], factor: OutputFactor, chunk_size: Optional[int]):
     """Yield ``(layer index, call, rows [k, N, S, d_out])`` for every chunk of columns."""
-    calls = [(i, c) for i, cs in enumerate(grouped) for c in cs if c.edge is not None]
+    calls = [(i, c) for i, cs in enumerate(grouped) for c in cs]
     if not calls:
         return
     if not out.requires_grad:
         raise ValueError("the model output does not depend on the recorded layers (is it detached?)")
     K = factor.count
+    if K == 0:
+        return
     step = chunk_size if chunk_size is not None else _auto_chunk(out, grouped, K)
     edges = [c.edge for _, c in calls]
     for start in range(0, K, step):
@@ -314,7 +347,7 @@ def batch_corrections(problem: Any, opts: Options, bases: Sequence[Tuple[Optiona
     """
     leaves = [t.detach() for t in problem.leaves]
     names = layer_names(problem.primals)
-    out, layers, grouped = _forward(problem, leaves, names, True)
+    out, layers, grouped = _forward(problem, leaves, names, True, per_sample=True)
     if len(layers) != len(bases):
         raise ValueError("the model called other layers in EK-FAC's second pass than in the first")
     factor = _factor(problem, opts, generator, out)

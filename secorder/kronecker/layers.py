@@ -121,6 +121,10 @@ class Rule:
         """The layer inputs as ``[N, S, d_in]``."""
         raise NotImplementedError
 
+    def samples(self, call: Call) -> int:
+        """``N``: the leading (batch) dimension the layer sees."""
+        return self.features(call).shape[0]
+
     def output_rows(self, call: Call, g: Tensor) -> Tensor:
         """Output gradients ``[K, *y.shape]`` as ``[K, N, S, d_out]``."""
         raise NotImplementedError
@@ -163,6 +167,9 @@ class LinearRule(Rule):
         if x.dim() == 1:
             return x.reshape(1, 1, d_in)
         return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), d_in)
+
+    def samples(self, call: Call) -> int:
+        return 1 if call.x.dim() == 1 else call.x.shape[0]
 
     def output_rows(self, call: Call, g: Tensor) -> Tensor:
         K, d_out = g.shape[0], call.weight_shape[0]
@@ -246,6 +253,9 @@ class ConvRule(Rule):
     def _x(self, call: Call) -> Tensor:
         return call.x if call.options["batched"] else call.x.unsqueeze(0)
 
+    def samples(self, call: Call) -> int:
+        return call.x.shape[0] if call.options["batched"] else 1
+
     def features(self, call: Call) -> Tensor:
         o = call.options
         return conv_patches(self._x(call), tuple(call.weight_shape[2:]), o["stride"], o["padding"], o["dilation"],
@@ -310,6 +320,9 @@ class EmbeddingRule(Rule):
         if idx.dim() <= 1:
             return idx.reshape(1, idx.numel())
         return idx.reshape(idx.shape[0], math.prod(idx.shape[1:]))
+
+    def samples(self, call: Call) -> int:
+        return self.indices(call).shape[0]
 
     def kept(self, call: Call, idx: Tensor) -> Tensor:
         pad = call.options["padding_idx"]
