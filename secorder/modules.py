@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from typing import Any, Callable, Dict, Iterator, Optional
+
+import torch
 
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -55,6 +59,32 @@ def _batch_statistics(model: nn.Module) -> Iterator[None]:
     finally:
         for m in switched:
             m.track_running_stats = True
+
+
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _exclusive(model: nn.Module) -> Iterator[None]:
+    """One ``functional_call`` of ``model`` at a time.
+
+    ``functional_call`` swaps the given tensors into the module for the duration of
+    the call, so two threads calling it on one module would each run with the
+    other's parameters (a silent wrong answer). The swap and the forward pass hold
+    a per-module lock; the backward passes (which read the graph, not the module)
+    do not. Not while ``torch.compile`` traces (it traces no lock; a compiled call
+    runs the graph, not the module).
+    """
+    if torch.compiler.is_compiling():
+        yield
+        return
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+    with lock:
+        yield
 
 
 class FunctionalLoss:
@@ -109,7 +139,7 @@ class FunctionalLoss:
             raise ValueError(f"params has names that are not parameters of the model: {sorted(unknown)}")
         state = dict(self.model.named_buffers()) if buffers is None else dict(buffers)
         state.update(params)
-        with _batch_statistics(self.model):
+        with _exclusive(self.model), _batch_statistics(self.model):
             return functional_call(self.model, state, (inputs,))
 
     def __call__(self, params: Any, inputs: Any, targets: Any, buffers: Optional[Dict[str, Tensor]] = None) -> Any:

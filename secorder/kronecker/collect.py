@@ -38,7 +38,7 @@ from torch import Tensor
 from .. import tree
 from ..losses import SUPPORTED_LOSSES, LossSpec, UnsupportedLoss, loss_spec
 from .columns import OutputFactor, output_factor
-from .layers import MAX_DENSE_EMBEDDING_FACTOR, RULES, EmbeddingRule
+from .layers import MAX_DENSE_EMBEDDING_FACTOR, EmbeddingRule, gram
 from .record import Recorder
 from .result import LayerInfo
 
@@ -272,8 +272,9 @@ def batch_sums(problem: Any, opts: Options, generator: Optional[torch.Generator]
         raise TypeError(f"K-FAC needs a model output that is a tensor, got {type(out).__name__}")
     factor = _factor(problem, opts, generator, out)
     for i, call, r in _backward(out, grouped, factor, opts.chunk_size):
-        flat = _rows(r, opts.kfac_approx)
-        part = (flat.T @ flat) / factor.weight
+        part = gram(_rows(r, opts.kfac_approx))
+        if factor.weight != 1:
+            part = part / factor.weight
         G[i] = part if G[i] is None else G[i] + part
     for i, layer in enumerate(layers):
         if G[i] is None:
