@@ -203,7 +203,16 @@ class KroneckerCurvature:
     # -- blocks ---------------------------------------------------------------------------------
 
     def blocks(self) -> List[Any]:
-        """One block per parameter leaf, in leaf order (:mod:`secorder.kronecker.blocks`)."""
+        """One block per parameter leaf, in leaf order (:mod:`secorder.kronecker.blocks`).
+
+        Example:
+            >>> import torch, secorder as so
+            >>> model = torch.nn.Linear(3, 2)
+            >>> f = so.functional_loss(model, torch.nn.MSELoss())
+            >>> K = so.kfac(f)(so.params_dict(model), torch.randn(4, 3), torch.randn(4, 2))
+            >>> [type(b).__name__ + str(b.shape) for b in K.blocks()]     # leaves in ravel order: bias, weight
+            ['KronBlock(2, 1)', 'KronBlock(2, 3)']
+        """
         if self._blocks is None:
             found: Dict[int, Any] = {}
             for layer in self.layers:
@@ -231,14 +240,33 @@ class KroneckerCurvature:
         return tree.unflatten(self._spec, out)
 
     def matvec_leaves(self, V: Sequence[Tensor]) -> List[Tensor]:
-        """``K V`` for leaves with a leading probe dimension (the operator's batched product)."""
+        """``K V`` for leaves with a leading probe dimension (the operator's batched product).
+
+        Example:
+            >>> import torch, secorder as so
+            >>> model = torch.nn.Linear(3, 2)
+            >>> f = so.functional_loss(model, torch.nn.MSELoss())
+            >>> K = so.kfac(f)(so.params_dict(model), torch.randn(4, 3), torch.randn(4, 2))
+            >>> [t.shape for t in K.matvec_leaves([torch.ones(5, 2), torch.ones(5, 2, 3)])]
+            [torch.Size([5, 2]), torch.Size([5, 2, 3])]
+        """
         out = []
         for leaf, block, view in zip(V, self.blocks(), self._views()):
             out.append(block.apply(leaf.reshape((leaf.shape[0],) + tuple(view))).reshape(leaf.shape))
         return out
 
     def block_matvec(self, index: int, V: Tensor) -> Tensor:
-        """``K_ii V`` for leaf ``index``'s block, ``V`` with a leading probe dimension."""
+        """``K_ii V`` for leaf ``index``'s block, ``V`` with a leading probe dimension.
+
+        Example:
+            >>> import torch, secorder as so
+            >>> model = torch.nn.Linear(3, 2)
+            >>> f = so.functional_loss(model, torch.nn.MSELoss())
+            >>> K = so.kfac(f)(so.params_dict(model), torch.randn(4, 3), torch.randn(4, 2))
+            >>> torch.allclose(K.block_matvec(1, torch.ones(1, 2, 3))[0], K.mv({"weight": torch.ones(2, 3),
+            ...                "bias": torch.zeros(2)})["weight"])
+            True
+        """
         view = self._views()[index]
         return self.blocks()[index].apply(V.reshape((V.shape[0],) + tuple(view))).reshape(V.shape)
 
@@ -371,7 +399,15 @@ class KroneckerCurvature:
         return torch.stack(parts).sum() if parts else torch.zeros(())
 
     def trace_by_leaf(self) -> Tensor:
-        """The trace of each leaf's block, a 1-dim tensor in leaf order."""
+        """The trace of each leaf's block, a 1-dim tensor in leaf order.
+
+        Example:
+            >>> import torch, secorder as so
+            >>> model = torch.nn.Linear(2, 1)
+            >>> f = so.functional_loss(model, torch.nn.MSELoss(reduction="sum"))
+            >>> so.kfac(f)(so.params_dict(model), torch.tensor([[1., 2.]]), torch.zeros(1, 1)).trace_by_leaf()
+            tensor([ 2., 10.])
+        """
         return torch.stack([block.trace() for block in self.blocks()])
 
     def logdet(self, damping: float = 0.0) -> Tensor:
