@@ -20,9 +20,10 @@ and 2x2 max pooling, a linear head; 3x32x32 inputs, N=64), each for
 
 Then, for each workload, the exact-damped inverse product: ours
 ``K.solve(v, damping)`` against curvlinops' ``KFACInverseLinearOperator(...,
-use_exact_damping=True) @ v`` on the same factors' data (float32), the largest
-relative difference (the issue asks for at most 1e-4), and the time of one solve
-with a fresh ``K.inverse`` (the eigendecompositions) and of a repeated one.
+use_exact_damping=True) @ v`` on the same data (float32), the largest relative
+difference (the issue asks for at most 1e-4), and the time of a first solve from the
+factors (eigendecompositions included) and of a repeated one (ours
+``K.inverse(damping).mv``), each side's fastest of two, in the main process.
 """
 
 from __future__ import annotations
@@ -110,32 +111,48 @@ for _row in ROWS:
 
 
 def inverse_check(row):
-    """Ours vs ``KFACInverseLinearOperator(use_exact_damping=True)``: max relative difference and solve times."""
+    """Ours vs ``KFACInverseLinearOperator(use_exact_damping=True)``: max relative difference and solve times.
+
+    First solve: from the factors (each side's eigendecompositions included); repeated: the same
+    inverse applied again (ours ``K.inverse(damping).mv``).
+    """
     import curvlinops
 
     import secorder as so
 
     model, x, y = workload(row)
     params = so.params_dict(model)
+    g = torch.Generator().manual_seed(1)
+    V = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+    v = dict(zip(params, V))
     K = so.kfac(so.functional_loss(model, nn.CrossEntropyLoss()))(params, x, y)
     op = curvlinops.KFACLinearOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), [(x, y)],
                                        fisher_type="type-2", check_deterministic=False)
-    inv = curvlinops.KFACInverseLinearOperator(op, damping=DAMPING, use_exact_damping=True)
-    g = torch.Generator().manual_seed(1)
-    V = [torch.randn(p.shape, generator=g) for p in model.parameters()]
-    want = inv @ V
-    t0 = time.perf_counter()
-    got = K.solve(dict(zip(params, V)), DAMPING)
-    first = time.perf_counter() - t0
-    Kinv = K.inverse(DAMPING)
-    t0 = time.perf_counter()
-    Kinv.mv(dict(zip(params, V)))
-    repeated = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    inv @ V
-    peer = time.perf_counter() - t0
+    op.compute_kronecker_factors()
+    times = {}
+    for side in ("ours", "peer", "ours", "peer"):  # twice, interleaved: keep the faster
+        if side == "ours":
+            K._cache.clear()
+            K._blocks = None
+            t0 = time.perf_counter()
+            got = K.solve(v, DAMPING)
+            first = time.perf_counter() - t0
+            Kinv = K.inverse(DAMPING)
+            t0 = time.perf_counter()
+            Kinv.mv(v)
+            again = time.perf_counter() - t0
+        else:
+            inv = curvlinops.KFACInverseLinearOperator(op, damping=DAMPING, use_exact_damping=True)
+            t0 = time.perf_counter()
+            want = inv @ V
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            inv @ V
+            again = time.perf_counter() - t0
+        best = times.get(side, (float("inf"), float("inf")))
+        times[side] = (min(best[0], first), min(best[1], again))
     err = max(float((got[k] - w).abs().max() / w.abs().max()) for k, w in zip(params, want))
-    return err, first, repeated, peer
+    return err, times["ours"], times["peer"]
 
 
 def _best(case, repeat, warm, res):
@@ -153,8 +170,8 @@ def main() -> None:
     rows = harness.selected_rows(ROWS)
     lines = ["| row | fisher_type | ours (ms) | curvlinops (ms) | ours / curvlinops | BackPACK (ms) | "
              "ours / BackPACK |", "|---|---|---|---|---|---|---|"]
-    inverse_lines = ["| row | max relative difference to curvlinops (exact damping) | ours: first solve (ms) | "
-                     "ours: repeated solve (ms) | curvlinops (ms) |", "|---|---|---|---|---|"]
+    inverse_lines = ["| row | max relative difference to curvlinops (exact damping) | first solve: ours (ms) | "
+                     "curvlinops (ms) | repeated solve: ours (ms) | curvlinops (ms) |", "|---|---|---|---|---|---|"]
     for row in rows:
         res = {}
         for ft in FISHER_TYPES:
@@ -169,8 +186,9 @@ def main() -> None:
             lines.append(f"| {row} | {ft} | {1e3 * ours:.1f} | {1e3 * peer:.1f} | {harness.fmt_ratio(ours, peer)} | "
                          f"{bp_cells} |")
             print(lines[-1], flush=True)
-        err, first, repeated, peer = inverse_check(row)
-        inverse_lines.append(f"| {row} | {err:.1e} | {1e3 * first:.1f} | {1e3 * repeated:.1f} | {1e3 * peer:.1f} |")
+        err, ours, peer = inverse_check(row)
+        inverse_lines.append(f"| {row} | {err:.1e} | {1e3 * ours[0]:.1f} | {1e3 * peer[0]:.1f} | {1e3 * ours[1]:.1f} | "
+                             f"{1e3 * peer[1]:.1f} |")
         print(inverse_lines[-1], flush=True)
     print("\n" + "\n".join(lines))
     print("\n" + "\n".join(inverse_lines))

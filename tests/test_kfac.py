@@ -478,6 +478,9 @@ def test_grad_mode_inplace_activations_and_threads():
     for r in results:
         torch.testing.assert_close(r, want, **TOL)
     assert not model._forward_hooks and not model._forward_pre_hooks  # nothing attached to the user's model
+    stacked = {k: torch.stack([t, 2 * t]) for k, t in params.items()}
+    with pytest.raises(NotImplementedError, match="outside torch.func transforms"):
+        torch.func.vmap(lambda p: fn(p, x, y).trace())(stacked)
 
 
 def test_function_models_and_subsets_of_parameters():
@@ -611,6 +614,11 @@ def test_bad_input():
     net = so.functional_loss(lambda p, x: F.linear(x, p["w"]), loss)
     with pytest.raises(ValueError, match=r"extra \(not used by the model's forward pass\)"):
         so.kfac(net)({"w": torch.ones(3, 5, dtype=D), "extra": torch.zeros(2, dtype=D)}, x, y)
+    make, mse, xt, yt = data("tokens-mse")
+    tok = make()
+    with pytest.raises(ValueError, match="one loss row per sample"):
+        so.ekfac(so.functional_loss(tok, mse))(so.params_dict(tok), xt, yt)
+    assert so.ekfac(so.functional_loss(tok, mse), fisher_type="empirical")(so.params_dict(tok), xt, yt).trace() > 0
     tied = nn.Sequential(nn.Embedding(5, 5, max_norm=1.0), Pool(), nn.Linear(5, 3)).to(D)
     with pytest.raises(ValueError, match="max_norm"):
         so.kfac(so.functional_loss(tied, loss))(so.params_dict(tied), torch.randint(0, 5, (6, 2)), y)

@@ -331,6 +331,14 @@ def _embedding_correction(call: Any, Gt: Tensor) -> Tensor:
     return out
 
 
+def _rows_per_sample(problem: Any, out: Tensor) -> int:
+    """Loss rows per sample: positions of ``[N, C, *d]`` logits (cross-entropy), middle dims of ``[N, *, C]``."""
+    if out.dim() <= 2:
+        return 1
+    spec = loss_spec(problem.loss_fn)
+    return math.prod(out.shape[2:]) if spec.kind == "ce" else math.prod(out.shape[1:-1])
+
+
 def batch_corrections(problem: Any, opts: Options, bases: Sequence[Tuple[Optional[Tensor], Tensor]],
                       generator: Optional[torch.Generator] = None) -> Tuple[List[Optional[Tensor]],
                                                                              List[Optional[Tensor]], Tensor]:
@@ -352,6 +360,12 @@ def batch_corrections(problem: Any, opts: Options, bases: Sequence[Tuple[Optiona
     if len(layers) != len(bases):
         raise ValueError("the model called other layers in EK-FAC's second pass than in the first")
     factor = _factor(problem, opts, generator, out)
+    if opts.fisher_type == "type-2" and _rows_per_sample(problem, out) > 1:
+        raise ValueError(
+            f"EK-FAC with fisher_type='type-2' needs one loss row per sample (outputs [N, C]; got {tuple(out.shape)}): "
+            "its square-root columns, backpropagated for all rows of a sample at once, would add cross terms between "
+            "the rows to the per-sample gradients. Use fisher_type='mc' (independent draws per row: no cross terms "
+            "in expectation) or 'empirical' (per-sample gradients summed over the rows), or so.kfac")
     S_w: List[Optional[Tensor]] = [None] * len(layers)
     S_b: List[Optional[Tensor]] = [None] * len(layers)
     for i, call, r in _backward(out, grouped, factor, opts.chunk_size):

@@ -208,6 +208,11 @@ def compute(f: Any, args: tuple, kwargs: dict, opts: Options, *, ekfac: bool,
     from .collect import layer_names
 
     problem = Problem(f, 0, False, args, kwargs)
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in problem.leaves):
+        raise NotImplementedError(
+            "K-FAC runs outside torch.func transforms (vmap, grad, ...): it reads each layer's output gradient from "
+            "autograd's graph, and its factors are not differentiated; call it once per set of parameters (a "
+            "Python loop over an ensemble) instead")
     names = layer_names(problem.primals)
     if is_dataset_loss(f):
         if kwargs:

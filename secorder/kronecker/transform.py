@@ -200,7 +200,10 @@ def ekfac(
     Kronecker eigenbasis, per parameter block (the per-sample gradient
     ``g_n a_n^T`` summed over shared positions; with ``"type-2"`` per square-root
     column, with ``"mc"`` per draw). ``K`` then holds ``A``, ``G``, ``Q_A``, ``Q_G`` and
-    ``S`` per layer.
+    ``S`` per layer. Every layer must see one row per sample; ``"type-2"`` needs one
+    loss row per sample (outputs ``[N, C]``), while ``"mc"`` and ``"empirical"`` also
+    take per-position losses (a sample's gradient sums its positions, as for
+    sequence-level influence functions).
 
     Args:
         f: as in :func:`kfac`.
