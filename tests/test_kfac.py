@@ -396,6 +396,37 @@ def test_dataset_loss_equals_one_big_batch(method, fisher_type, approx, reductio
                                rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_other_parameters_get_the_exact_diagonal(method):
+    """other="diagonal": a LayerNorm's parameters get the exact diagonal of the matching curvature, over data sets too."""
+    seeded(16)
+    model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).to(D)
+    x, y = torch.randn(9, 5, dtype=D), torch.randint(0, 3, (9,))
+    params, f = so.params_dict(model), so.functional_loss(model, nn.CrossEntropyLoss())
+    transform = getattr(so, method)
+    for fisher_type, curvature in (("type-2", "ggn"), ("empirical", "empirical_fisher")):
+        K = transform(f, fisher_type=fisher_type, other="diagonal")(params, x, y)
+        exact = so.diagonal(f, curvature=curvature)(params, x, y)
+        d = K.diagonal()
+        for name in ("1.weight", "1.bias"):
+            torch.testing.assert_close(d[name], exact[name], **TOL)
+        assert [layer.info.kind for layer in K.layers][-2:] == [f"diagonal ({curvature})"] * 2
+        # the blocks of the other leaves are diagonal in every method
+        M = K.to_dense()
+        v = torch.randn(M.shape[0], dtype=D)
+        flat, unravel = tree.ravel(params)
+        torch.testing.assert_close(tree.ravel(K.solve(unravel(v), 0.1))[0],
+                                   torch.linalg.solve(M + 0.1 * torch.eye(M.shape[0], dtype=D), v), rtol=1e-8,
+                                   atol=1e-10)
+        F_ = so.dataset_loss(f, [(x[:4], y[:4]), (x[4:], y[4:])])
+        torch.testing.assert_close(transform(F_, fisher_type=fisher_type, other="diagonal")(params).to_dense(), M,
+                                   rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match="fisher_type='forward-only' approximates none"):
+        so.kfac(f, fisher_type="forward-only", other="diagonal")
+    with pytest.raises(ValueError, match="unknown other 'skip'"):
+        so.kfac(f, other="skip")
+
+
 def test_dataset_mc_labels_are_per_batch_and_reproducible():
     seeded(10)
     make, loss, x, y = data("mlp-ce", n=10)
@@ -553,6 +584,15 @@ def test_transformers_bert_classifier():
     assert kinds == {"Linear", "Embedding"}
     torch.testing.assert_close(K.trace(), so.trace(f, curvature="ggn", engine="generic")(params, ids, y),
                                rtol=1e-8, atol=1e-10)
+    # other="diagonal": the LayerNorm parameters get the exact GGN diagonal; EK-FAC's trace is then the whole GGN's
+    every = {k: v for k, v in so.params_dict(model).items() if "position" not in k}
+    K = so.ekfac(f, other="diagonal")(every, ids, y)
+    assert {layer.info.kind for layer in K.layers} == {"Linear", "Embedding", "diagonal (ggn)"}
+    ggn = so.diagonal(f, curvature="ggn", engine="generic")(every, ids, y)
+    for name, d in K.diagonal().items():
+        if "LayerNorm" in name:
+            torch.testing.assert_close(d, ggn[name], rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(K.trace(), sum(d.sum() for d in ggn.values()), rtol=1e-8, atol=1e-10)
 
 
 # -- bad input -------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ class Options:
     kfac_approx: str
     mc_samples: int = 1
     chunk_size: Optional[int] = None
+    other: str = "error"
 
 
 @dataclass
@@ -70,6 +71,7 @@ class BatchSums:
     G: List[Optional[Tensor]]
     c: Tensor
     calls: List[List[Any]] = field(default_factory=list)
+    others: List[int] = field(default_factory=list)
 
 
 def layer_names(params: Any) -> List[str]:
@@ -106,8 +108,14 @@ def recognised_loss(loss_fn: Any, fisher_type: str) -> LossSpec:
             "no loss") from None
 
 
-def _structure(rec: Recorder, names: Sequence[str]) -> Tuple[List[LayerInfo], List[List[Any]]]:
-    """The layers of the recorded calls (calls of one layer grouped), or a ``ValueError`` listing what is not covered."""
+def _structure(rec: Recorder, names: Sequence[str],
+               other_ok: bool = False) -> Tuple[List[LayerInfo], List[List[Any]], List[int]]:
+    """The layers of the recorded calls (calls of one layer grouped) and the other leaves, or a ``ValueError``.
+
+    With ``other_ok``, leaves used only outside K-FAC layers (a ``LayerNorm``) are
+    returned as the third item; a leaf of a K-FAC layer that is also used otherwise,
+    and a leaf that nothing uses, are errors either way.
+    """
     order: Dict[Tuple[Any, Any], int] = {}
     grouped: List[List[Any]] = []
     owner: Dict[int, Tuple[Any, Any]] = {}
@@ -126,27 +134,32 @@ def _structure(rec: Recorder, names: Sequence[str]) -> Tuple[List[LayerInfo], Li
                             f"{call.rule.name} call)")
         grouped[order[key]].append(call)
     covered = set(owner)
-    for leaf, funcs in sorted(rec.other.items()):
-        problems.append(f"{names[leaf]} (used by {', '.join(sorted(funcs))})")
-    for leaf, reason in sorted(rec.unsupported.items()):
-        problems.append(f"{names[leaf]} ({reason})")
-    unused = [names[i] for i in range(len(names)) if i not in covered and i not in rec.other
-              and i not in rec.unsupported]
+    elsewhere = sorted(set(rec.other) | set(rec.unsupported))
+    others = [i for i in elsewhere if i not in covered] if other_ok else []
+    for leaf in elsewhere:
+        if leaf in others:
+            continue
+        why = [f"used by {', '.join(sorted(rec.other[leaf]))}"] if leaf in rec.other else []
+        why += [rec.unsupported[leaf]] if leaf in rec.unsupported else []
+        also = "also " if leaf in covered else ""
+        problems.append(f"{names[leaf]} ({also}{'; '.join(why)})")
+    unused = [names[i] for i in range(len(names)) if i not in covered and i not in elsewhere]
     for name in unused:
         problems.append(f"{name} (not used by the model's forward pass)")
     if problems:
         unique = list(dict.fromkeys(problems))
+        hint = "" if other_ok else ", or pass other='diagonal' for the exact diagonal of those used by other layers"
         raise ValueError(
             "K-FAC covers the weights and biases of the layers that call F.linear (Linear on any input shape), "
             "F.conv1d/2d/3d (Conv1d/2d/3d) and F.embedding (Embedding); these parameters are not (only) used so: "
-            + "; ".join(unique) + ". Leave them out of params (parameters not in params are constants)")
+            + "; ".join(unique) + f". Leave them out of params (parameters not in params are constants){hint}")
     layers = []
     for key, calls in zip(order, grouped):
         call = calls[0]
         d_out, d_in = call.rule.dims(call.weight_shape)
         layers.append(LayerInfo(_layer_name(names, *key), call.rule.label(call), key[0], key[1], d_out, d_in,
                                 call.rule.out_first, len(calls)))
-    return layers, grouped
+    return layers, grouped, others
 
 
 def _model_samples(problem: Any, out: Any) -> Optional[int]:
@@ -175,18 +188,19 @@ def _check_samples(layers: List[LayerInfo], grouped: List[List[Any]], N: Optiona
                          f"{'; '.join(bad)}. Leave their parameters out of params")
 
 
-def _forward(problem: Any, leaves: List[Tensor], names: Sequence[str], grad: bool, per_sample: bool = False):
+def _forward(problem: Any, leaves: List[Tensor], names: Sequence[str], grad: bool, per_sample: bool = False,
+             other_ok: bool = False):
     rec = Recorder(leaves, grad=grad)
     # Our own graph, whatever the caller's grad mode: no_grad and inference_mode are switched off here.
     with torch.inference_mode(False), (torch.enable_grad() if grad else torch.no_grad()):
         with rec:
             out = problem.output_of_leaves(leaves)
-    layers, grouped = _structure(rec, names)
+    layers, grouped, others = _structure(rec, names, other_ok)
     _check_samples(layers, grouped, _model_samples(problem, out), per_sample)
     if grad and any(c.edge is None for calls in grouped for c in calls):
         raise RuntimeError("K-FAC: a layer output has no gradient graph (inference tensors as inputs or "
                            "parameters? create them outside torch.inference_mode)")
-    return out, layers, grouped
+    return out, layers, grouped, others
 
 
 def _auto_chunk(out: Tensor, grouped: List[List[Any]], count: int) -> int:
@@ -232,11 +246,12 @@ def _factor(problem: Any, opts: Options, generator: Optional[torch.Generator], o
     return output_factor(opts.fisher_type, spec, out, problem.targets, opts.mc_samples, generator)
 
 
-def probe_layers(problem: Any) -> List[LayerInfo]:
-    """The K-FAC layers of one call (one forward pass without gradients), or the error listing what is not covered."""
+def probe_layers(problem: Any, other_ok: bool = False) -> Tuple[List[LayerInfo], List[int]]:
+    """The K-FAC layers and other leaves of one call (a forward pass without gradients), or the error."""
     problem.require_split("kfac")
     leaves = [t.detach() for t in problem.leaves]
-    return _forward(problem, leaves, layer_names(problem.primals), False)[1]
+    _, layers, _, others = _forward(problem, leaves, layer_names(problem.primals), False, other_ok=other_ok)
+    return layers, others
 
 
 def batch_sums(problem: Any, opts: Options, generator: Optional[torch.Generator] = None) -> BatchSums:
@@ -254,7 +269,7 @@ def batch_sums(problem: Any, opts: Options, generator: Optional[torch.Generator]
     leaves = [t.detach() for t in problem.leaves]
     names = layer_names(problem.primals)
     grad = opts.fisher_type != "forward-only"
-    out, layers, grouped = _forward(problem, leaves, names, grad)
+    out, layers, grouped, others = _forward(problem, leaves, names, grad, other_ok=opts.other == "diagonal")
     A: List[Optional[Tensor]] = [None] * len(layers)
     rows: List[int] = [0] * len(layers)
     for i, calls in enumerate(grouped):
@@ -267,7 +282,7 @@ def batch_sums(problem: Any, opts: Options, generator: Optional[torch.Generator]
     G: List[Optional[Tensor]] = [None] * len(layers)
     dtype, device = leaves[0].dtype, leaves[0].device
     if not grad:
-        return BatchSums(layers, A, rows, G, torch.ones((), dtype=dtype, device=device), grouped)
+        return BatchSums(layers, A, rows, G, torch.ones((), dtype=dtype, device=device), grouped, others)
     if not isinstance(out, Tensor):
         raise TypeError(f"K-FAC needs a model output that is a tensor, got {type(out).__name__}")
     factor = _factor(problem, opts, generator, out)
@@ -279,7 +294,7 @@ def batch_sums(problem: Any, opts: Options, generator: Optional[torch.Generator]
     for i, layer in enumerate(layers):
         if G[i] is None:
             G[i] = torch.zeros(layer.d_out, layer.d_out, dtype=dtype, device=device)
-    return BatchSums(layers, A, rows, G, factor.c.to(dtype), grouped)
+    return BatchSums(layers, A, rows, G, factor.c.to(dtype), grouped, others)
 
 
 # -- EK-FAC -----------------------------------------------------------------------------------
@@ -356,7 +371,7 @@ def batch_corrections(problem: Any, opts: Options, bases: Sequence[Tuple[Optiona
     """
     leaves = [t.detach() for t in problem.leaves]
     names = layer_names(problem.primals)
-    out, layers, grouped = _forward(problem, leaves, names, True, per_sample=True)
+    out, layers, grouped, _ = _forward(problem, leaves, names, True, per_sample=True, other_ok=opts.other == "diagonal")
     if len(layers) != len(bases):
         raise ValueError("the model called other layers in EK-FAC's second pass than in the first")
     factor = _factor(problem, opts, generator, out)

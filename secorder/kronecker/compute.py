@@ -101,7 +101,7 @@ def _single(problem: Problem, opts: Options, ekfac: bool, generator: Optional[to
         S_w, S_b, scale = batch_corrections(problem, opts, bases, pass_generator())
         corrections = (bases, [None if s is None else s / scale for s in S_w],
                        [None if s is None else s / scale for s in S_b])
-    return sums.layers, factors, corrections
+    return sums.layers, factors, corrections, sums.others
 
 
 def _first_batch(F: DatasetLoss, device: torch.device) -> Batch:
@@ -126,7 +126,7 @@ def _dataset(problem: Problem, opts: Options, ekfac: bool, generator: Optional[t
     def gen(batch: Batch) -> Optional[torch.Generator]:
         return labels(batch.index) if labels is not None else None
 
-    layers = probe_layers(batch_problem(_first_batch(F, device)))
+    layers, others = probe_layers(batch_problem(_first_batch(F, device)), opts.other == "diagonal")
 
     def templates() -> List[Tensor]:
         out = []
@@ -177,7 +177,7 @@ def _dataset(problem: Problem, opts: Options, ekfac: bool, generator: Optional[t
         S_w = [None if info.weight is None else got[k] / scale for k, info in enumerate(layers)]
         S_b = [None if info.bias is None else got[n + k] / scale for k, info in enumerate(layers)]
         corrections = (bases, S_w, S_b)
-    return layers, factors, corrections
+    return layers, factors, corrections, others
 
 
 def _data_scale(F: DatasetLoss, count: Tensor) -> Tensor:
@@ -217,7 +217,65 @@ def compute(f: Any, args: tuple, kwargs: dict, opts: Options, *, ekfac: bool,
     if is_dataset_loss(f):
         if kwargs:
             raise TypeError(f"a data-set loss takes the parameters alone, got keyword argument(s) {sorted(kwargs)}")
-        layers, factors, corrections = _dataset(problem, opts, ekfac, generator)
+        layers, factors, corrections, others = _dataset(problem, opts, ekfac, generator)
     else:
-        layers, factors, corrections = _single(problem, opts, ekfac, generator)
-    return _result(problem, layers, factors, corrections, info, names)
+        layers, factors, corrections, others = _single(problem, opts, ekfac, generator)
+    K = _result(problem, layers, factors, corrections, info, names)
+    if others:
+        extra = _other_layers(problem, others, names, opts, ekfac, generator)
+        K = KroneckerCurvature(list(K.layers) + extra, problem.spec, [tuple(t.shape) for t in problem.leaves], names,
+                               info)
+    return K
+
+
+#: The exact curvature whose diagonal ``other="diagonal"`` takes for each ``fisher_type``.
+OTHER_CURVATURE = {"type-2": "ggn", "mc": "fisher", "empirical": "empirical_fisher"}
+
+
+def _other_layers(problem: Problem, others: Sequence[int], names: Sequence[str], opts: Options, ekfac: bool,
+                  generator: Optional[torch.Generator]) -> List[Layer]:
+    """``other="diagonal"``: the exact diagonal of the matching curvature for the leaves outside K-FAC layers.
+
+    The other leaves are differentiated, the K-FAC leaves held at their values, through
+    the operator layer (:func:`secorder.operators.make_operator`, one-hot block
+    products: as many as those leaves have entries, ``chunk_size``-d), over the data
+    set when there is one. Each leaf becomes a one-block pseudo-layer whose ``G`` is
+    its diagonal (``kind`` says which curvature).
+    """
+    from .. import tree
+    from ..dataset import dataset_loss
+    from ..estimators.exact import exact_diagonal
+    from ..modules import FunctionalLoss
+    from ..operators import make_operator
+
+    curvature = OTHER_CURVATURE[opts.fisher_type]
+    f = problem.f
+    per_batch = f.f if is_dataset_loss(f) else f
+    fixed = [t.detach() for t in problem.leaves]
+    buffers = None if is_dataset_loss(f) else problem._buffers(problem.args)
+
+    def model(sub: List[Tensor], inputs: Any) -> Any:
+        merged = list(fixed)
+        for i, t in zip(others, sub):
+            merged[i] = t
+        return per_batch.output(tree.unflatten(problem.spec, merged), inputs, buffers)
+
+    g = FunctionalLoss(model, per_batch.loss_fn)
+    sub = [fixed[i] for i in others]
+    if is_dataset_loss(f):
+        G = dataset_loss(g, f.data, reduction=f.reduction, num_data=f.num_data, progress=f.progress,
+                         process_group=f.process_group)
+        sub_problem = Problem(G, 0, False, (sub,))
+    else:
+        sub_problem = Problem(g, 0, False, (sub, problem.args[1], problem.args[2]))
+    op = make_operator(curvature, sub_problem, mc_samples=opts.mc_samples, generator=generator)
+    diagonals = exact_diagonal(op, opts.chunk_size)
+    out = []
+    for i, d in zip(others, diagonals):
+        d = d.reshape(-1)
+        info = LayerInfo(names[i], f"diagonal ({curvature})", None, i, d.numel(), 0, True, 0)
+        if ekfac:
+            out.append(Layer(info, G=d, S_bias=d, eigen_form=True))
+        else:
+            out.append(Layer(info, G=d))
+    return out

@@ -36,7 +36,7 @@ __all__ = ["build", "kfac_curvature"]
 
 
 def build(problem: Any, *, method: str = "kfac", fisher_type: str = "type-2", kfac_approx: str = "expand",
-          chunk_size: Optional[int] = None, mc_samples: int = 1,
+          chunk_size: Optional[int] = None, other: str = "error", mc_samples: int = 1,
           generator: Optional[torch.Generator] = None) -> LeafOperator:
     """The K-FAC (``method="kfac"``) or EK-FAC operator of the call ``problem`` (module docstring)."""
     if isinstance(problem.argnums, bool) or problem.argnums != 0:
@@ -44,7 +44,8 @@ def build(problem: Any, *, method: str = "kfac", fisher_type: str = "type-2", kf
                          f"f: argnums must be 0, got {problem.argnums!r}")
     check_f(problem.f, 0)
     mc_samples = mc_samples if fisher_type == "mc" else 1  # make_operator's contract: others ignore it
-    opts = check_options(fisher_type, kfac_approx, mc_samples, None, None, chunk_size, ekfac=method == "ekfac")
+    opts = check_options(fisher_type, kfac_approx, mc_samples, None, None, chunk_size, ekfac=method == "ekfac",
+                         other=other)
     info = dict(method=method, fisher_type=fisher_type, kfac_approx=kfac_approx, mc_samples=mc_samples)
     K = compute(problem.f, problem.args, problem.kwargs, opts, ekfac=method == "ekfac", generator=generator,
                 info=info)
@@ -53,7 +54,7 @@ def build(problem: Any, *, method: str = "kfac", fisher_type: str = "type-2", kf
 
 
 def kfac_curvature(method: str = "kfac", *, fisher_type: str = "type-2", kfac_approx: str = "expand",
-                   chunk_size: Optional[int] = None) -> Curvature:
+                   chunk_size: Optional[int] = None, other: str = "error") -> Curvature:
     """A configured K-FAC or EK-FAC curvature, for ``curvature=`` of every transform.
 
     ``curvature="kfac"`` and ``"ekfac"`` are these with the defaults. With
@@ -65,6 +66,7 @@ def kfac_curvature(method: str = "kfac", *, fisher_type: str = "type-2", kfac_ap
         fisher_type: as in :func:`secorder.kfac`.
         kfac_approx: as in :func:`secorder.kfac`.
         chunk_size: output columns per backward pass, as in :func:`secorder.kfac`.
+        other: as in :func:`secorder.kfac`.
 
     Returns:
         A :class:`secorder.operators.Curvature`.
@@ -81,8 +83,8 @@ def kfac_curvature(method: str = "kfac", *, fisher_type: str = "type-2", kfac_ap
     """
     if method not in ("kfac", "ekfac"):
         raise ValueError(f"unknown method {method!r}; valid are 'kfac', 'ekfac'")
-    check_options(fisher_type, kfac_approx, 1, None, None, chunk_size, ekfac=method == "ekfac")
+    check_options(fisher_type, kfac_approx, 1, None, None, chunk_size, ekfac=method == "ekfac", other=other)
     summary = f"{method.upper().replace('EK', 'EK-').replace('KFAC', 'K-FAC')} ({fisher_type}, {kfac_approx})"
     return Curvature(method, functools.partial(build, method=method, fisher_type=fisher_type, kfac_approx=kfac_approx,
-                                               chunk_size=chunk_size),
+                                               chunk_size=chunk_size, other=other),
                      needs_split=True, sampled=fisher_type == "mc", summary=summary, own_datasets=True)

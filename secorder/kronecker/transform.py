@@ -66,8 +66,11 @@ def check_f(f: Any, argnums: Any) -> None:
                          f"be 0, got {argnums!r}")
 
 
+OTHER = ("error", "diagonal")
+
+
 def check_options(fisher_type: Any, kfac_approx: Any, mc_samples: Any, seed: Any, generator: Any, chunk_size: Any,
-                  *, ekfac: bool) -> Options:
+                  *, ekfac: bool, other: Any = "error") -> Options:
     """Validate the options of :func:`kfac` / :func:`ekfac` (at creation); return the collection options.
 
     Example:
@@ -89,15 +92,21 @@ def check_options(fisher_type: Any, kfac_approx: Any, mc_samples: Any, seed: Any
         raise ValueError(f"seed and generator apply to fisher_type='mc' only (the labels it draws); "
                          f"fisher_type={fisher_type!r} draws nothing")
     _checks.check_chunk_size(chunk_size)
-    return Options(fisher_type, kfac_approx, mc_samples, chunk_size)
+    _choice(other, OTHER, "other")
+    if other == "diagonal" and fisher_type == "forward-only":
+        raise ValueError("other='diagonal' takes the exact diagonal of the curvature that fisher_type approximates; "
+                         "fisher_type='forward-only' approximates none: leave the other parameters out of params")
+    return Options(fisher_type, kfac_approx, mc_samples, chunk_size, other)
 
 
 def _transform(f: Any, argnums: Any, fisher_type: Any, kfac_approx: Any, mc_samples: Any, seed: Any,
-               generator: Any, chunk_size: Any, ekfac: bool) -> Callable[..., KroneckerCurvature]:
+               generator: Any, chunk_size: Any, other: Any, ekfac: bool) -> Callable[..., KroneckerCurvature]:
     check_f(f, argnums)
-    opts = check_options(fisher_type, kfac_approx, mc_samples, seed, generator, chunk_size, ekfac=ekfac)
+    opts = check_options(fisher_type, kfac_approx, mc_samples, seed, generator, chunk_size, ekfac=ekfac, other=other)
     info = dict(method="ekfac" if ekfac else "kfac", fisher_type=fisher_type, kfac_approx=kfac_approx,
                 mc_samples=mc_samples)
+    if other != "error":
+        info["other"] = other
 
     @torch.compiler.disable
     def run(args: tuple, kwargs: dict) -> KroneckerCurvature:
@@ -131,6 +140,7 @@ def kfac(
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     chunk_size: Optional[int] = None,
+    other: str = "error",
 ) -> Callable[..., KroneckerCurvature]:
     """K-FAC transform: ``kfac(f)(params, inputs, targets)`` is the Kronecker-factored curvature ``K``.
 
@@ -140,7 +150,8 @@ def kfac(
     forward pass and one batched backward pass (per chunk of ``chunk_size`` output
     columns), whatever the model's wiring around those layers. Every parameter in
     ``params`` must belong to such a layer (a ``ValueError`` lists the others:
-    leave them out of ``params`` and they are constants).
+    leave them out of ``params`` and they are constants), unless
+    ``other="diagonal"``.
 
     Args:
         f: ``so.functional_loss(model, loss_fn)`` (an ``nn.Module`` or a function
@@ -157,7 +168,14 @@ def kfac(
         seed: seeds the labels' generator on every call (``"mc"`` only).
         generator: a ``torch.Generator`` for the labels instead (``"mc"`` only).
         chunk_size: output columns per batched backward pass (memory bound; ``None``:
-            as many as fit a fixed activation budget).
+            as many as fit a fixed activation budget), and one-hot columns per
+            product for ``other="diagonal"``.
+        other: ``"error"`` (default): parameters used outside K-FAC layers (a
+            ``LayerNorm``'s) are refused, listed; ``"diagonal"``: they get the exact
+            diagonal of the curvature that ``fisher_type`` approximates (the GGN for
+            ``"type-2"``, the Monte-Carlo Fisher for ``"mc"``, the empirical Fisher for
+            ``"empirical"``; one-hot products, as many as they have entries), each a
+            layer of kind ``"diagonal (ggn)"`` etc. in ``K.layers``.
 
     Returns:
         A function of ``f``'s arguments returning a
@@ -178,7 +196,7 @@ def kfac(
         >>> [tuple(layer.A.shape) + tuple(layer.G.shape) for layer in K.layers]
         [(9, 9, 2, 2), (8, 8, 3, 3)]
     """
-    return _transform(f, argnums, fisher_type, kfac_approx, mc_samples, seed, generator, chunk_size, False)
+    return _transform(f, argnums, fisher_type, kfac_approx, mc_samples, seed, generator, chunk_size, other, False)
 
 
 def ekfac(
@@ -191,6 +209,7 @@ def ekfac(
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     chunk_size: Optional[int] = None,
+    other: str = "error",
 ) -> Callable[..., KroneckerCurvature]:
     """EK-FAC transform: K-FAC's eigenbasis with the eigenvalues refitted to the per-sample gradients.
 
@@ -215,6 +234,7 @@ def ekfac(
         seed: as in :func:`kfac` (both passes draw the same labels).
         generator: as in :func:`kfac`.
         chunk_size: as in :func:`kfac`.
+        other: as in :func:`kfac` (the diagonal is then its own exact eigenvalues).
 
     Returns:
         A function of ``f``'s arguments returning a :class:`~secorder.KroneckerCurvature`.
@@ -231,4 +251,4 @@ def ekfac(
         >>> torch.allclose(K.trace(), sum(d.sum() for d in ggn.values()))   # exact in its eigenbasis
         True
     """
-    return _transform(f, argnums, fisher_type, kfac_approx, mc_samples, seed, generator, chunk_size, True)
+    return _transform(f, argnums, fisher_type, kfac_approx, mc_samples, seed, generator, chunk_size, other, True)
