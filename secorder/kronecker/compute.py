@@ -56,13 +56,13 @@ def _normalise(layers: Sequence[LayerInfo], A: Sequence[Optional[Tensor]], rows:
                G: Sequence[Optional[Tensor]], scale: Tensor, fisher_type: str) -> List[Tuple[Any, Any]]:
     out = []
     for info, a, r, g in zip(layers, A, rows, G):
-        if a is not None:
+        if a is not None:  # our own buffers (fresh sums): divided in place
             r = r if isinstance(r, Tensor) else torch.tensor(float(r), dtype=a.dtype, device=a.device)
-            a = a / r.clamp_min(1).to(a.dtype)
+            a = a.div_(r.clamp_min(1).to(a.dtype))
         if fisher_type == "forward-only":
             g = torch.ones(info.d_out, dtype=scale.dtype, device=scale.device)  # the identity, as a diagonal
         else:
-            g = g / scale.to(g.dtype)
+            g = g.div_(scale.to(g.dtype))
         out.append((a, g))
     return out
 

@@ -63,16 +63,17 @@ _GRAM_BLOCKED_FROM = 256
 def gram(X: Tensor) -> Tensor:
     """``X^T X`` for ``X`` of shape ``[rows, d]``, symmetric by construction.
 
-    From ``d = 256`` on, as a 2 x 2 block matrix whose lower block is the transpose
-    of the upper one: 3/4 of the multiply-adds of one ``mm`` (no SYRK in PyTorch).
+    From ``d = 256`` on, when there are at least as many rows as columns (the product
+    is compute-bound), as a 2 x 2 block matrix whose lower block is the transpose of
+    the upper one: 3/4 of the multiply-adds of one ``mm`` (no SYRK in PyTorch).
 
     Example:
         >>> X = torch.randn(5, 300, dtype=torch.float64)
         >>> torch.allclose(gram(X), X.T @ X)
         True
     """
-    d = X.shape[-1]
-    if d < _GRAM_BLOCKED_FROM:
+    rows, d = X.shape
+    if d < _GRAM_BLOCKED_FROM or rows < d:
         return X.mT @ X
     half = d // 2
     X1, X2 = X[:, :half], X[:, half:]
