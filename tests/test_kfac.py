@@ -290,6 +290,7 @@ def test_kron_block_fast_paths_equal_the_eigen_path(rows, cols, left, right, see
 # -- layers ----------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 @settings(max_examples=30, deadline=None)
 @given(d=st.integers(1, 3), k=st.integers(1, 3), stride=st.integers(1, 2), dilation=st.integers(1, 2),
        padding=st.sampled_from([0, 1, 2, "same", "valid"]), seed=st.integers(0, 2**16))
