@@ -71,6 +71,16 @@ class Pool(nn.Module):
         return x.mean(1)
 
 
+class ClassesFirst(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)  # [N, T, C] -> [N, C, T], cross-entropy's layout
+
+
+def tokens_ce():
+    """Per-token classification: (N, T, D) inputs, (N, C, T) logits."""
+    return nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3), ClassesFirst()).to(D)
+
+
 def tokens_pooled():
     """Linear layers on (N, T, D) token inputs, pooled to (N, C) outputs (EK-FAC's per-sample gradients)."""
     return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), Pool(), nn.Linear(6, 3)).to(D)
@@ -99,6 +109,10 @@ def data(name, n=None):
         n = n or 6
         return (tokens, nn.MSELoss(), torch.randn(n, 4, 5, generator=g, dtype=D),
                 torch.randn(n, 4, 3, generator=g, dtype=D))
+    if name == "tokens-ce":
+        n = n or 6
+        return (tokens_ce, nn.CrossEntropyLoss(), torch.randn(n, 4, 5, generator=g, dtype=D),
+                torch.randint(0, 3, (n, 4), generator=g))
     if name == "tokens-pooled-ce":
         n = n or 12
         return (tokens_pooled, nn.CrossEntropyLoss(), torch.randn(n, 4, 5, generator=g, dtype=D),
@@ -106,7 +120,7 @@ def data(name, n=None):
     raise KeyError(name)
 
 
-KFAC_CASES = [(c, ft, ap) for c in ("mlp-ce", "mlp-mse", "mlp-mse-sum", "mlp-bce", "cnn-ce", "tokens-mse")
+KFAC_CASES = [(c, ft, ap) for c in ("mlp-ce", "mlp-mse", "mlp-mse-sum", "mlp-bce", "cnn-ce", "tokens-mse", "tokens-ce")
               for ft in ("type-2", "empirical", "forward-only") for ap in ("expand", "reduce")]
 EKFAC_CASES = [(c, ft, ap) for c in ("mlp-ce", "mlp-mse", "cnn-ce", "tokens-pooled-ce")
                for ft in ("type-2", "empirical") for ap in ("expand", "reduce")]
