@@ -38,7 +38,7 @@ from torch import Tensor
 from ..dataset import Batch, DatasetLoss, is_dataset_loss
 from ..problem import Problem
 from .blocks import factor_eigh
-from .collect import Options, batch_corrections, batch_sums, probe_layers
+from .collect import Options, _layer_name, batch_corrections, batch_sums, layer_names, probe_layers
 from .result import KroneckerCurvature, Layer, LayerInfo
 
 __all__ = ["compute"]
@@ -104,10 +104,62 @@ def _single(problem: Problem, opts: Options, ekfac: bool, generator: Optional[to
     return sums.layers, factors, corrections, sums.others
 
 
-def _first_batch(F: DatasetLoss, device: torch.device) -> Batch:
+def _first_batch(F: DatasetLoss, device: torch.device) -> Optional[Batch]:
     for batch in F._batches(device, "K-FAC: the layers"):
         return batch
-    raise ValueError("data is empty: it gave no batches (K-FAC needs at least one batch on every rank)")
+    return None
+
+
+_FIELDS_PER_LEAF = 8  # role, layer, d_out, d_in, kind, out_first, calls, (unused)
+
+
+def _kinds() -> List[str]:
+    from .layers import RULES
+
+    return sorted({rule.name for _, rule in RULES.items()})
+
+
+def _shared_layers(F: DatasetLoss, local: Optional[Tuple[List[LayerInfo], List[int]]], names: Sequence[str],
+                   num_leaves: int) -> Tuple[List[LayerInfo], List[int]]:
+    """The layers found on this rank's first batch, or (a rank without batches) on the first rank that has one.
+
+    With a process group the structure travels in the handshake: per leaf its role
+    (weight, bias, other), layer and dimensions, as integers.
+    """
+    if F.group is None:
+        if local is None:
+            raise ValueError("data is empty: it gave no batches")
+        return local
+    kinds = _kinds()
+    values = [0] * (1 + _FIELDS_PER_LEAF * num_leaves)
+    if local is not None:
+        layers, others = local
+        values[0] = 1
+        for k, info in enumerate(layers):
+            for role, leaf in ((1, info.weight), (2, info.bias)):
+                if leaf is not None:
+                    values[1 + _FIELDS_PER_LEAF * leaf: 1 + _FIELDS_PER_LEAF * (leaf + 1)] = [
+                        role, k, info.d_out, info.d_in, kinds.index(info.kind), int(info.out_first), info.calls, 0]
+        for leaf in others:
+            values[1 + _FIELDS_PER_LEAF * leaf] = 3
+    gathered = F.group.handshake("K-FAC layers", values)
+    source = next((row for row in gathered if row[0] == 1), None)
+    if source is None:
+        raise ValueError("data is empty on every rank of process_group: no batches")
+    found: dict = {}
+    others = []
+    for leaf in range(num_leaves):
+        role, k, d_out, d_in, kind, out_first, calls, _ = source[1 + _FIELDS_PER_LEAF * leaf:
+                                                                1 + _FIELDS_PER_LEAF * (leaf + 1)]
+        if role == 3:
+            others.append(leaf)
+        elif role in (1, 2):
+            entry = found.setdefault(k, dict(weight=None, bias=None, d_out=d_out, d_in=d_in, kind=kinds[kind],
+                                             out_first=bool(out_first), calls=calls))
+            entry["weight" if role == 1 else "bias"] = leaf
+    layers = [LayerInfo(_layer_name(names, e["weight"], e["bias"]), e["kind"], e["weight"], e["bias"], e["d_out"],
+                        e["d_in"], e["out_first"], e["calls"]) for _, e in sorted(found.items())]
+    return layers, others
 
 
 def _dataset(problem: Problem, opts: Options, ekfac: bool, generator: Optional[torch.Generator]):
@@ -126,7 +178,9 @@ def _dataset(problem: Problem, opts: Options, ekfac: bool, generator: Optional[t
     def gen(batch: Batch) -> Optional[torch.Generator]:
         return labels(batch.index) if labels is not None else None
 
-    layers, others = probe_layers(batch_problem(_first_batch(F, device)), opts.other == "diagonal")
+    first = _first_batch(F, device)
+    local = None if first is None else probe_layers(batch_problem(first), opts.other == "diagonal")
+    layers, others = _shared_layers(F, local, layer_names(params), len(leaves))
 
     def templates() -> List[Tensor]:
         out = []
@@ -205,8 +259,6 @@ def compute(f: Any, args: tuple, kwargs: dict, opts: Options, *, ekfac: bool,
     Returns:
         The :class:`KroneckerCurvature`.
     """
-    from .collect import layer_names
-
     problem = Problem(f, 0, False, args, kwargs)
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in problem.leaves):
         raise NotImplementedError(
