@@ -38,7 +38,7 @@ from torch import Tensor
 from .. import tree
 from ..losses import SUPPORTED_LOSSES, LossSpec, UnsupportedLoss, loss_spec
 from .columns import OutputFactor, output_factor
-from .layers import MAX_DENSE_EMBEDDING_FACTOR, EmbeddingRule, gram
+from .layers import MAX_DENSE_EMBEDDING_FACTOR, EmbeddingRule
 from .record import Recorder
 from .result import LayerInfo
 
@@ -200,7 +200,7 @@ def _forward(problem: Any, leaves: List[Tensor], names: Sequence[str], grad: boo
     if grad and any(c.edge is None for calls in grouped for c in calls):
         raise RuntimeError("K-FAC: a layer output has no gradient graph (inference tensors as inputs or "
                            "parameters? create them outside torch.inference_mode)")
-    return out, layers, grouped, others
+    return out, layers, grouped, others, rec.convolutions
 
 
 def _auto_chunk(out: Tensor, grouped: List[List[Any]], count: int) -> int:
@@ -208,8 +208,10 @@ def _auto_chunk(out: Tensor, grouped: List[List[Any]], count: int) -> int:
     return max(1, min(count, _AUTO_CHUNK_ENTRIES // max(per_column, 1)))
 
 
-def _backward(out: Tensor, grouped: List[List[Any]], factor: OutputFactor, chunk_size: Optional[int]):
-    """Yield ``(layer index, call, rows [k, N, S, d_out])`` for every chunk of columns."""
+def _backward(out: Tensor, grouped: List[List[Any]], factor: OutputFactor, chunk_size: Optional[int],
+              rows: bool = True, convolutions: bool = False):
+    """Yield ``(layer index, call, g)`` for every chunk of columns: ``g`` the output gradients ``[k, *y.shape]``,
+    as rows ``[k, N, S, d_out]`` with ``rows=True``."""
     calls = [(i, c) for i, cs in enumerate(grouped) for c in cs]
     if not calls:
         return
@@ -218,7 +220,9 @@ def _backward(out: Tensor, grouped: List[List[Any]], factor: OutputFactor, chunk
     K = factor.count
     if K == 0:
         return
-    step = chunk_size if chunk_size is not None else _auto_chunk(out, grouped, K)
+    # PyTorch's batched (vmap) rule for a convolution's backward loops over the columns and concatenates:
+    # separate backward passes are faster (2x on benchmarks/bench_kfac.py's CNN), so chunks of one there.
+    step = chunk_size if chunk_size is not None else 1 if convolutions else _auto_chunk(out, grouped, K)
     edges = [c.edge for _, c in calls]
     for start in range(0, K, step):
         stop = min(K, start + step)
@@ -229,15 +233,8 @@ def _backward(out: Tensor, grouped: List[List[Any]], factor: OutputFactor, chunk
         for (i, call), g in zip(calls, grads):
             if g is None:
                 continue
-            g = g if batched else g.unsqueeze(0)
-            yield i, call, call.rule.output_rows(call, g.detach())
-
-
-def _rows(rows: Tensor, approx: str) -> Tensor:
-    d_out = rows.shape[-1]
-    if approx == "reduce":
-        rows = rows.sum(2)
-    return rows.reshape(-1, d_out)
+            g = (g if batched else g.unsqueeze(0)).detach()
+            yield i, call, call.rule.output_rows(call, g) if rows else g
 
 
 def _factor(problem: Any, opts: Options, generator: Optional[torch.Generator], out: Tensor) -> OutputFactor:
@@ -250,7 +247,7 @@ def probe_layers(problem: Any, other_ok: bool = False) -> Tuple[List[LayerInfo],
     """The K-FAC layers and other leaves of one call (a forward pass without gradients), or the error."""
     problem.require_split("kfac")
     leaves = [t.detach() for t in problem.leaves]
-    _, layers, _, others = _forward(problem, leaves, layer_names(problem.primals), False, other_ok=other_ok)
+    _, layers, _, others, _ = _forward(problem, leaves, layer_names(problem.primals), False, other_ok=other_ok)
     return layers, others
 
 
@@ -269,7 +266,8 @@ def batch_sums(problem: Any, opts: Options, generator: Optional[torch.Generator]
     leaves = [t.detach() for t in problem.leaves]
     names = layer_names(problem.primals)
     grad = opts.fisher_type != "forward-only"
-    out, layers, grouped, others = _forward(problem, leaves, names, grad, other_ok=opts.other == "diagonal")
+    out, layers, grouped, others, convolutions = _forward(problem, leaves, names, grad,
+                                                          other_ok=opts.other == "diagonal")
     A: List[Optional[Tensor]] = [None] * len(layers)
     rows: List[int] = [0] * len(layers)
     for i, calls in enumerate(grouped):
@@ -286,8 +284,8 @@ def batch_sums(problem: Any, opts: Options, generator: Optional[torch.Generator]
     if not isinstance(out, Tensor):
         raise TypeError(f"K-FAC needs a model output that is a tensor, got {type(out).__name__}")
     factor = _factor(problem, opts, generator, out)
-    for i, call, r in _backward(out, grouped, factor, opts.chunk_size):
-        part = gram(_rows(r, opts.kfac_approx))
+    for i, call, g in _backward(out, grouped, factor, opts.chunk_size, rows=False, convolutions=convolutions):
+        part = call.rule.output_factor(call, g, opts.kfac_approx)
         if factor.weight != 1:
             part = part / factor.weight
         G[i] = part if G[i] is None else G[i] + part
@@ -371,7 +369,8 @@ def batch_corrections(problem: Any, opts: Options, bases: Sequence[Tuple[Optiona
     """
     leaves = [t.detach() for t in problem.leaves]
     names = layer_names(problem.primals)
-    out, layers, grouped, _ = _forward(problem, leaves, names, True, per_sample=True, other_ok=opts.other == "diagonal")
+    out, layers, grouped, _, convolutions = _forward(problem, leaves, names, True, per_sample=True,
+                                                     other_ok=opts.other == "diagonal")
     if len(layers) != len(bases):
         raise ValueError("the model called other layers in EK-FAC's second pass than in the first")
     factor = _factor(problem, opts, generator, out)
@@ -383,7 +382,7 @@ def batch_corrections(problem: Any, opts: Options, bases: Sequence[Tuple[Optiona
             "in expectation) or 'empirical' (per-sample gradients summed over the rows), or so.kfac")
     S_w: List[Optional[Tensor]] = [None] * len(layers)
     S_b: List[Optional[Tensor]] = [None] * len(layers)
-    for i, call, r in _backward(out, grouped, factor, opts.chunk_size):
+    for i, call, r in _backward(out, grouped, factor, opts.chunk_size, convolutions=convolutions):
         QA, QG = bases[i]
         Gt = r @ QG  # [k, N, S, d_out] in G's eigenbasis
         if call.weight is not None:

@@ -159,6 +159,13 @@ class Rule:
         """Output gradients ``[K, *y.shape]`` as ``[K, N, S, d_out]``."""
         raise NotImplementedError
 
+    def output_factor(self, call: Call, g: Tensor, approx: str) -> Tensor:
+        """``sum g g^T`` over the output-gradient rows of ``g`` (``[K, *y.shape]``), ``d_out x d_out``."""
+        rows = self.output_rows(call, g)
+        if approx == "reduce":
+            rows = rows.sum(2)
+        return gram(rows.reshape(-1, rows.shape[-1]))
+
     def input_factor(self, call: Call, approx: str) -> Tuple[Tensor, int]:
         """The unnormalised input factor and its count of rows (module docstring)."""
         X = self.features(call)
@@ -299,10 +306,19 @@ class ConvRule(Rule):
         return gram(mean), mean.shape[0]
 
     def output_rows(self, call: Call, g: Tensor) -> Tensor:
-        K, d_out = g.shape[0], call.weight_shape[0]
         if not call.options["batched"]:
             g = g.unsqueeze(1)
         return g.flatten(3).transpose(2, 3)  # [K, N, O, C_out]
+
+    def output_factor(self, call: Call, g: Tensor, approx: str) -> Tensor:
+        """In the gradient's own layout ``[K, N, C_out, O]``: one batched product, no transposed copy."""
+        if not call.options["batched"]:
+            g = g.unsqueeze(1)
+        C = g.shape[2]
+        g = g.reshape(g.shape[0] * g.shape[1], C, -1) if g.numel() else g.new_zeros(0, C, 1)
+        if approx == "reduce":
+            return gram(g.sum(-1))
+        return torch.bmm(g, g.mT).sum(0)
 
 
 class EmbeddingRule(Rule):

@@ -87,6 +87,7 @@ class Recorder(TorchFunctionMode):
         calls: the recorded :class:`~secorder.kronecker.layers.Call` s, in call order.
         other: leaf index -> names of the other functions that used it.
         unsupported: leaf index -> why its layer call is not a K-FAC layer.
+        convolutions: whether the model called any convolution.
     """
 
     def __init__(self, leaves: Sequence[Tensor], *, grad: bool):
@@ -96,12 +97,15 @@ class Recorder(TorchFunctionMode):
         self.calls: List[Call] = []
         self.other: Dict[int, Set[str]] = {}
         self.unsupported: Dict[int, str] = {}
+        self.convolutions = False  # any convolution in the model (its batched backward is slow: collect.py)
 
     def _index(self, t: Any) -> Any:
         return self.ids.get(id(t)) if isinstance(t, Tensor) else None
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if not self.convolutions and _name(func).startswith("conv"):
+            self.convolutions = True
         rule = RULES.lookup(func) if not isinstance(func, type) else None
         if rule is not None:
             bound = rule.bind(args, kwargs)
