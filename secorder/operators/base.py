@@ -13,6 +13,12 @@ symmetric linear operator on a list of leaf tensors (a flattened pytree), given 
 and ``psd``, whether the operator is known to be positive semi-definite (a GGN of a
 convex loss, a Fisher), which lets ``xnystrace`` skip its definiteness check.
 
+``space`` is ``None`` for an operator on whole tensors. An operator on this rank's
+pieces of sharded parameters (:mod:`secorder.operators.sharded`) gives the space
+they belong to (:class:`secorder.shards.Space`: its dimension, sums of partial
+inner products over the ranks, and the single-process random draws cut to this
+rank's entries); the Lanczos estimators read it, and nothing else needs it.
+
 :func:`secorder.operators.make_operator` builds one per curvature; the legacy
 ``torch_secorder`` shim builds one on the autograd engine.
 """
@@ -20,7 +26,7 @@ convex loss, a Fisher), which lets ``xnystrace`` skip its definiteness check.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Sequence
+from typing import Any, Callable, List, Sequence
 
 from torch import Tensor
 
@@ -48,6 +54,7 @@ class LeafOperator:
     matvec: Callable[[List[Tensor]], List[Tensor]]
     block_matvec: Callable[[int, Tensor], Tensor]
     psd: bool = False
+    space: Any = None
 
     @property
     def sizes(self) -> List[int]:
@@ -55,4 +62,5 @@ class LeafOperator:
 
     @property
     def dim(self) -> int:
-        return sum(self.sizes)
+        """The dimension of the space (over every rank for a sharded operator)."""
+        return self.space.dim if self.space is not None else sum(self.sizes)
