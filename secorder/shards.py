@@ -30,16 +30,17 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from . import distributed
+from . import distributed, tree, wrappers
 from .wrappers import is_dtensor
 
-__all__ = ["Layout", "Space", "chunks", "ShardingError"]
+__all__ = ["Layout", "Space", "chunks", "ShardingError", "layout_of", "gathering"]
 
 
 class ShardingError(ValueError):
@@ -165,6 +166,10 @@ class Layout:
         shape = self.shapes[i]
         return shape[:d] + (stop - start,) + shape[d + 1:]
 
+    def local_shape(self, i: int) -> Tuple[int, ...]:
+        """The shape of this rank's piece of leaf ``i``."""
+        return self._local_shape(i, self.rank)
+
     def gather(self, parts: Sequence[Tensor], lead: int = 0) -> List[Tensor]:
         """Full tensors from every rank's pieces: ``parts[i]`` is ``(*batch, *local_shape_i)`` with ``lead`` batch dims.
 
@@ -262,3 +267,50 @@ class Space:
         """Stand-ins for the whole leaves (no memory), for drawing probes over the whole space."""
         lay = self.layout
         return [torch.empty((), dtype=d, device=lay.device).expand(s) for s, d in zip(lay.shapes, lay.dtypes)]
+
+
+def layout_of(primals: Any, group: Optional[distributed.Group]) -> Optional[Layout]:
+    """The :class:`Layout` of a call's differentiated ``primals`` (``None`` when none is sharded).
+
+    Example:
+        >>> layout_of({"w": torch.zeros(2)}, None) is None
+        True
+    """
+    leaves = tree.leaves(primals)
+    if not any(is_dtensor(t) for t in leaves):
+        return None
+    return Layout.of(leaves, tree.paths(primals), group)
+
+
+def _twin(model: nn.Module, passed: Any, layout: Layout) -> nn.Module:
+    """A hook-free twin of the FSDP2 ``model``; its sharded parameters not in ``passed`` gathered (one all-gather)."""
+    names = set(passed) if isinstance(passed, dict) else set()
+    constants = [(n, p.detach()) for n, p in model.named_parameters() if is_dtensor(p) and n not in names]
+    full: Dict[int, Tensor] = {}
+    if constants:
+        sub = Layout.of([p for _, p in constants], [f"[{n!r}]" for n, _ in constants], layout.group)
+        for (n, _), t in zip(constants, sub.gather([p for _, p in constants])):
+            full[id(dict(model.named_parameters())[n])] = nn.Parameter(t, requires_grad=False)
+    return wrappers.twin(model, full)
+
+
+@contextlib.contextmanager
+def gathering(layout: Layout, primals: Any, model: Optional[nn.Module] = None) -> Iterator[Any]:
+    """The call's ``primals`` gathered (after a handshake of the ranks), with ``model``'s twin active in the block.
+
+    Args:
+        layout: the primals' layout.
+        primals: the differentiated argument (a pytree of shards).
+        model: the FSDP2 model that ``f`` calls (``FunctionalLoss.model``), if any.
+
+    Yields:
+        The primals as full tensors.
+    """
+    layout.group.handshake(layout.signature())
+    leaves, spec = tree.flatten(primals)
+    full = tree.unflatten(spec, layout.gather(leaves))
+    twins = {}
+    if isinstance(model, nn.Module) and wrappers.is_fsdp(model):
+        twins[id(model)] = _twin(model, primals, layout)
+    with wrappers.active_twins(twins):
+        yield full

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
@@ -53,11 +54,8 @@ def is_dtensor(t: Any) -> bool:
         >>> is_dtensor(torch.ones(1))
         False
     """
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+    module = sys.modules.get("torch.distributed.tensor")  # never imported: nothing can be a DTensor
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def is_ddp(model: Any) -> bool:
