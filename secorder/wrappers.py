@@ -39,7 +39,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["plain_view", "is_ddp", "is_fsdp", "is_dtensor", "twin", "active_twins", "DDP_PREFIX"]
+__all__ = ["plain_view", "is_ddp", "is_fsdp", "is_dtensor", "twin", "active_twins", "original_class", "DDP_PREFIX"]
 
 DDP_PREFIX = "module."
 
@@ -108,8 +108,13 @@ def _is_fsdp_hook(hook: Any) -> bool:
     return False
 
 
-def _original_class(module: nn.Module) -> type:
-    """The class of ``module`` before ``fully_shard`` made it ``FSDP<Class>``."""
+def original_class(module: nn.Module) -> type:
+    """The class of ``module`` before ``fully_shard`` made it ``FSDP<Class>``.
+
+    Example:
+        >>> original_class(torch.nn.Linear(1, 1)).__name__
+        'Linear'
+    """
     kind = _fsdp_module_type()
     cls = type(module)
     if kind is None or not issubclass(cls, kind):
@@ -146,7 +151,7 @@ def twin(model: nn.Module, constants: Optional[Mapping[int, Tensor]] = None) -> 
         if kind is None or not any(isinstance(m, kind) for m in module.modules()):
             memo[id(module)] = module  # nothing sharded below: the module itself
             return module
-        new = object.__new__(_original_class(module))
+        new = object.__new__(original_class(module))
         state = dict(module.__dict__)
         for table, with_kwargs in _HOOK_TABLES:
             kept = OrderedDict((k, h) for k, h in getattr(module, table).items() if not _is_fsdp_hook(h))
