@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from . import distributed, tree, wrappers
 from .wrappers import is_dtensor
 
-__all__ = ["Layout", "Space", "chunks", "ShardingError", "layout_of", "gathering"]
+__all__ = ["Layout", "Space", "chunks", "ShardingError", "layout_of", "gathering", "vdot"]
 
 
 class ShardingError(ValueError):
@@ -314,3 +314,40 @@ def gathering(layout: Layout, primals: Any, model: Optional[nn.Module] = None) -
         twins[id(model)] = _twin(model, primals, layout)
     with wrappers.active_twins(twins):
         yield full
+
+
+def vdot(names: Sequence[str], xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+    """``sum_i <x_i, y_i>`` over leaves that are ``DTensor``s (and plain tensors, counted once), equal on every rank.
+
+    Leaves sharded on a 1-D mesh contribute their local partial sums, all-reduced
+    together (one collective per mesh); other placements are reduced by ``DTensor``
+    itself, leaf by leaf.
+
+    Raises:
+        TypeError: a pair mixes a ``DTensor`` and a plain tensor, or two placements.
+    """
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
+    plain: List[Tensor] = []
+    partial: Dict[Any, List[Tensor]] = {}
+    meshes: Dict[Any, Any] = {}
+    for name, x, y in zip(names, xs, ys):
+        if is_dtensor(x) != is_dtensor(y):
+            raise TypeError(f"vdot: leaf {name or '<root>'} pairs a DTensor with a plain tensor; pass both sharded "
+                            "like the parameters (or both gathered with .full_tensor())")
+        if not is_dtensor(x):
+            plain.append((x * y).sum())
+            continue
+        if tuple(x.placements) != tuple(y.placements) or x.device_mesh != y.device_mesh:
+            raise TypeError(f"vdot: leaf {name or '<root>'} pairs placements {tuple(x.placements)} and "
+                            f"{tuple(y.placements)}; pass both sharded the same way")
+        if x.device_mesh.ndim == 1 and type(x.placements[0]) is Shard:
+            key = id(x.device_mesh)
+            meshes[key] = x.device_mesh
+            partial.setdefault(key, []).append((x.to_local() * y.to_local()).sum())
+        else:
+            plain.append((x * y).sum().full_tensor())
+    for key, terms in partial.items():
+        local = torch.stack(terms).sum()
+        plain.append(DTensor.from_local(local, meshes[key], [Partial()], run_check=False).full_tensor())
+    return torch.stack([t.to(plain[0].device) for t in plain]).sum()

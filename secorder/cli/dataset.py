@@ -150,7 +150,7 @@ def wrap_model(model: nn.Module, how: str, where: Launch) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(where.device.type, (where.size,))
-    for name, module in list(twin.named_modules()):
+    for name, module in reversed(list(twin.named_modules())):  # children before their parents
         if name and any(True for _ in module.parameters(recurse=False)):
             fully_shard(module, mesh=mesh)
     fully_shard(twin, mesh=mesh)
