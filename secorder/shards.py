@@ -301,7 +301,8 @@ def gathering(layout: Layout, primals: Any, model: Optional[nn.Module] = None) -
     Args:
         layout: the primals' layout.
         primals: the differentiated argument (a pytree of shards).
-        model: the FSDP2 model that ``f`` calls (``FunctionalLoss.model``), if any.
+        model: the model of ``f`` (``FunctionalLoss.model``), if it is a module; without
+            one, a forward of an FSDP2 module on this thread in the block raises.
 
     Yields:
         The primals as full tensors.
@@ -312,7 +313,8 @@ def gathering(layout: Layout, primals: Any, model: Optional[nn.Module] = None) -
     twins = {}
     if isinstance(model, nn.Module) and wrappers.is_fsdp(model):
         twins[id(model)] = _twin(model, primals, layout)
-    with wrappers.active_twins(twins):
+    # f without a module we know (a plain function): refuse FSDP2 forwards it might run on this thread
+    with wrappers.active_twins(twins, guard=not isinstance(model, nn.Module)):
         yield full
 
 

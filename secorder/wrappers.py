@@ -169,15 +169,41 @@ def twin(model: nn.Module, constants: Optional[Mapping[int, Tensor]] = None) -> 
     return copy(model)
 
 
+#: Whether this thread is inside a call on gathered parameters (an FSDP2 forward there is an error).
+_GATHERED: contextvars.ContextVar[bool] = contextvars.ContextVar("secorder_gathered", default=False)
+
+
+def _refuse_fsdp_forward(module: nn.Module, args: Any) -> None:
+    kind = _fsdp_module_type()
+    if _GATHERED.get() and kind is not None and isinstance(module, kind):
+        raise RuntimeError(
+            f"f called the forward of an FSDP2 module ({type(module).__name__}) during a call on sharded parameters: "
+            "FSDP2's forward puts its own gathered parameters into the module, so the derivatives with respect to "
+            "params would be wrong; build f with so.functional_loss(model, loss_fn), which calls the model's plain "
+            "modules with the gathered parameters")
+
+
 @contextlib.contextmanager
-def active_twins(twins: Mapping[int, nn.Module]) -> Iterator[None]:
-    """Within the block, :func:`plain_view` uses ``twins`` (by ``id`` of the FSDP2 model) for this thread."""
+def active_twins(twins: Mapping[int, nn.Module], guard: bool = False) -> Iterator[None]:
+    """Within the block, :func:`plain_view` uses ``twins`` (by ``id`` of the FSDP2 model) for this thread.
+
+    With ``guard`` (``f`` is not a :class:`secorder.FunctionalLoss` of a module, so
+    what it calls is unknown), an FSDP2 module's own forward called in the block on
+    this thread (``f`` calling the sharded model directly) raises instead of
+    computing with FSDP2's parameters; the check is a global module pre-hook that
+    looks at this thread's context only.
+    """
     merged = dict(_TWINS.get())
     merged.update(twins)
     token = _TWINS.set(merged)
+    inside = _GATHERED.set(True)
+    handle = nn.modules.module.register_module_forward_pre_hook(_refuse_fsdp_forward) if guard else None
     try:
         yield
     finally:
+        if handle is not None:
+            handle.remove()
+        _GATHERED.reset(inside)
         _TWINS.reset(token)
 
 

@@ -115,6 +115,11 @@ def quantities(F, p, extras: bool):
     return out
 
 
+def frozen_quantities(F, p):
+    """The MLP with its first bias frozen (not differentiated, a constant of the model)."""
+    return {"loss": F(p), "trace": so.trace(F)(p), "ggn_diag": so.diagonal(F, curvature="ggn")(p)}
+
+
 def cli_problem():
     """A --model factory for the command line under torchrun: 5 batches of 6."""
     torch.manual_seed(0)
@@ -169,6 +174,19 @@ def checks(rank: int, world: int, device, backend: str):
         results[f"{kind}/{how}"] = record(quantities(F, p, (world, kind, how) == EXTRAS))
         results[f"{kind}/{how}/placements"] = {k: str(tuple(v.placements)) if so.wrappers.is_dtensor(v) else None
                                                for k, v in p.items()}
+
+    # a frozen parameter (left out of params_dict): the twin gathers it once per call
+    batches = make_batches("mlp", device)
+    model = make_model("mlp", device)
+    model[0].bias.requires_grad_(False)
+    model = wrap(model, "fsdp", mesh, device)
+    F = so.dataset_loss(so.functional_loss(model, nn.CrossEntropyLoss()), batches[a:b], process_group=group)
+    p = so.params_dict(model)
+    results["frozen"] = record(frozen_quantities(F, p))
+    # f calling the sharded model itself (FSDP2's forward would use its own parameters): refused
+    direct = so.dataset_loss(lambda q, x, y: nn.functional.cross_entropy(torch.func.functional_call(model, q, (x,)), y),
+                             batches[rank:rank + 1], process_group=group)
+    results["direct_fsdp_call"] = expect_error(lambda: so.trace(direct)(p))
 
     # memory per rank of the Lanczos basis: the entries of the Krylov buffer of one run
     from secorder.estimators import lanczos

@@ -58,6 +58,10 @@ def references():
         model = worker.make_model(kind)
         F = so.dataset_loss(so.functional_loss(model, nn.CrossEntropyLoss()), worker.make_batches(kind))
         refs[kind] = worker.quantities(F, so.params_dict(model), extras=kind == worker.EXTRAS[1])
+    model = worker.make_model("mlp")
+    model[0].bias.requires_grad_(False)
+    F = so.dataset_loss(so.functional_loss(model, nn.CrossEntropyLoss()), worker.make_batches("mlp"))
+    refs["frozen"] = worker.frozen_quantities(F, so.params_dict(model))
     return refs
 
 
@@ -123,6 +127,13 @@ def test_every_rank_gets_the_single_process_result(launched, references):
                 close(got[key], ref[key], f"{world} ranks, rank {rank}, {kind}/{how}, {key}", **TOLERANCES.get(key, {}))
 
 
+def test_frozen_sharded_parameters_are_gathered_as_constants(launched, references):
+    world, results = launched
+    for rank in range(world):
+        close(results[rank]["frozen"], references["frozen"], f"rank {rank}, frozen bias")
+        assert "0.bias" not in results[rank]["frozen"]["ggn_diag"]
+
+
 def test_scalars_are_equal_on_every_rank(launched):
     world, results = launched
     for kind, how in worker.CASES:
@@ -177,6 +188,7 @@ def test_bad_input_is_named_on_every_rank(launched):
             "no_group"]
         assert res["plain_f"] == res["no_group"]
         assert res["plain_tangent"].startswith("ShardingError: v['0.weight'] is a plain tensor")
+        assert res["direct_fsdp_call"].startswith("RuntimeError: f called the forward of an FSDP2 module")
         close(res["after_errors"], results[0]["mlp/fsdp"]["loss"], "the group is usable after the errors")
     last = world - 1
     assert results[last]["bad_batch"].startswith("ValueError: data: batch 2 has targets of shape (4,)")
