@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
