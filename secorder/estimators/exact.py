@@ -6,6 +6,9 @@ leaf by leaf through ``block_matvec``, ``chunk_size`` columns per batched call:
 extra memory is about ``chunk_size`` times the leaf size (times whatever the
 matvec itself keeps per probe), never the ``n x n`` Hessian. The trace sums each
 chunk's diagonal as it goes and keeps no diagonal around.
+
+An operator with its own exact ``diagonal`` (see :class:`~secorder.operators.LeafOperator`)
+is asked for it instead, and the results report ``num_matvecs = 0``.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ def exact_diagonal(op: LeafOperator, chunk_size: Optional[int] = None) -> List[T
         >>> exact_diagonal(op, chunk_size=1)
         [tensor([6., 8.]), tensor([0., 0.])]
     """
+    if op.diagonal is not None:
+        return list(op.diagonal(chunk_size))
     out = []
     for i, t in enumerate(op.templates):
         if t.numel() == 0:
@@ -107,6 +112,8 @@ def exact_trace_by_leaf(op: LeafOperator, chunk_size: Optional[int] = None) -> T
         >>> exact_trace_by_leaf(op)
         tensor([4., 6.])
     """
+    if op.diagonal is not None:
+        return torch.stack([d.sum() for d in op.diagonal(chunk_size)])
     per_leaf = []
     for i, t in enumerate(op.templates):
         total = torch.zeros((), dtype=t.dtype, device=t.device)
@@ -114,6 +121,11 @@ def exact_trace_by_leaf(op: LeafOperator, chunk_size: Optional[int] = None) -> T
             total = total + part.sum()
         per_leaf.append(total)
     return torch.stack(per_leaf)
+
+
+def _matvecs(op: LeafOperator) -> int:
+    """Products an exact result took: one per column, or none when the operator gave its own diagonal."""
+    return 0 if op.diagonal is not None else op.dim
 
 
 def exact_trace_estimate(op: LeafOperator, chunk_size: Optional[int] = None) -> TraceEstimate:
@@ -130,7 +142,7 @@ def exact_trace_estimate(op: LeafOperator, chunk_size: Optional[int] = None) -> 
     zero = torch.zeros_like(per_leaf)
     device = per_leaf.device
     return TraceEstimate(
-        per_leaf.sum(), zero.sum(), torch.tensor(op.dim, device=device), per_leaf, zero,
+        per_leaf.sum(), zero.sum(), torch.tensor(_matvecs(op), device=device), per_leaf, zero,
         torch.tensor(STOP_NUM_SAMPLES, device=device), torch.tensor(math.inf, dtype=per_leaf.dtype, device=device),
     )
 
@@ -147,7 +159,7 @@ def exact_diagonal_estimate(op: LeafOperator, chunk_size: Optional[int] = None) 
     value = exact_diagonal(op, chunk_size)
     device = value[0].device
     return DiagonalEstimate(
-        value, [torch.zeros_like(v) for v in value], torch.tensor(op.dim, device=device),
+        value, [torch.zeros_like(v) for v in value], torch.tensor(_matvecs(op), device=device),
         torch.tensor(STOP_NUM_SAMPLES, device=device), torch.tensor(math.inf, dtype=value[0].dtype, device=device),
     )
 

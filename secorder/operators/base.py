@@ -13,6 +13,14 @@ symmetric linear operator on a list of leaf tensors (a flattened pytree), given 
 and ``psd``, whether the operator is known to be positive semi-definite (a GGN of a
 convex loss, a Fisher), which lets ``xnystrace`` skip its definiteness check.
 
+An operator that knows its exact diagonal more cheaply than by one-hot columns
+(a ``J^T H_out J`` curvature from per-sample loss-factor products, a
+Kronecker-factored curvature from its factors) also gives ``diagonal(chunk_size)``:
+the exact diagonal, one tensor per leaf, with ``chunk_size`` bounding its working
+memory as it bounds the one-hot columns. The exact estimators use it when present
+(and report ``num_matvecs = 0``), so every quantity built on the exact diagonal
+(the exact trace, per-leaf traces) gets the cheaper path with no change of its own.
+
 ``space`` is ``None`` for an operator on whole tensors. An operator on this rank's
 pieces of sharded parameters (:mod:`secorder.operators.sharded`) gives the space
 they belong to (:class:`secorder.shards.Space`: its dimension, sums of partial
@@ -26,7 +34,7 @@ rank's entries); the Lanczos estimators read it, and nothing else needs it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from torch import Tensor
 
@@ -54,6 +62,7 @@ class LeafOperator:
     matvec: Callable[[List[Tensor]], List[Tensor]]
     block_matvec: Callable[[int, Tensor], Tensor]
     psd: bool = False
+    diagonal: Optional[Callable[[Optional[int]], List[Tensor]]] = None
     space: Any = None
 
     @property
