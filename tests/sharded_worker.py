@@ -53,7 +53,7 @@ class Block(nn.Module):
 
     def forward(self, x):
         h = self.ln1(x)
-        x = x + self.attn(h, h, h, need_weights=True)[0]  # the explicit softmax path (SDPA has no double backward on the CPU)
+        x = x + self.attn(h, h, h, need_weights=True)[0]  # need_weights=False (SDPA) fails so.trace
         x = x + self.mlp(self.ln2(x))
         return self.head(x.mean(dim=1))
 
