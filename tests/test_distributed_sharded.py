@@ -191,7 +191,8 @@ def test_bad_input_is_named_on_every_rank(launched):
         assert res["direct_fsdp_call"].startswith("RuntimeError: f called the forward of an FSDP2 module")
         close(res["after_errors"], results[0]["mlp/fsdp"]["loss"], "the group is usable after the errors")
     last = world - 1
-    assert results[last]["bad_batch"].startswith("ValueError: data: batch 2 has targets of shape (4,)")
+    a, b = worker.LAYOUTS[world][last]
+    assert results[last]["bad_batch"].startswith(f"ValueError: data: batch {b - a} has targets of shape (4,)")
     for rank in range(last):
         assert results[rank]["bad_batch"].startswith("RuntimeError: 1 other rank(s) of process_group failed")
 
