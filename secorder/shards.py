@@ -319,7 +319,7 @@ def gathering(layout: Layout, primals: Any, model: Optional[nn.Module] = None) -
 
 
 def vdot(names: Sequence[str], xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
-    """``sum_i <x_i, y_i>`` over leaves that are ``DTensor``s (and plain tensors, counted once), equal on every rank.
+    """``sum_i <x_i, y_i>`` over ``DTensor`` leaves (and plain ones, counted once), equal on every rank.
 
     Leaves sharded on a 1-D mesh contribute their local partial sums, all-reduced
     together (one collective per mesh); other placements are reduced by ``DTensor``

@@ -135,7 +135,7 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
 def vdot(a: PyTree, b: PyTree) -> Tensor:
     """Inner product ``sum_i <a_i, b_i>`` over all leaves, as a 0-dim tensor.
 
-    Sharded leaves (``DTensor``s, as the transforms return for FSDP2 parameters)
+    Sharded leaves (``DTensor`` shards, as the transforms return for FSDP2 parameters)
     count once over the whole mesh: the local partial sums of every leaf are
     all-reduced together (:func:`secorder.shards.vdot`), so the result is a plain
     tensor, equal on every rank. Mixing a sharded and a plain leaf in one pair is a
