@@ -6,6 +6,8 @@
   ``secorder.cli.report.JSON_LAYOUT``, as a nested list; ``tests/test_cli.py``
   checks a real report against it). A new command appears on the CLI page
   with no edit of the page.
+* ``_generated/composites.part.rst``: the operations :mod:`secorder.composites`
+  replaces while secorder differentiates ``f``, and why (from its registry).
 * ``_generated/extras.part.rst``: the optional extras of ``pyproject.toml``
   with what each installs, and what each is for (:data:`EXTRA_PURPOSES`;
   ``tests/test_docs.py`` fails when an extra has no purpose written here).
@@ -132,8 +134,25 @@ def commands_rst() -> str:
     return "\n".join(out)
 
 
+def composites_rst() -> str:
+    """The table of :mod:`secorder.composites`: each replaced callable and what is wrong with PyTorch's rule.
+
+    Example:
+        >>> "scaled_dot_product_attention" in composites_rst()
+        True
+    """
+    from secorder.composites.registry import COMPOSITES, _name
+
+    rows = sorted({(_name(func), entry.why) for func, entry in COMPOSITES.items()})
+    lines = [".. list-table::", "   :header-rows: 1", "", "   * - PyTorch callable", "     - why secorder replaces it", ""]
+    for name, why in rows:
+        lines += [f"   * - ``{name}``", f"     - {why}"]
+    return "\n".join(lines) + "\n"
+
+
 def write_code_parts(root: pathlib.Path, out_dir: pathlib.Path) -> None:
-    """Write the commands' reference and the extras table into ``out_dir``."""
+    """Write the commands' reference, the extras table and the composites table into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    _write(out_dir / "composites.part.rst", composites_rst())
     _write(out_dir / "cli_commands.part.rst", commands_rst())
     _write(out_dir / "extras.part.rst", extras_rst(extras(root / "pyproject.toml")))

@@ -8,7 +8,8 @@ Example:
     (tensor(5.), tensor([1., 4.]), tensor([1., 4.]))
 """
 
-from . import tree
+from . import composites, tree
+from .composites import differentiable_ops
 from .modules import FunctionalLoss, functional_loss, params_dict
 from .dataset import DatasetLoss, dataset_loss
 from .transforms import (diagonal, diagonal_estimate, empirical_fisher_vp, fisher_vp, ggn_diag, ggn_trace, ggn_vp,
@@ -49,6 +50,8 @@ __all__ = [
     "dataset_loss",
     "DatasetLoss",
     "tree",
+    "composites",
+    "differentiable_ops",
     "eigenvalues",
     "spectral_density",
     "SpectralDensity",

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import wrappers
+
 __all__ = ["functional_loss", "params_dict", "FunctionalLoss"]
 
 
@@ -136,11 +138,15 @@ class FunctionalLoss:
             )
         unknown = set(params) - {n for n, _ in self.model.named_parameters()}
         if unknown:
+            if wrappers.is_ddp(self.model):
+                wrappers.plain_view(self.model, params)  # names of the unwrapped model: a clear error
             raise ValueError(f"params has names that are not parameters of the model: {sorted(unknown)}")
         state = dict(self.model.named_buffers()) if buffers is None else dict(buffers)
         state.update(params)
-        with _exclusive(self.model), _batch_statistics(self.model):
-            return functional_call(self.model, state, (inputs,))
+        # DDP and FSDP2 run collectives and swap parameters in their forward: call the plain modules
+        module, state = wrappers.plain_view(self.model, state)
+        with _exclusive(module), _batch_statistics(module):
+            return functional_call(module, state, (inputs,))
 
     def __call__(self, params: Any, inputs: Any, targets: Any, buffers: Optional[Dict[str, Tensor]] = None) -> Any:
         return self.loss_fn(self.output(params, inputs, buffers), targets)

@@ -11,9 +11,13 @@ per call. It holds
   output and loss (``output_of_leaves``, ``loss_of_output``) that the GGN and the
   Fishers need.
 
-Every evaluation of ``f`` (or of its model) goes through one place, which makes two
+Every evaluation of ``f`` (or of its model) goes through one place, which makes three
 promises:
 
+* **derivatives of every order**: operations whose higher-order rules PyTorch
+  lacks or gets wrong (fused attention, the third derivative of layer norm, ...)
+  run as composites with correct ones, in this thread only
+  (:func:`secorder.composites.differentiable_ops`);
 * **one draw of randomness per call**: the first evaluation runs on the global RNG
   as a plain call of ``f`` would (and advances it as such a call does); every later
   evaluation of the same call (a chunk of probes, a leaf's block, the auxiliary
@@ -44,6 +48,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, tree
+from .composites import differentiable_ops
 from .modules import FunctionalLoss
 
 __all__ = ["Problem"]
@@ -118,15 +123,21 @@ class Problem:
     # -- evaluating f ------------------------------------------------------------------
 
     def evaluate(self, thunk: Callable[[], Any]) -> Any:
-        """Run ``thunk`` (which calls user code) with the call's one draw of randomness."""
+        """Run ``thunk`` (which calls user code) with the call's one draw of randomness.
+
+        Operations whose higher-order rules PyTorch lacks or gets wrong (fused
+        attention, layer norm's third derivative, ...) run as differentiable
+        composites in this thread meanwhile (:mod:`secorder.composites`).
+        """
         try:
             if torch.compiler.is_compiling():
                 return thunk()  # torch.compile: no RNG state to capture in a traced graph
-            if self._rng is None:
-                self._rng = _RngState(_cuda_devices((self.args, self.kwargs)))
-                return thunk()
-            with self._rng.replay():
-                return thunk()
+            with differentiable_ops():
+                if self._rng is None:
+                    self._rng = _RngState(_cuda_devices((self.args, self.kwargs)))
+                    return thunk()
+                with self._rng.replay():
+                    return thunk()
         except RuntimeError as err:
             if _is_mutation_error(err):
                 raise RuntimeError(f"{_MUTATION_HINT} ({err})") from err

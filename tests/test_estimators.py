@@ -345,3 +345,30 @@ def test_jackknife_stderr_matches_brute_force_reruns(estimator, per_run):
     T = torch.stack(reruns)
     want = ((m - 1) / m * ((T - T.mean()) ** 2).sum()).sqrt()
     assert torch.allclose(full.stderr, want, rtol=1e-6)
+
+
+def test_exact_estimators_use_an_operators_own_diagonal():
+    """LeafOperator.diagonal (a cheaper exact diagonal) replaces the one-hot columns in every exact quantity."""
+    from secorder.estimators import exact
+    from secorder.operators import LeafOperator
+
+    A = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, 0.5], [0.0, 0.5, 4.0]], dtype=torch.float64)
+    calls = []
+
+    def own(chunk_size):
+        calls.append(chunk_size)
+        return [A.diagonal()[:2].clone(), A.diagonal()[2:].clone()]
+
+    def block(i, V):
+        raise AssertionError("one-hot columns must not run when the operator has its own diagonal")
+
+    op = LeafOperator([torch.zeros(2, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)], None, block,
+                      diagonal=own)
+    d = exact.exact_diagonal_estimate(op, chunk_size=7)
+    t = exact.exact_trace_estimate(op)
+    assert torch.equal(torch.cat(d.value), A.diagonal()) and int(d.num_matvecs) == 0
+    assert torch.equal(t.value, A.trace()) and torch.equal(t.per_leaf, torch.stack([A.diagonal()[:2].sum(), A[2, 2]]))
+    assert int(t.num_matvecs) == 0 and calls == [7, None]
+    plain = LeafOperator(op.templates, None, lambda i, V: V.reshape(V.shape[0], -1) @ (A[:2, :2] if i == 0 else A[2:, 2:]))
+    assert torch.equal(torch.cat(exact.exact_diagonal(plain)), A.diagonal())
+    assert int(exact.exact_trace_estimate(plain).num_matvecs) == 3

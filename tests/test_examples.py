@@ -36,6 +36,7 @@ EXPECTED = {
     "compare_estimators.py": (["--seeds", "2", "--budgets", "12"], "xtrace"),
     "pinn_poisson.py": ([], "the PINN solution matches the analytic solution"),
     "kfac_laplace.py": ([], "the K-FAC Laplace evidence picks prior precision"),
+    "distributed_fsdp.py": ([], "top eigenvalue of the Hessian"),
 }
 
 

@@ -1,13 +1,14 @@
 """Exact diagonal and trace from one-hot block matvecs, chunked.
 
-The diagonal entry ``H[j, j]`` of leaf ``i`` is ``(H_ii e_j)[j]``. An operator
-that knows its diagonal in closed form (``LeafOperator.diagonal``, a
-Kronecker-factored curvature) gives it directly instead. A one-hot column
+The diagonal entry ``H[j, j]`` of leaf ``i`` is ``(H_ii e_j)[j]``. A one-hot column
 of leaf ``i`` only needs the diagonal block ``H_ii``, so columns are evaluated
 leaf by leaf through ``block_matvec``, ``chunk_size`` columns per batched call:
 extra memory is about ``chunk_size`` times the leaf size (times whatever the
 matvec itself keeps per probe), never the ``n x n`` Hessian. The trace sums each
 chunk's diagonal as it goes and keeps no diagonal around.
+
+An operator with its own exact ``diagonal`` (see :class:`~secorder.operators.LeafOperator`)
+is asked for it instead, and the results report ``num_matvecs = 0``.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def exact_diagonal(op: LeafOperator, chunk_size: Optional[int] = None) -> List[T
         >>> exact_diagonal(op, chunk_size=1)
         [tensor([6., 8.]), tensor([0., 0.])]
     """
-    if op.diagonal is not None:  # the operator knows its diagonal in closed form (no products)
-        return [d.reshape(t.shape) for d, t in zip(op.diagonal(), op.templates)]
+    if op.diagonal is not None:
+        return list(op.diagonal(chunk_size))
     out = []
     for i, t in enumerate(op.templates):
         if t.numel() == 0:
@@ -112,7 +113,7 @@ def exact_trace_by_leaf(op: LeafOperator, chunk_size: Optional[int] = None) -> T
         tensor([4., 6.])
     """
     if op.diagonal is not None:
-        return torch.stack([d.sum() for d in exact_diagonal(op, chunk_size)])
+        return torch.stack([d.sum() for d in op.diagonal(chunk_size)])
     per_leaf = []
     for i, t in enumerate(op.templates):
         total = torch.zeros((), dtype=t.dtype, device=t.device)
@@ -123,7 +124,7 @@ def exact_trace_by_leaf(op: LeafOperator, chunk_size: Optional[int] = None) -> T
 
 
 def _matvecs(op: LeafOperator) -> int:
-    """One-hot columns spent: one per entry, none when the operator knows its diagonal."""
+    """Products an exact result took: one per column, or none when the operator gave its own diagonal."""
     return 0 if op.diagonal is not None else op.dim
 
 

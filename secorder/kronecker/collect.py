@@ -191,10 +191,17 @@ def _check_samples(layers: List[LayerInfo], grouped: List[List[Any]], N: Optiona
 def _forward(problem: Any, leaves: List[Tensor], names: Sequence[str], grad: bool, per_sample: bool = False,
              other_ok: bool = False):
     rec = Recorder(leaves, grad=grad)
+    args = problem.args_with(tree.unflatten(problem.spec, leaves))
+
+    def run() -> Any:
+        # innermost of the torch-function modes (inside secorder.composites' mode that Problem.evaluate enters),
+        # so that the recorder sees F.linear / F.conv*d / F.embedding as the model calls them
+        with rec:
+            return problem.f.output(args[0], args[1], problem._buffers(args))
+
     # Our own graph, whatever the caller's grad mode: no_grad and inference_mode are switched off here.
     with torch.inference_mode(False), (torch.enable_grad() if grad else torch.no_grad()):
-        with rec:
-            out = problem.output_of_leaves(leaves)
+        out = problem.evaluate(run)
     layers, grouped, others = _structure(rec, names, other_ok)
     _check_samples(layers, grouped, _model_samples(problem, out), per_sample)
     if grad and any(c.edge is None for calls in grouped for c in calls):

@@ -50,7 +50,7 @@ def build(problem: Any, *, method: str = "kfac", fisher_type: str = "type-2", kf
     K = compute(problem.f, problem.args, problem.kwargs, opts, ekfac=method == "ekfac", generator=generator,
                 info=info)
     return LeafOperator(templates=list(problem.leaves), matvec=K.matvec_leaves, block_matvec=K.block_matvec,
-                        psd=True, diagonal=lambda: tree.leaves(K.diagonal()))
+                        psd=True, diagonal=lambda chunk_size=None: tree.leaves(K.diagonal()))
 
 
 def kfac_curvature(method: str = "kfac", *, fisher_type: str = "type-2", kfac_approx: str = "expand",

@@ -13,10 +13,19 @@ symmetric linear operator on a list of leaf tensors (a flattened pytree), given 
 and ``psd``, whether the operator is known to be positive semi-definite (a GGN of a
 convex loss, a Fisher), which lets ``xnystrace`` skip its definiteness check.
 
-A structured operator that knows its exact diagonal in closed form (a
-Kronecker-factored curvature: the diagonals of its factors) says so with
-``diagonal``, a function returning it per leaf; the exact estimators then use it
-instead of one-hot block products (and report no matvecs).
+An operator that knows its exact diagonal more cheaply than by one-hot columns
+(a ``J^T H_out J`` curvature from per-sample loss-factor products, a
+Kronecker-factored curvature from its factors) also gives ``diagonal(chunk_size)``:
+the exact diagonal, one tensor per leaf, with ``chunk_size`` bounding its working
+memory as it bounds the one-hot columns. The exact estimators use it when present
+(and report ``num_matvecs = 0``), so every quantity built on the exact diagonal
+(the exact trace, per-leaf traces) gets the cheaper path with no change of its own.
+
+``space`` is ``None`` for an operator on whole tensors. An operator on this rank's
+pieces of sharded parameters (:mod:`secorder.operators.sharded`) gives the space
+they belong to (:class:`secorder.shards.Space`: its dimension, sums of partial
+inner products over the ranks, and the single-process random draws cut to this
+rank's entries); the Lanczos estimators read it, and nothing else needs it.
 
 :func:`secorder.operators.make_operator` builds one per curvature; the legacy
 ``torch_secorder`` shim builds one on the autograd engine.
@@ -25,7 +34,7 @@ instead of one-hot block products (and report no matvecs).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from torch import Tensor
 
@@ -53,7 +62,8 @@ class LeafOperator:
     matvec: Callable[[List[Tensor]], List[Tensor]]
     block_matvec: Callable[[int, Tensor], Tensor]
     psd: bool = False
-    diagonal: Optional[Callable[[], List[Tensor]]] = None
+    diagonal: Optional[Callable[[Optional[int]], List[Tensor]]] = None
+    space: Any = None
 
     @property
     def sizes(self) -> List[int]:
@@ -61,4 +71,5 @@ class LeafOperator:
 
     @property
     def dim(self) -> int:
-        return sum(self.sizes)
+        """The dimension of the space (over every rank for a sharded operator)."""
+        return self.space.dim if self.space is not None else sum(self.sizes)

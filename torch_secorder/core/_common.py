@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 import torch
 from torch import Tensor, nn
 
+from secorder.composites import differentiable_ops
 from secorder.operators import LeafOperator
 
 from .._state import preserved_state
@@ -99,9 +100,12 @@ def call_loss(func: Callable[[], Any], name: str = "func", params: Sequence[Tens
     """Call the closure once and check that it returned a one-element tensor (made 0-dim).
 
     With ``params``, also check that the loss has an autograd graph whenever one
-    of them requires grad (see :func:`check_graph`).
+    of them requires grad (see :func:`check_graph`). The closure runs with
+    :func:`secorder.differentiable_ops` (fused attention and friends as
+    composites that can be differentiated twice), in this thread only.
     """
-    loss = func()
+    with differentiable_ops():
+        loss = func()
     if not isinstance(loss, Tensor):
         raise LegacyTypeError(f"{name} must return a scalar tensor, got {type(loss).__name__}")
     if loss.numel() != 1:
@@ -115,8 +119,9 @@ def call_loss(func: Callable[[], Any], name: str = "func", params: Sequence[Tens
 
 
 def call_output(func: Callable[[], Any], params: Sequence[Tensor], name: str = "func") -> Tensor:
-    """Call ``func`` once; its output (any shape) must be a tensor with a graph to ``params``."""
-    out = func()
+    """Call ``func`` once (with :func:`secorder.differentiable_ops`); its output must be a tensor with a graph."""
+    with differentiable_ops():
+        out = func()
     if not isinstance(out, Tensor):
         raise LegacyTypeError(f"{name} must return a tensor, got {type(out).__name__}")
     check_graph(out, params, name)
