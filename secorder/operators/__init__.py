@@ -163,7 +163,9 @@ def make_operator(
     check_mc_samples(mc_samples)
     if is_dataset_loss(getattr(problem, "f", None)) and not entry.own_datasets:
         # per-batch operators summed over the data (and ranks)
-        return dataset.build(curvature, problem, mc_samples=mc_samples, generator=generator)
+        # by name when registered: the ranks' handshake compares the call's text (an entry's repr holds addresses)
+        key = entry.name if _REGISTRY.get(entry.name) is entry else entry
+        return dataset.build(key, problem, mc_samples=mc_samples, generator=generator)
     return entry.build(problem, mc_samples=mc_samples, generator=generator)
 
 
