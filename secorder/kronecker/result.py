@@ -17,7 +17,9 @@ every damped inverse). Everything is computed from those factors, once:
 
 Vectors are pytrees shaped like the parameters; dense matrices and eigenvalue
 lists follow :func:`secorder.tree.ravel`'s order (a dict's keys sorted). ``K`` is a
-pytree (its tensors are the children), so ``torch.func.vmap`` can return it.
+pytree (its tensors are the children; registered with :mod:`secorder.tree` and
+``torch.utils._pytree``), so it can be saved, mapped and moved like a dict of tensors.
+Computing ``K`` runs outside ``torch.func`` transforms (it reads autograd's graph).
 Factors' eigendecompositions are made on first use and cached in ``K``.
 
 Example:
