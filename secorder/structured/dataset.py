@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..dataset import Batch, DatasetLoss
+from ..dataset import Batch, DatasetLoss, check_call_arguments
 from . import dispatch
 from .errors import Unsupported
 
@@ -62,8 +62,7 @@ def functional_call_diag(
     Raises:
         Unsupported: the engine does not apply (on any batch of any rank).
     """
-    if len(args) != 1:
-        raise Unsupported(f"a data-set loss takes the parameters alone, got {len(args)} arguments")
+    check_call_arguments(args, {})
     params = args[0]
     if not isinstance(params, dict) or not params or not all(isinstance(v, torch.Tensor) for v in params.values()):
         raise Unsupported("params must be a non-empty dict of tensors")
