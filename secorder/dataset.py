@@ -52,12 +52,14 @@ and dtypes and call the same thing, and waits at most
 pass (a bad batch) is raised on every rank instead of leaving the others waiting.
 
 **Randomness.** The Monte-Carlo Fisher (``curvature="fisher"``) draws one seed
-from the call's generator (``seed=``/``generator=``, else the global RNG) and the
-labels of batch ``b`` (its position in the union of the shards) from a generator
-seeded with that seed and ``b``: every pass, every rank and both engines see the
-same labels. The data must give the same batches on every pass: shuffling,
-random augmentation, or training-mode dropout/BatchNorm make every pass a
-different function; ``check_deterministic=True`` compares two passes.
+from the call's generator (``seed=``/``generator=``, else the global RNG) and each
+sample's labels from a stream keyed by that seed and the sample's content
+(:mod:`secorder.sample_keys`): every pass, every rank and both engines see the
+same labels, whatever the batching and the order of the batches (a shuffling
+``DataLoader`` gives the same Fisher on every call, and the same as one big
+batch). The data must otherwise give the same samples on every pass: random
+augmentation, or training-mode dropout/BatchNorm make every pass a different
+function; ``check_deterministic=True`` compares two passes.
 
 Example:
     >>> import torch, secorder as so
@@ -84,6 +86,7 @@ from torch import Tensor
 
 from . import distributed, tree
 from .modules import FunctionalLoss
+from .sample_keys import SampleKeys
 from .term_counts import Terms, term_counter
 
 __all__ = ["dataset_loss", "DatasetLoss", "is_dataset_loss", "check_call_arguments", "REDUCTIONS"]
@@ -271,15 +274,6 @@ def _accumulate(acc: Tensor, part: Tensor, scale: Any = None) -> Tensor:
     return acc + (part if scale is None else part * scale)
 
 
-def _mix(seed: int, index: int) -> int:
-    """A 63-bit seed for batch ``index`` from the call's ``seed`` (SplitMix64's finaliser)."""
-    mask = (1 << 64) - 1
-    z = (seed + 0x9E3779B97F4A7C15 * (index + 1)) & mask
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return (z ^ (z >> 31)) & ((1 << 63) - 1)
-
-
 class DatasetLoss:
     """A loss over a whole data set, ``F(params)``: made by :func:`dataset_loss` (see the module docstring).
 
@@ -441,16 +435,19 @@ class DatasetLoss:
             self._checked = True
 
     def label_generators(self, generator: Optional[torch.Generator], device: torch.device):
-        """Per-batch generators for the Monte-Carlo Fisher's labels, and a function that undoes the draw.
+        """The sources of the Monte-Carlo Fisher's labels per batch, and a function that undoes the draw.
 
         One seed is drawn from ``generator`` (from the global RNG when ``None``, in
         one process; with a process group, the call's generator is first made
-        identical on every rank); batch ``b`` draws from a generator seeded with it
-        and ``b``. Calling the returned ``undo()`` puts ``generator`` (or the global
-        RNG) back as it was, so that a path that declines leaves the draw to the next.
+        identical on every rank); each sample's labels are keyed by that seed and
+        the sample's content (:class:`secorder.sample_keys.SampleKeys`), so they do
+        not depend on which batch the sample is in or on the order of the batches (a
+        shuffling ``DataLoader``). Calling the returned ``undo()`` puts ``generator``
+        (or the global RNG) back as it was, so that a path that declines leaves the
+        draw to the next.
 
         Returns:
-            ``(generator_of(index), undo)``.
+            ``(labels_of(batch), undo)``.
         """
         if generator is None and self.group is not None:
             generator = self.group.shared_generator(None, device)
@@ -467,10 +464,10 @@ class DatasetLoss:
             def undo() -> None:
                 torch.set_rng_state(state)
 
-        def generator_of(index: int) -> torch.Generator:
-            return torch.Generator(device=device).manual_seed(_mix(seed, index))
+        def labels_of(batch: Batch) -> SampleKeys:
+            return SampleKeys.of(batch.inputs, seed)
 
-        return generator_of, undo
+        return labels_of, undo
 
     def shared_generator(self, generator: Optional[torch.Generator], device: torch.device):
         """The call's generator: unchanged in one process; identical on every rank with a process group."""

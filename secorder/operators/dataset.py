@@ -84,7 +84,7 @@ def build(curvature: str, problem: Problem, *, mc_samples: int = 1,
     def operator_of(batch: Batch) -> LeafOperator:
         p = Problem(F.f, argnums, False, (params, batch.inputs, batch.targets))
         return make_operator(curvature, p, mc_samples=mc_samples,
-                             generator=labels(batch.index) if labels is not None else None)
+                             generator=labels(batch) if labels is not None else None)
 
     def matvec(V: List[Tensor]) -> List[Tensor]:
         V = list(V)

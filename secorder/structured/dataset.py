@@ -75,7 +75,7 @@ def functional_call_diag(
     def contribute(batch: Batch):
         out = dispatch.functional_call_diag(
             F.f, (params, batch.inputs, batch.targets), kind, trace, mc_samples=mc_samples,
-            generator=labels(batch.index) if labels is not None else None, factor_chunk_size=factor_chunk_size)
+            generator=labels(batch) if labels is not None else None, factor_chunk_size=factor_chunk_size)
         return [out] if trace else [out[n] for n in names]
 
     templates = [torch.zeros((), dtype=first.dtype, device=first.device)] if trace else [params[n] for n in names]
