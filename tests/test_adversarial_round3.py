@@ -69,3 +69,56 @@ def test_eigenvalues_fixed_steps_still_compose_with_vmap():
     assert torch.allclose(got[:, 0], 10 * scales, rtol=1e-10)
     with pytest.raises(RuntimeError, match="tol given"):
         torch.func.vmap(so.eigenvalues(f, num_iterations=5, tol=1e-6, seed=0), in_dims=(None, 0), randomness="same")(x, scales)
+
+
+def _max_norm_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(5, 3, max_norm=0.5), nn.Flatten(), nn.Linear(6, 2)).to(DT)
+
+
+def test_embedding_max_norm_is_named_and_never_mutates_the_weight():
+    """Item 14: the error blamed BatchNorm ("call model.eval()"); so.hvp and so.ggn_vp silently renormalised
+    the user's embedding weight in place (by up to 1.4 here) and differentiated the renormalised one."""
+    model = _max_norm_model()
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    p = so.params_dict(model)
+    x, y = torch.tensor([[0, 1], [2, 3], [4, 0]]), torch.tensor([0, 1, 1])
+    before = model[0].weight.detach().clone()
+    calls = [lambda: so.trace(f)(p, x, y), lambda: so.trace(f, engine="generic")(p, x, y),
+             lambda: so.hvp(f)(p, x, y, p), lambda: so.ggn_vp(f)(p, x, y, p),
+             lambda: so.hessian_diag(f)(p, x, y), lambda: so.eigenvalues(f, seed=0)(p, x, y)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"nn.Embedding\(5, 3, max_norm=0.5\).*renormalises the rows"):
+            call()
+    assert torch.equal(model[0].weight.detach(), before)
+    # the embedding frozen (not differentiated): still named, not blamed on BatchNorm
+    frozen = {k: v for k, v in p.items() if not k.startswith("0.")}
+    g = lambda q, x, y: f({**q, "0.weight": p["0.weight"]}, x, y)
+    with pytest.raises(ValueError, match="max_norm"):
+        so.hvp(g)(frozen, x, y, frozen)
+    # plain autograd (the legacy API's engine, a training step) keeps PyTorch's own in-place renormalisation
+    with so.differentiable_ops():
+        model(x).sum().backward()
+    assert model[0].weight.norm(dim=1).max() <= 0.5 + 1e-6
+
+
+def test_channels_last_inputs_on_the_generic_path():
+    """Item 13: a channels-last input through max pooling raised functorch's "NYI: querying is_contiguous inside
+    of vmap" in every batched product of the generic path (Hutchinson, eigenvalues, ggn_vp, exact diagonals)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.GroupNorm(1, 3), nn.Tanh(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(12, 2)).to(DT)
+    f = so.functional_loss(model, nn.CrossEntropyLoss(label_smoothing=0.1))  # the structured engine declines
+    p = so.params_dict(model)
+    x = torch.randn(3, 2, 4, 4, dtype=DT)
+    xc, y = x.contiguous(memory_format=torch.channels_last), torch.tensor([0, 1, 1])
+    calls = {
+        "hutchinson": lambda x: so.trace_estimate(f, num_samples=3, seed=0)(p, x, y).value,
+        "eigenvalues": lambda x: so.eigenvalues(f, num_iterations=4, seed=0)(p, x, y),
+        "ggn_vp": lambda x: so.tree.ravel(so.ggn_vp(f)(p, x, y, p))[0],
+        "hvp": lambda x: so.tree.ravel(so.hvp(f)(p, x, y, p))[0],
+        "hessian_diag": lambda x: so.tree.ravel(so.hessian_diag(f, engine="generic")(p, x, y))[0],
+        "ggn_diag": lambda x: so.tree.ravel(so.ggn_diag(f, engine="generic")(p, x, y))[0],
+    }
+    for name, call in calls.items():
+        torch.testing.assert_close(call(xc), call(x), rtol=1e-9, atol=1e-12, msg=name)

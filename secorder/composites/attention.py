@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from .registry import register
 
-__all__ = ["sdpa"]
+__all__ = ["sdpa", "multi_head_attention_forward"]
 
 
 @register(
@@ -67,3 +68,34 @@ def _math(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]
     return torch.ops.aten._scaled_dot_product_attention_math(
         query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa
     )[0]
+
+
+_MHA_PARAMETERS = tuple(inspect.signature(F.multi_head_attention_forward).parameters)
+
+
+def _mha_arguments(args: tuple, kwargs: dict) -> dict:
+    return {**dict(zip(_MHA_PARAMETERS, args)), **kwargs}
+
+
+def _mha_applies(*args: object, **kwargs: object) -> bool:
+    return not _mha_arguments(args, kwargs).get("need_weights", True)
+
+
+@register(
+    F.multi_head_attention_forward, applies=_mha_applies,
+    why="need_weights=False (nn.MultiheadAttention in nn.Transformer layers) calls the fused kernels from inside "
+        "PyTorch's own function, where the composite above cannot reach; the explicit (need_weights) path runs",
+)
+def multi_head_attention_forward(*args: object, **kwargs: object) -> tuple:
+    """``F.multi_head_attention_forward`` through its explicit path (``bmm``, ``softmax``), weights dropped.
+
+    With ``need_weights=False`` PyTorch calls ``scaled_dot_product_attention``
+    inside its own Python function, where no ``TorchFunctionMode`` sees it; with
+    ``need_weights=True`` it computes the same attention from ``baddbmm``,
+    ``softmax`` and ``bmm``, whose derivatives of every order exist. The weights
+    are then discarded, as the caller asked.
+    """
+    call = _mha_arguments(args, kwargs)
+    call["need_weights"] = True
+    out, _ = F.multi_head_attention_forward(**call)
+    return out, None
