@@ -1,9 +1,10 @@
 """The model zoo of the tests: small random Hugging Face models, as people train them, in float64.
 
 ``build(name)`` gives a :class:`Case`: a tiny random-init configuration of a
-Hugging Face model (hidden size 16, one layer or stage per level, a vocabulary of
-11 tokens, three classes; a few thousand parameters, so dense float64
-references are cheap), in ``eval()`` mode, with a batch of inputs as the model
+Hugging Face model (transformers of width 16 with one layer, convolutional
+networks of two stages of 4 and 8 channels, a vocabulary of 11 tokens, three
+classes; one to three thousand parameters, so dense float64 references are
+cheap), in ``eval()`` mode, with a batch of inputs as the model
 takes them (a dict), targets, and ``f = so.functional_loss(model, loss_fn,
 output=...)``. The causal language models take their logits through an
 ``output`` callable (``[N, vocab, T]`` for ``nn.CrossEntropyLoss``), BERT names
@@ -43,6 +44,10 @@ CAUSAL_LM = ("gpt2", "llama")
 VOCAB, HIDDEN, CLASSES, TOKENS, IMAGE = 11, 16, 3, 4, 8
 DT = torch.float64
 
+# A classifier called with labels and no problem_type writes one into its config on the first call;
+# set here, the config is the same before and after any call.
+_PROBLEM = "single_label_classification"
+
 
 def require_transformers():
     """The ``transformers`` module, or skip the calling test module."""
@@ -64,7 +69,7 @@ class Case:
     targets: Tensor
     loss_fn: Callable[..., Tensor]
     output: Any
-    labels: Tensor  # what the model's own loss takes (``model(**inputs, labels=labels).loss``)
+    labels: Tensor  # what the model's own loss takes: ``model(**inputs, labels=labels).loss`` equals ``f``
     rtol: float  # agreement expected with float64 references (Llama: float32 RMSNorm)
 
     @property
@@ -89,10 +94,10 @@ def _text_config(transformers, name: str):
                   intermediate_size=2 * HIDDEN, max_position_embeddings=8)
     if name == "gpt2":
         return transformers.GPT2Config(vocab_size=VOCAB, n_positions=8, n_embd=HIDDEN, n_layer=1, n_head=2,
-                                       bos_token_id=0, eos_token_id=0, use_cache=False)
+                                       n_inner=2 * HIDDEN, bos_token_id=0, eos_token_id=0, use_cache=False)
     if name == "llama":
         return transformers.LlamaConfig(num_key_value_heads=2, use_cache=False, **common)
-    return transformers.BertConfig(type_vocab_size=1, num_labels=CLASSES, **common)
+    return transformers.BertConfig(type_vocab_size=1, num_labels=CLASSES, problem_type=_PROBLEM, **common)
 
 
 def _model(transformers, name: str) -> nn.Module:
@@ -106,15 +111,15 @@ def _model(transformers, name: str) -> nn.Module:
     if name == "vit":
         return t.ViTForImageClassification(t.ViTConfig(
             image_size=IMAGE, patch_size=4, num_channels=1, hidden_size=HIDDEN, num_hidden_layers=1,
-            num_attention_heads=2, intermediate_size=2 * HIDDEN, num_labels=CLASSES))
+            num_attention_heads=2, intermediate_size=2 * HIDDEN, num_labels=CLASSES, problem_type=_PROBLEM))
     if name == "resnet":
         return t.ResNetForImageClassification(t.ResNetConfig(
-            num_channels=1, embedding_size=8, hidden_sizes=[8, HIDDEN], depths=[1, 1], layer_type="basic",
-            num_labels=CLASSES))
+            num_channels=1, embedding_size=4, hidden_sizes=[4, 8], depths=[1, 1], layer_type="basic",
+            num_labels=CLASSES, problem_type=_PROBLEM))
     if name == "convnext":
         return t.ConvNextForImageClassification(t.ConvNextConfig(
-            num_channels=1, patch_size=2, num_stages=2, hidden_sizes=[8, HIDDEN], depths=[1, 1],
-            num_labels=CLASSES, image_size=IMAGE))
+            num_channels=1, patch_size=2, num_stages=2, hidden_sizes=[4, 8], depths=[1, 1],
+            num_labels=CLASSES, image_size=IMAGE, problem_type=_PROBLEM))
     raise ValueError(f"unknown zoo model {name!r}; the zoo has {NAMES}")
 
 
@@ -142,8 +147,8 @@ def build(name: str, *, seed: int = 0, batch: int = 2, train: bool = False) -> C
             inputs["attention_mask"] = mask
     else:
         inputs = {"pixel_values": torch.randn(batch, 1, IMAGE, IMAGE, dtype=DT, generator=g)}
-    if name in CAUSAL_LM:
-        targets = torch.randint(0, VOCAB, (batch, TOKENS), generator=g)
+    if name in CAUSAL_LM:  # next-token targets, the last position ignored: the model's own (shifted) loss
+        targets = torch.cat([ids[:, 1:], torch.full((batch, 1), -100)], dim=1)
         return Case(name, model, inputs, targets, nn.CrossEntropyLoss(), lm_logits, labels=inputs["input_ids"],
                     rtol=1e-5 if name == "llama" else 1e-8)
     targets = torch.randint(0, CLASSES, (batch,), generator=g)
