@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from typing import Any, Callable, Dict, Iterator, Optional
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -57,6 +60,28 @@ def _batch_statistics(model: nn.Module) -> Iterator[None]:
     finally:
         for m in switched:
             m.track_running_stats = True
+
+
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _module_lock(model: nn.Module) -> threading.RLock:
+    """One re-entrant lock per module: ``functional_call`` swaps the module's tensors for the call's.
+
+    ``torch.func.functional_call`` puts the call's parameters and buffers on the
+    module while it runs (and :func:`_batch_statistics` switches flags), so two
+    threads calling the same module at once would compute with each other's
+    tensors: silently wrong gradients. Calls of one module are serialised; the
+    graphs they build hold their own tensors, so products and backward passes
+    still run in parallel. (Not while ``torch.compile`` traces: Dynamo cannot
+    enter a lock, and a compiled graph takes the tensors as inputs.)
+    """
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
 
 
 class FunctionalLoss:
@@ -129,7 +154,10 @@ class FunctionalLoss:
         state = dict(self.model.named_buffers()) if buffers is None else dict(buffers)
         state.update(params)
         args, kwargs = model_arguments(inputs)
-        with _batch_statistics(self.model):
+        if torch.compiler.is_compiling():  # a compiled graph takes the tensors as inputs: nothing is swapped
+            with _batch_statistics(self.model):
+                return functional_call(self.model, state, args, kwargs)
+        with _module_lock(self.model), _batch_statistics(self.model):
             return functional_call(self.model, state, args, kwargs)
 
     def select_output(self, returned: Any) -> Any:

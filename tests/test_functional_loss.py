@@ -314,3 +314,33 @@ def test_split_curvature_on_a_hand_written_f_mentions_output(curvature):
 def test_repr_shows_output():
     f = so.functional_loss(nn.Linear(2, 2), F.mse_loss, output="logits")
     assert repr(f) == "functional_loss(Linear, 'mse_loss', output='logits')"
+
+
+def test_threads_sharing_one_model_get_their_own_results():
+    """functional_call swaps the module's tensors while it runs: concurrent calls of one module are serialised."""
+    import threading
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 64), nn.Tanh(), nn.Linear(64, 3)).to(DT)
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    x, y = torch.randn(64, 30, dtype=DT), torch.randint(0, 3, (64,))
+    params = so.params_dict(model)
+    # each thread its own parameters: a swapped-in tensor of another thread shows as a wrong gradient
+    points = [{k: v + 0.1 * i for k, v in params.items()} for i in range(3)]
+    g = torch.func.grad(f)
+    expected = [g(p, x, y) for p in points]
+    wrong = []
+
+    def worker(i):
+        for _ in range(15):
+            out = g(points[i], x, y)
+            if not all(torch.equal(out[k], expected[i][k]) for k in out):
+                wrong.append(i)
+                return
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
