@@ -74,7 +74,7 @@ from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import distributed, tree
+from . import distributed, shards, tree
 from .losses import LossSpec, UnsupportedLoss, loss_spec
 from .modules import FunctionalLoss
 
@@ -317,6 +317,10 @@ class DatasetLoss:
         one batch).
         """
         leaves = self._leaves(params)
+        layout = shards.layout_of(params, self.group)
+        if layout is not None:  # FSDP2 shards: gathered once, the value computed on full tensors
+            with shards.gathering(layout, params, getattr(self.f, "model", None)) as full:
+                return self(full)
         if self.group is None and not self._warned and any(
                 torch._C._functorch.is_functorch_wrapped_tensor(t) for t in leaves):
             self._warned = True
@@ -347,6 +351,12 @@ class DatasetLoss:
             True
         """
         self._leaves(params)
+        layout = shards.layout_of(params, self.group)
+        if layout is not None:  # FSDP2 shards: gathered once; the gradient given back sharded like params
+            with shards.gathering(layout, params, getattr(self.f, "model", None)) as full:
+                value, grad = self.value_and_grad(full)
+            leaves, spec = tree.flatten(grad)
+            return value, tree.unflatten(spec, layout.export_all(leaves))
         self.prepare(params, "the loss and its gradient")
         return self._value_and_grad(params)
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import wrappers
 from .model_call import Output, check_output, model_arguments, select_output
 
 __all__ = ["functional_loss", "params_dict", "FunctionalLoss"]
@@ -150,15 +151,19 @@ class FunctionalLoss:
             )
         unknown = set(params) - {n for n, _ in self.model.named_parameters()}
         if unknown:
+            if wrappers.is_ddp(self.model):
+                wrappers.plain_view(self.model, params)  # names of the unwrapped model: a clear error
             raise ValueError(f"params has names that are not parameters of the model: {sorted(unknown)}")
         state = dict(self.model.named_buffers()) if buffers is None else dict(buffers)
         state.update(params)
         args, kwargs = model_arguments(inputs)
+        # DDP and FSDP2 run collectives and swap parameters in their forward: call the plain modules
+        module, state = wrappers.plain_view(self.model, state)
         if torch.compiler.is_compiling():  # a compiled graph takes the tensors as inputs: nothing is swapped
-            with _batch_statistics(self.model):
-                return functional_call(self.model, state, args, kwargs)
-        with _module_lock(self.model), _batch_statistics(self.model):
-            return functional_call(self.model, state, args, kwargs)
+            with _batch_statistics(module):
+                return functional_call(module, state, args, kwargs)
+        with _module_lock(module), _batch_statistics(module):
+            return functional_call(module, state, args, kwargs)
 
     def select_output(self, returned: Any) -> Any:
         """The part of the model's return value that ``loss_fn`` sees (``output=``, :mod:`secorder.model_call`).

@@ -67,7 +67,17 @@ def _embedding_setting(g):
     return w, [lambda w: F.embedding(idx, w, padding_idx=0), lambda w: F.embedding(idx, w, padding_idx=-6)]
 
 
+def _mha_setting(g):
+    torch.manual_seed(0)
+    m = torch.nn.MultiheadAttention(4, 2, batch_first=True).double()
+    x = torch.randn(2, 3, 4, dtype=DT, generator=g)
+    mask = torch.tensor([[False, False, True], [False, False, False]])
+    return x, [lambda x: m(x, x, x, need_weights=False)[0],
+               lambda x: m(x, x.flip(1), x, key_padding_mask=mask, need_weights=False)[0]]
+
+
 SETTINGS = {
+    F.multi_head_attention_forward: _mha_setting,
     F.scaled_dot_product_attention: _sdpa_setting,
     F.layer_norm: _layer_norm_setting,
     torch.layer_norm: _layer_norm_setting,

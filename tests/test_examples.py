@@ -39,6 +39,7 @@ EXPECTED = {
     "pinn_poisson.py": ([], "the PINN solution matches the analytic solution"),
     "hf_spectrum.py": (["--quick", "--out", str(pathlib.Path(tempfile.gettempdir()) / "secorder_hf_spectrum.png")],
                        "every eigenpair checked by Hessian-vector products"),
+    "distributed_fsdp.py": ([], "top eigenvalue of the Hessian"),
 }
 
 # Examples that need an optional package: skipped (not run) where it does not import.

@@ -19,7 +19,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional
+import inspect
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from .registry import register
 
-__all__ = ["sdpa"]
+__all__ = ["sdpa", "multi_head_attention_forward"]
 
 
 @register(
@@ -67,3 +68,43 @@ def _math(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]
     return torch.ops.aten._scaled_dot_product_attention_math(
         query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa
     )[0]
+
+
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+def _mha_without_weights(*args: Any, **kwargs: Any) -> bool:
+    try:
+        bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+    except TypeError:
+        return False  # PyTorch raises its own error
+    return not bound.arguments.get("need_weights", True)
+
+
+@register(
+    F.multi_head_attention_forward, applies=_mha_without_weights,
+    why="with need_weights=False it calls the fused attention from inside PyTorch, out of the composites' reach; "
+        "the explicit path (need_weights=True) runs and the weights are dropped",
+)
+def multi_head_attention_forward(*args: Any, **kwargs: Any) -> Tuple[Tensor, None]:
+    """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) with ``need_weights=False``, unfused.
+
+    PyTorch runs the body of a function it dispatches to a ``TorchFunctionMode``
+    with the mode switched off, so the fused attention inside it would not be
+    replaced; its ``need_weights=True`` branch computes the same output with
+    ``bmm`` and ``softmax``.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.MultiheadAttention(4, 2, batch_first=True).double().eval()
+        >>> x = torch.randn(2, 3, 4, dtype=torch.float64)
+        >>> from secorder.composites import differentiable_ops
+        >>> with differentiable_ops():
+        ...     out, weights = m(x, x, x, need_weights=False)
+        >>> torch.allclose(out, m(x, x, x, need_weights=False)[0]), weights
+        (True, None)
+    """
+    bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+    bound.arguments["need_weights"] = True
+    out, _ = F.multi_head_attention_forward(*bound.args, **bound.kwargs)
+    return out, None
