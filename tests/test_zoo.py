@@ -267,6 +267,21 @@ def test_structured_engine_declines_with_a_reason():
         so.trace(case.f, curvature="ggn", engine="structured")(case.params(), case.inputs, case.targets)
 
 
+def test_gradient_of_a_curvature_penalty_through_attention():
+    """grad of a seeded Hutchinson trace (third derivatives through GPT-2's attention) vs central differences."""
+    case = zoo.build("gpt2")
+    params = case.params()
+    tr = so.trace(case.f, method="hutchinson", num_samples=2, seed=0)
+    penalty = lambda p: tr(p, case.inputs, case.targets)  # noqa: E731
+    g = _flat(torch.func.grad(penalty)(params))
+    flat, unravel = so.tree.ravel(params)
+    d = torch.randn(flat.shape, dtype=DT, generator=torch.Generator().manual_seed(9))
+    at = lambda t: penalty(unravel(flat + t * d))  # noqa: E731
+    h = 3e-5  # the fourth-order central stencil: truncation ~h^4, far below the tolerance
+    fd = (8 * (at(h) - at(-h)) - (at(2 * h) - at(-2 * h))) / (12 * h)
+    torch.testing.assert_close((g * d).sum(), fd, rtol=1e-7, atol=1e-9)
+
+
 # ---- per-example curvature under vmap ----------------------------------------------------
 
 
