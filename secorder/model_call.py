@@ -67,7 +67,7 @@ def model_arguments(inputs: Any) -> Tuple[tuple, Dict[str, Any]]:
         >>> model_arguments({1: torch.ones(2)})
         Traceback (most recent call last):
         ...
-        TypeError: inputs is a mapping, passed to the model as keyword arguments, so its keys must be strings; got a key of type int
+        TypeError: inputs is a mapping, passed to the model as keyword arguments, so its keys must be strings; ...
     """
     if isinstance(inputs, Mapping):
         bad = [k for k in inputs if not isinstance(k, str)]
@@ -177,7 +177,7 @@ def select_output(returned: Any, output: Output) -> Any:
         >>> select_output({"loss": torch.ones(())}, None)
         Traceback (most recent call last):
         ...
-        ValueError: output=None takes the field 'logits' of a model that returns a mapping, but the model returned a dict with the fields ['loss']; pass output= the name of the field the loss takes, or a callable
+        ValueError: output=None takes the field 'logits' ... returned a dict with the fields ['loss']; ...
     """
     if output is None:
         if isinstance(returned, Tensor) or not isinstance(returned, Mapping):

@@ -204,7 +204,8 @@ def test_vmap_and_grad_over_dict_inputs():
     per = torch.func.vmap(tr, in_dims=(None, 0, 0))(params, {"u": u[:, None], "v": v[:, None]}, y[:, None])
     loop = torch.stack([tr(params, {"u": u[i:i + 1], "v": v[i:i + 1]}, y[i:i + 1]) for i in range(4)])
     torch.testing.assert_close(per, loop, rtol=1e-10, atol=1e-12)
-    g = torch.func.grad(lambda p: so.trace(f, method="hutchinson", num_samples=3, seed=0)(p, {"u": u, "v": v}, y))(params)
+    hutchinson = so.trace(f, method="hutchinson", num_samples=3, seed=0)
+    g = torch.func.grad(lambda p: hutchinson(p, {"u": u, "v": v}, y))(params)
     assert set(g) == set(params) and all(torch.isfinite(t).all() for t in g.values())
 
 

@@ -14,8 +14,9 @@ functions whose result the caller differentiates later (``create_graph=True``).
 
 Example:
     >>> import torch
+    >>> kernel = "aten::_scaled_dot_product_flash_attention_for_cpu_backward"
     >>> with explain_fused_attention():
-    ...     raise RuntimeError("derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented")
+    ...     raise RuntimeError(f"derivative for {kernel} is not implemented")
     Traceback (most recent call last):
     ...
     RuntimeError: derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented; ...
