@@ -189,6 +189,25 @@ def _mean_count(spec: LossSpec, targets: Tensor) -> Any:
     return targets.numel()
 
 
+def _same_batch(leaf: Tensor, samples: int, structured: bool) -> bool:
+    """Whether an input ``leaf`` fits targets with ``samples`` entries in their leading dimension.
+
+    The same leading dimension; or tokens flattened into the targets' batch
+    (inputs ``[N, T, ...]``, targets ``[N * T, ...]``, as a language model's loss
+    over all its tokens takes them); or, in a dict or tuple of inputs, a leading
+    dimension of 1 that broadcasts (``position_ids`` of shape ``[1, T]``).
+
+    Example:
+        >>> _same_batch(torch.zeros(2, 4), 8, False), _same_batch(torch.zeros(1, 4), 8, True)
+        (True, True)
+        >>> _same_batch(torch.zeros(3, 4), 8, True)
+        False
+    """
+    n = leaf.shape[0]
+    return (n == samples or (leaf.dim() >= 2 and n * leaf.shape[1] == samples)
+            or (structured and n == 1))
+
+
 def _plain(*tensors: Tensor) -> bool:
     """Whether nothing differentiates or batches through ``tensors`` (so our own buffers may be updated in place)."""
     return not any(t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
@@ -562,8 +581,9 @@ class DatasetLoss:
         samples = lead.shape[0]
         if samples == 0:
             raise ValueError(f"data: batch {i} has no samples (targets of shape {tuple(lead.shape)}); drop empty batches")
+        structured = not isinstance(inputs, Tensor)
         for path, leaf in zip(tree.paths(inputs), tree.leaves(inputs)):
-            if isinstance(leaf, Tensor) and leaf.dim() >= 1 and leaf.shape[0] != samples:
+            if isinstance(leaf, Tensor) and leaf.dim() >= 1 and not _same_batch(leaf, samples, structured):
                 raise ValueError(
                     f"data: batch {i} has targets of shape {tuple(lead.shape)} but inputs{path} of shape "
                     f"{tuple(leaf.shape)}: the leading (batch) dimensions differ")
