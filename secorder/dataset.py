@@ -84,7 +84,7 @@ from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import distributed, tree
+from . import distributed, shards, tree
 from .modules import FunctionalLoss
 from .sample_keys import SampleKeys
 from .term_counts import Terms, term_counter
@@ -253,6 +253,25 @@ def _unknown_terms(i: int, targets: Any, samples: int, batch_reduction: Optional
     return Terms(samples, samples)
 
 
+def _same_batch(leaf: Tensor, samples: int, structured: bool) -> bool:
+    """Whether an input ``leaf`` fits targets with ``samples`` entries in their leading dimension.
+
+    The same leading dimension; or tokens flattened into the targets' batch
+    (inputs ``[N, T, ...]``, targets ``[N * T, ...]``, as a language model's loss
+    over all its tokens takes them); or, in a dict or tuple of inputs, a leading
+    dimension of 1 that broadcasts (``position_ids`` of shape ``[1, T]``).
+
+    Example:
+        >>> _same_batch(torch.zeros(2, 4), 8, False), _same_batch(torch.zeros(1, 4), 8, True)
+        (True, True)
+        >>> _same_batch(torch.zeros(3, 4), 8, True)
+        False
+    """
+    n = leaf.shape[0]
+    return (n == samples or (leaf.dim() >= 2 and n * leaf.shape[1] == samples)
+            or (structured and n == 1))
+
+
 def _plain(*tensors: Tensor) -> bool:
     """Whether nothing differentiates or batches through ``tensors`` (so our own buffers may be updated in place)."""
     return not any(t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
@@ -360,6 +379,10 @@ class DatasetLoss:
         one batch).
         """
         leaves = self._leaves(params)
+        layout = shards.layout_of(params, self.group)
+        if layout is not None:  # FSDP2 shards: gathered once, the value computed on full tensors
+            with shards.gathering(layout, params, getattr(self.f, "model", None)) as full:
+                return self(full)
         if self.group is None and not self._warned and any(
                 torch._C._functorch.is_functorch_wrapped_tensor(t) for t in leaves):
             self._warned = True
@@ -390,6 +413,12 @@ class DatasetLoss:
             True
         """
         self._leaves(params)
+        layout = shards.layout_of(params, self.group)
+        if layout is not None:  # FSDP2 shards: gathered once; the gradient given back sharded like params
+            with shards.gathering(layout, params, getattr(self.f, "model", None)) as full:
+                value, grad = self.value_and_grad(full)
+            leaves, spec = tree.flatten(grad)
+            return value, tree.unflatten(spec, layout.export_all(leaves))
         self.prepare(params, "the loss and its gradient")
         return self._value_and_grad(params)
 
@@ -618,21 +647,12 @@ class DatasetLoss:
         samples = lead.shape[0]
         if samples == 0:
             raise ValueError(f"data: batch {i} has no samples (targets of shape {tuple(lead.shape)}); drop empty batches")
-        first = None  # (path, shape) of the first batched input
+        structured = not isinstance(inputs, Tensor)
         for path, leaf in zip(tree.paths(inputs), tree.leaves(inputs)):
-            if not (isinstance(leaf, Tensor) and leaf.dim() >= 1):
-                continue
-            if first is None:
-                first = (path, tuple(leaf.shape))
-            n = first[1][0]
-            # the batch's terms are its targets: one per input sample, or k per sample when the model flattens
-            # its positions into the batch (a language model ending in nn.Flatten(0, 1): tokens [N, T], targets [N*T])
-            if leaf.shape[0] != n or n == 0 or samples % n:
+            if isinstance(leaf, Tensor) and leaf.dim() >= 1 and not _same_batch(leaf, samples, structured):
                 raise ValueError(
-                    f"data: batch {i} has targets of shape {tuple(lead.shape)} but inputs{first[0]} of shape "
-                    f"{first[1]}" + (f", inputs{path} of shape {tuple(leaf.shape)}" if path != first[0] else "")
-                    + ": the leading (batch) dimensions differ (the targets' must be the inputs', or a multiple "
-                    "of it for targets flattened over positions)")
+                    f"data: batch {i} has targets of shape {tuple(lead.shape)} but inputs{path} of shape "
+                    f"{tuple(leaf.shape)}: the leading (batch) dimensions differ")
         return inputs, targets, samples
 
     def _batch_value(self, params: Any, batch: Batch) -> Tensor:

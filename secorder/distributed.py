@@ -51,6 +51,13 @@ _NOT_INITIALISED = (
 )
 
 
+_NO_FUNCTORCH = (
+    "a data-set loss with process_group cannot run inside torch.func transforms (vmap, grad, jacrev) "
+    "around the secorder call: torch.distributed's collectives do not support them; call the "
+    "transform directly, or drop process_group"
+)
+
+
 def is_initialized() -> bool:
     """Whether ``torch.distributed`` is available and initialised."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -121,14 +128,7 @@ class Group:
             buf[2 + self.rank * n + j] = int(v)
         buf = buf.to(self.control_device())
         work = torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.MAX, group=self.group, async_op=True)
-        try:
-            work.wait(timeout=HANDSHAKE_TIMEOUT)
-        except RuntimeError as err:
-            raise RuntimeError(
-                f"rank {self.rank}: the other ranks of process_group did not join this call within "
-                f"{HANDSHAKE_TIMEOUT.total_seconds():g} s: every rank must make the same calls on the data-set loss "
-                f"(a rank that raised, returned early or called something else leaves the others waiting) ({err})"
-            ) from err
+        self._wait(work)
         out = buf.cpu().tolist()
         if out[0] != code or -out[1] != code:
             raise ValueError(
@@ -138,15 +138,36 @@ class Group:
             )
         return [out[2 + r * n: 2 + (r + 1) * n] for r in range(self.size)]
 
+    def all_gather(self, buf: Tensor) -> List[Tensor]:
+        """Every rank's ``buf`` (same shape on every rank), in rank order; waits at most :data:`HANDSHAKE_TIMEOUT`.
+
+        Raises:
+            RuntimeError: another rank did not join within the timeout, or ``buf`` is
+                inside a ``torch.func`` transform.
+        """
+        self._check_alive()
+        if torch._C._functorch.is_functorch_wrapped_tensor(buf):
+            raise RuntimeError(_NO_FUNCTORCH)
+        out = [torch.empty_like(buf) for _ in range(self.size)]
+        work = torch.distributed.all_gather(out, buf.contiguous(), group=self.group, async_op=True)
+        self._wait(work)
+        return out
+
+    def _wait(self, work) -> None:
+        try:
+            work.wait(timeout=HANDSHAKE_TIMEOUT)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"rank {self.rank}: the other ranks of process_group did not join this call within "
+                f"{HANDSHAKE_TIMEOUT.total_seconds():g} s: every rank must make the same calls on the data-set loss "
+                f"(a rank that raised, returned early or called something else leaves the others waiting) ({err})"
+            ) from err
+
     def all_reduce(self, buf: Tensor) -> Tensor:
         """The sum of ``buf`` over the ranks (differentiable when ``buf`` requires grad, in eager autograd)."""
         self._check_alive()
         if torch._C._functorch.is_functorch_wrapped_tensor(buf):
-            raise RuntimeError(
-                "a data-set loss with process_group cannot run inside torch.func transforms (vmap, grad, jacrev) "
-                "around the secorder call: torch.distributed's collectives do not support them; call the "
-                "transform directly, or drop process_group"
-            )
+            raise RuntimeError(_NO_FUNCTORCH)
         if buf.requires_grad and torch.is_grad_enabled():
             from torch.distributed.nn.functional import all_reduce
 

@@ -14,7 +14,8 @@ every pass, batching and order, on both engines and every rank. Identical
 samples get identical labels (to the Fisher they are one sample counted twice).
 
 A sample is a row of the leading dimension of the batch's inputs (every tensor
-leaf; a dict of tensors for a transformer). The model's output rows map onto
+leaf; a dict of tensors for a transformer, whose leaves with a leading dimension
+of 1, such as ``position_ids``, are the same for every sample). The model's output rows map onto
 them: ``k`` rows per sample when the output has ``k`` times as many rows (a
 language model that flattens its tokens into the batch), row ``r`` being
 position ``r mod k`` of sample ``r // k``; otherwise (one unbatched sample) the
@@ -104,8 +105,7 @@ class SampleKeys:
             (torch.int64, torch.Size([2]), True)
         """
         leaves: List[Tensor] = [t for t in tree.leaves(inputs) if isinstance(t, Tensor)]
-        batched = [t for t in leaves if t.dim() > 0]
-        rows = batched[0].shape[0] if batched else 1
+        rows = max((t.shape[0] for t in leaves if t.dim() > 0), default=1)  # [1, T] leaves broadcast
         device = leaves[0].device if leaves else torch.device("cpu")
         h = torch.full((rows,), (int(seed) & ((1 << 63) - 1)), dtype=torch.int64, device=device)
         for i, leaf in enumerate(leaves):

@@ -23,6 +23,8 @@ import optree
 import torch
 from torch import Tensor
 
+from .wrappers import is_dtensor
+
 PyTree = Any
 TreeSpec = optree.PyTreeSpec
 
@@ -36,6 +38,7 @@ __all__ = [
     "paths",
     "tree_map",
     "vdot",
+    "norm",
     "scale",
     "add",
     "sub",
@@ -132,16 +135,38 @@ def tree_map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
 def vdot(a: PyTree, b: PyTree) -> Tensor:
     """Inner product ``sum_i <a_i, b_i>`` over all leaves, as a 0-dim tensor.
 
+    Sharded leaves (``DTensor`` shards, as the transforms return for FSDP2 parameters)
+    count once over the whole mesh: the local partial sums of every leaf are
+    all-reduced together (:func:`secorder.shards.vdot`), so the result is a plain
+    tensor, equal on every rank. Mixing a sharded and a plain leaf in one pair is a
+    ``TypeError``.
+
     Example:
         >>> import torch
         >>> from secorder import tree
         >>> float(tree.vdot([torch.tensor([1., 2.])], [torch.tensor([3., 4.])]))
         11.0
     """
-    terms = [(x * y).sum() for x, y in zip(leaves(a), leaves(b))]
-    if not terms:
+    la, lb = leaves(a), leaves(b)
+    if not la:
         raise ValueError("vdot of empty pytrees is undefined (no leaves)")
-    return torch.stack(terms).sum()
+    if any(is_dtensor(t) for t in la + lb):
+        from . import shards
+
+        return shards.vdot(paths(a), la, lb)
+    return torch.stack([(x * y).sum() for x, y in zip(la, lb)]).sum()
+
+
+def norm(a: PyTree) -> Tensor:
+    """The Euclidean norm over all leaves, ``sqrt(vdot(a, a))`` (sharded leaves summed over their mesh).
+
+    Example:
+        >>> import torch
+        >>> from secorder import tree
+        >>> float(tree.norm({"a": torch.tensor([3.]), "b": torch.tensor([4.])}))
+        5.0
+    """
+    return vdot(a, a).sqrt()
 
 
 def scale(tree: PyTree, alpha: Any) -> PyTree:

@@ -126,23 +126,26 @@ def _pdist_setting(g):
     return torch.randn(5, 3, dtype=DT, generator=g), [F.pdist, lambda x: F.pdist(x, p=1.5)]
 
 
-def _mha_setting(g):
-    torch.manual_seed(0)
-    mha = torch.nn.MultiheadAttention(4, 2, batch_first=True).to(DT)
-    layer = torch.nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True).to(DT).eval()
-    mask = torch.nn.Transformer.generate_square_subsequent_mask(3, dtype=DT)
-    return torch.randn(2, 3, 4, dtype=DT, generator=g), [
-        lambda x: mha(x, x, x, need_weights=False)[0],
-        lambda x: mha(x, x, x, need_weights=False, attn_mask=mask, is_causal=True)[0],
-        layer]
-
-
 def _det_setting(g):
     a = torch.randn(2, 3, 3, dtype=DT, generator=g) + 2 * torch.eye(3, dtype=DT)
     return a, [torch.linalg.det, lambda a: a[0].det(), lambda a: torch.det(a.flip(-1))]
 
 
+def _mha_setting(g):
+    torch.manual_seed(0)
+    m = torch.nn.MultiheadAttention(4, 2, batch_first=True).double()
+    x = torch.randn(2, 3, 4, dtype=DT, generator=g)
+    mask = torch.tensor([[False, False, True], [False, False, False]])
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(3, dtype=DT)
+    layer = torch.nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True).to(DT).eval()
+    return x, [lambda x: m(x, x, x, need_weights=False)[0],
+               lambda x: m(x, x.flip(1), x, key_padding_mask=mask, need_weights=False)[0],
+               lambda x: m(x, x, x, need_weights=False, attn_mask=causal, is_causal=True)[0],
+               layer]
+
+
 SETTINGS = {
+    F.multi_head_attention_forward: _mha_setting,
     F.scaled_dot_product_attention: _sdpa_setting,
     F.layer_norm: _layer_norm_setting,
     torch.layer_norm: _layer_norm_setting,
@@ -162,7 +165,6 @@ SETTINGS = {
     F.multi_margin_loss: _multi_margin_setting,
     torch.cdist: _cdist_setting,
     F.pdist: _pdist_setting,
-    F.multi_head_attention_forward: _mha_setting,
     torch.linalg.det: _det_setting,
     torch.det: _det_setting,
     torch.Tensor.det: _det_setting,

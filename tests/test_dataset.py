@@ -149,8 +149,8 @@ def test_dict_inputs():
             super().__init__()
             self.a, self.b = nn.Linear(4, 3), nn.Linear(2, 3)
 
-        def forward(self, inputs):
-            return self.a(inputs["u"]) + torch.tanh(self.b(inputs["v"]))
+        def forward(self, u, v):  # a dict of inputs is passed as keyword arguments: model(**inputs)
+            return self.a(u) + torch.tanh(self.b(v))
 
     torch.manual_seed(0)
     model = TwoInputs().to(DT)

@@ -28,7 +28,11 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from secorder.composites import differentiable_ops
 from secorder.operators import LeafOperator
+
+from ._fused import explain_fused_attention
+from .errors import LegacyTypeError
 
 __all__ = [
     "autograd_hessian_operator",
@@ -48,7 +52,9 @@ def _batched_grad(
 ) -> List[Tensor]:
     """``sum_j (d outputs_j / d inputs)^T grad_outputs_j`` for a leading probe batch, zeros for unreached inputs."""
     k = grad_outputs[0].shape[0]
-    with torch.enable_grad():  # create_graph must record whatever the caller's grad mode
+    # create_graph must record whatever the caller's grad mode; a graph built before the call through a
+    # fused attention kernel cannot be differentiated again: PyTorch's error then says what to do.
+    with torch.enable_grad(), explain_fused_attention():
         res = _grad_or_batched(outputs, inputs, grad_outputs, create_graph, k)
     return [
         r if r is not None else x.new_zeros((k,) + tuple(x.shape))
@@ -358,7 +364,11 @@ def gauss_newton_product(
     params = list(model.parameters())
     v = [u.to(p.dtype) for u, p in zip(v, params)]
     with torch.enable_grad():
-        out = model(inputs)
+        with differentiable_ops():  # J v differentiates the model twice (fused attention cannot)
+            out = model(inputs)
+        if not isinstance(out, Tensor):
+            raise LegacyTypeError(f"model(inputs) must return a tensor, got {type(out).__name__} (wrap the model in a "
+                            "module that returns its output tensor, such as the logits of a ModelOutput)")
         jv = jacobian_vector_products(out, params, [u.unsqueeze(0) for u in v], create_graph=create_graph)[0]
         # H_out J v: the VJP of the loss's output gradient with cotangent J v (H_out
         # is symmetric). With create_graph=True it stays a function of the

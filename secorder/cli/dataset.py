@@ -8,6 +8,11 @@ rank loads the same problem, :func:`shard` gives rank ``r`` the batches
 (:func:`secorder.dataset_loss` with the group). Only rank 0 prints. Without
 ``torchrun`` (no ``WORLD_SIZE`` above 1 in the environment) it is one process.
 
+``--shard ddp|fsdp`` (:func:`wrap_model`) measures a copy of the model wrapped in
+``DistributedDataParallel`` or sharded with FSDP2's ``fully_shard`` over a 1-D mesh
+of the ranks, as a user's training script would have it; ``--shard none`` (the
+default) measures the plain model, replicated on every rank.
+
 Example:
     >>> import torch
     >>> [tuple(x.shape) for x, _ in rebatch([(torch.zeros(5, 2), torch.zeros(5))], 2)]
@@ -18,15 +23,21 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import os
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .. import tree
+from .. import tree, wrappers
+from .errors import UsageError
 
-__all__ = ["Launch", "launch", "rebatch", "shard", "broadcast_parameters"]
+__all__ = ["Launch", "launch", "rebatch", "shard", "broadcast_parameters", "SHARDS", "add_shard_option",
+           "wrap_model", "gathered"]
+
+#: ``--shard``'s choices.
+SHARDS = ("none", "ddp", "fsdp")
 
 Batch = Tuple[Any, Any]
 
@@ -55,16 +66,22 @@ def _world_size() -> int:
         return 1
 
 
-def launch(device: torch.device) -> Launch:
+def launch(device: torch.device, shard_how: str = "none") -> Launch:
     """Join ``torchrun``'s process group when there is one (``WORLD_SIZE`` > 1), else run alone.
 
     Args:
         device: ``--device``; a CUDA device without an index becomes ``cuda:LOCAL_RANK``.
+        shard_how: ``--shard``; ``ddp`` and ``fsdp`` join a group even of one rank
+            (``torchrun --nproc-per-node 1``), and need ``torchrun``'s environment.
 
     Returns:
         The :class:`Launch`.
     """
-    if _world_size() <= 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if shard_how != "none" and not initialised and "MASTER_ADDR" not in os.environ:
+        raise UsageError(f"--shard {shard_how} needs a process group: launch the command with torchrun, for example "
+                         f"torchrun --nproc-per-node 2 -m secorder ... --shard {shard_how}")
+    if _world_size() <= 1 and not initialised and shard_how == "none":
         return Launch(None, 0, 1, device, False)
     dist = torch.distributed
     if device.type == "cuda" and device.index is None:
@@ -105,3 +122,46 @@ def broadcast_parameters(model: nn.Module, where: Launch) -> None:
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             torch.distributed.broadcast(t.data, src=0, group=where.group)
+
+
+def add_shard_option(parser: Any) -> None:
+    """``--shard none|ddp|fsdp``."""
+    parser.add_argument("--shard", choices=SHARDS, default="none",
+                        help="measure the model as distributed training holds it (under torchrun): 'ddp' wraps a copy "
+                             "in DistributedDataParallel, 'fsdp' shards a copy with FSDP2's fully_shard over the "
+                             "ranks (parameters and results as DTensor shards); 'none' (default) uses the plain model")
+
+
+def wrap_model(model: nn.Module, how: str, where: Launch) -> nn.Module:
+    """``model`` itself (``none``), or a copy of it wrapped in DDP or sharded with FSDP2 over the ranks of ``where``.
+
+    FSDP2: every submodule with parameters of its own is ``fully_shard``-ed, then the
+    root, on a 1-D mesh of all ranks (each parameter split along its first dimension).
+    """
+    if how == "none":
+        return model
+    if where.group is None:
+        raise UsageError(f"--shard {how} needs a process group: launch the command with torchrun")
+    twin = copy.deepcopy(model)
+    if how == "ddp":
+        ids = [where.device.index] if where.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(twin, device_ids=ids)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(where.device.type, (where.size,))
+    for name, module in reversed(list(twin.named_modules())):  # children before their parents
+        if name and any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module, mesh=mesh)
+    fully_shard(twin, mesh=mesh)
+    return twin
+
+
+def gathered(value: Any) -> Any:
+    """A pytree with ``DTensor`` leaves gathered into full tensors (for printing; a collective over the mesh)."""
+    return tree.tree_map(lambda t: t.full_tensor() if wrappers.is_dtensor(t) else t, value)
+
+
+def layer_type(model: nn.Module, prefix: str) -> str:
+    """The class name of ``model``'s submodule ``prefix``, as before any FSDP2 or DDP wrapping."""
+    return wrappers.original_class(model.get_submodule(prefix)).__name__

@@ -9,7 +9,10 @@ batches it reads, as a data set (:func:`secorder.dataset_loss`) of batches of at
 most ``--batch-size`` examples; training cycles over the batches as read with Adam.
 Under ``torchrun --nproc-per-node N -m secorder report`` the batches are sharded
 over the ranks, the curvature is still that of the whole data set, and only rank 0
-prints (:mod:`secorder.cli.dataset`).
+prints (:mod:`secorder.cli.dataset`); ``--shard ddp|fsdp`` measures the model
+wrapped in DDP or sharded with FSDP2, as a distributed training script holds it
+(training itself runs on the plain model, and a fresh wrapped copy is measured in
+each phase).
 
 What "affordable" means for the exact Hessian trace and diagonal: with
 ``--exact auto`` (the default) they are computed when the fast (structured)
@@ -40,14 +43,15 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
-from .. import estimates, modules, transforms, tree
+from .. import estimates, modules, transforms, tree, wrappers
 from ..dataset import dataset_loss
 from ..estimators import exact as exact_estimators
 from ..operators import make_operator
 from ..estimators import registry
 from ..problem import Problem as _Call
 from ..structured.errors import Unsupported
-from .dataset import Launch, broadcast_parameters, launch, rebatch, shard
+from .dataset import Launch, add_shard_option, broadcast_parameters, gathered, launch, layer_type, rebatch, shard
+from .dataset import wrap_model
 from .errors import UsageError
 from .options import DTYPES, add_problem_options, nonneg_int, positive_float, positive_int, resolve_device
 from .output import Clock, Progress, fmt, format_table
@@ -78,6 +82,7 @@ JSON_LAYOUT: Dict[str, Any] = OrderedDict([
                     "split into batches of at most ``--batch-size`` examples)"),
     ("batch_size", "``--batch-size``"),
     ("processes", "processes the data set is sharded over (``torchrun --nproc-per-node``; 1 without torchrun)"),
+    ("shard", "``--shard``: how the measured model is distributed (``none``, ``ddp`` or ``fsdp``)"),
     ("device", "the device, such as ``cpu`` or ``cuda:0``"),
     ("dtype", "``float32`` or ``float64``"),
     ("seed", "the ``--seed``"),
@@ -136,6 +141,7 @@ JSON_LAYOUT: Dict[str, Any] = OrderedDict([
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``secorder report``."""
     add_problem_options(parser)
+    add_shard_option(parser)
     parser.add_argument("--steps", type=nonneg_int, default=200,
                         help="training steps between the two reports (default 200)")
     parser.add_argument("--lr", type=positive_float, default=1e-2, help="Adam learning rate for training (default 0.01)")
@@ -205,7 +211,7 @@ def _layer_labels(model: nn.Module, names: Iterable[str]) -> Dict[str, str]:
     labels = {}
     for name in names:
         prefix = name.rsplit(".", 1)[0] if "." in name else ""
-        labels[name] = f"{prefix or '<root>'} ({type(model.get_submodule(prefix)).__name__})"
+        labels[name] = f"{prefix or '<root>'} ({layer_type(model, prefix)})"
     return labels
 
 
@@ -248,7 +254,7 @@ class _Loss:
         if self.structured_reason is not None:
             return None
         try:
-            return transforms.hessian_diag(self.F, engine="structured")(params)
+            return gathered(transforms.hessian_diag(self.F, engine="structured")(params))
         except Unsupported as exc:
             self.structured_reason = str(exc)
             logger.info("exact curvature by Hessian-vector products: %s", exc)
@@ -256,6 +262,8 @@ class _Loss:
 
     def generic_diagonal(self, params: Dict[str, Tensor], progress: bool) -> Dict[str, Tensor]:
         """The exact diagonal from one-hot Hessian-vector products; the bar advances per chunk of columns."""
+        if any(wrappers.is_dtensor(t) for t in params.values()):  # shards: the transform gathers them
+            return gathered(transforms.hessian_diag(self.F, engine="generic")(params))
         _, spec = tree.flatten(params)
         op = make_operator("hessian", _Call(self.F, 0, False, (params,)))
         with Progress(op.dim, "exact diagonal (one-hot HVPs)", progress, unit="col") as bar:
@@ -324,6 +332,7 @@ def _measure(loss: _Loss, params: Dict[str, Tensor], args: argparse.Namespace, c
         t = clock.now()
         diag = estimates.hessian_diag_estimate(loss.F, method="hutchinson", num_samples=args.num_samples,
                                                seed=args.seed, chunk_size=args.chunk_size)(params)
+        diag = diag._replace(value=gathered(diag.value))
         times["diagonal"] = clock.now() - t
         matvecs = int(diag.num_matvecs)
         diagonal = _diag_summary(tree.ravel(diag.value)[0], f"hutchinson, {matvecs} matvecs", matvecs)
@@ -389,7 +398,7 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         estimates.trace_estimate(lambda p: p, method=args.method, num_samples=args.num_samples)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"--method {args.method} --num-samples {args.num_samples}: {exc}") from exc
-    where = launch(device)
+    where = launch(device, args.shard)
     try:
         report = _report(args, where.device, dtype, where)
     finally:
@@ -411,12 +420,16 @@ def _report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, 
     warmup_s = clock.now() - t
 
     model = problem.model
-    loss = _Loss(model, problem.loss_fn, batches, args.engine, where, progress)
-    init = _measure(loss, modules.params_dict(model), args, clock)
+    measured = wrap_model(model, args.shard, where)
+    loss = _Loss(measured, problem.loss_fn, batches, args.engine, where, progress)
+    init = _measure(loss, modules.params_dict(measured), args, clock)
     t = clock.now()
     last = _train(model, problem.loss_fn, problem.batches, args, where)
     train_s = clock.now() - t
-    trained = _measure(loss, modules.params_dict(model), args, clock)
+    if args.shard != "none":  # a fresh wrapped copy of the trained model
+        measured = wrap_model(model, args.shard, where)
+        loss = _Loss(measured, problem.loss_fn, batches, args.engine, where, progress)
+    trained = _measure(loss, modules.params_dict(measured), args, clock)
     trained["seconds"] = OrderedDict([("training", train_s), *trained["seconds"].items()])
     phases = [OrderedDict(phase="init", **init), OrderedDict(phase=f"after {args.steps} steps", **trained)]
     return OrderedDict([
@@ -425,6 +438,7 @@ def _report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, 
         ("num_batches", len(batches)),
         ("batch_size", args.batch_size),
         ("processes", where.size),
+        ("shard", args.shard),
         ("device", str(device)),
         ("dtype", args.dtype),
         ("seed", args.seed),

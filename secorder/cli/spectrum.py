@@ -17,6 +17,12 @@ path/to/file.py:factory`` points it at your own code (see
 and with ``--out FILE.png`` draws both densities in one figure (needs matplotlib,
 the ``plot`` extra). The loss is the mean over the batches read (at most
 ``--max-batches``); the Gauss-Newton and Fisher curvatures need one batch.
+
+``--shard ddp|fsdp`` (under ``torchrun``) measures the model wrapped in DDP or
+sharded with FSDP2 (:func:`secorder.cli.dataset.wrap_model`): the batches are
+split over the ranks as a data-set loss with the process group
+(:func:`secorder.dataset_loss`, the mean over every example, for every curvature),
+the Lanczos bases are held in shards like the parameters, and rank 0 prints.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ import argparse
 import math
 import os
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import modules, operators, tree
+from ..dataset import dataset_loss
 from ..transforms.spectra import eigenvalues, spectral_density
+from .dataset import Launch, add_shard_option, broadcast_parameters, launch, shard, wrap_model
 from .errors import UsageError
 from .options import DTYPES, add_problem_options, nonneg_int, positive_float, positive_int, resolve_device
 from .output import Clock, Progress, fmt, format_table
@@ -50,6 +58,8 @@ JSON_LAYOUT: Dict[str, Any] = OrderedDict([
     ("model", "the ``--model`` target, or a description of the default problem"),
     ("num_params", "number of trainable parameter entries (the matrix is this size squared)"),
     ("num_batches", "batches read (at most ``--max-batches``)"),
+    ("processes", "processes the batches are split over (``--shard ddp|fsdp`` under ``torchrun``; else 1)"),
+    ("shard", "``--shard``: how the measured model is distributed (``none``, ``ddp`` or ``fsdp``)"),
     ("device", "the device, such as ``cpu`` or ``cuda:0``"),
     ("dtype", "``float32`` or ``float64``"),
     ("seed", "the ``--seed``"),
@@ -90,6 +100,7 @@ JSON_LAYOUT: Dict[str, Any] = OrderedDict([
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``secorder spectrum``."""
     add_problem_options(parser)
+    add_shard_option(parser)
     parser.add_argument("--steps", type=nonneg_int, default=200,
                         help="training steps between the two phases (default 200)")
     parser.add_argument("--lr", type=positive_float, default=1e-2, help="Adam learning rate for training (default 0.01)")
@@ -130,6 +141,24 @@ class _Loss:
 
     def args(self, params: Dict[str, Tensor]) -> tuple:
         return (params, *self.batches[0]) if self.split else (params,)
+
+
+class _ShardedLoss:
+    """``F(params)``: the data-set loss over this rank's batches with the process group (``--shard ddp|fsdp``)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, batches: List[Batch], where: Launch):
+        self.F = dataset_loss(modules.functional_loss(model, loss_fn), shard(batches, where),
+                              process_group=where.group)
+
+    def mean(self, params: Dict[str, Tensor]) -> Tensor:
+        return self.F(params)
+
+    @property
+    def f(self) -> Callable[..., Tensor]:
+        return self.F
+
+    def args(self, params: Dict[str, Tensor]) -> tuple:
+        return (params,)
 
 
 def _check_plot(out: Any) -> None:
@@ -234,10 +263,27 @@ def _warnings(phases: List[Dict[str, Any]], args: argparse.Namespace) -> List[st
     return out
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
-    """Load the problem, measure, train, measure again; the result as a JSON-ready dict (see :data:`JSON_LAYOUT`)."""
+def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """Load the problem, measure, train, measure again; the result as a JSON-ready dict (see :data:`JSON_LAYOUT`).
+
+    With ``--shard ddp|fsdp`` every rank of ``torchrun`` runs it on its shard of the
+    batches and only rank 0 returns the result (the others return ``None``).
+    """
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     _check_plot(args.out)
+    if args.shard == "none":
+        return _run(args, device, dtype, None)
+    where = launch(device, args.shard)
+    try:
+        result = _run(args, where.device, dtype, where)
+    finally:
+        where.close()
+    return result if where.printer else None
+
+
+def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, where: Optional[Launch]) -> Dict[str, Any]:
+    if where is not None and not where.printer:
+        args = argparse.Namespace(**{**vars(args), "progress": False, "out": None})
     clock = Clock(device)
     t = clock.now()
     problem = load_problem(args.model, max_batches=args.max_batches, device=device, dtype=dtype, seed=args.seed)
@@ -247,10 +293,18 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     warmup_s = clock.now() - t
 
     model = problem.model
-    loss = _Loss(model, problem.loss_fn, problem.batches, args.curvature)
+
+    def measured_loss():
+        if where is None:
+            return model, _Loss(model, problem.loss_fn, problem.batches, args.curvature)
+        broadcast_parameters(model, where)
+        wrapped = wrap_model(model, args.shard, where)
+        return wrapped, _ShardedLoss(wrapped, problem.loss_fn, problem.batches, where)
+
+    measured, loss = measured_loss()
     n = tree.size(modules.params_dict(model))
     try:
-        init = _measure(loss, modules.params_dict(model), args, clock, "init", n)
+        init = _measure(loss, modules.params_dict(measured), args, clock, "init", n)
     except (TypeError, ValueError) as exc:
         if args.curvature == "hessian":
             raise
@@ -259,7 +313,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     t = clock.now()
     last = _train(model, problem.loss_fn, problem.batches, args)
     train_s = clock.now() - t
-    trained = _measure(loss, modules.params_dict(model), args, clock, "trained", n)
+    if where is not None:  # a fresh wrapped copy of the trained model
+        measured, loss = measured_loss()
+    trained = _measure(loss, modules.params_dict(measured), args, clock, "trained", n)
     trained["seconds"] = OrderedDict([("training", train_s), *trained["seconds"].items()])
     phases = [OrderedDict(phase="init", **init), OrderedDict(phase=f"after {args.steps} steps", **trained)]
     if args.out is not None:
@@ -270,6 +326,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         ("model", problem.name),
         ("num_params", n),
         ("num_batches", len(problem.batches)),
+        ("processes", 1 if where is None else where.size),
+        ("shard", args.shard),
         ("device", str(device)),
         ("dtype", args.dtype),
         ("seed", args.seed),

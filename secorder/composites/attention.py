@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -70,32 +70,41 @@ def _math(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]
     )[0]
 
 
-_MHA_PARAMETERS = tuple(inspect.signature(F.multi_head_attention_forward).parameters)
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
 
-def _mha_arguments(args: tuple, kwargs: dict) -> dict:
-    return {**dict(zip(_MHA_PARAMETERS, args)), **kwargs}
-
-
-def _mha_applies(*args: object, **kwargs: object) -> bool:
-    return not _mha_arguments(args, kwargs).get("need_weights", True)
+def _mha_without_weights(*args: Any, **kwargs: Any) -> bool:
+    try:
+        bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+    except TypeError:
+        return False  # PyTorch raises its own error
+    return not bound.arguments.get("need_weights", True)
 
 
 @register(
-    F.multi_head_attention_forward, applies=_mha_applies,
-    why="need_weights=False (nn.MultiheadAttention in nn.Transformer layers) calls the fused kernels from inside "
-        "PyTorch's own function, where the composite above cannot reach; the explicit (need_weights) path runs",
+    F.multi_head_attention_forward, applies=_mha_without_weights,
+    why="with need_weights=False it calls the fused attention from inside PyTorch, out of the composites' reach; "
+        "the explicit path (need_weights=True) runs and the weights are dropped",
 )
-def multi_head_attention_forward(*args: object, **kwargs: object) -> tuple:
-    """``F.multi_head_attention_forward`` through its explicit path (``bmm``, ``softmax``), weights dropped.
+def multi_head_attention_forward(*args: Any, **kwargs: Any) -> Tuple[Tensor, None]:
+    """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) with ``need_weights=False``, unfused.
 
-    With ``need_weights=False`` PyTorch calls ``scaled_dot_product_attention``
-    inside its own Python function, where no ``TorchFunctionMode`` sees it; with
-    ``need_weights=True`` it computes the same attention from ``baddbmm``,
-    ``softmax`` and ``bmm``, whose derivatives of every order exist. The weights
-    are then discarded, as the caller asked.
+    PyTorch runs the body of a function it dispatches to a ``TorchFunctionMode``
+    with the mode switched off, so the fused attention inside it would not be
+    replaced; its ``need_weights=True`` branch computes the same output with
+    ``bmm`` and ``softmax``.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.MultiheadAttention(4, 2, batch_first=True).double().eval()
+        >>> x = torch.randn(2, 3, 4, dtype=torch.float64)
+        >>> from secorder.composites import differentiable_ops
+        >>> with differentiable_ops():
+        ...     out, weights = m(x, x, x, need_weights=False)
+        >>> torch.allclose(out, m(x, x, x, need_weights=False)[0]), weights
+        (True, None)
     """
-    call = _mha_arguments(args, kwargs)
-    call["need_weights"] = True
-    out, _ = F.multi_head_attention_forward(**call)
+    bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+    bound.arguments["need_weights"] = True
+    out, _ = F.multi_head_attention_forward(*bound.args, **bound.kwargs)
     return out, None

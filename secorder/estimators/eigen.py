@@ -221,10 +221,10 @@ def lanczos_eigenpairs(
     n = flat.dim
     check_eigen_options(k, which, num_iterations, tol, n)
     dtype, device = flat.dtype, flat.device
-    start = torch.randn(1, n, generator=generator, dtype=dtype, device=device)
-    spare = torch.randn(1, n, generator=generator, dtype=dtype, device=device)
+    start = flat.space.local(flat.randn(1, generator))
+    spare = flat.randn(1, generator)
     if num_iterations is not None and tol is None:
-        K = Krylov(flat, start, num_iterations, spare)
+        K = Krylov(flat, start, num_iterations, spare, space=flat.space)
         K.extend(num_iterations)
         theta, Y = _ritz(K)
         idx = _select(theta, k, which)
@@ -303,7 +303,7 @@ def _adaptive(flat, start, spare, k, which, tol, basis_size, max_matvecs, budget
         _check_int(max_matvecs, "max_matvecs")
         if max_matvecs < k:
             raise ValueError(f"max_matvecs must be at least k={k}, got {max_matvecs}")
-    K = Krylov(flat, start, basis_size, spare, host_checks=True)
+    K = Krylov(flat, start, basis_size, spare, host_checks=True, space=flat.space)
     keep = min(basis_size - 1, k + max(1, (basis_size - k) // 2))
     tail = 0  # first basis index of the block the run is in
     broken_values: Optional[Tensor] = None  # eigenvalues of the block that broke down last

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from ..operators import LeafOperator
 
-__all__ = ["Krylov", "FlatOperator", "block_operator", "working_dtype", "ritz_pairs", "BREAKDOWN_FACTOR"]
+__all__ = ["Krylov", "Euclidean", "FlatOperator", "block_operator", "working_dtype", "ritz_pairs", "BREAKDOWN_FACTOR"]
 
 # A recurrence vector shorter than BREAKDOWN_FACTOR * eps * max_j ||H q_j|| is a
 # Krylov breakdown: rounding noise (of the matvec and the recurrence) sits around
@@ -97,11 +97,47 @@ def ritz_pairs(T: Tensor) -> Tuple[Tensor, Tensor]:
             torch.where(finite[:, None, None], Y, torch.full_like(Y, float("nan"))))
 
 
+class Euclidean:
+    """The space of whole flat vectors of dimension ``dim``: plain sums, norms and shifts.
+
+    An operator on this rank's pieces of sharded parameters brings its own space
+    (:class:`secorder.shards.Space`, the same methods with sums over the ranks); the
+    recurrence below only ever goes through these methods.
+
+    Example:
+        >>> import torch
+        >>> Euclidean(3).norm(torch.tensor([[3., 4., 0.]]))
+        tensor([5.])
+    """
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def sum(self, x: Tensor) -> Tensor:
+        """Partial sums over this process's entries made whole (nothing to do here)."""
+        return x
+
+    def norm(self, x: Tensor) -> Tensor:
+        """Per row of ``(p, n)``: the Euclidean norm."""
+        return torch.linalg.vector_norm(x, dim=1)
+
+    def local(self, X: Tensor) -> Tensor:
+        """Rows drawn over the whole space, ``(p, dim)``, as held here (all of them)."""
+        return X
+
+    def shifted(self, X: Tensor, shift: int) -> Tensor:
+        """A cyclic shift of rows over the whole space (``X`` as drawn, ``(p, dim)``), as held here."""
+        return torch.roll(X, shift, dims=1)
+
+
 class FlatOperator:
     """A :class:`LeafOperator` seen as a batched map on ``(p, n)`` matrices.
 
     Rows are probes; a row is the concatenation of the flattened leaves. Counts
-    the matvecs it performs (one per row).
+    the matvecs it performs (one per row). :attr:`space` is the operator's space
+    (:class:`Euclidean` unless the operator works on shards); :attr:`dim` its
+    dimension, and :meth:`randn`/:meth:`draw` draw random rows over the whole space,
+    as held here.
 
     Example:
         >>> import torch
@@ -116,7 +152,8 @@ class FlatOperator:
         self.op = op
         self.templates = list(op.templates)
         self.sizes = [t.numel() for t in self.templates]
-        self.dim = sum(self.sizes)
+        self.space = op.space if op.space is not None else Euclidean(sum(self.sizes))
+        self.dim = self.space.dim
         self.dtype = working_dtype(self.templates)
         self.device = self.templates[0].device
         self.num_matvecs = 0
@@ -131,6 +168,20 @@ class FlatOperator:
         """A leaf list with leading dim ``p`` to ``(p, n)`` in the working dtype."""
         p = V[0].shape[0]
         return torch.cat([v.reshape(p, -1).to(self.dtype) for v in V], dim=1)
+
+    def randn(self, p: int, generator: Optional[torch.Generator]) -> Tensor:
+        """``(p, dim)`` standard normal rows over the whole space (not yet cut to what is held here)."""
+        return torch.randn(p, self.dim, generator=generator, dtype=self.dtype, device=self.device)
+
+    def draw(self, p: int, distribution: str, generator: Optional[torch.Generator]) -> Tensor:
+        """``p`` probes of ``distribution`` over the whole space, as held here, ``(p, n)``."""
+        from .probes import draw_probes
+
+        whole = getattr(self.space, "templates", None)
+        if whole is None:
+            return self.to_flat(draw_probes(self.templates, p, distribution, generator=generator))
+        V = draw_probes(whole(), p, distribution, generator=generator)
+        return self.space.local(torch.cat([v.reshape(p, -1).to(self.dtype) for v in V], dim=1))
 
     def __call__(self, X: Tensor) -> Tensor:
         self.num_matvecs += X.shape[0]
@@ -167,10 +218,12 @@ def _coefficients(Q: Tensor, x: Tensor) -> Tensor:
     return torch.bmm(x.unsqueeze(1), Q.transpose(1, 2)).squeeze(1)
 
 
-def _orthogonalise(u: Tensor, Q: Tensor, c: Optional[Tensor] = None) -> Tensor:
-    """``u - Q^T c`` per run; by default ``c = Q u``: one classical Gram-Schmidt pass (two reads of ``Q``)."""
+def _orthogonalise(u: Tensor, Q: Tensor, c: Optional[Tensor] = None, space: Optional[Euclidean] = None) -> Tensor:
+    """``u - Q^T c`` per run; by default ``c = Q u`` (summed over ``space``): one classical Gram-Schmidt pass."""
     if c is None:
         c = _coefficients(Q, u)
+        if space is not None:
+            c = space.sum(c)
     if Q.numel() <= _SMALL_PRODUCT:
         return u - (c[..., None] * Q).sum(dim=1)
     return torch.baddbmm(u.unsqueeze(1), c.unsqueeze(1), Q, alpha=-1).squeeze(1)
@@ -183,11 +236,14 @@ class Krylov:
         matvec: the operator on ``(p, n)`` matrices (e.g. a :class:`FlatOperator`).
         start: ``(p, n)`` start vectors (normalised here).
         capacity: the largest basis to hold (``num_iterations``); at most ``n``.
-        spare: ``(p, n)`` random vectors; their cyclic shifts replace the recurrence
-            vector at a breakdown.
+        spare: ``(p, dim)`` random vectors over the whole space; their cyclic shifts
+            replace the recurrence vector at a breakdown.
         host_checks: look at the breakdown test on the host and build a replacement
             only when one is needed (one synchronisation per step, not under ``vmap``);
             by default the replacement is selected with ``torch.where`` every step.
+        space: the space of the vectors (default :class:`Euclidean`): ``start`` and the
+            basis hold what ``space.local`` keeps of vectors over the whole space, and
+            every inner product and norm goes through ``space.sum``/``space.norm``.
 
     After ``extend(m)``, :meth:`projected` is the ``(p, j, j)`` matrix
     ``Q^T H Q`` (tridiagonal, or arrowhead plus tridiagonal after
@@ -210,15 +266,17 @@ class Krylov:
     """
 
     def __init__(self, matvec: Callable[[Tensor], Tensor], start: Tensor, capacity: int, spare: Tensor,
-                 *, host_checks: bool = False):
+                 *, host_checks: bool = False, space: Optional[Euclidean] = None):
         self.matvec = matvec
         self.host_checks = host_checks
-        self.n = start.shape[1]
+        self.space = space if space is not None else Euclidean(start.shape[1])
+        self.n = self.space.dim
+        self.width = start.shape[1]
         self.p = start.shape[0]
         self.capacity = min(capacity, self.n)
         self.eps = torch.finfo(start.dtype).eps
         self.spare = spare
-        self._start = start / torch.linalg.vector_norm(start, dim=1, keepdim=True)
+        self._start = start / self.space.norm(start)[:, None]
         self._Q: Optional[Tensor] = None  # (p, capacity + 1, n), allocated at the first step
         self.j = 0  # vectors in the basis
         self.diag: List[Tensor] = []  # alpha_i, (p,) each
@@ -245,7 +303,7 @@ class Krylov:
         # Derived from the first matvec's output so that, under torch.func.vmap, the
         # buffer is batched like the vectors written into it. Every slot is written
         # before it is read, except the last one once the basis spans the whole space.
-        self._Q = like.new_empty((self.p, self.capacity + 1, self.n))
+        self._Q = like.new_empty((self.p, self.capacity + 1, self.width))
         self._Q[:, self.capacity] = 0
 
     def extend(self, steps: int) -> None:
@@ -262,8 +320,9 @@ class Krylov:
         if self._Q is None:
             self._alloc(w)
             self._Q[:, 0] = q
-        self.scale = torch.maximum(self.scale, torch.linalg.vector_norm(w, dim=1))
-        alpha = _coefficients(q.unsqueeze(1), w).squeeze(1)
+        space = self.space
+        self.scale = torch.maximum(self.scale, space.norm(w))
+        alpha = space.sum(_coefficients(q.unsqueeze(1), w).squeeze(1))
         # The recurrence: w - alpha q_j - beta q_{j-1} (or the arrow to the kept Ritz
         # vectors right after a thick restart), one product over adjacent basis slots.
         if j == 0:
@@ -282,17 +341,17 @@ class Krylov:
         # A breakdown (the recurrence vector is at rounding level) takes a cyclic shift
         # of the spare vector instead; one Gram-Schmidt pass against the whole basis
         # then orthogonalises whichever it is.
-        beta_rec = torch.linalg.vector_norm(w, dim=1)
+        beta_rec = space.norm(w)
         broke = beta_rec <= BREAKDOWN_FACTOR * self.eps * self.scale
         self._record_breakdown(broke)
         self._shift += 1
         u = w
         if not self.host_checks or bool(broke.any()):
-            u = torch.where(broke[:, None], torch.roll(self.spare, self._shift, dims=1), w)
+            u = torch.where(broke[:, None], space.shifted(self.spare, self._shift), w)
         Q = self._Q[:, : self.j]
         for _ in range(2 if 2 * self.j > self.n else 1):
-            u = _orthogonalise(u, Q)
-        norm = torch.linalg.vector_norm(u, dim=1)
+            u = _orthogonalise(u, Q, space=space)
+        norm = space.norm(u)
         beta = torch.where(broke, torch.zeros_like(norm), norm)
         self._Q[:, self.j] = u / torch.clamp(norm, min=torch.finfo(u.dtype).tiny)[:, None]
         self.next_beta = beta

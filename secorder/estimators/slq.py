@@ -34,7 +34,7 @@ from torch import Tensor
 from ..operators import LeafOperator
 from ..density import SpectralDensity
 from .lanczos import FlatOperator, Krylov, ritz_pairs
-from .probes import check_distribution, draw_probes
+from .probes import check_distribution
 
 __all__ = ["stochastic_lanczos_quadrature", "check_slq_options", "DEFAULT_NUM_PROBES", "DEFAULT_NUM_ITERATIONS"]
 
@@ -124,12 +124,12 @@ def stochastic_lanczos_quadrature(
     if chunk_size is None:
         chunk_size = max(1, _BASIS_ENTRIES // ((m + 1) * n))
     # All probes are drawn first, so that the result does not depend on the chunking.
-    starts = flat.to_flat(draw_probes(flat.templates, num_probes, distribution, generator=generator))
-    spares = torch.randn(num_probes, n, generator=generator, dtype=flat.dtype, device=flat.device)
+    starts = flat.draw(num_probes, distribution, generator)
+    spares = flat.randn(num_probes, generator)
     nodes, weights, steps = [], [], []
     first = 0
     for size in _chunks(num_probes, min(chunk_size, num_probes)):
-        K = Krylov(flat, starts[first : first + size], m, spares[first : first + size])
+        K = Krylov(flat, starts[first : first + size], m, spares[first : first + size], space=flat.space)
         first += size
         K.extend(m)
         theta, Y = ritz_pairs(K.projected())

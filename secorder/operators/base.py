@@ -21,6 +21,12 @@ memory as it bounds the one-hot columns. The exact estimators use it when presen
 (and report ``num_matvecs = 0``), so every quantity built on the exact diagonal
 (the exact trace, per-leaf traces) gets the cheaper path with no change of its own.
 
+``space`` is ``None`` for an operator on whole tensors. An operator on this rank's
+pieces of sharded parameters (:mod:`secorder.operators.sharded`) gives the space
+they belong to (:class:`secorder.shards.Space`: its dimension, sums of partial
+inner products over the ranks, and the single-process random draws cut to this
+rank's entries); the Lanczos estimators read it, and nothing else needs it.
+
 :func:`secorder.operators.make_operator` builds one per curvature; the legacy
 ``torch_secorder`` shim builds one on the autograd engine.
 """
@@ -28,7 +34,7 @@ memory as it bounds the one-hot columns. The exact estimators use it when presen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from torch import Tensor
 
@@ -57,6 +63,7 @@ class LeafOperator:
     block_matvec: Callable[[int, Tensor], Tensor]
     psd: bool = False
     diagonal: Optional[Callable[[Optional[int]], List[Tensor]]] = None
+    space: Any = None
 
     @property
     def sizes(self) -> List[int]:
@@ -64,4 +71,5 @@ class LeafOperator:
 
     @property
     def dim(self) -> int:
-        return sum(self.sizes)
+        """The dimension of the space (over every rank for a sharded operator)."""
+        return self.space.dim if self.space is not None else sum(self.sizes)

@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import wrappers
 from ..modules import FunctionalLoss
 from . import backprop, losses, walker
 from .errors import Unsupported
@@ -116,6 +117,11 @@ def functional_call_diag(
         raise Unsupported("f is not a secorder.FunctionalLoss (or its class overrides __call__)")
     if not isinstance(f.model, nn.Module):
         raise Unsupported("the model is a function, not an nn.Module")
+    if f.output_field is not None:
+        # The module walker follows the model's own output tensor; a selection from its return value
+        # (a field of a ModelOutput, a callable) is not part of its plan.
+        raise Unsupported(f"output={f.output_field!r} selects the loss's input from the model's return value; "
+                          "the module walker takes a model that returns its output tensor (output=None)")
     if len(args) not in (3, 4):
         raise Unsupported(f"expected f(params, inputs, targets[, buffers]), got {len(args)} arguments")
     params, inputs, targets = args[:3]
@@ -126,8 +132,11 @@ def functional_call_diag(
         raise Unsupported("buffers must be a dict of tensors")
     spec = losses.loss_spec(f.loss_fn)
     _check_loss_module(f.loss_fn)
-    plan = walker.plan(f.model)
-    model = f.model
+    # DDP and FSDP2 models: the plain modules they wrap (names without DDP's 'module.' prefix)
+    original = list(params)
+    model, params = wrappers.plain_view(f.model, dict(params))
+    back = dict(zip(params, original))
+    plan = walker.plan(model)
     shapes = {n: t.shape for n, t in model.named_parameters()}
     values: Dict[str, Tensor] = {n: t.detach() for n, t in model.named_parameters() if n not in params}
     values.update({n: t for n, t in model.named_buffers()} if buffers is None else buffers)
@@ -143,7 +152,7 @@ def functional_call_diag(
                        generator=generator)
     if trace:
         return out
-    return {name: out[name] if name in out else torch.zeros_like(v) for name, v in params.items()}
+    return {back[name]: out[name] if name in out else torch.zeros_like(v) for name, v in params.items()}
 
 
 def _live(model: nn.Module, loss_fn: Any, inputs: Any, targets: Any, kind: str, params, trace: bool,

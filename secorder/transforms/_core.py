@@ -33,8 +33,9 @@ from ..dataset import is_dataset_loss
 from ..estimators.probes import make_generator
 from ..modules import FunctionalLoss
 from ..operators import Curvature, check_curvature, check_mc_samples, make_operator
+from ..operators import sharded as _sharded
 from ..operators.dataset import call_generator as _dataset_generator
-from ..problem import Problem
+from ..problem import Problem, split_message
 from ..results import STOP_NUM_SAMPLES, DiagonalEstimate, TraceEstimate
 from . import engine as _engine
 
@@ -70,11 +71,7 @@ def check_has_aux(has_aux: Any) -> None:
 def check_split(f: Any, curvature: Curvature) -> None:
     """Curvatures built from the model/loss split need ``f`` from ``so.functional_loss`` (checked at creation)."""
     if curvature.needs_split and not isinstance(f.f if is_dataset_loss(f) else f, FunctionalLoss):
-        raise TypeError(
-            f"curvature={curvature.name!r} needs the split of f into model and loss: build f with "
-            "so.functional_loss(model, loss_fn), where model is an nn.Module or a function "
-            f"model(params, inputs) -> outputs; got f of type {type(f).__name__}"
-        )
+        raise TypeError(split_message(curvature.name, f))
 
 
 def check_common(f: Any, argnums: Any, has_aux: Any, curvature: Any, mc_samples: Any) -> Curvature:
@@ -161,8 +158,21 @@ def evaluate(
     request: Request, fn: Callable, f: Callable[..., Any], args: tuple, kwargs: Dict[str, Any], what: str,
     *, full: bool,
 ) -> Any:
-    """One call of a quantity transform (see the module docstring)."""
+    """One call of a quantity transform (see the module docstring); sharded parameters are gathered for it."""
     problem = Problem(f, request.argnums, request.has_aux, args, kwargs)
+    layout = _sharded.layout_of(f, problem.primals)
+    with _sharded.gathered(problem, layout) as problem:
+        result = _evaluate(request, fn, problem, what, full=full)
+    if layout is None or request.quantity != "diagonal":
+        return result
+    if full:
+        return result._replace(value=_sharded.export_tree(layout, result.value),
+                                stderr=_sharded.export_tree(layout, result.stderr))
+    return _sharded.export_tree(layout, result)
+
+
+def _evaluate(request: Request, fn: Callable, problem: Problem, what: str, *, full: bool) -> Any:
+    f, args, kwargs = problem.f, problem.args, problem.kwargs
     generator = call_generator(request.options, problem) if request.random else None
     name = request.curvature.name
     if not request.estimator.stochastic:

@@ -22,6 +22,7 @@ from ..composites import ForwardModeUnsafe
 from ..dataset import is_dataset_loss
 from ..estimators import registry
 from ..operators import make_operator
+from ..operators import sharded as _sharded
 from ..problem import Problem
 from . import _core
 
@@ -97,8 +98,13 @@ def hvp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = 
         problem = Problem(f, argnums, has_aux, args, kwargs)
         _check_tangent(v, problem)
         if is_dataset_loss(f):  # one pass of the summed Hessian operator over the data
-            op = make_operator("hessian", problem)
-            return _linear_in_tangent(lambda t: _operator_product(op, problem, t), v, has_aux)
+            layout = _sharded.layout_of(f, problem.primals)
+            with _sharded.gathered(problem, layout) as problem:
+                v = _sharded.gather_tangent(layout, v)
+                op = make_operator("hessian", problem)
+                out = _linear_in_tangent(lambda t: _operator_product(op, problem, t), v, has_aux)
+            return _sharded.export_tree(layout, out)
+        _sharded.layout_of(f, problem.primals)  # sharded parameters need a data-set loss: a clear error
 
         def product(t: Any) -> Any:
             try:
@@ -147,15 +153,19 @@ def _curvature_vp(curvature: str, name: str, f: Callable[..., Any], argnums: Any
         args, v = _split_call(args_and_v, name)
         problem = Problem(f, argnums, has_aux, args, kwargs)
         _check_tangent(v, problem)
-        gen = _core.call_generator(options, problem)
-        op = make_operator(curvature, problem, mc_samples=mc_samples, generator=gen)
+        layout = _sharded.layout_of(f, problem.primals)
+        with _sharded.gathered(problem, layout) as problem:
+            v = _sharded.gather_tangent(layout, v)
+            gen = _core.call_generator(options, problem)
+            op = make_operator(curvature, problem, mc_samples=mc_samples, generator=gen)
 
-        def product(t: Any) -> Any:
-            leaves = [leaf[None] for leaf in tree.leaves(t)]
-            out = tree.unflatten(problem.spec, [r[0] for r in op.matvec(leaves)])
-            return problem.result(out)
+            def product(t: Any) -> Any:
+                leaves = [leaf[None] for leaf in tree.leaves(t)]
+                out = tree.unflatten(problem.spec, [r[0] for r in op.matvec(leaves)])
+                return problem.result(out)
 
-        return _linear_in_tangent(product, v, has_aux)
+            out = _linear_in_tangent(product, v, has_aux)
+        return _sharded.export_tree(layout, out)
 
     @functools.wraps(f)
     def vp_fn(*args_and_v: Any, **kwargs: Any) -> Any:

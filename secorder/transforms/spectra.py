@@ -40,6 +40,7 @@ from ..estimators.registry import check_random_source
 from ..estimators.slq import DEFAULT_NUM_ITERATIONS, DEFAULT_NUM_PROBES, check_slq_options
 from ..estimators.slq import stochastic_lanczos_quadrature
 from ..operators import make_operator
+from ..operators import sharded as _sharded
 from ..operators.dataset import call_generator
 from ..problem import Problem
 from ._core import check_common
@@ -167,7 +168,14 @@ def eigenvalues(
     @functools.wraps(f)
     def eigenvalues_fn(*args: Any, **kwargs: Any) -> Any:
         problem = Problem(f, argnums, has_aux, args, kwargs)
+        layout = _sharded.layout_of(f, problem.primals)
+        with _sharded.gathered(problem, layout) as problem:
+            return _eigenvalues(problem, layout)
+
+    def _eigenvalues(problem: Problem, layout: Any) -> Any:
         op, gen = _setup(problem, curvature, mc_samples, seed, generator)
+        if layout is not None and not per_leaf:  # the Krylov basis held in shards like the parameters
+            op = _sharded.sharded_view(op, layout)
 
         def solve(o, kk: int, m: Optional[int]):
             return lanczos_eigenpairs(o, kk, which, num_iterations=m, tol=tol, generator=gen,
@@ -190,10 +198,17 @@ def eigenvalues(
                     vectors_list.append(r.eigenvectors[0] if return_eigenvectors else None)
                 values = tree.unflatten(problem.spec, values_list)
                 vectors = tree.unflatten(problem.spec, vectors_list) if return_eigenvectors else None
+                vectors = _sharded.export_tree(layout, vectors, lead=1)
             else:
                 res = solve(op, k, num_iterations)
                 values = res.eigenvalues
-                vectors = tree.unflatten(problem.spec, res.eigenvectors) if return_eigenvectors else None
+                vectors = None
+                if return_eigenvectors:
+                    pieces = res.eigenvectors
+                    if layout is not None:  # this rank's rows of each eigenvector, as shards
+                        pieces = [layout.wrap(i, piece, (piece.shape[0],) + layout.shapes[i], lead=1)
+                                  for i, piece in enumerate(pieces)]
+                    vectors = tree.unflatten(problem.spec, pieces)
         except RuntimeError as err:
             if (num_iterations is None or tol is not None) and "data-dependent control flow" in str(err):
                 raise RuntimeError(_VMAP_HINT) from err
@@ -272,7 +287,14 @@ def spectral_density(
     @functools.wraps(f)
     def spectral_density_fn(*args: Any, **kwargs: Any) -> Any:
         problem = Problem(f, argnums, has_aux, args, kwargs)
+        layout = _sharded.layout_of(f, problem.primals)
+        with _sharded.gathered(problem, layout) as problem:
+            return _density(problem, layout)
+
+    def _density(problem: Problem, layout: Any) -> Any:
         op, gen = _setup(problem, curvature, mc_samples, seed, generator)
+        if layout is not None and not per_leaf:  # the Krylov bases held in shards like the parameters
+            op = _sharded.sharded_view(op, layout)
 
         def run(o, m: Optional[int]) -> SpectralDensity:
             return stochastic_lanczos_quadrature(o, num_probes, m, generator=gen, chunk_size=chunk_size)
