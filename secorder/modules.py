@@ -8,11 +8,11 @@ import weakref
 from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
-
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import wrappers
+from .model_call import Output, check_output, model_arguments, select_output
 
 __all__ = ["functional_loss", "params_dict", "FunctionalLoss"]
 
@@ -67,34 +67,34 @@ _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKe
 _LOCKS_GUARD = threading.Lock()
 
 
-@contextlib.contextmanager
-def _exclusive(model: nn.Module) -> Iterator[None]:
-    """One ``functional_call`` of ``model`` at a time.
+def _module_lock(model: nn.Module) -> threading.RLock:
+    """One re-entrant lock per module: ``functional_call`` swaps the module's tensors for the call's.
 
-    ``functional_call`` swaps the given tensors into the module for the duration of
-    the call, so two threads calling it on one module would each run with the
-    other's parameters (a silent wrong answer). The swap and the forward pass hold
-    a per-module lock; the backward passes (which read the graph, not the module)
-    do not. Not while ``torch.compile`` traces (it traces no lock; a compiled call
-    runs the graph, not the module).
+    ``torch.func.functional_call`` puts the call's parameters and buffers on the
+    module while it runs (and :func:`_batch_statistics` switches flags), so two
+    threads calling the same module at once would compute with each other's
+    tensors: silently wrong gradients. Calls of one module are serialised; the
+    graphs they build hold their own tensors, so products and backward passes
+    still run in parallel. (Not while ``torch.compile`` traces: Dynamo cannot
+    enter a lock, and a compiled graph takes the tensors as inputs.)
     """
-    if torch.compiler.is_compiling():
-        yield
-        return
     with _LOCKS_GUARD:
         lock = _LOCKS.get(model)
         if lock is None:
             lock = _LOCKS[model] = threading.RLock()
-    with lock:
-        yield
+        return lock
 
 
 class FunctionalLoss:
     """``f(params, inputs, targets) = loss_fn(model(inputs; params), targets)``.
 
-    Made by :func:`functional_loss`. Keeps ``model`` and ``loss_fn`` as
-    attributes so that structure-aware engines can inspect them, and
-    :meth:`output` gives the model output alone (the GGN and the Fishers need it).
+    Made by :func:`functional_loss`. Keeps ``model``, ``loss_fn`` and
+    ``output_field`` (the ``output=`` argument) as attributes so that
+    structure-aware engines can inspect them. :meth:`call_model` is the one place
+    the model is called (every engine calls it, or
+    :func:`secorder.model_call.model_arguments` to export the model);
+    :meth:`output` gives the model output that ``loss_fn`` takes (the GGN and the
+    Fishers need it).
 
     Example:
         >>> import torch, secorder as so
@@ -106,7 +106,7 @@ class FunctionalLoss:
         'Linear'
     """
 
-    def __init__(self, model: Any, loss_fn: Callable[[Tensor, Tensor], Tensor]):
+    def __init__(self, model: Any, loss_fn: Callable[[Tensor, Tensor], Tensor], output: Output = None):
         if not isinstance(model, nn.Module) and not callable(model):
             raise TypeError(
                 f"model must be a torch.nn.Module or a function model(params, inputs) -> outputs, "
@@ -114,19 +114,32 @@ class FunctionalLoss:
             )
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        check_output(output)
         self.model = model
         self.loss_fn = loss_fn
+        self.output_field = output
 
-    def output(self, params: Any, inputs: Any, buffers: Optional[Dict[str, Tensor]] = None) -> Any:
-        """The model output ``model(inputs; params)`` (buffers as in :func:`functional_loss`).
+    def call_model(self, params: Any, inputs: Any, buffers: Optional[Dict[str, Tensor]] = None) -> Any:
+        """What the model returns for ``inputs`` at ``params``, before ``output=`` selects from it.
+
+        The one place where the model is called: an ``nn.Module`` through
+        ``torch.func.functional_call`` with the inputs in their form
+        (:func:`secorder.model_call.model_arguments`: a dict as keyword
+        arguments, a tuple as positional ones, anything else as the one
+        argument), a model function as ``model(params, inputs)``.
 
         Example:
             >>> import torch, secorder as so
-            >>> f = so.functional_loss(lambda p, x: x @ p["w"], torch.nn.functional.mse_loss)
-            >>> f.output({"w": torch.ones(2, 1)}, torch.ones(3, 2))
-            tensor([[2.],
-                    [2.],
-                    [2.]])
+            >>> class Two(torch.nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.lin = torch.nn.Linear(2, 1)
+            ...     def forward(self, x, scale=1.0):
+            ...         return {"logits": self.lin(x) * scale}
+            >>> f = so.functional_loss(Two(), torch.nn.functional.mse_loss)
+            >>> params = {"lin.weight": torch.ones(1, 2), "lin.bias": torch.zeros(1)}
+            >>> f.call_model(params, {"x": torch.ones(1, 2), "scale": 3.0})
+            {'logits': tensor([[6.]])}
         """
         if not isinstance(self.model, nn.Module):
             if buffers is not None:
@@ -143,10 +156,38 @@ class FunctionalLoss:
             raise ValueError(f"params has names that are not parameters of the model: {sorted(unknown)}")
         state = dict(self.model.named_buffers()) if buffers is None else dict(buffers)
         state.update(params)
+        args, kwargs = model_arguments(inputs)
         # DDP and FSDP2 run collectives and swap parameters in their forward: call the plain modules
         module, state = wrappers.plain_view(self.model, state)
-        with _exclusive(module), _batch_statistics(module):
-            return functional_call(module, state, (inputs,))
+        if torch.compiler.is_compiling():  # a compiled graph takes the tensors as inputs: nothing is swapped
+            with _batch_statistics(module):
+                return functional_call(module, state, args, kwargs)
+        with _module_lock(module), _batch_statistics(module):
+            return functional_call(module, state, args, kwargs)
+
+    def select_output(self, returned: Any) -> Any:
+        """The part of the model's return value that ``loss_fn`` sees (``output=``, :mod:`secorder.model_call`).
+
+        Example:
+            >>> import torch, secorder as so
+            >>> f = so.functional_loss(torch.nn.Identity(), torch.nn.functional.mse_loss, output="hidden")
+            >>> f.select_output({"hidden": torch.ones(1)})
+            tensor([1.])
+        """
+        return select_output(returned, self.output_field)
+
+    def output(self, params: Any, inputs: Any, buffers: Optional[Dict[str, Tensor]] = None) -> Any:
+        """The model output ``loss_fn`` takes: :meth:`select_output` of :meth:`call_model`.
+
+        Example:
+            >>> import torch, secorder as so
+            >>> f = so.functional_loss(lambda p, x: x @ p["w"], torch.nn.functional.mse_loss)
+            >>> f.output({"w": torch.ones(2, 1)}, torch.ones(3, 2))
+            tensor([[2.],
+                    [2.],
+                    [2.]])
+        """
+        return self.select_output(self.call_model(params, inputs, buffers))
 
     def __call__(self, params: Any, inputs: Any, targets: Any, buffers: Optional[Dict[str, Tensor]] = None) -> Any:
         return self.loss_fn(self.output(params, inputs, buffers), targets)
@@ -154,21 +195,40 @@ class FunctionalLoss:
     def __repr__(self) -> str:
         model = type(self.model).__name__ if isinstance(self.model, nn.Module) else getattr(
             self.model, "__name__", type(self.model).__name__)
-        return f"functional_loss({model}, {getattr(self.loss_fn, '__name__', self.loss_fn)!r})"
+        extra = "" if self.output_field is None else f", output={self.output_field!r}"
+        return f"functional_loss({model}, {getattr(self.loss_fn, '__name__', self.loss_fn)!r}{extra})"
 
 
-def functional_loss(model: Any, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> FunctionalLoss:
+def functional_loss(model: Any, loss_fn: Callable[[Tensor, Tensor], Tensor], output: Output = None) -> FunctionalLoss:
     """Turn ``model`` and ``loss_fn`` into a pure ``f(params, inputs, targets)``.
 
     Args:
         model: an ``nn.Module``, or a function ``model(params, inputs) -> outputs``
             for models written as functions (``params`` then is any pytree).
         loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        output: what ``loss_fn`` sees of the model's return value. ``None``
+            (default): a tensor as it is; from a mapping, such as a Hugging Face
+            ``ModelOutput``, its ``logits`` entry (an error lists the fields when
+            there is none); any other return value unchanged. A string: that
+            field of a mapping (or attribute of a named tuple or dataclass). A
+            callable: ``output(returned)``, for example
+            ``lambda out: out.logits.transpose(1, 2)``. A named or computed
+            output must be a tensor.
 
     Returns:
         A :class:`FunctionalLoss` ``f(params, inputs, targets[, buffers])``. Being
         split into model and loss, it also serves ``curvature="ggn"``, ``"fisher"``
         and ``"empirical_fisher"``.
+
+    **How the model is called.** For an ``nn.Module``, ``inputs`` that are a dict
+    are passed as keyword arguments, ``model(**inputs)`` (a Hugging Face batch:
+    ``{"input_ids": ..., "attention_mask": ...}``); a tuple as positional arguments,
+    ``model(*inputs)``; anything else (a tensor) as the one argument. A model
+    function is called as ``model(params, inputs)`` whatever ``inputs`` is. Flags
+    that change what a model returns (``use_cache``, ``output_hidden_states``,
+    ``return_dict``) are the model's and yours: pass them with the inputs or set them
+    in the model's config; an error names ``use_cache`` when a key/value cache is
+    what reaches the loss.
 
     For an ``nn.Module``, ``params`` is a dict like :func:`params_dict` returns;
     parameters it leaves out are taken from the model as constants. Buffers
@@ -195,5 +255,23 @@ def functional_loss(model: Any, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> 
         >>> g = so.functional_loss(lambda p, x: x @ p, torch.nn.functional.mse_loss)
         >>> so.trace(g, curvature="ggn")(torch.zeros(3, 1), x, y)   # 2/8 sum |x_n|^2
         tensor(3.8076)
+
+        A model called with a dict of inputs and returning a mapping, as Hugging
+        Face models do (``output=None`` takes its ``logits``):
+
+        >>> class Classifier(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = torch.nn.Linear(3, 2)
+        ...     def forward(self, pixel_values, mask=None):
+        ...         return {"logits": self.lin(pixel_values), "hidden": pixel_values}
+        >>> clf = Classifier()
+        >>> h = so.functional_loss(clf, torch.nn.functional.cross_entropy)
+        >>> batch, labels = {"pixel_values": x}, torch.randint(0, 2, (8,))
+        >>> torch.allclose(h(so.params_dict(clf), batch, labels),
+        ...                torch.nn.functional.cross_entropy(clf(**batch)["logits"], labels))
+        True
+        >>> so.ggn_diag(h)(so.params_dict(clf), batch, labels)["lin.bias"].shape
+        torch.Size([2])
     """
-    return FunctionalLoss(model, loss_fn)
+    return FunctionalLoss(model, loss_fn, output)

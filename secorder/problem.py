@@ -51,7 +51,7 @@ from . import _checks, tree
 from .composites import differentiable_ops
 from .modules import FunctionalLoss
 
-__all__ = ["Problem"]
+__all__ = ["Problem", "split_message"]
 
 _MUTATION_HINT = (
     "f updates a tensor in place that the transform did not pass to it (for example the running statistics "
@@ -88,6 +88,23 @@ def _cuda_devices(values: Any) -> List[int]:
 def _is_mutation_error(err: RuntimeError) -> bool:
     text = str(err)
     return ("mutate a captured Tensor" in text) or ("vmap: inplace arithmetic" in text)
+
+
+def split_message(curvature: str, f: Any, *, call: bool = False) -> str:
+    """Why ``curvature`` cannot run on a hand-written ``f``, and how to build one that it can run on.
+
+    Example:
+        >>> split_message("fisher", lambda p: p)[:59]
+        "curvature='fisher' needs the split of f into model and loss"
+    """
+    return (
+        f"curvature={curvature!r} needs the split of f into model and loss: build f with "
+        "so.functional_loss(model, loss_fn, output=None), where model is an nn.Module or a function "
+        "model(params, inputs) -> outputs (output='logits' or a callable picks the output tensor from what the "
+        "model returns, such as a Hugging Face ModelOutput)"
+        + (", and call it as f(params, inputs, targets)" if call else "")
+        + f"; got f of type {type(f).__name__}"
+    )
 
 
 class Problem:
@@ -179,15 +196,10 @@ class Problem:
             >>> Problem(lambda x: x.sum(), 0, False, (torch.ones(1),)).require_split("ggn")
             Traceback (most recent call last):
             ...
-            TypeError: curvature='ggn' needs the split of f into model and loss: build f with so.functional_loss(model, loss_fn), where model is an nn.Module or a function model(params, inputs) -> outputs, and call it as f(params, inputs, targets); got f of type function
+            TypeError: curvature='ggn' needs the split of f into model and loss: build f with so.functional_loss(model, loss_fn, output=None), where model is an nn.Module or a function model(params, inputs) -> outputs (output='logits' or a callable picks the output tensor from what the model returns, such as a Hugging Face ModelOutput), and call it as f(params, inputs, targets); got f of type function
         """
         if not isinstance(self.f, FunctionalLoss):
-            raise TypeError(
-                f"curvature={curvature!r} needs the split of f into model and loss: build f with "
-                "so.functional_loss(model, loss_fn), where model is an nn.Module or a function "
-                "model(params, inputs) -> outputs, and call it as f(params, inputs, targets); "
-                f"got f of type {type(self.f).__name__}"
-            )
+            raise TypeError(split_message(curvature, self.f, call=True))
         if not 3 <= len(self.args) + len(self.kwargs) <= 4 or len(self.args) < 3:
             raise TypeError(
                 f"curvature={curvature!r}: f takes (params, inputs, targets[, buffers]), "

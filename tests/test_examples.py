@@ -7,10 +7,12 @@ that report those results.
 """
 
 import concurrent.futures
+import importlib.util
 import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -36,8 +38,17 @@ EXPECTED = {
     "compare_estimators.py": (["--seeds", "2", "--budgets", "12"], "xtrace"),
     "pinn_poisson.py": ([], "the PINN solution matches the analytic solution"),
     "kfac_laplace.py": ([], "the K-FAC Laplace evidence picks prior precision"),
+    "hf_spectrum.py": (["--quick", "--out", str(pathlib.Path(tempfile.gettempdir()) / "secorder_hf_spectrum.png")],
+                       "every eigenpair checked by Hessian-vector products"),
     "distributed_fsdp.py": ([], "top eigenvalue of the Hessian"),
 }
+
+# Examples that need an optional package: skipped (not run) where it does not import.
+NEEDS = {"hf_spectrum.py": "transformers"}
+
+
+def _available(script):
+    return script not in NEEDS or importlib.util.find_spec(NEEDS[script]) is not None
 
 
 def _run(script, args):
@@ -49,7 +60,7 @@ def _run(script, args):
 @pytest.fixture(scope="module")
 def outputs():
     with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {name: pool.submit(_run, name, args) for name, (args, _) in EXPECTED.items()}
+        futures = {name: pool.submit(_run, name, args) for name, (args, _) in EXPECTED.items() if _available(name)}
         return {name: fut.result() for name, fut in futures.items()}
 
 
@@ -59,6 +70,8 @@ def test_every_example_is_listed():
 
 @pytest.mark.parametrize("script", sorted(EXPECTED))
 def test_example_runs(outputs, script):
+    if not _available(script):
+        pytest.skip(f"{script} needs {NEEDS[script]}")
     proc = outputs[script]
     assert proc.returncode == 0, proc.stderr
     assert EXPECTED[script][1] in proc.stdout, proc.stdout

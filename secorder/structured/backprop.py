@@ -208,7 +208,8 @@ def run(
         {'weight': tensor([[2., 2.]]), 'bias': tensor([2.])}
     """
     if not isinstance(inputs, Tensor):
-        raise Unsupported(f"inputs must be a single tensor, got {type(inputs).__name__}")
+        raise Unsupported(f"the module walker calls model(inputs) on one input tensor, got inputs of type "
+                          f"{type(inputs).__name__}")
     sweep = Sweep(values, wanted, trace, residuals=kind == "hessian")
     out, states = sweep.run(plan, inputs)
     if loss_fn is not None:

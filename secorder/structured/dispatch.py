@@ -117,6 +117,11 @@ def functional_call_diag(
         raise Unsupported("f is not a secorder.FunctionalLoss (or its class overrides __call__)")
     if not isinstance(f.model, nn.Module):
         raise Unsupported("the model is a function, not an nn.Module")
+    if f.output_field is not None:
+        # The module walker follows the model's own output tensor; a selection from its return value
+        # (a field of a ModelOutput, a callable) is not part of its plan.
+        raise Unsupported(f"output={f.output_field!r} selects the loss's input from the model's return value; "
+                          "the module walker takes a model that returns its output tensor (output=None)")
     if len(args) not in (3, 4):
         raise Unsupported(f"expected f(params, inputs, targets[, buffers]), got {len(args)} arguments")
     params, inputs, targets = args[:3]

@@ -35,7 +35,7 @@ from ..modules import FunctionalLoss
 from ..operators import Curvature, check_curvature, check_mc_samples, make_operator
 from ..operators import sharded as _sharded
 from ..operators.dataset import call_generator as _dataset_generator
-from ..problem import Problem
+from ..problem import Problem, split_message
 from ..results import STOP_NUM_SAMPLES, DiagonalEstimate, TraceEstimate
 from . import engine as _engine
 
@@ -71,11 +71,7 @@ def check_has_aux(has_aux: Any) -> None:
 def check_split(f: Any, curvature: Curvature) -> None:
     """Curvatures built from the model/loss split need ``f`` from ``so.functional_loss`` (checked at creation)."""
     if curvature.needs_split and not isinstance(f.f if is_dataset_loss(f) else f, FunctionalLoss):
-        raise TypeError(
-            f"curvature={curvature.name!r} needs the split of f into model and loss: build f with "
-            "so.functional_loss(model, loss_fn), where model is an nn.Module or a function "
-            f"model(params, inputs) -> outputs; got f of type {type(f).__name__}"
-        )
+        raise TypeError(split_message(curvature.name, f))
 
 
 def check_common(f: Any, argnums: Any, has_aux: Any, curvature: Any, mc_samples: Any) -> Curvature:

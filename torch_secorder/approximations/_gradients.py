@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import List, Sequence
 
 import torch
 from torch import Tensor
 
+from .._fused import HINT, has_fused_attention
 from ..autograd_operator import attach_zero_grad
 from ..core import _common
 
@@ -29,6 +31,9 @@ def squared_gradient(
     """
     params = list(params)
     _common.require_grad(params)
+    if create_graph and has_fused_attention(loss):
+        warnings.warn(f"create_graph=True: the squared gradient will be differentiated again, but {HINT}",
+                      UserWarning, stacklevel=3)
     with torch.enable_grad():
         grads = torch.autograd.grad(
             loss, params, create_graph=create_graph, retain_graph=retain_graph or create_graph, allow_unused=True

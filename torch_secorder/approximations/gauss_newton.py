@@ -102,7 +102,11 @@ def gauss_newton_matrix_approximation(
             "residual, which would count Jacobian rows several times; give targets the output's shape"
         )
     if create_graph:
-        return _jtj_diagonal_autograd([p for _, p in named], lambda: model(inputs))
+        def forward() -> Tensor:
+            with so.differentiable_ops():  # the result is differentiated again: kernels with every derivative
+                return model(inputs)
+
+        return _jtj_diagonal_autograd([p for _, p in named], forward)
     f = so.functional_loss(model, nn.MSELoss(reduction="sum"))
     params = {n: p.detach() for n, p in named}
     diag = so.diagonal(f, curvature="ggn")(params, inputs, torch.zeros_like(out))
