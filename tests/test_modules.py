@@ -61,34 +61,3 @@ def test_bad_arguments():
         f({"wieght": torch.ones(2, 2)}, torch.ones(1, 2), torch.ones(1, 2))
     with pytest.raises(TypeError, match="params must be a dict"):
         f([torch.ones(2, 2)], torch.ones(1, 2), torch.ones(1, 2))
-
-
-def test_threads_sharing_one_model_see_their_own_parameters():
-    """functional_call swaps tensors into the shared module: without the per-module lock, threads computing
-    with different parameters saw each other's (the generic GGN diagonal came out wrong, silently)."""
-    import threading
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Tanh(), torch.nn.Linear(30, 3)).double()
-    f = so.functional_loss(model, torch.nn.CrossEntropyLoss())
-    x, y = torch.randn(32, 20, dtype=torch.float64), torch.randint(0, 3, (32,))
-    base = so.params_dict(model)
-    fn = so.diagonal(f, curvature="ggn", engine="generic")
-    wrong, errors = [], []
-
-    def work(k):
-        p = {n: t * (1 + k) for n, t in base.items()}
-        want = fn(p, x, y)
-        try:
-            for _ in range(4):
-                got = fn(p, x, y)
-                wrong.extend(n for n in got if not torch.allclose(got[n], want[n]))
-        except Exception as err:  # pragma: no cover - reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and not wrong

@@ -13,9 +13,10 @@
    with the eigenvectors of those factors and the same Monte-Carlo labels.
 
 Monte-Carlo labels: one seed is drawn from the call's generator (``seed=`` /
-``generator=``, else the global RNG) and each pass (and each batch of a data set,
-as for ``curvature="fisher"``) draws from a generator seeded with it, so both
-EK-FAC passes see the same labels.
+``generator=``, else the global RNG) and each pass draws from a generator seeded
+with it; a data set's labels are keyed by the seed and each sample's content, as for
+``curvature="fisher"`` (:class:`secorder.sample_keys.SampleKeys`). Both EK-FAC passes
+see the same labels.
 
 Example:
     >>> import torch, secorder as so
@@ -175,8 +176,8 @@ def _dataset(problem: Problem, opts: Options, ekfac: bool, generator: Optional[t
     def batch_problem(batch: Batch) -> Problem:
         return Problem(F.f, 0, False, (params, batch.inputs, batch.targets))
 
-    def gen(batch: Batch) -> Optional[torch.Generator]:
-        return labels(batch.index) if labels is not None else None
+    def gen(batch: Batch) -> Any:
+        return labels(batch) if labels is not None else None  # SampleKeys: labels keyed by each sample
 
     first = _first_batch(F, device)
     local = None if first is None else probe_layers(batch_problem(first), opts.other == "diagonal")
