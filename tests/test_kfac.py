@@ -442,7 +442,8 @@ def test_other_parameters_get_the_exact_diagonal(method):
         so.kfac(f, other="skip")
 
 
-def test_dataset_mc_labels_are_per_batch_and_reproducible():
+def test_dataset_mc_labels_are_keyed_by_sample_and_reproducible():
+    """A data set's Monte-Carlo labels are keyed by each sample: the same seed gives the same K whatever the batching."""
     seeded(10)
     make, loss, x, y = data("mlp-ce", n=10)
     model = make()
@@ -452,6 +453,9 @@ def test_dataset_mc_labels_are_per_batch_and_reproducible():
     b = so.ekfac(F_, fisher_type="mc", mc_samples=2, seed=0)(params).to_dense()
     assert torch.equal(a, b)
     assert not torch.equal(a, so.ekfac(F_, fisher_type="mc", mc_samples=2, seed=1)(params).to_dense())
+    other_split = so.dataset_loss(f, [(x[:3], y[:3]), (x[3:], y[3:])])
+    torch.testing.assert_close(so.ekfac(other_split, fisher_type="mc", mc_samples=2, seed=0)(params).to_dense(), a,
+                               rtol=1e-9, atol=1e-11)
 
 
 # -- the curvature registry ------------------------------------------------------------------
