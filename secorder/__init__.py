@@ -19,6 +19,7 @@ from .forward_laplacian import laplacian
 from .structured import Parallel, PositionalEmbedding, Residual, SelfAttention, Transpose
 from .transforms.spectra import eigenvalues, spectral_density
 from .density import SpectralDensity
+from .kronecker import KroneckerCurvature, ekfac, kfac, kfac_curvature
 
 __version__ = "0.1.0"
 
@@ -54,4 +55,8 @@ __all__ = [
     "eigenvalues",
     "spectral_density",
     "SpectralDensity",
+    "kfac",
+    "ekfac",
+    "KroneckerCurvature",
+    "kfac_curvature",
 ]
