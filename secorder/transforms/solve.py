@@ -75,15 +75,16 @@ def _rhs_leaves(v: Any, problem: Problem) -> Tuple[List[Tensor], bool]:
     single = all(leaf.shape == ref.shape for leaf, ref in zip(leaves, problem.leaves))
     if single:
         return [leaf[None] for leaf in leaves], False
-    k = leaves[0].shape[0] if leaves[0].dim() > 0 else None
     for path, leaf, ref in zip(paths, leaves, problem.leaves):
         if leaf.shape != ref.shape and (leaf.dim() != ref.dim() + 1 or leaf.shape[1:] != ref.shape):
             raise ValueError(f"v{path} has shape {tuple(leaf.shape)}; expected {tuple(ref.shape)} like the "
                              f"differentiated argument, or (k, {', '.join(map(str, ref.shape))}) for k right-hand "
                              "sides")
-        if leaf.shape[0] != k or leaf.dim() != ref.dim() + 1:
-            raise ValueError(f"v{path} has shape {tuple(leaf.shape)}: a batch of right-hand sides needs the same "
-                             f"leading dimension on every leaf (v's first leaf has {k})")
+    counts = {leaf.shape[0] if leaf.dim() == ref.dim() + 1 else None for leaf, ref in zip(leaves, problem.leaves)}
+    if len(counts) != 1:
+        shapes = ", ".join(f"v{p}: {tuple(leaf.shape)}" for p, leaf in zip(paths, leaves))
+        raise ValueError(f"v mixes leaves with and without a leading batch dimension, or batches of different sizes "
+                         f"({shapes}): k right-hand sides need the same leading dimension k on every leaf")
     return list(leaves), True
 
 
@@ -220,7 +221,7 @@ def solve(
             if bar is not None:
                 bar.close()
         if not solvers._common.host_all(out.converged):
-            _warn(out, tol, solver.name, B.dtype, max_iterations)
+            _warn(out, tol, solver, B.shape[1], B.dtype, max_iterations)
         x = [leaf.to(r.dtype) for leaf, r in zip(flat.to_leaves(out.x), rhs)]
         info = SolveInfo(out.iterations, out.residual, out.converged, out.num_matvecs)
         if not batched:
@@ -232,17 +233,23 @@ def solve(
     return solve_fn
 
 
-def _warn(out: solvers.SolveResult, tol: float, method: str, dtype: torch.dtype, max_iterations: Optional[int]) -> None:
-    residual = solvers._common._unwrap(out.residual)
-    iterations = solvers._common._unwrap(out.iterations)
-    worst = int(residual.argmax()) if residual.dim() else 0
-    r = float(residual.reshape(-1)[worst])
-    used = int(iterations.reshape(-1)[worst])
-    budget = "max_iterations" if max_iterations is not None else "the default max_iterations"
-    hint = (f"the iteration stopped at {budget} ({used} iterations): raise it, add damping or a preconditioner"
-            if r > 10 * tol or dtype != torch.float32 else
-            f"the working precision ({dtype}) limits the attainable residual: use float64 or a larger tol")
+def _warn(out: solvers.SolveResult, tol: float, solver: solvers.Solver, n: int, dtype: torch.dtype,
+          max_iterations: Optional[int]) -> None:
+    residual = solvers._common._unwrap(out.residual).reshape(-1)
+    iterations = solvers._common._unwrap(out.iterations).reshape(-1)
+    worst = int(residual.argmax())
+    r, used = float(residual[worst]), int(iterations[worst])
+    budget = max_iterations if max_iterations is not None else max(1, solver.default_iterations(n))
+    if used >= budget:
+        which = "max_iterations" if max_iterations is not None else "the default max_iterations"
+        hint = f"the iteration stopped at {which} ({budget}): raise it, add damping or a preconditioner"
+    elif solver.name == "minres":
+        hint = ("v has a component outside the range of the (singular) curvature, so no exact solution exists and x "
+                "is a least-squares solution: add damping, or project v onto the range")
+    else:
+        hint = (f"the working precision ({dtype}) limits the attainable residual (the iteration's own residual met "
+                "tol): use float64 or a larger tol")
     warnings.warn(
-        f"so.solve(method={method!r}) did not reach tol={tol:g}: relative residual {r:.3g} after {used} iterations; "
-        f"{hint} (return_info=True gives the residual of every right-hand side)",
+        f"so.solve(method={solver.name!r}) did not reach tol={tol:g}: relative residual {r:.3g} after {used} "
+        f"iterations; {hint} (return_info=True gives the residual of every right-hand side)",
         solvers.ConvergenceWarning, stacklevel=3)

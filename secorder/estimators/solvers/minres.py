@@ -15,8 +15,15 @@ lies in ``range(A)``, so for a consistent right-hand side (``b`` in the range)
 MINRES converges to the solution in the range: the minimum-norm solution
 ``pinv(A) b`` (Choi, Paige and Saunders 2011, section 2; their MINRES-QLP is
 needed for the minimum-norm least-squares solution of *inconsistent* systems,
-where plain MINRES returns a least-squares solution that is not of minimum norm:
-such a solve reports ``converged=False`` with the residual it reached).
+where plain MINRES returns a least-squares solution that is not of minimum norm).
+An inconsistent right-hand side (a component outside the range: no exact
+solution) is detected by Paige and Saunders' second test, ``||A r|| <= tol ||A||
+||r||``: the column stops there with its least-squares residual, which
+:func:`~secorder.estimators.solvers.registry.run` reports as not converged,
+rather than iterating on while ``x`` grows along near-null directions. (That test
+needs ``tol`` above the precision the recurrence attains, about ``1e-9`` in
+float64 on network Hessians; below it the iteration runs to ``max_iterations``,
+``x`` drifts along the near-null directions and the reported residual shows it.)
 
 Convergence: at most ``n`` iterations in exact arithmetic; the residual falls
 like ``((kappa - 1) / (kappa + 1))^(j/2)`` for an indefinite ``A`` with condition
@@ -92,6 +99,7 @@ def minres(
     residual = safe_div(beta1, beta1)  # 1, or 0 for a zero right-hand side
     done = residual <= tol
     iterations = torch.zeros(k, dtype=torch.int64, device=B.device)
+    tnorm2 = zeros  # ||T_j||_F^2, the estimate of ||A||^2
     for j in range(max_iterations):
         if host_all(done):
             break
@@ -112,6 +120,10 @@ def minres(
         gbar = sn * dbar - cs * alfa
         epsln = sn * beta
         dbar = -cs * beta
+        tnorm2 = tnorm2 + alfa ** 2 + oldb ** 2 + beta ** 2
+        # ||A r|| / (||A|| ||r||) = root / ||A||: small when x solves the least-squares problem
+        # (v outside the range of a singular A, no exact solution): that column stops.
+        least_squares = active & (torch.hypot(gbar, dbar) <= tol * tnorm2.sqrt())
         gamma = torch.hypot(gbar, beta).clamp_min(tiny)
         cs, sn = gbar / gamma, beta / gamma
         phi = cs * phibar
@@ -123,7 +135,7 @@ def minres(
         iterations = iterations + active.to(iterations.dtype)
         if callback is not None:
             callback(j + 1, residual)
-        done = done | (residual <= tol)
+        done = done | (residual <= tol) | least_squares
     return Iterate(X, iterations)
 
 
