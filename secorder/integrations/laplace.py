@@ -86,7 +86,10 @@ def _build() -> Dict[str, type]:
                      dict_key_y: str = "labels", chunk_size: Optional[int] = None, **kwargs: Any):
             super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, **kwargs)
             self.chunk_size = chunk_size
-            self._f = so.functional_loss(self._model, self.lossfunc)
+            # The last layer carries laplace-torch's own forward hook (its FeatureExtractor saves the features):
+            # a hook-free copy of it computes the same (the parameters are passed in every call).
+            module = _without_hooks(self._model) if last_layer else self._model
+            self._f = so.functional_loss(module, self.lossfunc)
 
         # -- the call in secorder's terms -----------------------------------------------------
 
@@ -212,6 +215,20 @@ def _build() -> Dict[str, type]:
     for cls in (SecorderInterface, SecorderGGN, SecorderEF, SecorderHessian):
         cls.__module__ = __name__
     return {c.__name__: c for c in (SecorderInterface, SecorderGGN, SecorderEF, SecorderHessian)}
+
+
+def _without_hooks(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with every hook removed from the copy (the original is left alone)."""
+    import copy
+
+    clone = copy.deepcopy(module)
+    for m in clone.modules():
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                     "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+            hooks = getattr(m, name, None)
+            if hooks is not None:
+                hooks.clear()
+    return clone
 
 
 def _kron(backend: Any, so: Any, x: Any, y: Tensor, N: int, **kwargs: Any) -> Tuple[Tensor, Any]:
