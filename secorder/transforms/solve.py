@@ -37,7 +37,9 @@ __all__ = ["solve", "SolveInfo"]
 class SolveInfo(NamedTuple):
     """How a solve went (a pytree of tensors, so it passes through ``torch.func.vmap``).
 
-    Fields (``()`` for one right-hand side, ``(k,)`` for ``k``):
+    Each field but ``num_matvecs`` has shape ``()`` for one right-hand side and ``(k,)`` for ``k``.
+
+    Fields:
         iterations: iterations taken (``int64``).
         residual: the true relative residual ``||v - (C + damping I) x|| / ||v||``
             (0 for ``v = 0``).
