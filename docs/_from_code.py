@@ -8,6 +8,8 @@
   with no edit of the page.
 * ``_generated/composites.part.rst``: the operations :mod:`secorder.composites`
   replaces while secorder differentiates ``f``, and why (from its registry).
+* ``_generated/forward_mode.part.rst``: the operations whose forward-mode rules
+  ``so.hvp`` avoids (:mod:`secorder.composites.forward_mode`, from its registry).
 * ``_generated/extras.part.rst``: the optional extras of ``pyproject.toml``
   with what each installs, and what each is for (:data:`EXTRA_PURPOSES`;
   ``tests/test_docs.py`` fails when an extra has no purpose written here).
@@ -150,9 +152,29 @@ def composites_rst() -> str:
     return "\n".join(lines) + "\n"
 
 
+def forward_mode_rst() -> str:
+    """The table of :mod:`secorder.composites.forward_mode`: the operations ``so.hvp`` takes in reverse mode.
+
+    Example:
+        >>> "scatter_reduce" in forward_mode_rst()
+        True
+    """
+    from secorder.composites.forward_mode import UNSAFE
+    from secorder.composites.registry import _name
+
+    rows = {}
+    for func, entry in UNSAFE.items():
+        rows.setdefault(entry.why, []).append(f"``{_name(func)}``")
+    lines = [".. list-table::", "   :header-rows: 1", "", "   * - PyTorch callables", "     - what is wrong", ""]
+    for why, names in rows.items():
+        lines += [f"   * - {', '.join(sorted(set(names)))}", f"     - {why}"]
+    return "\n".join(lines) + "\n"
+
+
 def write_code_parts(root: pathlib.Path, out_dir: pathlib.Path) -> None:
     """Write the commands' reference, the extras table and the composites table into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _write(out_dir / "composites.part.rst", composites_rst())
+    _write(out_dir / "forward_mode.part.rst", forward_mode_rst())
     _write(out_dir / "cli_commands.part.rst", commands_rst())
     _write(out_dir / "extras.part.rst", extras_rst(extras(root / "pyproject.toml")))

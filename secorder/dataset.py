@@ -15,16 +15,24 @@ for an exact diagonal or trace (:mod:`secorder.structured.dataset`).
 per-term losses over the data set, whatever ``f``'s own reduction. Each batch
 counts with the number of terms its loss averages over:
 
-* for the losses secorder recognises (``f`` from :func:`secorder.functional_loss`
-  with cross-entropy, MSE or BCE with logits, as modules or functions,
-  :func:`secorder.losses.loss_spec`), the count PyTorch's mean divides by: the
-  targets that are not ``ignore_index`` for cross-entropy with class targets
-  (so a batch of padding tokens weighs nothing, and ``F`` is the mean over all
-  non-ignored targets of the data set, exactly as one big batch would give),
-  samples times positions for ``[N, C, *d]`` logits, every element for MSE and
-  BCE; a loss with ``reduction="sum"`` is taken as the batch's sum;
+* for the losses whose mean's denominator secorder knows (``f`` from
+  :func:`secorder.functional_loss` with PyTorch's losses, as modules or functions:
+  :mod:`secorder.term_counts`), the count PyTorch's mean divides by: for
+  cross-entropy and NLL with class targets the targets that are not
+  ``ignore_index``, each counting its class weight when there are class weights
+  (label smoothing changes nothing), so a batch of padding tokens weighs nothing
+  and ``F`` is exactly what one big batch would give; samples times positions for
+  probability targets of ``[N, C, *d]`` logits; every element for elementwise
+  losses (MSE, L1, Huber, BCE, ...); the samples for ``KLDivLoss(reduction=
+  "batchmean")``; a loss with ``reduction="sum"`` is taken as the batch's sum;
 * for any other ``f``, the number of samples (the leading dimension of the
-  targets), and ``f`` is taken to return the batch mean.
+  targets), and ``f`` is taken to return the batch mean, or, with
+  ``batch_reduction="sum"``, the batch's sum (then ``num_data`` is the mean's
+  denominator). Where that cannot be right, integer targets with negative
+  (ignored) entries, a batch is refused with a message rather than weighted by
+  its size; a loss with class weights written as a plain function (a ``lambda``
+  calling ``F.cross_entropy(..., weight=w)``) cannot be seen through: pass the
+  loss itself (``nn.CrossEntropyLoss(weight=w)``) to :func:`secorder.functional_loss`.
 
 So ``F(params) = (1/N) sum_b n_b f_b(params)`` for per-batch means ``f_b`` and
 counts ``n_b``, ``N = sum_b n_b`` (``num_data`` when given); with
@@ -44,12 +52,14 @@ and dtypes and call the same thing, and waits at most
 pass (a bad batch) is raised on every rank instead of leaving the others waiting.
 
 **Randomness.** The Monte-Carlo Fisher (``curvature="fisher"``) draws one seed
-from the call's generator (``seed=``/``generator=``, else the global RNG) and the
-labels of batch ``b`` (its position in the union of the shards) from a generator
-seeded with that seed and ``b``: every pass, every rank and both engines see the
-same labels. The data must give the same batches on every pass: shuffling,
-random augmentation, or training-mode dropout/BatchNorm make every pass a
-different function; ``check_deterministic=True`` compares two passes.
+from the call's generator (``seed=``/``generator=``, else the global RNG) and each
+sample's labels from a stream keyed by that seed and the sample's content
+(:mod:`secorder.sample_keys`): every pass, every rank and both engines see the
+same labels, whatever the batching and the order of the batches (a shuffling
+``DataLoader`` gives the same Fisher on every call, and the same as one big
+batch). The data must otherwise give the same samples on every pass: random
+augmentation, or training-mode dropout/BatchNorm make every pass a different
+function; ``check_deterministic=True`` compares two passes.
 
 Example:
     >>> import torch, secorder as so
@@ -75,12 +85,14 @@ import torch
 from torch import Tensor
 
 from . import distributed, shards, tree
-from .losses import LossSpec, UnsupportedLoss, loss_spec
 from .modules import FunctionalLoss
+from .sample_keys import SampleKeys
+from .term_counts import Terms, term_counter
 
-__all__ = ["dataset_loss", "DatasetLoss", "is_dataset_loss", "REDUCTIONS"]
+__all__ = ["dataset_loss", "DatasetLoss", "is_dataset_loss", "check_call_arguments", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum")
+BATCH_REDUCTIONS = (None, "mean", "sum")
 
 _NONDETERMINISTIC_CAUSES = (
     "likely causes: a shuffling DataLoader (shuffle=True or a random sampler: with drop_last or BatchNorm batch "
@@ -97,7 +109,7 @@ class Batch(NamedTuple):
         inputs: the inputs, as ``f`` takes them.
         targets: the targets.
         count: the number of terms of the batch's mean (an int, or a 0-dim tensor
-            for cross-entropy with class targets).
+            for cross-entropy with class targets: a sum of class weights with them).
         scale: what ``f``'s value (and its derivatives) on the batch is multiplied
             by to give the batch's sum: ``count``, or 1 for a sum-reduced loss.
     """
@@ -119,6 +131,25 @@ def is_dataset_loss(f: Any) -> bool:
     return isinstance(f, DatasetLoss)
 
 
+def check_call_arguments(args: tuple, kwargs: dict) -> None:
+    """Raise the ``TypeError`` of ``F(params, x)``: a data-set loss takes the parameters alone.
+
+    Every transform of ``F`` calls this, so that an extra argument (which ``F``
+    would refuse) is not silently dropped.
+
+    Example:
+        >>> check_call_arguments((1, 2), {})
+        Traceback (most recent call last):
+        ...
+        TypeError: a data-set loss takes the parameters alone, F(params) (its batches come from data); got 2 positional arguments
+    """
+    if len(args) != 1:
+        raise TypeError("a data-set loss takes the parameters alone, F(params) (its batches come from data); "
+                        f"got {len(args)} positional argument{'s' if len(args) != 1 else ''}")
+    if kwargs:
+        raise TypeError(f"a data-set loss takes the parameters alone, got keyword argument(s) {sorted(kwargs)}")
+
+
 def _describe(x: Any) -> str:
     if isinstance(x, Tensor):
         return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
@@ -132,6 +163,15 @@ def _looks_like_one_batch(data: Any) -> bool:
     return isinstance(first, Tensor) or (isinstance(first, dict) and all(isinstance(v, Tensor) for v in first.values()))
 
 
+def _iterable(data: Any) -> bool:
+    """Whether ``iter(data)`` would work, asked without calling it: calling it may use up the one pass
+    of an iterable that can be iterated only once (then its first real pass must say so, not "empty")."""
+    cls = type(data)
+    if getattr(cls, "__iter__", None) is not None:
+        return True
+    return getattr(cls, "__getitem__", None) is not None  # the sequence protocol
+
+
 def _check_data(data: Any, distributed_run: bool) -> None:
     if isinstance(data, Tensor):
         raise TypeError(f"data must be an iterable of (inputs, targets) batches, got {_describe(data)}")
@@ -140,13 +180,11 @@ def _check_data(data: Any, distributed_run: bool) -> None:
                         "for example [(inputs, targets)]")
     if isinstance(data, (str, bytes, dict)):
         raise TypeError(f"data must be an iterable of (inputs, targets) batches, got a {type(data).__name__}")
-    try:
-        it = iter(data)
-    except TypeError:
+    if not _iterable(data):
         raise TypeError(
             f"data must be an iterable of (inputs, targets) batches (a list, a DataLoader, ...), "
-            f"got a {type(data).__name__}") from None
-    if it is data or isinstance(data, Iterator):
+            f"got a {type(data).__name__}")
+    if isinstance(data, Iterator):
         raise TypeError(
             f"data is a one-shot iterator ({type(data).__name__}): it would be exhausted after one pass, and every "
             "curvature product is a pass over the data; pass a list of batches, a DataLoader or another "
@@ -160,6 +198,13 @@ def _check_data(data: Any, distributed_run: bool) -> None:
             raise ValueError("data is empty: it has no batches")
 
 
+def _check_batch_reduction(batch_reduction: Any) -> None:
+    if batch_reduction is not None and not isinstance(batch_reduction, str):
+        raise TypeError(f"batch_reduction must be None, 'mean' or 'sum', got {type(batch_reduction).__name__}")
+    if batch_reduction not in BATCH_REDUCTIONS:
+        raise ValueError(f"batch_reduction must be None, 'mean' or 'sum', got {batch_reduction!r}")
+
+
 def _check_count_arg(num_data: Any, reduction: str) -> None:
     if num_data is None:
         return
@@ -171,22 +216,41 @@ def _check_count_arg(num_data: Any, reduction: str) -> None:
         raise ValueError("num_data is what the mean divides by; it does not apply to reduction='sum'")
 
 
-def _spec(f: Any) -> Optional[LossSpec]:
-    if not isinstance(f, FunctionalLoss):
-        return None
-    try:
-        return loss_spec(f.loss_fn)
-    except UnsupportedLoss:
-        return None
+def _term_counter(f: Any, batch_reduction: Optional[str]):
+    """The counter of a batch's terms for ``f``'s loss (:mod:`secorder.term_counts`), or ``None`` if unknown.
+
+    A known loss's own reduction must agree with ``batch_reduction`` when that is given.
+    """
+    counter = term_counter(f.loss_fn) if isinstance(f, FunctionalLoss) else None
+    if counter is not None and batch_reduction is not None:
+        own = "mean" if counter.reduction == "samples" else counter.reduction
+        if own != batch_reduction:
+            raise ValueError(f"batch_reduction={batch_reduction!r}, but f's loss is a {own} over its terms: "
+                             "leave batch_reduction=None for a loss secorder knows (secorder.term_counts)")
+    return counter
 
 
-def _mean_count(spec: LossSpec, targets: Tensor) -> Any:
-    """The number of terms of ``spec``'s mean on these targets (what PyTorch's ``reduction='mean'`` divides by)."""
-    if spec.kind == "ce" and targets.dtype in (torch.long, torch.uint8):
-        return (targets != spec.ignore_index).sum()
-    if spec.kind == "ce":
-        return targets.numel() // targets.shape[1] if targets.dim() >= 2 else 1
-    return targets.numel()
+def _unknown_terms(i: int, targets: Any, samples: int, batch_reduction: Optional[str]) -> Terms:
+    """The terms of a batch of a loss whose mean's denominator secorder does not know (``f`` as a black box).
+
+    ``batch_reduction="sum"``: the value is the batch's sum (``num_data`` gives the mean's
+    denominator). Otherwise ``f`` is taken to be the mean over the samples, except where
+    that cannot be right: integer targets with negative entries are ignored targets
+    (``ignore_index=-100``) of a mean that counts only the others, so the batch is refused
+    instead of weighted by its size.
+    """
+    if batch_reduction == "sum":
+        return Terms(samples, 1)
+    if batch_reduction is None and isinstance(targets, Tensor) and not targets.is_floating_point() \
+            and not targets.is_complex() and targets.dtype != torch.bool and bool((targets < 0).any()):
+        raise ValueError(
+            f"data: batch {i} has integer targets with negative entries (ignored targets, such as -100?) and f's loss "
+            "is not one whose number of terms secorder knows, so weighting the batch by its number of samples "
+            "would not give the loss of one big batch. Build f with so.functional_loss(model, loss) and a loss "
+            "secorder counts (nn.CrossEntropyLoss, nn.NLLLoss, F.cross_entropy, ...: secorder.term_counts), or "
+            "make f return the batch's sum and pass batch_reduction='sum' with num_data=<number of terms>; "
+            "batch_reduction='mean' declares f a mean over the samples")
+    return Terms(samples, samples)
 
 
 def _same_batch(leaf: Tensor, samples: int, structured: bool) -> bool:
@@ -229,15 +293,6 @@ def _accumulate(acc: Tensor, part: Tensor, scale: Any = None) -> Tensor:
     return acc + (part if scale is None else part * scale)
 
 
-def _mix(seed: int, index: int) -> int:
-    """A 63-bit seed for batch ``index`` from the call's ``seed`` (SplitMix64's finaliser)."""
-    mask = (1 << 64) - 1
-    z = (seed + 0x9E3779B97F4A7C15 * (index + 1)) & mask
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return (z ^ (z >> 31)) & ((1 << 63) - 1)
-
-
 class DatasetLoss:
     """A loss over a whole data set, ``F(params)``: made by :func:`dataset_loss` (see the module docstring).
 
@@ -246,6 +301,7 @@ class DatasetLoss:
         data: the batches.
         reduction: ``"mean"`` or ``"sum"``.
         num_data: the mean's denominator when given (else the counted terms).
+        batch_reduction: what ``f`` returns on a batch, when declared (``"mean"`` or ``"sum"``).
         progress: the progress-bar setting.
         check_deterministic: whether the first use compares two passes.
         process_group: the ``torch.distributed`` group, or ``None``.
@@ -269,6 +325,7 @@ class DatasetLoss:
         progress: Optional[bool] = None,
         check_deterministic: bool = False,
         process_group: Any = None,
+        batch_reduction: Optional[str] = None,
     ):
         if not callable(f):
             raise TypeError(f"f must be callable as f(params, inputs, targets), got {type(f).__name__}")
@@ -279,6 +336,7 @@ class DatasetLoss:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         _check_count_arg(num_data, reduction)
+        _check_batch_reduction(batch_reduction)
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
         if not isinstance(check_deterministic, bool):
@@ -295,7 +353,11 @@ class DatasetLoss:
         self.progress = progress
         self.check_deterministic = check_deterministic
         self.process_group = process_group
-        self._spec = _spec(f)
+        self.batch_reduction = batch_reduction
+        self._count_terms = _term_counter(f, batch_reduction)
+        if self._count_terms is None and batch_reduction == "sum" and reduction == "mean" and num_data is None:
+            raise ValueError("batch_reduction='sum' with reduction='mean' needs num_data (the number of terms the "
+                             "mean divides by): f's loss is not one whose terms secorder can count")
         self._checked = not check_deterministic
         self._offset = 0
         self._expected: Optional[int] = None  # the local number of batches, once known
@@ -402,16 +464,19 @@ class DatasetLoss:
             self._checked = True
 
     def label_generators(self, generator: Optional[torch.Generator], device: torch.device):
-        """Per-batch generators for the Monte-Carlo Fisher's labels, and a function that undoes the draw.
+        """The sources of the Monte-Carlo Fisher's labels per batch, and a function that undoes the draw.
 
         One seed is drawn from ``generator`` (from the global RNG when ``None``, in
         one process; with a process group, the call's generator is first made
-        identical on every rank); batch ``b`` draws from a generator seeded with it
-        and ``b``. Calling the returned ``undo()`` puts ``generator`` (or the global
-        RNG) back as it was, so that a path that declines leaves the draw to the next.
+        identical on every rank); each sample's labels are keyed by that seed and
+        the sample's content (:class:`secorder.sample_keys.SampleKeys`), so they do
+        not depend on which batch the sample is in or on the order of the batches (a
+        shuffling ``DataLoader``). Calling the returned ``undo()`` puts ``generator``
+        (or the global RNG) back as it was, so that a path that declines leaves the
+        draw to the next.
 
         Returns:
-            ``(generator_of(index), undo)``.
+            ``(labels_of(batch), undo)``.
         """
         if generator is None and self.group is not None:
             generator = self.group.shared_generator(None, device)
@@ -428,10 +493,10 @@ class DatasetLoss:
             def undo() -> None:
                 torch.set_rng_state(state)
 
-        def generator_of(index: int) -> torch.Generator:
-            return torch.Generator(device=device).manual_seed(_mix(seed, index))
+        def labels_of(batch: Batch) -> SampleKeys:
+            return SampleKeys.of(batch.inputs, seed)
 
-        return generator_of, undo
+        return labels_of, undo
 
     def shared_generator(self, generator: Optional[torch.Generator], device: torch.device):
         """The call's generator: unchanged in one process; identical on every rank with a process group."""
@@ -470,6 +535,8 @@ class DatasetLoss:
         try:
             for batch in self._batches(device, what):
                 parts = list(contribute(batch))
+                if isinstance(batch.count, Tensor):  # a mean over no terms adds nothing (PyTorch's is nan there)
+                    parts = [self._zero_if_empty(batch, p) for p in parts]
                 if len(parts) != len(templates):
                     raise RuntimeError(f"internal: {len(parts)} results for {len(templates)} templates")
                 scale = None if isinstance(batch.scale, int) and batch.scale == 1 else batch.scale
@@ -497,10 +564,10 @@ class DatasetLoss:
         if self.reduction == "mean":
             if self.num_data is not None:
                 total = self.num_data
-            elif isinstance(total, Tensor):
-                total = total.clamp_min(1)
+            elif isinstance(total, Tensor):  # no terms at all (every target ignored): the sums are 0, and stay so
+                total = torch.where(total > 0, total, torch.ones_like(total))
             else:
-                total = max(total, 1)
+                total = total if total > 0 else 1
             acc = [a.div_(total) if _plain(a) else a / total for a in acc]
         return acc
 
@@ -554,11 +621,10 @@ class DatasetLoss:
                 inputs, targets, samples = self._check_batch(i, batch)
                 inputs = tree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, inputs)
                 targets = tree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, targets)
-                if self._spec is not None and isinstance(targets, Tensor):
-                    count = _mean_count(self._spec, targets)
-                    scale = count if self._spec.reduction == "mean" else 1
+                if self._count_terms is not None and isinstance(targets, Tensor):
+                    count, scale = self._count_terms(targets)
                 else:
-                    count = scale = samples
+                    count, scale = _unknown_terms(i, targets, samples, self.batch_reduction)
                 yield Batch(self._offset + i, inputs, targets, count, scale)
                 if bar is not None:
                     bar.update()
@@ -597,7 +663,8 @@ class DatasetLoss:
 
     @staticmethod
     def _zero_if_empty(batch: Batch, value: Tensor) -> Tensor:
-        """A batch whose mean is over no terms (every target ignored) adds nothing (PyTorch's mean is nan there)."""
+        """A batch whose mean is over no terms (every target ignored, or of class weight 0) adds nothing (PyTorch's
+        mean and its derivatives are nan there)."""
         if isinstance(batch.count, Tensor):
             return torch.where(batch.count > 0, value, torch.zeros_like(value))
         return value
@@ -681,6 +748,7 @@ def dataset_loss(
     progress: Optional[bool] = None,
     check_deterministic: bool = False,
     process_group: Any = None,
+    batch_reduction: Optional[str] = None,
 ) -> DatasetLoss:
     """The loss over a whole data set as a function of the parameters alone: ``F(params)``.
 
@@ -716,6 +784,12 @@ def dataset_loss(
             Make ``F`` after ``torch.distributed.init_process_group``: before it,
             ``torch.distributed.group.WORLD`` is ``None``, which means one process
             (a call in a multi-rank run then warns that each rank sees its own data only).
+        batch_reduction: for an ``f`` whose loss secorder does not know (module
+            docstring), what ``f`` returns on a batch: ``"mean"`` over its samples
+            (what ``None``, the default, assumes, except that it refuses integer
+            targets with ignored entries) or ``"sum"`` of its terms (with
+            ``reduction="mean"``, ``num_data`` is then required). For a known loss it
+            must agree with the loss's reduction.
 
     Returns:
         A :class:`DatasetLoss` ``F``; ``F(params)`` is the loss (one pass) and
@@ -736,4 +810,5 @@ def dataset_loss(
         True
     """
     return DatasetLoss(f, data, reduction=reduction, num_data=num_data, progress=progress,
-                       check_deterministic=check_deterministic, process_group=process_group)
+                       check_deterministic=check_deterministic, process_group=process_group,
+                       batch_reduction=batch_reduction)

@@ -63,6 +63,25 @@ _MARGIN = 0.05
 _KERNEL_REACH = 3.0
 
 
+def _checked_sigma_tensor(sigma: Tensor, nodes: Tensor) -> Tensor:
+    """A tensor ``sigma`` validated as a float is: real, and every entry positive and finite.
+
+    The values are checked where they can be read (a plain tensor, one host sync for a
+    user-given argument); under ``torch.func`` transforms and ``torch.compile`` they cannot
+    be, and a non-positive or non-finite entry gives ``nan`` densities instead of numbers.
+    """
+    if sigma.dtype == torch.bool or sigma.is_complex():
+        raise TypeError(f"sigma must be a positive float or a real tensor, got a tensor of dtype {sigma.dtype}")
+    s = sigma.to(dtype=nodes.dtype, device=nodes.device)
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(sigma):
+        return torch.where((s > 0) & torch.isfinite(s), s, torch.full_like(s, math.nan))
+    bad = ~((s > 0) & torch.isfinite(s))
+    if bool(bad.any()):
+        raise ValueError(f"sigma must be positive and finite, got a tensor of shape {tuple(sigma.shape)} with "
+                         f"entries {s[bad].flatten()[:4].tolist()}")
+    return s
+
+
 class SpectralDensity(NamedTuple):
     """Stochastic Lanczos quadrature nodes and weights of a symmetric matrix, per probe.
 
@@ -147,8 +166,10 @@ class SpectralDensity(NamedTuple):
             return self.default_sigma()
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float, Tensor)):
             raise TypeError(f"sigma must be a positive float, got {type(sigma).__name__}")
-        if not isinstance(sigma, Tensor) and not sigma > 0:
-            raise ValueError(f"sigma must be a positive float, got {sigma}")
+        if isinstance(sigma, Tensor):
+            return _checked_sigma_tensor(sigma, self.nodes)
+        if not 0 < sigma < math.inf:
+            raise ValueError(f"sigma must be positive and finite, got {sigma}")
         return torch.as_tensor(sigma, dtype=self.nodes.dtype, device=self.nodes.device)
 
     def grid(self, num_points: int = 1000, *, sigma: Optional[float] = None) -> Tensor:

@@ -49,11 +49,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .sample_keys import SampleKeys
 
 __all__ = [
     "LossSpec",
@@ -288,7 +290,7 @@ def sample_output_gradients(
     out: Tensor,
     target: Tensor,
     mc_samples: int = 1,
-    generator: Optional[torch.Generator] = None,
+    generator: Union[torch.Generator, SampleKeys, None] = None,
 ) -> Tensor:
     """Would-be output gradients for labels drawn from the model's predictive distribution.
 
@@ -309,7 +311,10 @@ def sample_output_gradients(
             ``sigmoid(f) - b``).
         target: the targets.
         mc_samples: ``M``, draws per sample (an int >= 1).
-        generator: the source of randomness (``None``: the global RNG).
+        generator: the source of randomness (``None``: the global RNG), or
+            :class:`secorder.sample_keys.SampleKeys`: each sample's draws from its own
+            keyed stream (by inverse transform, Box-Muller and comparison; the
+            data-set Fisher's labels, which then do not depend on batching or order).
 
     Returns:
         ``[M, *out.shape]``, typed like ``out``.
@@ -326,6 +331,8 @@ def sample_output_gradients(
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
     _check(spec, out, target)
+    if isinstance(generator, SampleKeys):
+        return _keyed_output_gradients(spec, out, target, mc_samples, generator)
     f = out.detach()
     M = mc_samples
     if spec.kind == "mse":
@@ -343,5 +350,29 @@ def sample_output_gradients(
     labels = rows.multinomial(num_samples=M, replacement=True, generator=generator).T  # [M, rows]
     onehot = F.one_hot(labels, num_classes=C).to(f.dtype).reshape((M,) + tuple(p.shape)).movedim(-1, 2)
     g = torch.softmax(out, dim=1).unsqueeze(0) - onehot  # [M, N, C, *d]
+    keep = _ce_keep(spec, f, target)
+    return g if keep is None else torch.where(keep.unsqueeze(1) > 0, g, torch.zeros_like(g))
+
+
+def _keyed_output_gradients(spec: LossSpec, out: Tensor, target: Tensor, M: int, keys: SampleKeys) -> Tensor:
+    """:func:`sample_output_gradients` with each sample's draws from its keyed stream (same distributions)."""
+    f = out.detach()
+    n = f.shape[0]
+    per_row = f[0].numel() if n else 0
+    if spec.kind == "mse":
+        e = keys.normals(n, per_row, M, f.dtype).reshape((M,) + tuple(f.shape)) * math.sqrt(0.5)
+        return 2 * e + 2 * (out - f)
+    if spec.kind == "bce":
+        p = torch.sigmoid(f)
+        draws = (keys.uniforms(n, per_row, M, f.dtype).reshape((M,) + tuple(f.shape)) < p).to(f.dtype)
+        return torch.sigmoid(out).unsqueeze(0) - draws
+    C = f.shape[1]
+    p = _class_last(torch.softmax(f, dim=1))  # [N, *d, C]
+    positions = per_row // C if C else 0
+    u = keys.uniforms(n, positions, M, f.dtype).reshape(M, -1)  # [M, rows]
+    cdf = p.reshape(-1, C).cumsum(-1)  # [rows, C]
+    labels = (cdf.unsqueeze(0) <= u.unsqueeze(-1)).sum(-1).clamp_max(C - 1)  # inverse transform
+    onehot = F.one_hot(labels, num_classes=C).to(f.dtype).reshape((M,) + tuple(p.shape)).movedim(-1, 2)
+    g = torch.softmax(out, dim=1).unsqueeze(0) - onehot
     keep = _ce_keep(spec, f, target)
     return g if keep is None else torch.where(keep.unsqueeze(1) > 0, g, torch.zeros_like(g))

@@ -67,13 +67,81 @@ def _embedding_setting(g):
     return w, [lambda w: F.embedding(idx, w, padding_idx=0), lambda w: F.embedding(idx, w, padding_idx=-6)]
 
 
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+
+
+def _hardsigmoid_setting(g):
+    return torch.randn(3, 5, dtype=DT, generator=g) * 3, [F.hardsigmoid, lambda x: torch.nn.Hardsigmoid()(x)]
+
+
+def _rrelu_setting(g):
+    return torch.randn(3, 5, dtype=DT, generator=g), [F.rrelu, lambda x: F.rrelu(x, 0.1, 0.2, training=False)]
+
+
+def _pool_setting(func, dims, size=2):
+    def setting(g):
+        if dims == 1:  # a non-contiguous 3-d input (transposed)
+            x = torch.randn(2, 6, 3, dtype=DT, generator=g).transpose(1, 2)
+        else:
+            x = _cl(torch.randn((2, 3) + (4,) * dims, dtype=DT, generator=g))
+        return x, [lambda x: func(x, size), lambda x: func(x.contiguous(), size)]
+
+    return setting
+
+
+def _group_norm_setting(g):
+    x = _cl(torch.randn(2, 4, 3, 3, dtype=DT, generator=g))
+    w, b = torch.randn(4, dtype=DT, generator=g), torch.randn(4, dtype=DT, generator=g)
+    module = torch.nn.GroupNorm(2, 4).to(DT)
+    return x, [lambda x: F.group_norm(x, 2, w, b), module]
+
+
+def _embedding_bag_setting(g):
+    w = torch.randn(6, 3, dtype=DT, generator=g)
+    bags = torch.tensor([0, 2, 4, 1, 4, 3, 0, 5])
+    offsets = torch.tensor([0, 3, 3, 5])  # an empty bag
+    psw = torch.randn(8, dtype=DT, generator=g)
+    return w, [lambda w: F.embedding_bag(bags, w, offsets, mode="sum"),
+               lambda w: F.embedding_bag(bags, w, offsets, mode="mean", padding_idx=0),
+               lambda w: F.embedding_bag(bags, w, offsets, mode="max"),
+               lambda w: F.embedding_bag(bags, w, offsets, mode="sum", per_sample_weights=psw),
+               lambda w: F.embedding_bag(bags, w, torch.tensor([0, 3, 5, 8]), include_last_offset=True),
+               lambda w: F.embedding_bag(bags.reshape(2, 4), w, mode="max", padding_idx=4)]
+
+
+def _multi_margin_setting(g):
+    x, y = torch.randn(4, 3, dtype=DT, generator=g), torch.tensor([0, 2, 1, 1])
+    w = torch.rand(3, dtype=DT, generator=g) + 0.5
+    return x, [lambda x: F.multi_margin_loss(x, y), lambda x: F.multi_margin_loss(x, y, p=2, margin=0.7, weight=w),
+               lambda x: F.multi_margin_loss(x, y, reduction="none"), lambda x: F.multi_margin_loss(x[0], y[:1])]
+
+
+def _cdist_setting(g):
+    x, y = torch.randn(2, 4, 3, dtype=DT, generator=g), torch.randn(2, 5, 3, dtype=DT, generator=g)
+    return x, [lambda x: torch.cdist(x, y), lambda x: torch.cdist(x, y, p=1.0), lambda x: torch.cdist(x, y, p=3.0)]
+
+
+def _pdist_setting(g):
+    return torch.randn(5, 3, dtype=DT, generator=g), [F.pdist, lambda x: F.pdist(x, p=1.5)]
+
+
+def _det_setting(g):
+    a = torch.randn(2, 3, 3, dtype=DT, generator=g) + 2 * torch.eye(3, dtype=DT)
+    return a, [torch.linalg.det, lambda a: a[0].det(), lambda a: torch.det(a.flip(-1))]
+
+
 def _mha_setting(g):
     torch.manual_seed(0)
     m = torch.nn.MultiheadAttention(4, 2, batch_first=True).double()
     x = torch.randn(2, 3, 4, dtype=DT, generator=g)
     mask = torch.tensor([[False, False, True], [False, False, False]])
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(3, dtype=DT)
+    layer = torch.nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True).to(DT).eval()
     return x, [lambda x: m(x, x, x, need_weights=False)[0],
-               lambda x: m(x, x.flip(1), x, key_padding_mask=mask, need_weights=False)[0]]
+               lambda x: m(x, x.flip(1), x, key_padding_mask=mask, need_weights=False)[0],
+               lambda x: m(x, x, x, need_weights=False, attn_mask=causal, is_causal=True)[0],
+               layer]
 
 
 SETTINGS = {
@@ -84,6 +152,22 @@ SETTINGS = {
     F.batch_norm: _batch_norm_setting,
     F.instance_norm: _instance_norm_setting,
     F.embedding: _embedding_setting,
+    F.hardsigmoid: _hardsigmoid_setting,
+    F.rrelu: _rrelu_setting,
+    F.max_pool1d: _pool_setting(F.max_pool1d, 1),
+    F.max_pool2d: _pool_setting(F.max_pool2d, 2),
+    F.max_pool3d: _pool_setting(F.max_pool3d, 3),
+    F.adaptive_max_pool1d: _pool_setting(F.adaptive_max_pool1d, 1),
+    F.adaptive_max_pool2d: _pool_setting(F.adaptive_max_pool2d, 2, 3),
+    F.adaptive_max_pool3d: _pool_setting(F.adaptive_max_pool3d, 3),
+    F.group_norm: _group_norm_setting,
+    F.embedding_bag: _embedding_bag_setting,
+    F.multi_margin_loss: _multi_margin_setting,
+    torch.cdist: _cdist_setting,
+    F.pdist: _pdist_setting,
+    torch.linalg.det: _det_setting,
+    torch.det: _det_setting,
+    torch.Tensor.det: _det_setting,
 }
 
 
@@ -122,7 +206,13 @@ def test_composite_third_derivative_matches_finite_differences(x, op):
     v = torch.randn(x.shape, dtype=DT, generator=_gen(4))
     with composites.differentiable_ops():
         hv = lambda x: torch.func.jvp(torch.func.grad(loss), (x,), (v,))[1]
-        ad = torch.func.jvp(hv, (x,), (u,))[1]
+        forward = True
+        try:
+            ad = torch.func.jvp(hv, (x,), (u,))[1]
+        except composites.ForwardModeUnsafe:  # a composite whose forward mode stays unsafe (so.hvp: reverse mode)
+            forward = False
+            hv = lambda x: torch.func.vjp(torch.func.grad(loss), x)[1](v)[0]
+            ad = torch.func.vjp(hv, x)[1](u)[0]
         ad_rev = torch.func.vjp(hv, x)[1](u)[0]  # reverse mode: u^T d(Hv)/dx, the same contraction transposed
         eps = 1e-4
         fd = (hv(x + eps * u) - hv(x - eps * u)) / (2 * eps)
@@ -131,7 +221,7 @@ def test_composite_third_derivative_matches_finite_differences(x, op):
     # symmetry of the third-derivative tensor: <d(Hv)/dx u, z> == <d(Hv)/dx z, u> contracted both ways
     z = torch.randn(x.shape, dtype=DT, generator=_gen(5))
     with composites.differentiable_ops():
-        lhs = (torch.func.jvp(hv, (x,), (z,))[1] * u).sum()
+        lhs = ((torch.func.jvp(hv, (x,), (z,))[1] if forward else torch.func.vjp(hv, x)[1](z)[0]) * u).sum()
     assert torch.allclose(lhs, (ad_rev * z).sum(), rtol=1e-8, atol=1e-10)
 
 
@@ -285,3 +375,56 @@ def test_covered_names_the_replaced_callables():
     names = composites.covered()
     assert "torch.nn.functional.scaled_dot_product_attention" in names
     assert "torch.nn.functional.layer_norm" in names and "torch.layer_norm" in names
+
+
+def test_cdist_and_pdist_composites_keep_pytorchs_zero_distance_convention():
+    """At a zero distance the norm has no derivative; PyTorch's kernels give zero there, and so do the composites."""
+    x = torch.randn(4, 3, dtype=DT, generator=_gen(0))
+    x[2] = x[0]
+    for op in (lambda x: torch.cdist(x, x[:2].detach()), F.pdist, lambda x: F.pdist(x, 3.0)):
+        loss = lambda x: (op(x) * torch.linspace(-1, 1, op(x).numel(), dtype=DT).reshape(op(x).shape)).sum()
+        with composites.differentiable_ops():
+            value, grad = op(x), torch.func.grad(loss)(x)
+            hess = torch.func.jacrev(torch.func.grad(loss))(x)
+        assert torch.allclose(value, op(x)) and torch.allclose(grad, torch.func.grad(loss)(x))
+        assert torch.isfinite(hess).all()
+
+
+def test_forward_mode_unsafe_operations_give_reverse_over_reverse_products():
+    """so.hvp is forward-over-reverse; where PyTorch's forward-mode rule is wrong (scatter_reduce 'prod') or its
+    reverse-mode derivative is (prod with zeros, det, solve, the norms), the product and the gradient of a penalty
+    built on it must still be right: so.hvp takes reverse-over-reverse there."""
+    from secorder.composites.forward_mode import ForwardModeUnsafe
+
+    g = _gen(1)
+    x = torch.randn(3, 4, dtype=DT, generator=g)
+    x[1, 2] = 0.0
+    sq = torch.randn(4, 4, dtype=DT, generator=g) + 4 * torch.eye(4, dtype=DT)
+    idx = torch.tensor([[0, 0, 1, 1], [2, 2, 2, 0], [1, 0, 1, 0]])
+    rhs = torch.randn(4, 2, dtype=DT, generator=g)
+    cases = [
+        (x, lambda x: torch.ones(3, 3, dtype=DT).scatter_reduce(1, idx, x, "prod")),
+        (x, lambda x: x.prod(1)), (x, lambda x: torch.cumprod(x, 1)),
+        (sq, torch.linalg.det), (sq, lambda a: torch.linalg.slogdet(a)[1]),
+        (sq, lambda a: torch.linalg.solve(a, rhs)),
+        (x, lambda x: torch.linalg.vector_norm(x, dim=1)), (x, lambda x: F.normalize(x, dim=1)),
+        (x, lambda x: x.std(1)), (x, lambda x: F.glu(x, 1)),
+    ]
+    for point, op in cases:
+        w = torch.linspace(-1, 1, op(point).numel(), dtype=DT).reshape(op(point).shape)
+        f = lambda p: (w * op(p) + 0.3 * op(p) ** 2).sum()
+        v = torch.randn(point.shape, dtype=DT, generator=_gen(2))
+        u = torch.randn(point.shape, dtype=DT, generator=_gen(3))
+        hv = so.hvp(f)(point, v)
+        dense = torch.func.jacrev(torch.func.grad(f))(point).reshape(point.numel(), point.numel())
+        assert torch.allclose(hv.flatten(), dense @ v.flatten(), rtol=1e-9, atol=1e-10)
+        # the gradient of a penalty built on so.hvp, against central differences of the penalty
+        penalty = lambda p: (so.hvp(f)(p, v) * u).sum()
+        gpen = torch.func.grad(penalty)(point)
+        e = 1e-5
+        fd = (penalty(point + e * u) - penalty(point - e * u)) / (2 * e)
+        assert torch.allclose((gpen * u).sum(), fd, rtol=1e-6, atol=1e-8)
+    # under a user's own forward-mode transform the error names the operation and says what to do
+    f = lambda p: torch.linalg.vector_norm(p) ** 3
+    with pytest.raises(ForwardModeUnsafe, match="linalg_vector_norm.*use reverse mode"):
+        torch.func.jvp(so.trace(f), (x,), (x,))

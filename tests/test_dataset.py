@@ -13,9 +13,20 @@ import torch.nn.functional as Fn
 from torch import nn
 
 import secorder as so
-from secorder.dataset import _mix
+from secorder.operators import make_operator
+from secorder.problem import Problem
+from secorder.sample_keys import SampleKeys
 
 DT = torch.float64
+
+
+def diagonal_of(op):
+    """The exact diagonal of a LeafOperator by one-hot columns (a test helper)."""
+    out = []
+    for i, t in enumerate(op.templates):
+        eye = torch.eye(t.numel(), dtype=t.dtype).reshape((t.numel(),) + tuple(t.shape))
+        out.append(torch.einsum("k...,k...->k", op.block_matvec(i, eye), eye).reshape(t.shape))
+    return out
 BOUNDS = [0, 8, 16, 21, 23]  # batches of 8, 8, 5 and 2: an uneven last batch
 
 
@@ -198,22 +209,26 @@ def test_tokens_and_other_losses_weigh_their_terms():
           so.diagonal(smooth, curvature="ggn")(ps, xs, ys))
 
 
-def test_fisher_labels_per_batch_from_one_seed():
-    """The MC Fisher of batch b draws from a generator seeded with (one seed from the call's generator, b):
-    both engines and every product see the same labels, and the result is the weighted sum of batch Fishers."""
+def test_fisher_labels_per_sample_from_one_seed():
+    """The MC Fisher's labels of each sample are keyed by (one seed from the call's generator, the sample's
+    content): both engines and every product see the same labels, and the result is the weighted sum of the
+    batches' Fishers with those labels, whatever the batching."""
     model, f, x, y = classification()
     p = so.params_dict(model)
     batches = split(x, y)
     F = so.dataset_loss(f, batches)
     seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(7)))
     expected = None
-    for b, (xb, yb) in enumerate(batches):
-        gen = torch.Generator().manual_seed(_mix(seed, b))
-        d = so.diagonal(f, curvature="fisher", generator=gen, engine="generic")(p, xb, yb)
+    for xb, yb in batches:
+        problem = Problem(f, 0, False, (p, xb, yb))
+        op = make_operator("fisher", problem, generator=SampleKeys.of(xb, seed))
+        d = so.tree.unflatten(problem.spec, diagonal_of(op))
         d = {k: v * len(yb) / len(y) for k, v in d.items()}
         expected = d if expected is None else {k: expected[k] + d[k] for k in d}
     for engine in ("auto", "generic"):
         close(so.diagonal(F, curvature="fisher", seed=7, engine=engine)(p), expected)
+    one_batch = so.dataset_loss(f, [(x, y)])  # the same labels in one big batch
+    close(so.diagonal(one_batch, curvature="fisher", seed=7)(p), expected)
     v = {k: torch.randn_like(t) for k, t in p.items()}
     w = {k: torch.randn_like(t) for k, t in p.items()}
     fv, fw = so.fisher_vp(F, seed=7)(p, v), so.fisher_vp(F, seed=7)(p, w)

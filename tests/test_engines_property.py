@@ -185,3 +185,104 @@ def test_an_empty_batch_through_rules_that_reshaped_with_minus_one(make):
         got = tree.ravel(fn(params, x, y))[0]
         assert fn.last_engine == "structured" and bool((got == 0).all())
         torch.testing.assert_close(got, tree.ravel(transform(f, engine="generic")(params, x, y))[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 25 (acceptance): every product, and the gradient of a trace penalty, against central differences of
+# float64 evaluations of first-order quantities (gradients, model outputs), whose PyTorch rules are the
+# trusted ones: a wrong second- or third-order rule anywhere in a random model shows here.
+
+EPS = 1e-5
+
+
+class _Difference:
+    """A central difference with its own error estimate: Richardson's extrapolation of the quotients at steps
+    ``eps`` and ``eps / 2`` (error ``O(eps^4)``), and their gap, which bounds what remains of the truncation
+    (the models' third derivatives can be large: a LayerNorm over two features)."""
+
+    def __init__(self, fn, p, d, eps=EPS):
+        def quotient(h):
+            plus = fn(tree.tree_map(lambda a, b: a + h * b, p, d))
+            minus = fn(tree.tree_map(lambda a, b: a - h * b, p, d))
+            return tree.ravel(tree.tree_map(lambda a, b: (a - b) / (2 * h), plus, minus))[0]
+
+        coarse, fine = quotient(eps), quotient(eps / 2)
+        self.value = (4 * fine - coarse) / 3
+        self.gap = float((fine - coarse).abs().max()) if coarse.numel() else 0.0
+
+
+def _central(fn, p, d, eps=EPS):
+    """The extrapolated central difference of a pytree-valued ``fn`` at ``p`` along ``d``, flat."""
+    return _Difference(fn, p, d, eps).value
+
+
+def _close(got, want, what, rtol=1e-6):
+    """``got`` equals the difference ``want`` to ``rtol`` of its scale plus the difference's own error bound."""
+    a = tree.ravel(got)[0]
+    b, gap = (want.value, want.gap) if isinstance(want, _Difference) else (tree.ravel(want)[0], 0.0)
+    scale = max(float(b.abs().max()) if b.numel() else 0.0, 1e-8)
+    err = float((a - b).abs().max()) if a.numel() else 0.0
+    assert err <= rtol * scale + gap, (what, err, scale, gap)
+
+
+def _seeded(fn):
+    """fn with the global RNG reset before each call (training-mode Dropout: one mask for every evaluation)."""
+    def call(*args):
+        torch.manual_seed(0)
+        return fn(*args)
+
+    return call
+
+
+@pytest.mark.parametrize("perturbation", [None, "layer_forward", "loss_forward", "dropout", "batchnorm_train"])
+@hypothesis.settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(data=st.data())
+def test_products_and_penalty_gradient_match_central_differences(perturbation, data):
+    draw = data.draw
+    torch.manual_seed(draw(st.integers(0, 2**16), label="init seed"))
+    model, shape = draw(st.one_of(mlps(perturbation), cnns(perturbation)), label="model")
+    model = model.to(D).eval()
+    if perturbation in ("dropout", "batchnorm_train"):
+        [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.BatchNorm1d))][-1].train()
+    kind = draw(st.sampled_from(["ce", "mse", "bce"]), label="loss")
+    reduction = draw(st.sampled_from(["mean", "sum"]), label="reduction")
+    ignore = kind == "ce" and draw(st.booleans(), label="ignore_index")
+    n = draw(st.sampled_from([3, 2, 4]), label="batch size")
+    g = torch.Generator().manual_seed(n + 7)
+    x = torch.randn((n,) + shape, generator=g, dtype=D)
+    y = _targets(kind, n, ignore, False, g)
+    model, loss = _perturb(model, _loss(kind, reduction, ignore), perturbation)
+    f = so.functional_loss(model, loss)
+    p = so.params_dict(model)
+    v = tree.tree_map(lambda t: torch.randn(t.shape, dtype=D, generator=g), p)
+
+    # Hessian-vector product: central differences of the gradient
+    fd = _Difference(_seeded(lambda q: torch.func.grad(f)(q, x, y)), p, v)
+    _close(_seeded(so.hvp(f))(p, x, y, v), fd, "hvp")
+
+    # GGN-vector product: J^T H_out J v with J v and H_out (J v) from central differences
+    out = _seeded(lambda q: f.output(q, x))
+    o = out(p)
+    jv = _central(out, p, v).reshape(o.shape)
+    grad_out = lambda o: torch.func.grad(lambda o: f.loss_fn(o, y))(o)
+    h_jv = _central(grad_out, o, jv).reshape(o.shape)
+    want = _seeded(lambda: torch.func.vjp(lambda q: f.output(q, x), p)[1](h_jv)[0])()
+    _close(_seeded(so.ggn_vp(f))(p, x, y, v), want, "ggn_vp")
+
+    # empirical Fisher: (1/c) sum_n J_n^T g_n g_n^T J_n v, J v from central differences
+    if perturbation != "loss_forward":
+        from secorder.losses import loss_spec, per_sample_output_gradients, reduction_factor
+
+        spec = loss_spec(loss)
+        gn = per_sample_output_gradients(spec, o, y)
+        s = (gn * jv).flatten(1).sum(1).reshape((-1,) + (1,) * (o.dim() - 1))
+        w = gn * s / reduction_factor(spec, o, y)
+        want = _seeded(lambda: torch.func.vjp(lambda q: f.output(q, x), p)[1](w)[0])()
+        _close(_seeded(so.empirical_fisher_vp(f))(p, x, y, v), want, "empirical_fisher_vp")
+
+    # the gradient of a trace penalty (structured engine where it applies, else the generic path)
+    tr = so.trace(f)
+    penalty = _seeded(lambda q: tr(q, x, y))
+    grad = _seeded(torch.func.grad(lambda q: tr(q, x, y)))(p)
+    fd = _Difference(penalty, p, v)
+    _close(tree.vdot(grad, v).reshape(1), fd, f"trace-penalty gradient ({tr.last_engine})", rtol=1e-6)

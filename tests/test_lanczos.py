@@ -178,7 +178,6 @@ def test_seeds_reproduce_and_dtype_follows_the_operator():
         (dict(k=3, num_iterations=2), ValueError, "num_iterations must be at least k=3"),
         (dict(num_iterations=101), ValueError, "num_iterations=101 is larger than the dimension"),
         (dict(which="top"), ValueError, "unknown which='top'"),
-        (dict(num_iterations=10, tol=1e-3), ValueError, "tol applies to adaptive runs"),
         (dict(tol=0.0), ValueError, "tol must be a positive float"),
         (dict(basis_size=1), ValueError, "basis_size must be larger than k=1"),
     ],

@@ -221,7 +221,6 @@ def test_quadratic_with_keyword_arguments():
         (dict(curvature="gauss-newton"), ValueError, "unknown curvature 'gauss-newton'"),
         (dict(seed=0, generator=torch.Generator()), ValueError, "either seed or generator"),
         (dict(per_leaf=1), TypeError, "per_leaf must be a bool"),
-        (dict(num_iterations=5, tol=1e-3), ValueError, "tol applies to adaptive runs"),
     ],
 )
 def test_bad_options_fail_at_creation(kwargs, error, match):

@@ -41,7 +41,9 @@ Example:
 """
 
 from .registry import Composite, covered, lookup, register
+from .forward_mode import ForwardModeUnsafe
 from .mode import active, differentiable_ops
-from . import attention, embedding, normalization  # noqa: F401  (register the built-in composites)
+from . import activations, attention, distances, embedding, layout, linalg, losses, normalization  # noqa: F401
+# (importing them registers the built-in composites)
 
-__all__ = ["Composite", "register", "lookup", "covered", "differentiable_ops", "active"]
+__all__ = ["Composite", "register", "lookup", "covered", "differentiable_ops", "active", "ForwardModeUnsafe"]

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
+from . import forward_mode
 from .registry import COMPOSITES
 
 __all__ = ["differentiable_ops", "active"]
@@ -28,6 +29,7 @@ class _CompositeMode(TorchFunctionMode):
         entry = COMPOSITES.lookup(func)
         if entry is not None and (entry.applies is None or entry.applies(*args, **kwargs)):
             return entry.impl(*args, **kwargs)
+        forward_mode.check(func, args, kwargs)
         return func(*args, **kwargs)
 
 

@@ -7,13 +7,14 @@ vector (:class:`secorder.estimators.lanczos.Krylov`).
 
 Two modes:
 
-* ``num_iterations=m``: exactly ``m`` Lanczos steps (``m`` matvecs), the Ritz
+* ``num_iterations=m`` without ``tol``: exactly ``m`` Lanczos steps (``m`` matvecs), the Ritz
   pairs of that Krylov space; no convergence test, so no host synchronisation,
   and the whole computation composes with ``torch.func.vmap``.
-* ``num_iterations=None`` (adaptive): steps until every wanted Ritz pair has a
+* ``num_iterations=None`` or ``tol`` given (adaptive): steps until every wanted Ritz pair has a
   residual ``||H u - theta u|| <= tol * ||H||`` (``||H||`` estimated by the
   largest Ritz value in magnitude), checked after every step (one host
-  synchronisation per step). The basis holds at most ``basis_size`` vectors; when
+  synchronisation per step), at most ``num_iterations`` steps when both are given
+  (then a ``RuntimeWarning`` says when ``tol`` was not reached). The basis holds at most ``basis_size`` vectors; when
   it is full, a thick restart (Wu and Simon 2000) keeps the wanted end of the
   Ritz pairs and continues. The residual bounds the eigenvalue error: an
   eigenvalue lies within it of each Ritz value, and within ``residual^2 / gap``
@@ -135,11 +136,6 @@ def check_eigen_options(
                 f"num_iterations must be at least k={k} (the Krylov space must hold k Ritz vectors), "
                 f"got {num_iterations}"
             )
-        if tol is not None:
-            raise ValueError(
-                "tol applies to adaptive runs (num_iterations=None); with num_iterations the number of "
-                "Lanczos steps is fixed: pass one of them"
-            )
     if tol is not None:
         if isinstance(tol, bool) or not isinstance(tol, (int, float)):
             raise TypeError(f"tol must be a positive float, got {type(tol).__name__}")
@@ -148,7 +144,7 @@ def check_eigen_options(
     if n is not None:
         if k > n:
             raise ValueError(f"k={k} is larger than the dimension of the operator ({n})")
-        if num_iterations is not None and num_iterations > n:
+        if num_iterations is not None and tol is None and num_iterations > n:
             raise ValueError(
                 f"num_iterations={num_iterations} is larger than the dimension of the operator ({n}); "
                 f"at most {n} Lanczos steps span the whole space"
@@ -195,10 +191,12 @@ def lanczos_eigenpairs(
         op: the symmetric operator.
         k: how many eigenvalues, ``1 <= k <= n``.
         which: ``"largest"`` (algebraic), ``"smallest"`` (algebraic) or ``"magnitude"``.
-        num_iterations: a fixed number of Lanczos steps (``k <= num_iterations <= n``);
-            ``None``: adaptive, to ``tol``.
-        tol: adaptive mode only: the relative residual to reach (default
-            :data:`DEFAULT_TOL`).
+        num_iterations: without ``tol``, a fixed number of Lanczos steps
+            (``k <= num_iterations <= n``); with ``tol``, the most steps (matvecs) the
+            adaptive run may take, as SciPy's ``eigsh(maxiter=, tol=)`` and PyHessian's
+            ``eigenvalues(maxIter=, tol=)`` take both; ``None``: adaptive, to ``tol``.
+        tol: the relative residual the adaptive mode reaches (default
+            :data:`DEFAULT_TOL`); given, the run is adaptive.
         generator: source of the random start vector (``None``: the global RNG).
         return_eigenvectors: also compute the eigenvectors (a ``k x n`` product with the basis).
         basis_size: adaptive mode: the most vectors held before a thick restart
@@ -225,7 +223,7 @@ def lanczos_eigenpairs(
     dtype, device = flat.dtype, flat.device
     start = flat.space.local(flat.randn(1, generator))
     spare = flat.randn(1, generator)
-    if num_iterations is not None:
+    if num_iterations is not None and tol is None:
         K = Krylov(flat, start, num_iterations, spare, space=flat.space)
         K.extend(num_iterations)
         theta, Y = _ritz(K)
@@ -235,8 +233,12 @@ def lanczos_eigenpairs(
         invariant = (K.num_steps >= 0).any()
     else:
         tol = DEFAULT_TOL if tol is None else float(tol)
+        if num_iterations is not None:  # a cap on the adaptive run
+            max_matvecs = num_iterations if max_matvecs is None else min(_check_int(max_matvecs, "max_matvecs"),
+                                                                        num_iterations)
         K, theta, Y, idx, residuals, converged, invariant = _adaptive(
-            flat, start, spare, k, which, tol, basis_size, max_matvecs
+            flat, start, spare, k, which, tol, basis_size, max_matvecs,
+            "num_iterations" if num_iterations is not None else "max_matvecs"
         )
     out_dtype = op.templates[0].dtype
     for t in op.templates[1:]:
@@ -275,7 +277,7 @@ def _extreme(theta: Tensor, which: str) -> int:
     return int(theta.abs().argmax())
 
 
-def _adaptive(flat, start, spare, k, which, tol, basis_size, max_matvecs):
+def _adaptive(flat, start, spare, k, which, tol, basis_size, max_matvecs, budget_name="max_matvecs"):
     """Thick-restarted Lanczos to ``tol`` (one run, host-side stopping decisions).
 
     Breakdowns: with random start vectors, a run breaks down (almost surely) only
@@ -340,9 +342,9 @@ def _adaptive(flat, start, spare, k, which, tol, basis_size, max_matvecs):
             return K, theta, Y, idx, residuals, torch.tensor(True, device=theta.device), invariant
         if flat.num_matvecs >= max_matvecs:
             warnings.warn(
-                f"Lanczos did not reach tol={tol} within max_matvecs={max_matvecs} matvecs (largest relative "
+                f"Lanczos did not reach tol={tol} within {budget_name}={max_matvecs} matvecs (largest relative "
                 f"residual {float(residuals.max() / _norm_estimate(theta).clamp(min=1e-300).max()):.3g}); pass "
-                "a larger max_matvecs or basis_size, a looser tol, or num_iterations for a fixed budget",
+                f"a larger {budget_name} or basis_size, a looser tol, or num_iterations alone for a fixed budget",
                 RuntimeWarning,
                 stacklevel=3,
             )

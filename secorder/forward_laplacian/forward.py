@@ -112,9 +112,12 @@ def forward_laplacian(f: Callable[..., Any], args: tuple, argnums: _checks.Argnu
     step = _directions_per_pass(d, leaves, chunk_size, sizes)
     total, aux = None, None
     start = 0
+    grad_on = torch.is_grad_enabled()
     while True:
         stop = min(start + step, d)
-        with ForwardPass() as trace:
+        # f runs with gradients on, so that an operation on a traced value with gradients off is torch.no_grad()
+        # inside f or a custom autograd.Function's forward (the interpreter then falls back to the exact path)
+        with ForwardPass() as trace, torch.enable_grad():
             jets = _seeds(leaves, start, stop, trace)
             out = f(*_checks.replace(args, argnums, resolved, tree.unflatten(spec, jets)))
         if trace.uncovered is not None:
@@ -128,4 +131,7 @@ def forward_laplacian(f: Callable[..., Any], args: tuple, argnums: _checks.Argnu
             total = total + lap
         start = stop
         if start >= d:
+            if not grad_on:  # called under torch.no_grad(): what f computed carries no graph, as it would not
+                total = total.detach()
+                aux = tree.tree_map(lambda a: a.detach() if isinstance(a, Tensor) else a, aux)
             return total, aux

@@ -276,6 +276,13 @@ def interpret(func: Callable, args: tuple, kwargs: Dict[str, Any]) -> Any:
         raise trace.fail(UncoveredOperation(op_name(func)))
     if kwargs.get("out") is not None:
         raise trace.fail(UncoveredOperation(op_name(func), "out= (writes into an existing tensor)"))
+    if not torch.is_grad_enabled():
+        # f runs with gradients on (forward_laplacian turns them on): this is torch.no_grad() inside f, or the
+        # forward of a custom autograd.Function, whose backward is the user's definition of its derivative.
+        # Either way PyTorch's autograd, not the forward pass, says what the derivatives are.
+        raise trace.fail(UncoveredOperation(
+            op_name(func), "it runs with gradients off (torch.no_grad() inside f, or the forward of a custom "
+            "autograd.Function, whose backward defines its derivatives)"))
 
     def lower(leaf: Any) -> Any:
         return leaf.jet if isinstance(leaf, JetTensor) and leaf.jet.trace is trace else leaf
@@ -284,4 +291,15 @@ def interpret(func: Callable, args: tuple, kwargs: Dict[str, Any]) -> Any:
         out = rule(func, map_args(lower, args), map_args(lower, kwargs))
     except UncoveredOperation as err:
         raise trace.fail(err)
+    except Exception as err:
+        _primal_call(func, args, kwargs, trace)  # an invalid call: PyTorch's own error, as eager PyTorch raises it
+        raise trace.fail(UncoveredOperation(op_name(func), f"its rule failed ({type(err).__name__}: {err})")) from err
     return map_args(lambda o: JetTensor(o) if isinstance(o, Jet) else o, out)
+
+
+def _primal_call(func: Callable, args: tuple, kwargs: Dict[str, Any], trace: ForwardPass) -> Any:
+    """``func`` on the values of ``trace``'s jets (raises what eager PyTorch raises for the call)."""
+    def value(leaf: Any) -> Any:
+        return leaf.jet.value if isinstance(leaf, JetTensor) and leaf.jet.trace is trace else leaf
+
+    return func(*map_args(value, args), **map_args(value, kwargs))

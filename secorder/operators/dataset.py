@@ -29,7 +29,7 @@ from typing import Any, List, Optional
 import torch
 from torch import Tensor
 
-from ..dataset import Batch, DatasetLoss
+from ..dataset import Batch, DatasetLoss, check_call_arguments
 from ..problem import Problem
 from .base import LeafOperator
 
@@ -43,8 +43,7 @@ PSD_CURVATURES = ("fisher", "empirical_fisher")
 def _check_call(problem: Problem) -> None:
     if problem.has_aux:
         raise ValueError("has_aux=True: a data-set loss returns the loss alone, without auxiliary output")
-    if problem.kwargs:
-        raise TypeError(f"a data-set loss takes the parameters alone, got keyword argument(s) {sorted(problem.kwargs)}")
+    check_call_arguments(problem.args, problem.kwargs)
 
 
 def _psd(curvature: str, f: Any) -> bool:
@@ -85,7 +84,7 @@ def build(curvature: str, problem: Problem, *, mc_samples: int = 1,
     def operator_of(batch: Batch) -> LeafOperator:
         p = Problem(F.f, argnums, False, (params, batch.inputs, batch.targets))
         return make_operator(curvature, p, mc_samples=mc_samples,
-                             generator=labels(batch.index) if labels is not None else None)
+                             generator=labels(batch) if labels is not None else None)
 
     def matvec(V: List[Tensor]) -> List[Tensor]:
         V = list(V)

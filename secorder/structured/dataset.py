@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..dataset import Batch, DatasetLoss
+from ..dataset import Batch, DatasetLoss, check_call_arguments
 from . import dispatch
 from .errors import Unsupported
 
@@ -62,8 +62,7 @@ def functional_call_diag(
     Raises:
         Unsupported: the engine does not apply (on any batch of any rank).
     """
-    if len(args) != 1:
-        raise Unsupported(f"a data-set loss takes the parameters alone, got {len(args)} arguments")
+    check_call_arguments(args, {})
     params = args[0]
     if not isinstance(params, dict) or not params or not all(isinstance(v, torch.Tensor) for v in params.values()):
         raise Unsupported("params must be a non-empty dict of tensors")
@@ -76,7 +75,7 @@ def functional_call_diag(
     def contribute(batch: Batch):
         out = dispatch.functional_call_diag(
             F.f, (params, batch.inputs, batch.targets), kind, trace, mc_samples=mc_samples,
-            generator=labels(batch.index) if labels is not None else None, factor_chunk_size=factor_chunk_size)
+            generator=labels(batch) if labels is not None else None, factor_chunk_size=factor_chunk_size)
         return [out] if trace else [out[n] for n in names]
 
     templates = [torch.zeros((), dtype=first.dtype, device=first.device)] if trace else [params[n] for n in names]

@@ -48,8 +48,9 @@ from ._core import check_common
 __all__ = ["eigenvalues", "spectral_density"]
 
 _VMAP_HINT = (
-    "so.eigenvalues with num_iterations=None decides when to stop on the host after every Lanczos step, "
-    "which cannot run under torch.func.vmap; pass num_iterations=<int> for a fixed number of steps"
+    "so.eigenvalues in its adaptive mode (num_iterations=None, or tol given) decides when to stop on the host "
+    "after every Lanczos step, which cannot run under torch.func.vmap; pass num_iterations=<int> without tol "
+    "for a fixed number of steps"
 )
 
 
@@ -109,7 +110,7 @@ def eigenvalues(
     eigenvalue is within ``tol * ||H||`` of an eigenvalue, and much closer once it is
     separated from the rest of the spectrum; the Krylov basis holds at most
     ``max(2 k + 10, 30)`` vectors (thick restarts beyond that). With
-    ``num_iterations=m`` it takes exactly ``m`` steps (``m`` matvecs, memory
+    ``num_iterations=m`` alone it takes exactly ``m`` steps (``m`` matvecs, memory
     ``(m + 1) x n``) and decides nothing on the host, so it composes with
     ``torch.func.vmap`` (for example per-example top eigenvalues). A Krylov
     breakdown (an invariant subspace found early) is not an error: its eigenvalues
@@ -125,10 +126,13 @@ def eigenvalues(
         which: ``"largest"`` (algebraic, descending), ``"smallest"`` (algebraic,
             ascending) or ``"magnitude"`` (descending absolute value).
         curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` or ``"empirical_fisher"``.
-        num_iterations: a fixed number of Lanczos steps, ``k <= num_iterations <= n``;
+        num_iterations: alone, a fixed number of Lanczos steps, ``k <= num_iterations <= n``
+            (composes with ``vmap``); with ``tol``, the most steps the adaptive run takes
+            (as SciPy's ``eigsh(maxiter=, tol=)`` and PyHessian's ``eigenvalues(maxIter=,
+            tol=)``; a ``RuntimeWarning`` when ``tol`` is not reached within them);
             ``None`` (default): adaptive, to ``tol``.
-        tol: the relative residual of the adaptive mode (default ``1e-4``); not with
-            ``num_iterations``.
+        tol: the relative residual of the adaptive mode (default ``1e-4``); given, the
+            run is adaptive.
         seed: seeds the random start vector (and the Fisher's labels) on every call.
         generator: a ``torch.Generator`` to draw them from instead (advanced).
         return_eigenvectors: also return the eigenvectors, a pytree shaped like
@@ -206,7 +210,7 @@ def eigenvalues(
                                   for i, piece in enumerate(pieces)]
                     vectors = tree.unflatten(problem.spec, pieces)
         except RuntimeError as err:
-            if num_iterations is None and "data-dependent control flow" in str(err):
+            if (num_iterations is None or tol is not None) and "data-dependent control flow" in str(err):
                 raise RuntimeError(_VMAP_HINT) from err
             raise
         return problem.result((values, vectors) if return_eigenvectors else values)

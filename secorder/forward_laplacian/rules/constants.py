@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import register
-from .common import constant, primal
+from .common import constant, is_jet, primal, uncovered
 
 _TENSOR_METHODS = (
     "dim", "ndimension", "size", "numel", "nelement", "element_size", "stride", "storage_offset",
@@ -25,7 +25,7 @@ _TENSOR_METHODS = (
     "logical_xor", "any", "all", "count_nonzero", "nonzero", "argmax", "argmin", "argsort", "argwhere",
     "sign", "sgn", "signbit", "floor", "ceil", "round", "trunc", "fix",
     "detach", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "allclose", "isclose", "equal",
-    "bucketize", "searchsorted", "unique",
+    "bucketize", "searchsorted",
 )
 _TENSOR_PROPERTIES = ("shape", "dtype", "device", "ndim", "layout", "is_leaf", "is_cuda",
                       "is_sparse", "is_quantized", "is_meta", "names", "grad_fn", "itemsize", "nbytes")
@@ -35,8 +35,8 @@ _TORCH_FUNCTIONS = (
     "isreal", "logical_not", "logical_and", "logical_or", "logical_xor", "any", "all", "count_nonzero",
     "nonzero", "argmax", "argmin", "argsort", "argwhere", "sign", "sgn", "signbit", "floor", "ceil", "round",
     "trunc", "fix", "detach", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
-    "randint_like", "allclose", "isclose", "equal", "bucketize", "searchsorted", "unique", "result_type",
-    "can_cast", "is_same_size", "histc", "bincount",
+    "randint_like", "allclose", "isclose", "equal", "bucketize", "searchsorted", "result_type",
+    "can_cast", "is_same_size", "histc",
 )
 
 register(*(getattr(torch.Tensor, n, None) for n in _TENSOR_METHODS))(constant)
@@ -54,3 +54,12 @@ def _requires_grad(func, args, kwargs):
     """A traced tensor is being differentiated, as under ``torch.func.hessian``: code that then calls
     ``torch.autograd.grad`` on it leaves the forward Laplacian (and falls back to the exact path)."""
     return True
+
+
+@register(torch.bincount, torch.Tensor.bincount)
+def _bincount(func, args, kwargs):
+    """Counts are constants; counts weighted by a traced tensor are not (and PyTorch has no rule for them)."""
+    weights = args[1] if len(args) > 1 else kwargs.get("weights")
+    if is_jet(weights):
+        raise uncovered(func, "weights that depend on the differentiated argument")
+    return constant(func, args, kwargs)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import register
-from .common import check_not_inplace, is_jet, traced, uncovered
+from ..jet import map_args
+from .common import check_not_inplace, is_jet, primal, traced, uncovered
 
 
 def _arg(args, kwargs, position, name, default=None):
@@ -23,8 +24,14 @@ def _arg(args, kwargs, position, name, default=None):
     return args[position] if len(args) > position else default
 
 
+def _check_with_pytorch(func, args, kwargs):
+    """Run ``func`` on the values (cheap next to the jets): an invalid call raises PyTorch's own error."""
+    func(*map_args(primal, args), **map_args(primal, kwargs))
+
+
 @register(F.layer_norm)
 def _layer_norm(func, args, kwargs):
+    _check_with_pytorch(func, args, kwargs)
     x = traced(args[0])
     shape = _arg(args, kwargs, 1, "normalized_shape")
     weight, bias = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
@@ -48,6 +55,7 @@ def _batch_norm(func, args, kwargs):
     eps = _arg(args, kwargs, 7, "eps", 1e-5)
     if training or mean is None or var is None or is_jet(mean) or is_jet(var):
         raise uncovered(func, "training mode (batch statistics, running-statistics updates)")
+    _check_with_pytorch(func, args, kwargs)
     t = traced(x)
     channels = (1, -1) + (1,) * (t.dim() - 2) if t.dim() > 1 else (-1,)
     y = (t - mean.reshape(channels)) * torch.rsqrt(var.reshape(channels) + eps)
@@ -63,6 +71,9 @@ def _dropout(func, args, kwargs):
     p = _arg(args, kwargs, 1, "p", 0.5)
     training = _arg(args, kwargs, 2, "training", True)
     check_not_inplace(func, args, kwargs, 3)
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+        func(primal(args[0]), p, False)  # PyTorch's own error for the probability
+        raise uncovered(func, f"p={p!r}")
     if training and p > 0:
         raise uncovered(func, "training=True with p > 0 (a random mask)")
     return args[0]

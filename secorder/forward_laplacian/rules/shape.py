@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..jet import Jet, make_jet
+from ..jet import Jet, lazy, make_jet
 from ..registry import register
 from .common import constant, is_jet, linear, linear_parts, shift_dim, uncovered
 
@@ -257,6 +257,40 @@ def _convert(func, args, kwargs):
     if not is_jet(x) or any(is_jet(r) for r in rest):
         return constant(func, args, kwargs)
     value = func(x.value, *rest, **kwargs)
+    if isinstance(value, torch.Tensor) and value.is_complex():
+        # the value stays differentiable, but the rules are written for real tensors (|z| is not analytic)
+        raise uncovered(func, f"a conversion to {value.dtype} (complex values)")
     if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
         return value  # cast to an integer or boolean type: no derivative
     return make_jet(value, func(x.jac, *rest, **kwargs), func(x.lap, *rest, **kwargs), x.trace)
+
+
+# --- unique: a selection of the input's entries ------------------------------------------------------
+
+
+@register(torch.unique, torch.Tensor.unique)
+def _unique(func, args, kwargs):
+    """``unique`` (flattened, sorted) picks one entry per distinct value: a gather of the first occurrences.
+
+    Its derivatives are those of the gather wherever the entries are distinct (PyTorch's autograd has no
+    rule for it, so the exact path raises); with ``dim`` it is left uncovered.
+    """
+    x = args[0]
+    names = ("sorted", "return_inverse", "return_counts", "dim")
+    options = dict(zip(names, args[1:]))
+    options.update({k: v for k, v in kwargs.items() if k in names})
+    if not is_jet(x) or options.get("dim") is not None or set(kwargs) - set(names):
+        raise uncovered(func, "unique of a traced tensor along a dim")
+    flat = x.value.reshape(-1)
+    values, inverse, counts = torch.unique(flat, sorted=True, return_inverse=True, return_counts=True)
+    positions = torch.arange(flat.numel(), device=flat.device)
+    first = torch.full(values.shape, flat.numel(), dtype=positions.dtype, device=flat.device)
+    first = first.scatter_reduce(0, inverse, positions, "amin")
+    k = x.jac.shape[0]
+    jet = make_jet(values, lazy(lambda: x.jac.reshape(k, -1)[:, first]), x.lap.reshape(-1)[first], x.trace)
+    out = [jet]
+    if options.get("return_inverse"):
+        out.append(inverse.reshape(x.value.shape))
+    if options.get("return_counts"):
+        out.append(counts)
+    return out[0] if len(out) == 1 else tuple(out)
