@@ -153,3 +153,34 @@ def test_clear_error_without_laplace_torch(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(module)
+
+
+needs_kfac = pytest.mark.skipif(not hasattr(__import__("secorder"), "kfac"), reason="so.kfac (issue 22) not in build")
+
+
+@needs_kfac
+@pytest.mark.parametrize("ours,reference", [(SecorderGGN, "CurvlinopsGGN"), (SecorderEF, "CurvlinopsEF")])
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_kron_laplace_equals_curvlinops_and_backpack(ours, reference, likelihood):
+    import laplace.curvature as curvature
+
+    X, y = data(likelihood, n=24)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=10)
+    lml = []
+    peers = [getattr(curvature, reference)] + ([BackPackGGN] if ours is SecorderGGN else [])
+    for backend in [ours] + peers:
+        la = Laplace(mlp(), likelihood, subset_of_weights="all", hessian_structure="kron", backend=backend)
+        la.fit(loader)
+        lml.append(la.log_marginal_likelihood(torch.tensor(0.7, dtype=DT)))
+    for other in lml[1:]:
+        torch.testing.assert_close(lml[0], other, rtol=1e-6, atol=0.0)
+
+
+def test_kron_without_kfac_is_a_clear_error():
+    import secorder
+
+    if hasattr(secorder, "kfac"):
+        pytest.skip("this build has so.kfac")
+    X, y = data("classification")
+    with pytest.raises(NotImplementedError, match="K-FAC"):
+        SecorderGGN(mlp(), "classification").kron(X, y, N=10)

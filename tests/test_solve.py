@@ -296,3 +296,24 @@ def test_non_convergence_warns_with_residual_and_info():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         so.solve(f, curvature="ggn", damping=1e-3, tol=1e-8)(params, x, y, v)
+
+
+@pytest.mark.skipif(not hasattr(so, "kfac"), reason="so.kfac (issue 22) not in this build")
+def test_kfac_preconditioner_same_solution():
+    model, f, params, x, y = mlp_problem(n=20)
+    v = tree.tree_map(torch.randn_like, params)
+    for curvature, method in (("ggn", "cg"), ("empirical_fisher", "cg"), ("hessian", "minres")):
+        plain = so.solve(f, curvature=curvature, damping=1e-2, method=method, tol=1e-11)(params, x, y, v)
+        pre = so.solve(f, curvature=curvature, damping=1e-2, method=method, tol=1e-11,
+                       preconditioner="kfac")(params, x, y, v)
+        for a, b in zip(tree.leaves(plain), tree.leaves(pre)):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_kfac_preconditioner_without_kfac_is_a_clear_error():
+    if hasattr(so, "kfac"):
+        pytest.skip("this build has so.kfac")
+    model, f, params, x, y = mlp_problem()
+    v = tree.tree_map(torch.randn_like, params)
+    with pytest.raises(ValueError, match="so.kfac"):
+        so.solve(f, curvature="ggn", damping=1e-2, preconditioner="kfac")(params, x, y, v)

@@ -231,12 +231,67 @@ def _without_hooks(module: nn.Module) -> nn.Module:
     return clone
 
 
+#: ``kron`` keyword arguments passed on to ``so.kfac`` (laplace-torch forwards them from the Laplace object).
+KFAC_OPTIONS = ("kfac_approx", "mc_samples")
+
+
 def _kron(backend: Any, so: Any, x: Any, y: Tensor, N: int, **kwargs: Any) -> Tuple[Tensor, Any]:
+    """laplace-torch's ``kron``: the loss and a ``Kron`` of the batch's K-FAC factors, rescaled to ``N`` points.
+
+    The factors are ``so.kfac``'s (curvlinops' conventions, ``fisher_type`` of the
+    backend), laid out as laplace-torch's curvlinops backend lays out curvlinops'
+    (per parameter in ``model.parameters()`` order: ``[G, A]`` for a weight, ``[G]`` for a
+    bias, ``[G A]`` for a 1 x 1 weight alone; the input factor of every two-factor block
+    times ``M / N`` for a batch of ``M``; everything times ``factor``), so that laplace-torch's
+    sum over batches is the K-FAC of the whole data set.
+    """
     kfac = getattr(so, "kfac", None)
     if kfac is None:
         raise NotImplementedError("hessian_structure='kron' needs secorder's K-FAC transform (so.kfac), which this "
                                   "build of secorder does not have; use 'diag' or 'full'")
-    raise NotImplementedError  # replaced once so.kfac is available
+    from laplace.utils import Kron
+
+    if backend.subnetwork_indices is not None:
+        raise ValueError("hessian_structure='kron' does not apply to a subnetwork (laplace-torch has no "
+                         "Kronecker-factored subnetwork Laplace)")
+    options = {k: v for k, v in kwargs.items() if k in KFAC_OPTIONS}
+    if backend.kfac_fisher_type != "mc":
+        options.pop("mc_samples", None)
+    elif "mc_samples" not in options:
+        options["mc_samples"] = backend._mc_samples
+    params = backend._params()
+    inputs = backend._inputs(x)
+    K = backend._run(lambda: kfac(backend._f, fisher_type=backend.kfac_fisher_type, **options)(params, inputs, y))
+    leaf_names = so.tree.leaves({k: k for k in params})  # leaf i of K is params[leaf_names[i]]
+    covering: Dict[str, Tuple[Any, str]] = {}
+    for layer in K.layers:
+        info = layer.info
+        if info.weight is not None:
+            covering[leaf_names[info.weight]] = (layer, "weight")
+        if info.bias is not None:
+            covering[leaf_names[info.bias]] = (layer, "bias")
+    kfacs: List[List[Tensor]] = []
+    for name in params:
+        if name not in covering:
+            raise ValueError(f"hessian_structure='kron': parameter {name!r} is not in a layer K-FAC supports")
+        layer, role = covering[name]
+        G = layer.G.detach()
+        A = layer.A.detach()
+        A = torch.diag(A) if A.dim() == 1 else A
+        if role == "bias":
+            kfacs.append([G])
+        elif not layer.info.out_first:  # an Embedding's [V, D] weight: A (x) G
+            kfacs.append([A, G])
+        elif layer.info.bias is None and G.numel() == A.numel() == 1:
+            kfacs.append([G * A])
+        else:
+            kfacs.append([G, A])
+    M = len(y)
+    for F in kfacs:
+        if len(F) == 2:
+            F[1] = F[1] * (M / N)
+    kron = Kron(kfacs) * backend.factor
+    return backend._loss(x, y), kron
 
 
 def __getattr__(name: str) -> Any:

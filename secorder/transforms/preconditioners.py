@@ -22,7 +22,7 @@ imports something optional).
 
 Example:
     >>> names()
-    ('diagonal',)
+    ('diagonal', 'kfac')
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def get(name: Any) -> Optional[Preconditioner]:
         >>> get("ilu")
         Traceback (most recent call last):
         ...
-        ValueError: unknown preconditioner 'ilu'; valid preconditioners are 'diagonal' (or None)
+        ValueError: unknown preconditioner 'ilu'; valid preconditioners are 'diagonal', 'kfac' (or None)
     """
     if name is None:
         return None
@@ -153,5 +153,36 @@ def _diagonal(context: PreconditionerContext) -> Apply:
     return lambda R: R * inverse
 
 
+#: ``so.kfac``'s ``fisher_type`` that approximates each curvature (the Hessian by its GGN's K-FAC).
+KFAC_FISHER_TYPES = {"hessian": "type-2", "ggn": "type-2", "fisher": "mc", "empirical_fisher": "empirical"}
+#: Without damping, the K-FAC preconditioner is damped by this fraction of its mean eigenvalue.
+KFAC_RELATIVE_DAMPING = 1e-3
+
+
+def _kfac(context: PreconditionerContext) -> Apply:
+    import secorder
+
+    kfac = getattr(secorder, "kfac", None)
+    if kfac is None:
+        raise ValueError("preconditioner='kfac' needs secorder's K-FAC transform (so.kfac), which this build of "
+                         "secorder does not have; use preconditioner='diagonal'")
+    p = context.problem
+    if isinstance(p.argnums, bool) or p.argnums != 0 or p.has_aux or p.kwargs:
+        raise ValueError("preconditioner='kfac' needs f(params, inputs, targets) differentiated in params "
+                         "(argnums=0, has_aux=False, no keyword arguments)")
+    fisher_type = KFAC_FISHER_TYPES.get(context.curvature, "type-2")
+    options = dict(mc_samples=context.mc_samples, generator=context.generator) if fisher_type == "mc" else {}
+    K = kfac(p.f, fisher_type=fisher_type, **options)(*p.args)
+    damping = context.damping
+    if damping == 0.0:
+        damping = KFAC_RELATIVE_DAMPING * float(K.trace()) / max(K.num_parameters, 1)
+        if not damping > 0:
+            raise ValueError("preconditioner='kfac': the K-FAC approximation is zero; pass damping > 0")
+    inverse = K.inverse(damping)
+    return lambda R: context.to_flat(inverse.matvec_leaves(context.to_leaves(R)))
+
+
 register(Preconditioner("diagonal", _diagonal,
                         summary="Jacobi: |exact diagonal of the curvature| + damping"))
+register(Preconditioner("kfac", _kfac,
+                        summary="the K-FAC approximation of the curvature, inverted exactly with the damping"))
