@@ -1,7 +1,8 @@
 """Inverse-curvature products and the laplace-torch backends, secorder vs curvlinops, BackPACK.
 
 Run: ``python -m benchmarks.bench_solve`` (``--quick``: one warm call per case;
-``--row=cg`` or ``--row=laplace`` for one table; ``--repeat=R`` rounds).
+``--row=cg`` or ``--row=laplace`` for one table; ``--repeat=R`` rounds;
+``--structures=diag,kron`` for some of the Laplace rows; ``--iterations=M`` the CG budget).
 
 Rows (float32, CPU, one thread: ``OMP_NUM_THREADS=1`` unless set):
 
@@ -169,6 +170,8 @@ def laplace_table(warm: int, rounds: int) -> List[str]:
     model, x, y = digits_model()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=256)
     structures = ["diag", "full"] + (["kron"] if hasattr(so, "kfac") else [])
+    chosen = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--structures=")), None)
+    structures = [s for s in structures if chosen is None or s in chosen]
     backends = {"secorder": SecorderGGN, "BackPACK": BackPackGGN, "curvlinops": CurvlinopsGGN}
     models = {name: copy.deepcopy(model) for name in backends}  # BackPACK's extend() hooks its model
     best: Dict[tuple, float] = {}
