@@ -317,3 +317,21 @@ def test_kfac_preconditioner_without_kfac_is_a_clear_error():
     v = tree.tree_map(torch.randn_like, params)
     with pytest.raises(ValueError, match="so.kfac"):
         so.solve(f, curvature="ggn", damping=1e-2, preconditioner="kfac")(params, x, y, v)
+
+
+def test_gpt2_ggn_solve_matches_its_dense_operator():
+    """A Hugging Face model (a small random GPT-2 from the test zoo): cg on the damped GGN and minres on the Hessian."""
+    from tests import zoo
+
+    zoo.require_transformers()
+    case = zoo.build("gpt2", batch=1)
+    params = so.params_dict(case.model)
+    params = {k: v for k, v in params.items() if "ln_f" in k or k.endswith("c_proj.bias")}  # few entries: dense is cheap
+    f = case.f
+    for curvature, method in (("ggn", "cg"), ("hessian", "minres")):
+        op = so.linear_operator(f, curvature=curvature, damping=0.1)(params, case.inputs, case.targets)
+        v = torch.randn(op.shape[0], dtype=DT)
+        x, info = so.solve(f, curvature=curvature, damping=0.1, method=method, tol=1e-10,
+                           return_info=True)(params, case.inputs, case.targets, op.unravel(v))
+        assert bool(info.converged)
+        torch.testing.assert_close(op.ravel(x), torch.linalg.solve(op.to_dense(), v), rtol=1e-7, atol=1e-9)
