@@ -233,6 +233,17 @@ def test_diagonal_preconditioner_same_solution():
             torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
 
 
+def test_zero_and_empty_right_hand_sides():
+    model, f, params, x, y = mlp_problem()
+    fn = so.solve(f, curvature="ggn", damping=1e-2, return_info=True)
+    out, info = fn(params, x, y, tree.tree_map(torch.zeros_like, params))
+    assert float(tree.norm(out)) == 0.0 and bool(info.converged) and int(info.iterations) == 0
+    empty = tree.tree_map(lambda t: torch.zeros((0,) + t.shape, dtype=t.dtype), params)
+    out, info = fn(params, x, y, empty)
+    assert all(o.shape == e.shape for o, e in zip(tree.leaves(out), tree.leaves(empty)))
+    assert info.iterations.shape == (0,) and int(info.num_matvecs) == 0
+
+
 def test_argnums_tuple_has_aux_and_grad_mode_off():
     A = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=DT)
 

@@ -208,6 +208,14 @@ def solve(
         args, v = _split_call(args_and_v)
         problem = Problem(f, argnums, has_aux, args, kwargs)
         rhs, batched = _rhs_leaves(v, problem)
+        if batched and rhs[0].shape[0] == 0:  # no right-hand sides: nothing to solve
+            device = rhs[0].device
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            info = SolveInfo(empty, torch.zeros(0, dtype=rhs[0].dtype, device=device),
+                             torch.zeros(0, dtype=torch.bool, device=device), torch.zeros((), dtype=torch.int64,
+                                                                                           device=device))
+            x_empty = tree.unflatten(problem.spec, [r.clone() for r in rhs])
+            return problem.result((x_empty, info) if return_info else x_empty)
         leaf_op, gen = curvature_operator(problem, curvature, mc_samples, seed, generator)
         op = CurvatureOperator(leaf_op, problem.spec, damping=damping)
         flat = op._flat
