@@ -21,6 +21,7 @@ from .transforms.spectra import eigenvalues, spectral_density
 from .density import SpectralDensity
 from .transforms.linear_operator import CurvatureOperator, linear_operator
 from .transforms.solve import SolveInfo, solve
+from .kronecker import KroneckerCurvature, ekfac, kfac, kfac_curvature
 
 __version__ = "0.1.0"
 
@@ -60,4 +61,8 @@ __all__ = [
     "SolveInfo",
     "linear_operator",
     "CurvatureOperator",
+    "kfac",
+    "ekfac",
+    "KroneckerCurvature",
+    "kfac_curvature",
 ]

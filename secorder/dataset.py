@@ -511,6 +511,7 @@ class DatasetLoss:
         what: str,
         *,
         decline: Tuple[type, ...] = (),
+        raw: bool = False,
     ) -> List[Tensor]:
         """One pass: ``sum_b scale_b contribute(b)`` over the batches (and ranks), divided by ``N`` for the mean.
 
@@ -521,6 +522,9 @@ class DatasetLoss:
             what: shown on the progress bar.
             decline: exception types that mean "this path does not apply"; with a
                 process group, one rank's is raised on every rank.
+            raw: sum the contributions as they are, without the batch weights and the
+                mean's division (for sums that weigh their batches themselves: K-FAC's
+                factors and their row counts).
 
         Returns:
             The results, shaped like ``templates``.
@@ -539,7 +543,7 @@ class DatasetLoss:
                     parts = [self._zero_if_empty(batch, p) for p in parts]
                 if len(parts) != len(templates):
                     raise RuntimeError(f"internal: {len(parts)} results for {len(templates)} templates")
-                scale = None if isinstance(batch.scale, int) and batch.scale == 1 else batch.scale
+                scale = None if raw or (isinstance(batch.scale, int) and batch.scale == 1) else batch.scale
                 if acc is None:  # a buffer of our own, so that accumulating in place touches nothing else
                     acc = [p.clone() if scale is None else p * scale for p in parts]
                 else:
@@ -561,7 +565,7 @@ class DatasetLoss:
             total = count
         else:
             acc, total = self._sum_over_ranks(acc, count, num, failed, declined, decline, what)
-        if self.reduction == "mean":
+        if self.reduction == "mean" and not raw:
             if self.num_data is not None:
                 total = self.num_data
             elif isinstance(total, Tensor):  # no terms at all (every target ignored): the sums are 0, and stay so

@@ -49,6 +49,7 @@ __all__ = [
     "size",
     "sizes",
     "check_like",
+    "register_node",
 ]
 
 _NAMESPACE = ""
@@ -340,3 +341,36 @@ def check_like(value: PyTree, reference: PyTree, name: str) -> None:
                 f"{name}{path} has shape {tuple(v.shape)}, expected {tuple(r.shape)} "
                 "like the differentiated argument"
             )
+
+
+def register_node(cls: type, flatten_fn: Callable[[Any], Tuple[List[Any], Any]],
+                  unflatten_fn: Callable[[Any, List[Any]], Any], name: str) -> type:
+    """Register ``cls`` as a pytree node, for secorder's trees and ``torch.utils._pytree`` (``vmap``).
+
+    ``flatten_fn(obj) -> (children, aux)`` and ``unflatten_fn(aux, children) -> obj``;
+    ``aux`` is static (hashable is not required). ``name`` is the serialised type
+    name (``module.Class``).
+
+    Example:
+        >>> import torch
+        >>> from secorder import tree
+        >>> class Pair:
+        ...     def __init__(self, a, b, tag):
+        ...         self.a, self.b, self.tag = a, b, tag
+        >>> _ = tree.register_node(Pair, lambda p: ([p.a, p.b], p.tag), lambda tag, ch: Pair(*ch, tag),
+        ...                        "doctest.Pair")
+        >>> doubled = tree.tree_map(lambda t: 2 * t, Pair(torch.ones(1), torch.zeros(1), "x"))
+        >>> doubled.a, doubled.tag
+        (tensor([2.]), 'x')
+    """
+    import torch.utils._pytree as torch_pytree
+
+    optree.register_pytree_node(
+        cls, lambda obj: tuple(flatten_fn(obj)), lambda aux, children: unflatten_fn(aux, list(children)),
+        namespace=getattr(optree.registry, "__GLOBAL_NAMESPACE"),
+    )
+    torch_pytree.register_pytree_node(
+        cls, lambda obj: (lambda out: (list(out[0]), out[1]))(flatten_fn(obj)),
+        lambda children, aux: unflatten_fn(aux, list(children)), serialized_type_name=name,
+    )
+    return cls

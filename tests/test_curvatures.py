@@ -120,9 +120,14 @@ class Case:
             targets = [(n, b[m, n]) for m in range(M) for n in range(N)]
         return self._outer(targets, keep, 1.0 / (M * reduction_c(self.kind, self.reduction, out, self.y)))
 
+    def kronecker(self, transform):
+        """K-FAC / EK-FAC: the dense matrix of the factors (checked against curvlinops in tests/test_kfac.py)."""
+        return transform(self.f)(self.params, self.x, self.y).to_dense()
+
     def matrix(self, curvature, seed=3, M=2):
         return {"hessian": self.hessian, "ggn": self.ggn, "empirical_fisher": self.empirical_fisher,
-                "fisher": lambda: self.fisher(seed, M)}[curvature]()
+                "fisher": lambda: self.fisher(seed, M), "kfac": lambda: self.kronecker(so.kfac),
+                "ekfac": lambda: self.kronecker(so.ekfac)}[curvature]()
 
 
 CASES = [("mlp", k, r) for k in ("ce", "mse", "bce") for r in ("mean", "sum")] + [
@@ -450,7 +455,7 @@ def test_make_operator_contract():
         M = case.matrix(c)
         want = torch.cat([v.reshape(3, -1) for v in V], 1) @ M
         torch.testing.assert_close(torch.cat([o.reshape(3, -1) for o in out], 1), want, **TOL)
-    with pytest.raises(ValueError, match="valid curvatures are 'hessian', 'ggn', 'fisher', 'empirical_fisher'"):
+    with pytest.raises(ValueError, match="valid curvatures are 'hessian', 'ggn', 'fisher', 'empirical_fisher', 'kfac'"):
         make_operator("gn", problem)
 
 

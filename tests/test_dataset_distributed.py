@@ -85,6 +85,10 @@ def _quantities(F, p, rank, gen_seed):
     out["eigenvalues"] = so.eigenvalues(F, k=2, seed=0)(p)
     d = so.spectral_density(F, num_probes=2, num_iterations=4, seed=0)(p)
     out["density"] = (d.nodes, d.weights)
+    # K-FAC: factors summed over batches and ranks (a rank without batches takes the layers from another)
+    out["kfac"] = so.kfac(F, kfac_approx="reduce")(p).to_dense()
+    out["ekfac_mc"] = so.ekfac(F, fisher_type="mc", mc_samples=2, seed=3)(p).to_dense()
+    out["trace_kfac"] = so.trace(F, curvature="kfac")(p)
     return out
 
 

@@ -37,6 +37,7 @@ EXPECTED = {
     "migrate_closure.py": ([], "the closure and functional APIs agree"),
     "compare_estimators.py": (["--seeds", "2", "--budgets", "12"], "xtrace"),
     "pinn_poisson.py": ([], "the PINN solution matches the analytic solution"),
+    "kfac_laplace.py": ([], "the K-FAC Laplace evidence picks prior precision"),
     "hf_spectrum.py": (["--quick", "--out", str(pathlib.Path(tempfile.gettempdir()) / "secorder_hf_spectrum.png")],
                        "every eigenpair checked by Hessian-vector products"),
     "distributed_fsdp.py": ([], "top eigenvalue of the Hessian"),

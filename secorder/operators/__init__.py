@@ -6,7 +6,8 @@ transforms, the spectra and the data-set layer call it. Its contract:
 ``make_operator(curvature, problem, *, mc_samples=1, generator=None) -> LeafOperator``
 
 * ``curvature``: a registered name, :func:`names` lists them: ``"hessian"``,
-  ``"ggn"``, ``"fisher"`` (Monte-Carlo), ``"empirical_fisher"``.
+  ``"ggn"``, ``"fisher"`` (Monte-Carlo), ``"empirical_fisher"``, ``"kfac"``,
+  ``"ekfac"``; or a configured :class:`Curvature` (``so.kfac_curvature(...)``).
 * ``problem``: a :class:`secorder.problem.Problem` (one call of ``f``: the
   differentiated leaves, ``f`` of them, and for the last three curvatures the
   model/loss split of a :class:`secorder.FunctionalLoss`; a ``TypeError`` saying
@@ -69,6 +70,8 @@ class Curvature:
         needs_split: whether ``f`` must be a :class:`secorder.FunctionalLoss`.
         sampled: whether the operator itself is random (draws with ``generator``).
         summary: one line for the docs.
+        own_datasets: ``build`` takes a data-set loss itself (its factors are sums
+            over the batches, not a sum of per-batch operators: K-FAC).
     """
 
     name: str
@@ -76,6 +79,7 @@ class Curvature:
     needs_split: bool
     sampled: bool
     summary: str
+    own_datasets: bool = False
 
 
 _REGISTRY: Dict[str, Curvature] = {}
@@ -93,7 +97,7 @@ def names() -> Tuple[str, ...]:
 
     Example:
         >>> names()
-        ('hessian', 'ggn', 'fisher', 'empirical_fisher')
+        ('hessian', 'ggn', 'fisher', 'empirical_fisher', 'kfac', 'ekfac')
     """
     return tuple(_REGISTRY)
 
@@ -105,8 +109,10 @@ def check_curvature(curvature: Any) -> Curvature:
         >>> check_curvature("gauss-newton")
         Traceback (most recent call last):
         ...
-        ValueError: unknown curvature 'gauss-newton'; valid curvatures are 'hessian', 'ggn', 'fisher', 'empirical_fisher'
+        ValueError: unknown curvature 'gauss-newton'; valid curvatures are 'hessian', 'ggn', 'fisher', 'empirical_fisher', 'kfac', 'ekfac'
     """
+    if isinstance(curvature, Curvature):  # a configured curvature, such as so.kfac_curvature(...)
+        return curvature
     if not isinstance(curvature, str):
         raise TypeError(f"curvature must be a str, got {type(curvature).__name__}")
     if curvature not in _REGISTRY:
@@ -155,8 +161,11 @@ def make_operator(
     """
     entry = check_curvature(curvature)
     check_mc_samples(mc_samples)
-    if is_dataset_loss(getattr(problem, "f", None)):  # per-batch operators summed over the data (and ranks)
-        return dataset.build(curvature, problem, mc_samples=mc_samples, generator=generator)
+    if is_dataset_loss(getattr(problem, "f", None)) and not entry.own_datasets:
+        # per-batch operators summed over the data (and ranks)
+        # by name when registered: the ranks' handshake compares the call's text (an entry's repr holds addresses)
+        key = entry.name if _REGISTRY.get(entry.name) is entry else entry
+        return dataset.build(key, problem, mc_samples=mc_samples, generator=generator)
     return entry.build(problem, mc_samples=mc_samples, generator=generator)
 
 
@@ -168,3 +177,18 @@ register(Curvature("fisher", fisher.build, needs_split=True, sampled=True,
                    summary="the Monte-Carlo Fisher: labels drawn from the model (mc_samples per sample)"))
 register(Curvature("empirical_fisher", empirical_fisher.build, needs_split=True, sampled=False,
                    summary="the empirical Fisher: per-sample gradient outer products"))
+
+
+def _kronecker(name: str) -> Callable[..., LeafOperator]:
+    def build(problem: Any, *, mc_samples: int = 1, generator: Optional[torch.Generator] = None) -> LeafOperator:
+        from ..kronecker.operator import build as kronecker_build  # the transform layer's package: imported late
+
+        return kronecker_build(problem, method=name, mc_samples=mc_samples, generator=generator)
+
+    return build
+
+
+register(Curvature("kfac", _kronecker("kfac"), needs_split=True, sampled=False, own_datasets=True,
+                   summary="K-FAC (type-2, expand; so.kfac_curvature for other options): Kronecker factors per layer"))
+register(Curvature("ekfac", _kronecker("ekfac"), needs_split=True, sampled=False, own_datasets=True,
+                   summary="EK-FAC (type-2, expand): K-FAC's eigenbasis with per-sample corrected eigenvalues"))

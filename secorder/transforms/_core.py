@@ -184,7 +184,7 @@ def _evaluate(request: Request, fn: Callable, problem: Problem, what: str, *, fu
             return _structured_result(request, hit, full)
     else:
         _engine.record(fn, "generic", f"method={request.estimator.name!r} runs on the curvature operator", what)
-    op = make_operator(name, problem, mc_samples=request.mc_samples, generator=generator)
+    op = make_operator(request.curvature, problem, mc_samples=request.mc_samples, generator=generator)
     est = registry.run(op, request.estimator, request.options, request.chunk_size, generator)
     return problem.result(_shape(request, problem, est, full))
 
