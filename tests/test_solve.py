@@ -346,3 +346,12 @@ def test_gpt2_ggn_solve_matches_its_dense_operator():
                            return_info=True)(params, case.inputs, case.targets, op.unravel(v))
         assert bool(info.converged)
         torch.testing.assert_close(op.ravel(x), torch.linalg.solve(op.to_dense(), v), rtol=1e-7, atol=1e-9)
+
+
+def test_kfac_curvature_solve_equals_its_exact_damped_inverse():
+    model, f, params, x, y = mlp_problem(n=10)
+    v = tree.tree_map(torch.randn_like, params)
+    got = so.solve(f, curvature="kfac", damping=1e-2, tol=1e-12)(params, x, y, v)
+    ref = so.kfac(f)(params, x, y).solve(v, 1e-2)
+    for a, b in zip(tree.leaves(got), tree.leaves(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
