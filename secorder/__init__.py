@@ -19,6 +19,8 @@ from .forward_laplacian import laplacian
 from .structured import Parallel, PositionalEmbedding, Residual, SelfAttention, Transpose
 from .transforms.spectra import eigenvalues, spectral_density
 from .density import SpectralDensity
+from .transforms.linear_operator import CurvatureOperator, linear_operator
+from .transforms.solve import SolveInfo, solve
 from .kronecker import KroneckerCurvature, ekfac, kfac, kfac_curvature
 
 __version__ = "0.1.0"
@@ -55,6 +57,10 @@ __all__ = [
     "eigenvalues",
     "spectral_density",
     "SpectralDensity",
+    "solve",
+    "SolveInfo",
+    "linear_operator",
+    "CurvatureOperator",
     "kfac",
     "ekfac",
     "KroneckerCurvature",

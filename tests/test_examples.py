@@ -41,10 +41,11 @@ EXPECTED = {
     "hf_spectrum.py": (["--quick", "--out", str(pathlib.Path(tempfile.gettempdir()) / "secorder_hf_spectrum.png")],
                        "every eigenpair checked by Hessian-vector products"),
     "distributed_fsdp.py": ([], "top eigenvalue of the Hessian"),
+    "influence.py": (["--quick"], "influence functions agree with a dense solve and with leave-one-out retraining"),
 }
 
 # Examples that need an optional package: skipped (not run) where it does not import.
-NEEDS = {"hf_spectrum.py": "transformers"}
+NEEDS = {"hf_spectrum.py": "transformers", "influence.py": "sklearn"}
 
 
 def _available(script):
