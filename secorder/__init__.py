@@ -8,7 +8,7 @@ Example:
     (tensor(5.), tensor([1., 4.]), tensor([1., 4.]))
 """
 
-from . import composites, tree
+from . import _torch_warnings, composites, tree
 from .composites import differentiable_ops
 from .modules import FunctionalLoss, functional_loss, params_dict
 from .dataset import DatasetLoss, dataset_loss
@@ -22,6 +22,8 @@ from .density import SpectralDensity
 from .transforms.linear_operator import CurvatureOperator, linear_operator
 from .transforms.solve import SolveInfo, solve
 from .kronecker import KroneckerCurvature, ekfac, kfac, kfac_curvature
+
+_torch_warnings.load_jvp_decompositions()  # PyTorch's own jit.script deprecation, not the user's business
 
 __version__ = "0.1.0"
 

@@ -113,6 +113,31 @@ class SpectralDensity(NamedTuple):
     num_matvecs: Tensor
     num_steps: Tensor
 
+    def __repr__(self) -> str:
+        """One line: size, probes, nodes per probe, the support of the nodes, the trace estimate, products spent.
+
+        Example:
+            >>> import torch
+            >>> SpectralDensity(torch.tensor([[1., 3.]]), torch.tensor([[0.5, 0.5]]), torch.tensor(4),
+            ...                 torch.tensor(2), torch.tensor([2]))
+            SpectralDensity(dim=4, probes=1, nodes=2, support=[1, 3], trace=8, matvecs=2)
+        """
+        nodes = self.nodes
+        batch = tuple(nodes.shape[:-2])
+        head = f"SpectralDensity(batch={batch}, " if batch else "SpectralDensity("
+        shape = (f"probes={nodes.shape[-2]}, nodes={nodes.shape[-1]}" if nodes.dim() >= 2
+                 else f"nodes={tuple(nodes.shape)}")
+        try:
+            if batch or nodes.numel() == 0 or torch._C._functorch.is_functorch_wrapped_tensor(nodes):
+                raise ValueError("no single summary")
+            lo, hi, tr = float(nodes.min()), float(nodes.max()), float(self.trace())
+            return (f"{head}dim={int(self.dim)}, {shape}, support=[{lo:.4g}, {hi:.4g}], trace={tr:.4g}, "
+                    f"matvecs={int(self.num_matvecs)})")
+        except Exception:  # a batched, traced or symbolic result: shapes only
+            return f"{head}{shape}, dtype={nodes.dtype}, device={nodes.device})"
+
+    __str__ = __repr__
+
     def moment(self, order: int) -> Tensor:
         """``integral t^order phi(t) dt``: an estimate of ``tr(H^order) / n`` (exact in expectation
         for ``order <= 2 m - 1``).
@@ -255,7 +280,8 @@ class SpectralDensity(NamedTuple):
             import matplotlib  # noqa: F401
         except ImportError as exc:
             raise ImportError(
-                "SpectralDensity.plot needs matplotlib: pip install 'secorder[plot]' (or pip install matplotlib)"
+                "SpectralDensity.plot needs matplotlib: pip install matplotlib "
+                "(from a checkout: pip install -e \".[plot]\")"
             ) from exc
         if self.nodes.dim() != 2:
             raise ValueError(

@@ -47,7 +47,8 @@ def digits_mlp() -> Tuple[nn.Module, Callable[[Tensor, Tensor], Tensor], Batch]:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise UsageError(
-            "the default problem needs scikit-learn: pip install 'secorder[cli]' (or pass --model FILE.py:FACTORY)"
+            "the default problem needs scikit-learn: pip install scikit-learn "
+            "(from a checkout: pip install -e \".[cli]\"), or pass --model FILE.py:FACTORY"
         ) from exc
     digits = load_digits()
     inputs = torch.tensor(digits.data, dtype=torch.float32) / 16.0

@@ -97,7 +97,7 @@ JSON_LAYOUT: Dict[str, Any] = OrderedDict([
                    "or ``null``, at initialisation"),
     ])),
     ("phases", [OrderedDict([
-        ("phase", "``init`` or ``after N steps``"),
+        ("phase", "``init`` or ``after N steps`` (only ``init`` with ``--steps 0``)"),
         ("loss", "the mean loss over the batches"),
         ("exact", OrderedDict([
             ("computed", "whether the exact curvature was computed in this phase"),
@@ -370,7 +370,7 @@ def _train(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch], args: 
 def _warnings(phases: List[Dict[str, Any]], args: argparse.Namespace) -> List[str]:
     """Sentences about numbers that are not finite: a diverged loss first, then the curvature."""
     out = []
-    init, trained = phases
+    init, trained = phases[0], phases[-1]
     if not math.isfinite(init["loss"]):
         out.append(f"the loss is {init['loss']} at initialisation: check the model, the data and --dtype")
     elif not math.isfinite(trained["loss"]):
@@ -423,15 +423,18 @@ def _report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, 
     measured = wrap_model(model, args.shard, where)
     loss = _Loss(measured, problem.loss_fn, batches, args.engine, where, progress)
     init = _measure(loss, modules.params_dict(measured), args, clock)
-    t = clock.now()
-    last = _train(model, problem.loss_fn, problem.batches, args, where)
-    train_s = clock.now() - t
-    if args.shard != "none":  # a fresh wrapped copy of the trained model
-        measured = wrap_model(model, args.shard, where)
-        loss = _Loss(measured, problem.loss_fn, batches, args.engine, where, progress)
-    trained = _measure(loss, modules.params_dict(measured), args, clock)
-    trained["seconds"] = OrderedDict([("training", train_s), *trained["seconds"].items()])
-    phases = [OrderedDict(phase="init", **init), OrderedDict(phase=f"after {args.steps} steps", **trained)]
+    phases = [OrderedDict(phase="init", **init)]
+    last = None
+    if args.steps > 0:  # without training, a second phase would repeat the first
+        t = clock.now()
+        last = _train(model, problem.loss_fn, problem.batches, args, where)
+        train_s = clock.now() - t
+        if args.shard != "none":  # a fresh wrapped copy of the trained model
+            measured = wrap_model(model, args.shard, where)
+            loss = _Loss(measured, problem.loss_fn, batches, args.engine, where, progress)
+        trained = _measure(loss, modules.params_dict(measured), args, clock)
+        trained["seconds"] = OrderedDict([("training", train_s), *trained["seconds"].items()])
+        phases.append(OrderedDict(phase=f"after {args.steps} steps", **trained))
     return OrderedDict([
         ("model", problem.name),
         ("num_params", tree.size(modules.params_dict(model))),

@@ -72,7 +72,7 @@ JSON_LAYOUT: Dict[str, Any] = OrderedDict([
     ("lr", "the Adam learning rate ``--lr``"),
     ("last_train_loss", "the loss of the last training batch (``null`` if not finite or no steps)"),
     ("phases", [OrderedDict([
-        ("phase", "``init`` or ``after N steps``"),
+        ("phase", "``init`` or ``after N steps`` (only ``init`` with ``--steps 0``)"),
         ("loss", "the mean loss over the batches"),
         ("top_eigenvalues", "the ``k`` largest eigenvalues, descending"),
         ("smallest_eigenvalue", "the smallest eigenvalue"),
@@ -172,7 +172,7 @@ def _check_plot(out: Any) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UsageError("--out needs matplotlib: pip install 'secorder[plot]' (or pip install matplotlib)") from None
+        raise UsageError("--out needs matplotlib: pip install matplotlib (from a checkout: pip install -e \".[plot]\")") from None
 
 
 def _warm_up(device: torch.device, dtype: torch.dtype) -> None:
@@ -250,7 +250,7 @@ def _plot(phases: List[Dict[str, Any]], out: str, title: str) -> None:
 
 def _warnings(phases: List[Dict[str, Any]], args: argparse.Namespace) -> List[str]:
     out = []
-    init, trained = phases
+    init, trained = phases[0], phases[-1]
     if not math.isfinite(init["loss"]):
         out.append(f"the loss is {init['loss']} at initialisation: check the model, the data and --dtype")
     elif not math.isfinite(trained["loss"]):
@@ -310,14 +310,17 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, whe
             raise
         # e.g. a Fisher for a loss without a predictive distribution
         raise UsageError(f"--curvature {args.curvature}: {exc}") from exc
-    t = clock.now()
-    last = _train(model, problem.loss_fn, problem.batches, args)
-    train_s = clock.now() - t
-    if where is not None:  # a fresh wrapped copy of the trained model
-        measured, loss = measured_loss()
-    trained = _measure(loss, modules.params_dict(measured), args, clock, "trained", n)
-    trained["seconds"] = OrderedDict([("training", train_s), *trained["seconds"].items()])
-    phases = [OrderedDict(phase="init", **init), OrderedDict(phase=f"after {args.steps} steps", **trained)]
+    phases = [OrderedDict(phase="init", **init)]
+    last = None
+    if args.steps > 0:  # without training, a second phase would repeat the first
+        t = clock.now()
+        last = _train(model, problem.loss_fn, problem.batches, args)
+        train_s = clock.now() - t
+        if where is not None:  # a fresh wrapped copy of the trained model
+            measured, loss = measured_loss()
+        trained = _measure(loss, modules.params_dict(measured), args, clock, "trained", n)
+        trained["seconds"] = OrderedDict([("training", train_s), *trained["seconds"].items()])
+        phases.append(OrderedDict(phase=f"after {args.steps} steps", **trained))
     if args.out is not None:
         _plot(phases, args.out, f"{args.curvature} eigenvalue density: {problem.name}")
     for p in phases:

@@ -38,6 +38,7 @@ from ..operators.dataset import call_generator as _dataset_generator
 from ..problem import Problem, split_message
 from ..results import STOP_NUM_SAMPLES, DiagonalEstimate, TraceEstimate
 from . import engine as _engine
+from . import hints as _hints
 
 __all__ = ["Request", "make_request", "quantity_transform", "evaluate", "check_common", "check_split",
            "eager_under_compile", "call_generator"]
@@ -124,7 +125,8 @@ def make_request(
 def quantity_transform(request: Request, f: Callable[..., Any], what: str, *, full: bool) -> Callable[..., Any]:
     """The transformed function: ``fn(*args, **kwargs)`` evaluates ``request`` for one call of ``f``."""
 
-    run = eager_under_compile(evaluate) if request.curvature.needs_split else evaluate
+    hinted = _hints.per_example_hints(evaluate)  # the batch dimension, vmap's randomness
+    run = eager_under_compile(hinted) if request.curvature.needs_split else hinted
 
     @functools.wraps(f)
     def fn(*args: Any, **kwargs: Any) -> Any:

@@ -6,12 +6,21 @@ through unchanged (see :func:`secorder.diagonal` and :func:`secorder.trace`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Dict
 
 from .. import _checks
 from .quantities import diagonal, diagonal_estimate, trace
 
 __all__ = ["hessian_diag", "hessian_diag_estimate", "ggn_diag", "ggn_trace"]
+
+
+def _fixed(name: str, curvature: str, general: str, options: Dict[str, Any]) -> Dict[str, Any]:
+    """``options`` without a ``curvature`` (the shortcut fixes it): a clear ``TypeError`` naming the general one."""
+    if "curvature" in options:
+        raise TypeError(
+            f"so.{name} fixes curvature={curvature!r}; got curvature={options['curvature']!r}. For another "
+            f"curvature use so.{general}(f, curvature={options['curvature']!r}, ...)")
+    return options
 
 
 def hessian_diag(f: Callable[..., Any], argnums: _checks.Argnums = 0, **options: Any) -> Callable[..., Any]:
@@ -31,7 +40,7 @@ def hessian_diag(f: Callable[..., Any], argnums: _checks.Argnums = 0, **options:
         >>> so.hessian_diag(lambda x: (x ** 3).sum())(torch.tensor([1., 2.]))
         tensor([ 6., 12.])
     """
-    return diagonal(f, argnums, curvature="hessian", **options)
+    return diagonal(f, argnums, curvature="hessian", **_fixed("hessian_diag", "hessian", "diagonal", options))
 
 
 def hessian_diag_estimate(f: Callable[..., Any], argnums: _checks.Argnums = 0, **options: Any) -> Callable[..., Any]:
@@ -51,6 +60,7 @@ def hessian_diag_estimate(f: Callable[..., Any], argnums: _checks.Argnums = 0, *
         >>> est.value, est.stderr
         (tensor([1., 4.]), tensor([0., 0.]))
     """
+    options = _fixed("hessian_diag_estimate", "hessian", "diagonal_estimate", options)
     return diagonal_estimate(f, argnums, curvature="hessian", **options)
 
 
@@ -74,7 +84,7 @@ def ggn_diag(f: Callable[..., Any], argnums: _checks.Argnums = 0, **options: Any
         >>> sorted(d) == sorted(params), all(bool((v >= 0).all()) for v in d.values())
         (True, True)
     """
-    return diagonal(f, argnums, curvature="ggn", **options)
+    return diagonal(f, argnums, curvature="ggn", **_fixed("ggn_diag", "ggn", "diagonal", options))
 
 
 def ggn_trace(f: Callable[..., Any], argnums: _checks.Argnums = 0, **options: Any) -> Callable[..., Any]:
@@ -95,4 +105,4 @@ def ggn_trace(f: Callable[..., Any], argnums: _checks.Argnums = 0, **options: An
         >>> so.ggn_trace(f)(so.params_dict(model), torch.ones(1, 2), torch.zeros(1, 1))
         tensor(6.)
     """
-    return trace(f, argnums, curvature="ggn", **options)
+    return trace(f, argnums, curvature="ggn", **_fixed("ggn_trace", "ggn", "trace", options))

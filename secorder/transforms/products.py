@@ -25,6 +25,7 @@ from ..operators import make_operator
 from ..operators import sharded as _sharded
 from ..problem import Problem
 from . import _core
+from .hints import per_example_hints
 
 __all__ = ["hvp", "ggn_vp", "fisher_vp", "empirical_fisher_vp"]
 
@@ -93,6 +94,7 @@ def hvp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = 
     _core.check_common(f, argnums, has_aux, "hessian", 1)
 
     @functools.wraps(f)
+    @per_example_hints
     def hvp_fn(*args_and_v: Any, **kwargs: Any) -> Any:
         args, v = _split_call(args_and_v, "hvp")
         problem = Problem(f, argnums, has_aux, args, kwargs)
@@ -168,6 +170,7 @@ def _curvature_vp(curvature: str, name: str, f: Callable[..., Any], argnums: Any
         return _sharded.export_tree(layout, out)
 
     @functools.wraps(f)
+    @per_example_hints
     def vp_fn(*args_and_v: Any, **kwargs: Any) -> Any:
         return run(args_and_v, kwargs)
 

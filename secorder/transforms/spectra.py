@@ -44,6 +44,7 @@ from ..operators import sharded as _sharded
 from ..operators.dataset import call_generator
 from ..problem import Problem
 from ._core import check_common
+from .hints import per_example_hints
 
 __all__ = ["eigenvalues", "spectral_density"]
 
@@ -166,6 +167,7 @@ def eigenvalues(
     check_eigen_options(k, which, num_iterations, tol)
 
     @functools.wraps(f)
+    @per_example_hints
     def eigenvalues_fn(*args: Any, **kwargs: Any) -> Any:
         problem = Problem(f, argnums, has_aux, args, kwargs)
         layout = _sharded.layout_of(f, problem.primals)
@@ -285,6 +287,7 @@ def spectral_density(
     check_slq_options(num_probes, num_iterations, chunk_size)
 
     @functools.wraps(f)
+    @per_example_hints
     def spectral_density_fn(*args: Any, **kwargs: Any) -> Any:
         problem = Problem(f, argnums, has_aux, args, kwargs)
         layout = _sharded.layout_of(f, problem.primals)

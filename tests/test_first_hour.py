@@ -1,0 +1,126 @@
+"""Issue 28: what a new user still tripped on in the first hour (each test fails if the trap comes back).
+
+The CLI tests drive ``secorder.cli.main`` in-process (see ``tests/test_cli.py``).
+"""
+
+import json
+import subprocess
+import sys
+import pathlib
+
+import pytest
+import torch
+from torch import nn
+from torch.func import vmap
+
+import secorder as so
+from secorder.transforms import hints
+from tests.test_cli import TINY, as_json, cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------
+# item 7: small leaks and noise
+
+
+@pytest.mark.parametrize("name, general", [("hessian_diag", "diagonal"), ("hessian_diag_estimate", "diagonal_estimate"),
+                                           ("ggn_diag", "diagonal"), ("ggn_trace", "trace")])
+def test_shortcut_says_it_fixes_the_curvature(name, general):
+    with pytest.raises(TypeError) as info:
+        getattr(so, name)(lambda x: (x ** 2).sum(), curvature="fisher")
+    text = str(info.value)
+    assert f"so.{name} fixes curvature=" in text and f"so.{general}(f, curvature='fisher'" in text
+    assert "multiple values" not in text
+
+
+def test_spectral_density_prints_one_line():
+    f = lambda x: (x ** 4).sum()  # noqa: E731
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    d = so.spectral_density(f, num_probes=2, num_iterations=3, seed=0)(x)
+    text = str(d)
+    assert "\n" not in text and repr(d) == text and len(text) < 200
+    lo, hi = float(d.nodes.min()), float(d.nodes.max())
+    assert text.startswith("SpectralDensity(dim=3, probes=2, nodes=3, ")
+    assert f"support=[{lo:.4g}, {hi:.4g}]" in text and f"trace={float(d.trace()):.4g}" in text
+    assert f"{float(d.trace()):.4g}" == f"{float(12 * (x ** 2).sum()):.4g}"  # diagonal Hessian: exact trace
+    batched = vmap(lambda x: so.spectral_density(f, num_probes=2, num_iterations=3, seed=0)(x),
+                   randomness="same")(torch.ones(2, 3))
+    assert "\n" not in str(batched) and "batch=(2,)" in str(batched)
+
+
+@pytest.mark.parametrize("command", ["report", "spectrum"])
+def test_steps_0_prints_one_column(command):
+    run = cli(command, "--model", TINY, "--steps", "0", "--num-samples" if command == "report" else "--num-probes",
+              "2", "--no-progress")
+    assert run.rc == 0, run.err
+    assert "after 0 steps" not in run.out
+    header = next(line for line in run.out.splitlines() if line.strip() == "init" or line.strip().startswith("init "))
+    assert header.split() == ["init"]
+    r = as_json(cli(command, "--json", "--model", TINY, "--steps", "0",
+                    "--num-samples" if command == "report" else "--num-probes", "2"))
+    assert [p["phase"] for p in r["phases"]] == ["init"] and r["last_train_loss"] is None
+
+
+def test_first_product_prints_no_torch_jit_warning():
+    """A fresh interpreter: the first forward-mode product would print PyTorch's torch.jit.script deprecation."""
+    code = ("import torch, secorder as so\n"
+            "print(so.hvp(lambda x: (x ** 3).sum())(torch.ones(2), torch.ones(2)).tolist())\n"
+            "import warnings\n"
+            "with warnings.catch_warnings(record=True) as seen:\n"
+            "    warnings.simplefilter('always')\n"
+            "    warnings.warn('`torch.jit.script` is deprecated', DeprecationWarning)\n"
+            "print(len(seen))\n")  # the filter is scoped: the same warning from elsewhere still shows
+    proc = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-W", "error::FutureWarning", "-c", code],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["[6.0,", "6.0]", "1"] and "jit" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# item 6: per-example mistakes under vmap
+
+
+def _conv_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+    f = so.functional_loss(model, nn.functional.cross_entropy)
+    return f, so.params_dict(model), torch.randn(5, 1, 4, 4), torch.randint(0, 3, (5,))
+
+
+@pytest.mark.parametrize("transform", ["trace", "ggn_diag", "hvp", "eigenvalues"])
+def test_missing_batch_dimension_under_vmap_gets_the_hint(transform):
+    f, p, x, y = _conv_problem()
+    if transform == "hvp":
+        g = lambda xi, yi: so.hvp(f)(p, xi, yi, p)  # noqa: E731
+    else:
+        t = getattr(so, transform)(f, **({"seed": 0} if transform == "eigenvalues" else {}))
+        g = lambda xi, yi: t(p, xi, yi)  # noqa: E731
+    with pytest.raises(RuntimeError) as info:
+        vmap(g, randomness="same")(x, y)
+    assert hints.BATCH_HINT in str(info.value) and "x[:, None]" in str(info.value)
+    assert "shapes cannot be multiplied" in str(info.value.__cause__)  # the original, chained
+    if transform != "eigenvalues":  # the hint's fix works
+        vmap(g, randomness="same")(x[:, None], y[:, None])
+
+
+def test_fisher_under_vmap_without_randomness_gets_the_hint():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    f = so.functional_loss(model, nn.functional.cross_entropy)
+    p, x, y = so.params_dict(model), torch.randn(5, 1, 4), torch.randint(0, 3, (5, 1))
+    g = so.diagonal(f, curvature="fisher", seed=0)
+    with pytest.raises(RuntimeError) as info:
+        vmap(lambda xi, yi: g(p, xi, yi))(x, y)
+    assert hints.RANDOMNESS_HINT in str(info.value) and "randomness='different'" in str(info.value)
+    assert "randomness error mode" in str(info.value.__cause__)
+    out = vmap(lambda xi, yi: g(p, xi, yi), randomness="different")(x, y)
+    assert out["0.weight"].shape == (5, 6, 4)
+
+
+def test_errors_outside_vmap_are_untouched():
+    f, p, x, y = _conv_problem()
+    with pytest.raises(RuntimeError) as info:
+        so.trace(f)(p, x[0], y[0])
+    assert "secorder hint" not in str(info.value)
