@@ -95,7 +95,8 @@ def test_usage_errors_are_one_line_with_status_2(args, message):
 def test_missing_matplotlib_is_a_usage_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     run = cli("spectrum", "--model", TINY, *FAST, "--out", str(tmp_path / "x.png"))
-    assert run.rc == 2 and "pip install 'secorder[plot]'" in run.err
+    assert run.rc == 2 and "pip install matplotlib" in run.err
+    assert "pip install -e \".[plot]\"" in run.err  # users install from a checkout (issue 28, item 9)
 
 
 BAD_OPTIONS = [("--top-k", "0"), ("-k", "two"), ("--num-probes", "0"), ("--num-iterations", "-1"), ("--tol", "0"),
