@@ -124,3 +124,39 @@ def test_errors_outside_vmap_are_untouched():
     with pytest.raises(RuntimeError) as info:
         so.trace(f)(p, x[0], y[0])
     assert "secorder hint" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# item 10: a clone's folder named secorder shadows the package
+
+_EDITABLE_FINDER = """
+import sys
+from importlib.machinery import PathFinder
+ROOT = {root!r}
+class Finder:  # what pip's default editable install adds: consulted after the current directory
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        if fullname in ("secorder", "torch_secorder"):
+            return PathFinder.find_spec(fullname, [ROOT])
+        return None
+sys.meta_path.insert(sys.meta_path.index(PathFinder) + 1, Finder)  # ahead of any real editable install's
+sys.path[:] = [""] + [p for p in sys.path if p and p != ROOT]
+"""
+
+
+def test_shadowing_clone_folder_is_named(tmp_path):
+    (tmp_path / "secorder" / "docs").mkdir(parents=True)  # the clone's root: no __init__.py
+    code = _EDITABLE_FINDER.format(root=str(ROOT)) + (
+        "import secorder\n"
+        "assert getattr(secorder, '__file__', None) is None, secorder  # the trap itself\n"
+        "try:\n"
+        "    import torch_secorder\n"
+        "except ImportError as err:\n"
+        "    print(err)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert f"the folder {tmp_path / 'secorder'} shadows the secorder package" in proc.stdout
+    assert "editable_mode=compat" in proc.stdout
+    page = (ROOT / "docs" / "installation.rst").read_text()
+    assert "shadows the package" in page and "editable_mode=compat" in page

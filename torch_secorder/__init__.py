@@ -16,6 +16,23 @@ Example:
     tensor(4.)
 """
 
+import secorder as _secorder
+
+
+def _check_not_shadowed(package) -> None:
+    """A folder named ``secorder`` without ``__init__.py`` (a clone, run from its parent) imports as an empty
+    namespace package ahead of an editable install; say which folder instead of failing later on a missing name."""
+    if getattr(package, "__file__", None) is None:
+        folders = ", ".join(str(p) for p in getattr(package, "__path__", [])) or "?"
+        raise ImportError(
+            f"the folder {folders} shadows the secorder package: Python imported it as an empty namespace package "
+            "from the current directory ahead of the installed one (a clone named 'secorder' run from its parent "
+            "directory). Run from another directory, rename the clone's folder, or reinstall with "
+            "pip install -e . --config-settings editable_mode=compat (see the installation page of the docs)")
+
+
+_check_not_shadowed(_secorder)
+
 from .analysis import (
     compute_loss_surface_1d,
     compute_loss_surface_2d,
