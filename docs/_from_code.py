@@ -10,6 +10,12 @@
   replaces while secorder differentiates ``f``, and why (from its registry).
 * ``_generated/forward_mode.part.rst``: the operations whose forward-mode rules
   ``so.hvp`` avoids (:mod:`secorder.composites.forward_mode`, from its registry).
+* ``_generated/cli_report_sample.part.rst``, ``cli_fallback_sample.part.rst``,
+  ``cli_usage_error_sample.part.rst``, ``cli_factory_error_sample.part.rst``: what
+  ``secorder report`` prints, from runs of the command during the build (in-process,
+  :func:`secorder.cli.main`): the default report, the line saying why the fast engine
+  did not run (on :func:`fallback_problem`, a model with a layer the fast engine has no
+  rule for), and two errors (:func:`cli_samples`).
 * ``_generated/extras.part.rst``: the optional extras of ``pyproject.toml``
   with what each installs, and what each is for (:data:`EXTRA_PURPOSES`;
   ``tests/test_docs.py`` fails when an extra has no purpose written here).
@@ -171,9 +177,83 @@ def forward_mode_rst() -> str:
     return "\n".join(lines) + "\n"
 
 
+class Scale(__import__("torch").nn.Module):
+    """A layer of the user's own, for which the fast (structured) engine has no rule."""
+
+    def __init__(self, n: int):
+        import torch
+
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(n))
+
+    def forward(self, x: Any) -> Any:
+        return x * self.scale
+
+
+def fallback_problem():
+    """A ``--model`` factory whose model has a layer of its own (``Scale``): the report falls back to HVPs."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), Scale(16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    x = torch.randn(64, 8)
+    return model, torch.nn.functional.cross_entropy, (x, x[:, :3].argmax(1))
+
+
+def not_scalar_problem():
+    """A ``--model`` factory whose loss is not a scalar (``reduction='none'``): a one-line error."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    x = torch.randn(256, 10)
+    return model, torch.nn.MSELoss(reduction="none"), (x, x[:, :1] ** 2)
+
+
+def _run_cli(argv: List[str]) -> Any:
+    import contextlib
+    import io
+
+    from secorder.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _literal(text: str, language: str = "text") -> str:
+    return f".. code-block:: {language}\n\n" + "\n".join(f"   {line}".rstrip() for line in text.splitlines()) + "\n"
+
+
+def cli_samples() -> Dict[str, str]:
+    """``{part name: rst}`` of the CLI page's sample outputs, each from a real run of ``secorder report``."""
+    samples = {}
+    rc, out, err = _run_cli(["report", "--no-progress"])
+    if rc != 0:
+        raise RuntimeError(f"secorder report failed while building the docs: {err}")
+    samples["cli_report_sample"] = _literal(out.rstrip())
+    module = __name__ if __name__ != "__main__" else "_from_code"
+    rc, out, err = _run_cli(["report", "--no-progress", "--model", f"{module}:fallback_problem", "--steps", "0",
+                             "--num-samples", "2"])
+    line = next((ln.strip() for ln in out.splitlines() if ln.strip().startswith("exact curvature")), None)
+    if rc != 0 or line is None:
+        raise RuntimeError(f"secorder report on fallback_problem failed while building the docs: {err}")
+    samples["cli_fallback_sample"] = _literal(line)
+    rc, out, err = _run_cli(["report", "--lr", "nan"])
+    lines = err.strip().splitlines()
+    samples["cli_usage_error_sample"] = _literal("\n".join(
+        ["$ secorder report --lr nan", lines[0] + (" ..." if len(lines) > 2 else ""), lines[-1]]), "console")
+    rc, out, err = _run_cli(["report", "--model", f"{module}:not_scalar_problem"])
+    samples["cli_factory_error_sample"] = _literal("\n".join(
+        ["$ secorder report --model problem.py:make", err.strip().replace(f"{module}:not_scalar_problem",
+                                                                          "problem.py:make")]), "console")
+    return samples
+
+
 def write_code_parts(root: pathlib.Path, out_dir: pathlib.Path) -> None:
-    """Write the commands' reference, the extras table and the composites table into ``out_dir``."""
+    """Write the commands' reference, the CLI's sample outputs, the extras and the composites tables."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in cli_samples().items():
+        _write(out_dir / f"{name}.part.rst", text)
     _write(out_dir / "composites.part.rst", composites_rst())
     _write(out_dir / "forward_mode.part.rst", forward_mode_rst())
     _write(out_dir / "cli_commands.part.rst", commands_rst())

@@ -781,7 +781,8 @@ def dataset_loss(
         progress: a tqdm bar over the batches of every pass, on rank 0 only:
             ``None`` (default) when standard error is a terminal.
         check_deterministic: on first use, make two passes and raise if the loss
-            or gradient differ (shuffling, augmentation, training-mode layers).
+            or gradient differ (random augmentation, training-mode layers, batches
+            that change between passes; a plain shuffle changes no total and passes).
         process_group: a ``torch.distributed`` process group (such as
             ``torch.distributed.group.WORLD``): each rank passes its shard of the
             data and every rank gets the result over the union of the shards.

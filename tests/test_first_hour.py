@@ -160,3 +160,30 @@ def test_shadowing_clone_folder_is_named(tmp_path):
     assert "editable_mode=compat" in proc.stdout
     page = (ROOT / "docs" / "installation.rst").read_text()
     assert "shadows the package" in page and "editable_mode=compat" in page
+
+
+# ---------------------------------------------------------------------------
+# item 9: what the docs say check_deterministic detects
+
+
+def test_check_deterministic_passes_a_plain_shuffle_and_flags_augmentation():
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+    f = lambda w, xb, yb: ((xb @ w - yb) ** 2).mean()  # noqa: E731
+    w = torch.ones(3, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4, shuffle=True)
+    F = so.dataset_loss(f, loader, check_deterministic=True)
+    torch.testing.assert_close(so.trace(F)(w), so.trace(lambda w: f(w, x, y))(w))  # order-independent total
+
+    class Augmented:
+        def __iter__(self):
+            return iter([(x + 0.1 * torch.randn_like(x), y)])
+
+        def __len__(self):
+            return 1
+
+    with pytest.raises(ValueError, match="augmentation"):
+        so.trace(so.dataset_loss(f, Augmented(), check_deterministic=True))(w)
+    page = (ROOT / "docs" / "datasets.rst").read_text()
+    assert "does not flag a plain shuffling" in page
+    assert "only exact\n       choice under an outer" not in (ROOT / "docs" / "estimators.rst").read_text()
