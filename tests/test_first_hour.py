@@ -187,3 +187,35 @@ def test_check_deterministic_passes_a_plain_shuffle_and_flags_augmentation():
     page = (ROOT / "docs" / "datasets.rst").read_text()
     assert "does not flag a plain shuffling" in page
     assert "only exact\n       choice under an outer" not in (ROOT / "docs" / "estimators.rst").read_text()
+
+
+# ---------------------------------------------------------------------------
+# item 3: -v logs what ran and why; output options before the command
+
+
+@pytest.mark.parametrize("argv", [["-v", "report"], ["report", "-v"], ["--verbose", "--no-progress", "report"],
+                                  ["-v"]], ids=["before", "after", "two-before", "no-command"])
+def test_verbose_logs_what_ran_and_why(argv):
+    run = cli(*argv, "--model", TINY, "--steps", "1", "--num-samples", "2", "--engine", "generic")
+    assert run.rc == 0, run.err
+    log = run.err
+    assert "1 batch(es) read" in log and "of at most 256 (--batch-size)" in log           # the batches
+    assert "init: exact trace and diagonal by one-hot Hessian-vector products, one per parameter (26), because " \
+           "--engine generic" in log                                                       # the engine, and why
+    assert "init: stochastic trace by hutchinson: 2 probes, 2 Hessian-vector products" in log  # the estimator
+    assert "training: 1 Adam steps" in log and "after 1 steps: loss" in log
+    assert len([line for line in log.splitlines() if line.rstrip().endswith(" s")]) >= 6  # time per phase
+    assert "Hessian trace" in run.out
+
+
+def test_verbose_on_the_fast_engine_and_quiet_without_it():
+    run = cli("report", "-v", "--model", TINY, "--steps", "0", "--num-samples", "2")
+    assert run.rc == 0, run.err
+    assert "init: exact trace and diagonal by the fast (structured) engine" in run.err
+    quiet = cli("report", "--model", TINY, "--steps", "0", "--num-samples", "2")
+    assert quiet.rc == 0 and "INFO" not in quiet.err
+
+
+def test_output_options_before_the_command_for_every_command():
+    r = as_json(cli("--json", "spectrum", "--model", TINY, "--steps", "0", "--num-probes", "2", "-k", "1"))
+    assert r["phases"][0]["phase"] == "init"

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = _Parser(prog="secorder", allow_abbrev=False,
                      description="Second-order diagnostics for PyTorch models, built on secorder. "
-                                 f"Without a command: {DEFAULT_COMMAND}.")
+                                 f"Without a command: {DEFAULT_COMMAND}. The output options (--json, --no-progress, "
+                                 "-v/--verbose, --debug) go before or after the command.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -96,6 +97,32 @@ def build_parser() -> argparse.ArgumentParser:
         _add_output_options(command)
         parser.commands[name] = command
     return parser
+
+
+#: The output options every command takes; they may also come before the command (``secorder -v report``).
+GLOBAL_FLAGS = ("--json", "--no-progress", "-v", "--verbose", "--debug")
+
+
+def normalize_argv(argv: List[str]) -> List[str]:
+    """``argv`` with the command first: output options given before it move after it; no command means report.
+
+    Example:
+        >>> normalize_argv(["-v", "report", "--steps", "1"])
+        ['report', '--steps', '1', '-v']
+        >>> normalize_argv(["--json", "--steps", "1"])
+        ['report', '--steps', '1', '--json']
+        >>> normalize_argv(["--version"]), normalize_argv([])
+        (['--version'], ['report'])
+    """
+    leading = []
+    rest = list(argv)
+    while rest and rest[0] in GLOBAL_FLAGS:
+        leading.append(rest.pop(0))
+    if rest and rest[0] in COMMANDS:
+        return [rest[0], *rest[1:], *leading]
+    if rest and rest[0] in ("-h", "--help", "--version") and not leading:
+        return rest
+    return [DEFAULT_COMMAND, *rest, *leading]
 
 
 def _one_line(exc: BaseException, limit: int = 400) -> str:
@@ -135,9 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         >>> main(["report", "--model", "no_such_module_xyz:make"])  # the error goes to stderr
         2
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
-        argv = [DEFAULT_COMMAND, *argv]
+    argv = normalize_argv(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

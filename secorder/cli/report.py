@@ -284,12 +284,14 @@ def _warm_up(method: str, device: torch.device, dtype: torch.dtype) -> None:
     estimates.trace_estimate(lambda p: (p ** 3).sum(), method=method, num_samples=num_samples, seed=0)(x)
 
 
-def _measure(loss: _Loss, params: Dict[str, Tensor], args: argparse.Namespace, clock: Clock) -> Dict[str, Any]:
-    """One phase of the report: loss, exact and stochastic curvature, with wall times."""
+def _measure(loss: _Loss, params: Dict[str, Tensor], args: argparse.Namespace, clock: Clock,
+             phase: str = "init") -> Dict[str, Any]:
+    """One phase of the report: loss, exact and stochastic curvature, with wall times (logged with ``-v``)."""
     times: Dict[str, float] = OrderedDict()
     t = clock.now()
     result: Dict[str, Any] = OrderedDict(loss=float(loss.f(params).detach()))
     times["loss"] = clock.now() - t
+    logger.info("%s: loss %s, one pass over the data set, %.3f s", phase, fmt(result["loss"]), times["loss"])
 
     exact_diag: Optional[Dict[str, Tensor]] = None
     info: Dict[str, Any] = OrderedDict(computed=False, engine=None, reason=None, structured_fallback_reason=None)
@@ -309,6 +311,7 @@ def _measure(loss: _Loss, params: Dict[str, Tensor], args: argparse.Namespace, c
         if exact_diag is not None:
             times["exact"] = clock.now() - t
             info["computed"] = True
+    _log_exact(phase, info, tree.size(params), times.get("exact"))
     result["exact"] = info
     per_param = {n: float(d.sum()) for n, d in exact_diag.items()} if exact_diag is not None else None
     result["exact_trace"] = float(sum(per_param.values())) if per_param is not None else None
@@ -318,6 +321,9 @@ def _measure(loss: _Loss, params: Dict[str, Tensor], args: argparse.Namespace, c
                                    chunk_size=args.chunk_size)(params)
     lo, hi = est.interval(0.95)
     times["stochastic"] = clock.now() - t
+    logger.info("%s: stochastic trace by %s: %d probes, %d Hessian-vector products (chunk size %s), each a pass "
+                "over the data set, %.3f s", phase, args.method, args.num_samples, int(est.num_matvecs),
+                args.chunk_size or "auto", times["stochastic"])
     result["stochastic_trace"] = OrderedDict([
         ("method", args.method), ("estimate", float(est.value)), ("stderr", float(est.stderr)),
         ("ci95", [float(lo), float(hi)]), ("num_samples", args.num_samples), ("matvecs", int(est.num_matvecs)),
@@ -335,6 +341,8 @@ def _measure(loss: _Loss, params: Dict[str, Tensor], args: argparse.Namespace, c
         diag = diag._replace(value=gathered(diag.value))
         times["diagonal"] = clock.now() - t
         matvecs = int(diag.num_matvecs)
+        logger.info("%s: diagonal by a Hutchinson estimate (no exact diagonal): %d Hessian-vector products, %.3f s",
+                    phase, matvecs, times["diagonal"])
         diagonal = _diag_summary(tree.ravel(diag.value)[0], f"hutchinson, {matvecs} matvecs", matvecs)
     result["per_param_trace"] = per_param
     result["per_layer_trace"] = _per_layer(per_param, loss.labels)
@@ -342,6 +350,18 @@ def _measure(loss: _Loss, params: Dict[str, Tensor], args: argparse.Namespace, c
     result["diagonal"] = diagonal
     result["seconds"] = times
     return result
+
+
+def _log_exact(phase: str, info: Dict[str, Any], n: int, seconds: Optional[float]) -> None:
+    """Which exact path ran and why, for ``-v``."""
+    if info["engine"] == "structured":
+        logger.info("%s: exact trace and diagonal by the fast (structured) engine, curvature backpropagation in a "
+                    "few backward passes, %.3f s", phase, seconds)
+    elif info["engine"] == "generic":
+        logger.info("%s: exact trace and diagonal by one-hot Hessian-vector products, one per parameter (%d), "
+                    "because %s; %.3f s", phase, n, plain_fallback(info["structured_fallback_reason"]), seconds)
+    else:
+        logger.info("%s: exact curvature skipped: %s", phase, info["reason"])
 
 
 def _train(model: nn.Module, loss_fn: Callable, batches: Sequence[Batch], args: argparse.Namespace,
@@ -415,9 +435,13 @@ def _report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, 
     batches = rebatch(problem.batches, args.batch_size)
     broadcast_parameters(problem.model, where)
     setup_s = clock.now() - t
+    logger.info("problem %s: %d parameters; %d batch(es) read (--max-batches %d), passed as %d batch(es) of at most "
+                "%d (--batch-size); %.3f s", problem.name, tree.size(modules.params_dict(problem.model)),
+                len(problem.batches), args.max_batches, len(batches), args.batch_size, setup_s)
     t = clock.now()
     _warm_up(args.method, device, dtype)
     warmup_s = clock.now() - t
+    logger.info("torch.func one-time set-up paid on a toy function: %.3f s (not in the times below)", warmup_s)
 
     model = problem.model
     measured = wrap_model(model, args.shard, where)
@@ -429,10 +453,12 @@ def _report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, 
         t = clock.now()
         last = _train(model, problem.loss_fn, problem.batches, args, where)
         train_s = clock.now() - t
+        logger.info("training: %d Adam steps (--lr %g) cycling over %d batch(es), %.3f s", args.steps, args.lr,
+                    len(problem.batches), train_s)
         if args.shard != "none":  # a fresh wrapped copy of the trained model
             measured = wrap_model(model, args.shard, where)
             loss = _Loss(measured, problem.loss_fn, batches, args.engine, where, progress)
-        trained = _measure(loss, modules.params_dict(measured), args, clock)
+        trained = _measure(loss, modules.params_dict(measured), args, clock, f"after {args.steps} steps")
         trained["seconds"] = OrderedDict([("training", train_s), *trained["seconds"].items()])
         phases.append(OrderedDict(phase=f"after {args.steps} steps", **trained))
     return OrderedDict([
