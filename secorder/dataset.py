@@ -76,7 +76,6 @@ Example:
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple
@@ -85,6 +84,7 @@ import torch
 from torch import Tensor
 
 from . import distributed, shards, tree
+from . import progress as _progress
 from .modules import FunctionalLoss
 from .sample_keys import SampleKeys
 from .term_counts import Terms, term_counter
@@ -605,37 +605,39 @@ class DatasetLoss:
         self._expected = num
         self._seen = num
 
-    def _progress_bar(self, what: str):
-        enabled = self.progress if self.progress is not None else sys.stderr.isatty()
-        if not enabled or (self.group is not None and self.group.rank != 0):
-            return None
-        from tqdm.auto import tqdm
-
-        try:
-            total = len(self.data)
-        except TypeError:
-            total = None
-        return tqdm(total=total, desc=f"secorder: {what}", unit="batch", leave=False, file=sys.stderr)
+    def progress_setting(self) -> Optional[bool]:
+        """The ``progress`` setting on this process: ``False`` on a rank other than 0 (only rank 0 shows it)."""
+        if self.group is not None and self.group.rank != 0:
+            return False
+        return self.progress
 
     def _batches(self, device: torch.device, what: str):
-        """The checked batches of one pass, moved to ``device``, with their weights."""
-        bar = self._progress_bar(what)
-        try:
-            for i, batch in enumerate(self.data):
-                inputs, targets, samples = self._check_batch(i, batch)
-                inputs = tree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, inputs)
-                targets = tree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, targets)
-                if self._count_terms is not None and isinstance(targets, Tensor):
-                    count, scale = self._count_terms(targets)
-                else:
-                    count, scale = _unknown_terms(i, targets, samples, self.batch_reduction)
-                yield Batch(self._offset + i, inputs, targets, count, scale)
-                if bar is not None:
-                    bar.update()
-        finally:
+        """The checked batches of one pass, moved to ``device``, with their weights.
+
+        The pass advances the call's progress (:mod:`secorder.progress`): the bar of the
+        transform call it is part of, or a bar of its own when it runs alone.
+        """
+        with _progress.call(f"secorder: {what}", self.progress_setting(), unit="batch") as bar:
+            yield from self._batches_of_pass(device, bar)
+
+    def _batches_of_pass(self, device: torch.device, bar: Any):
+        if bar is not None:
+            try:
+                total: Optional[int] = len(self.data)
+            except TypeError:
+                total = None
+            bar.start_pass(total)
+        for i, batch in enumerate(self.data):
+            inputs, targets, samples = self._check_batch(i, batch)
+            inputs = tree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, inputs)
+            targets = tree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, targets)
+            if self._count_terms is not None and isinstance(targets, Tensor):
+                count, scale = self._count_terms(targets)
+            else:
+                count, scale = _unknown_terms(i, targets, samples, self.batch_reduction)
+            yield Batch(self._offset + i, inputs, targets, count, scale)
             if bar is not None:
-                bar.refresh()  # the last count is drawn even when the pass was faster than tqdm's mininterval
-                bar.close()
+                bar.batch_done()
 
     def _check_batch(self, i: int, batch: Any) -> Tuple[Any, Any, int]:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:

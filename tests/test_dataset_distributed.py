@@ -130,7 +130,7 @@ def _checks(rank):
         results[layout]["global_rng"] = so.trace_estimate(F, method="hutchinson", num_samples=4)(p).value
     shard = batches[:4] if rank == 0 else batches[4:]
     results["sum"] = so.diagonal(so.dataset_loss(f, shard, reduction="sum", process_group=group), curvature="ggn")(p)
-    results["progress"] = so.dataset_loss(f, shard, progress=True, process_group=group)._progress_bar("x") is not None
+    results["progress"] = so.dataset_loss(f, shard, progress=True, process_group=group).progress_setting() is True
 
     # one rank's batch declined by the structured engine: every rank falls back to the generic path
     rmodel, rf, rbatches = _declined()

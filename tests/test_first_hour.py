@@ -3,7 +3,10 @@
 The CLI tests drive ``secorder.cli.main`` in-process (see ``tests/test_cli.py``).
 """
 
+import contextlib
+import io
 import json
+import re
 import subprocess
 import sys
 import pathlib
@@ -219,3 +222,75 @@ def test_verbose_on_the_fast_engine_and_quiet_without_it():
 def test_output_options_before_the_command_for_every_command():
     r = as_json(cli("--json", "spectrum", "--model", TINY, "--steps", "0", "--num-probes", "2", "-k", "1"))
     assert r["phases"][0]["phase"] == "init"
+
+
+# ---------------------------------------------------------------------------
+# item 8: one progress bar per call, plain lines off a terminal
+
+
+def _dataset_problem(progress):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    f = so.functional_loss(model, nn.functional.cross_entropy)
+    x, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 20, 4)]  # 5 batches
+    return so.dataset_loss(f, batches, progress=progress), so.params_dict(model)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def _count_bars(monkeypatch):
+    import tqdm.auto
+
+    made = []
+    real = tqdm.auto.tqdm
+
+    def recording(*args, **kwargs):
+        bar = real(*args, **kwargs)
+        made.append(kwargs.get("desc"))
+        return bar
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", recording)
+    return made
+
+
+@pytest.mark.parametrize("transform", ["eigenvalues", "spectral_density", "trace_estimate", "ggn_diag"])
+def test_one_bar_per_call_on_a_terminal(monkeypatch, transform):
+    F, p = _dataset_problem(True)
+    made = _count_bars(monkeypatch)
+    err = _Terminal()
+    options = {"eigenvalues": dict(k=1, num_iterations=6, seed=0), "spectral_density": dict(num_probes=2,
+               num_iterations=4, seed=0, chunk_size=1), "trace_estimate": dict(num_samples=4, chunk_size=1, seed=0),
+               "ggn_diag": dict(engine="generic", chunk_size=5)}[transform]
+    with contextlib.redirect_stderr(err):
+        getattr(so, transform)(F, **options)(p)
+    assert len(made) == 1, made  # before: one bar per pass (per Lanczos step, per probe chunk)
+    assert made[0] == f"secorder: {transform.replace('_', ' ')}" or made[0].startswith("secorder: ")
+    text = err.getvalue()
+    steps = [int(m) for m in re.findall(r"step (\d+), batch \d+/5", text)]
+    assert steps and max(steps) >= 3, text  # the step and batch counts are on the bar
+
+
+def test_plain_lines_off_a_terminal(monkeypatch):
+    import secorder.progress as progress
+
+    monkeypatch.setattr(progress, "LINE_INTERVAL", 0.0)  # a line per batch, to see them all
+    F, p = _dataset_problem(True)
+    err = io.StringIO()  # a log file: not a terminal
+    with contextlib.redirect_stderr(err):
+        so.eigenvalues(F, k=1, num_iterations=4, seed=0)(p)
+    text = err.getvalue()
+    lines = text.splitlines()
+    assert "\r" not in text and "\x1b" not in text and lines
+    assert all(line.startswith("secorder: eigenvalues: ") for line in lines), lines
+    assert re.fullmatch(r"secorder: eigenvalues: done, (\d+) step\(s\), (\d+) batch\(es\)", lines[-1])
+    steps, batches = map(int, re.findall(r"\d+", lines[-1]))
+    assert batches == 5 * steps and steps >= 4
+    assert len(lines) == batches + 1  # one call: one stream
+    quiet = io.StringIO()
+    with contextlib.redirect_stderr(quiet):
+        so.eigenvalues(_dataset_problem(None)[0], k=1, num_iterations=4, seed=0)(p)  # default: terminal only
+    assert quiet.getvalue() == ""

@@ -11,11 +11,12 @@ Example:
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+
+from .. import progress as _progress
 
 __all__ = ["fmt", "format_table", "jsonable", "Progress", "Clock"]
 
@@ -83,7 +84,11 @@ def jsonable(result: Any) -> Tuple[Any, List[str]]:
 
 
 class Progress:
-    """A tqdm bar on standard error when ``enabled`` (a terminal), else nothing; ``update(n)`` advances it.
+    """A bar on standard error when ``enabled`` (a terminal), else nothing; ``update(n)`` advances it.
+
+    It is the call progress of :mod:`secorder.progress` for its thread while open:
+    the passes over the data set made inside it (a data-set loss's products) show
+    their step and batch on this bar instead of opening bars of their own.
 
     Example:
         >>> with Progress(10, "work", enabled=False) as bar:
@@ -91,11 +96,8 @@ class Progress:
     """
 
     def __init__(self, total: int, desc: str, enabled: bool, unit: str = "it"):
-        self._bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr)
+        self._context = _progress.call(desc, bool(enabled), total=total, unit=unit)
+        self._bar = self._context.__enter__()
 
     def update(self, n: int = 1) -> None:
         if self._bar is not None:
@@ -105,8 +107,7 @@ class Progress:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        self._context.__exit__(None, None, None)
 
     @classmethod
     def over(cls, iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:

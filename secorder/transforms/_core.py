@@ -39,6 +39,7 @@ from ..problem import Problem, split_message
 from ..results import STOP_NUM_SAMPLES, DiagonalEstimate, TraceEstimate
 from . import engine as _engine
 from . import hints as _hints
+from .. import progress as _progress
 
 __all__ = ["Request", "make_request", "quantity_transform", "evaluate", "check_common", "check_split",
            "eager_under_compile", "call_generator"]
@@ -125,7 +126,8 @@ def make_request(
 def quantity_transform(request: Request, f: Callable[..., Any], what: str, *, full: bool) -> Callable[..., Any]:
     """The transformed function: ``fn(*args, **kwargs)`` evaluates ``request`` for one call of ``f``."""
 
-    hinted = _hints.per_example_hints(evaluate)  # the batch dimension, vmap's randomness
+    # one progress bar per call of a data-set loss; hints for the batch dimension and vmap's randomness
+    hinted = _hints.per_example_hints(_progress.per_call(f, what)(evaluate))
     run = eager_under_compile(hinted) if request.curvature.needs_split else hinted
 
     @functools.wraps(f)

@@ -26,6 +26,7 @@ from ..operators import sharded as _sharded
 from ..problem import Problem
 from . import _core
 from .hints import per_example_hints
+from ..progress import per_call
 
 __all__ = ["hvp", "ggn_vp", "fisher_vp", "empirical_fisher_vp"]
 
@@ -95,6 +96,7 @@ def hvp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = 
 
     @functools.wraps(f)
     @per_example_hints
+    @per_call(f, "hvp")
     def hvp_fn(*args_and_v: Any, **kwargs: Any) -> Any:
         args, v = _split_call(args_and_v, "hvp")
         problem = Problem(f, argnums, has_aux, args, kwargs)
@@ -171,6 +173,7 @@ def _curvature_vp(curvature: str, name: str, f: Callable[..., Any], argnums: Any
 
     @functools.wraps(f)
     @per_example_hints
+    @per_call(f, name)
     def vp_fn(*args_and_v: Any, **kwargs: Any) -> Any:
         return run(args_and_v, kwargs)
 

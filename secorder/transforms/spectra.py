@@ -45,6 +45,7 @@ from ..operators.dataset import call_generator
 from ..problem import Problem
 from ._core import check_common
 from .hints import per_example_hints
+from ..progress import per_call
 
 __all__ = ["eigenvalues", "spectral_density"]
 
@@ -168,6 +169,7 @@ def eigenvalues(
 
     @functools.wraps(f)
     @per_example_hints
+    @per_call(f, "eigenvalues")
     def eigenvalues_fn(*args: Any, **kwargs: Any) -> Any:
         problem = Problem(f, argnums, has_aux, args, kwargs)
         layout = _sharded.layout_of(f, problem.primals)
@@ -288,6 +290,7 @@ def spectral_density(
 
     @functools.wraps(f)
     @per_example_hints
+    @per_call(f, "spectral density")
     def spectral_density_fn(*args: Any, **kwargs: Any) -> Any:
         problem = Problem(f, argnums, has_aux, args, kwargs)
         layout = _sharded.layout_of(f, problem.primals)
