@@ -780,7 +780,8 @@ def dataset_loss(
             the data set (module docstring: what a batch's weight is).
         num_data: with ``"mean"``, the denominator (the total number of terms
             over all ranks) instead of the count of the terms seen.
-        progress: a tqdm bar over the batches of every pass, on rank 0 only:
+        progress: one bar per transform call over its passes, on rank 0 only
+            (:mod:`secorder.progress`; plain lines off a terminal with ``True``):
             ``None`` (default) when standard error is a terminal.
         check_deterministic: on first use, make two passes and raise if the loss
             or gradient differ (random augmentation, training-mode layers, batches
