@@ -76,8 +76,40 @@ def test_ggn_curvature_is_positive_semidefinite():
         assert phase["density"]["negative_mass"] < 1e-6
 
 
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "empirical_fisher"])
+def test_every_curvature_over_many_batches_is_the_data_sets(curvature):
+    """Issue 28, item 1: spectrum is built on dataset_loss: any curvature, any number of batches, --batch-size."""
+    run = cli("spectrum", "--model", "tests.test_cli_spectrum:tiny_three_batches", "--json", "--curvature", curvature,
+              "--dtype", "float64", "--tol", "1e-10", "--batch-size", "2", "--steps", "0", "--num-probes", "2",
+              "--num-iterations", "12", "-k", "3")
+    assert run.rc == 0, run.err
+    result = json.loads(run.out)
+    assert result["num_batches"] == 9 and result["batch_size"] == 2  # 3 batches of 5, split into 2 + 2 + 1
+    torch.manual_seed(0)
+    model, loss_fn, batches = tiny_three_batches()
+    model = model.double()
+    x = torch.cat([b[0] for b in batches]).double()
+    y = torch.cat([b[1] for b in batches])
+    f = so.functional_loss(model, loss_fn)
+    params = so.params_dict(model)
+    dense = so.linear_operator(f, curvature=curvature)(params, x, y).to_dense()  # one batch of all 15 examples
+    ref = torch.linalg.eigvalsh(dense)
+    top = torch.tensor(result["phases"][0]["top_eigenvalues"], dtype=torch.float64)
+    torch.testing.assert_close(top, ref.flip(0)[:3], rtol=1e-7, atol=1e-10)
+    assert math.isclose(result["phases"][0]["smallest_eigenvalue"], float(ref[0]), rel_tol=1e-6, abs_tol=1e-9)
+    text = cli("spectrum", "--model", "tests.test_cli_spectrum:tiny_three_batches", "--curvature", curvature,
+               "--batch-size", "2", "--steps", "0", "--num-probes", "2", "--num-iterations", "4", "-k", "1").out
+    assert f"{curvature} of 26 parameters, 9 batch(es) of at most 2, device cpu" in text
+
+
+def test_fisher_over_many_batches_runs():
+    run = cli("spectrum", "--model", "tests.test_cli_spectrum:tiny_three_batches", "--json", "--curvature", "fisher",
+              "--steps", "0", "--num-probes", "2", "--num-iterations", "6", "-k", "2")
+    assert run.rc == 0, run.err
+    assert json.loads(run.out)["phases"][0]["smallest_eigenvalue"] > -1e-5  # a PSD matrix
+
+
 ERRORS = [
-    (["--curvature", "ggn", "--model", "tests.test_cli_spectrum:tiny_three_batches"], "--curvature ggn needs one batch"),
     (["--out", "plot.txt"], "--out plot.txt: expected a .png file name"),
     (["--out", "/no/such/folder/plot.png"], "the folder /no/such/folder does not exist"),
 ]

@@ -23,7 +23,11 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["positive_int", "nonneg_int", "positive_float", "seed", "DTYPES", "add_problem_options", "resolve_device"]
+__all__ = ["positive_int", "nonneg_int", "positive_float", "seed", "DTYPES", "add_problem_options", "resolve_device",
+           "add_batch_size_option", "DEFAULT_BATCH_SIZE"]
+
+#: ``--batch-size``'s default: most examples per batch of the passes over the data set.
+DEFAULT_BATCH_SIZE = 256
 
 DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 _MAX_SEED = 2**63 - 1
@@ -85,6 +89,13 @@ def add_problem_options(parser: argparse.ArgumentParser) -> None:
                         help="floating-point dtype (default float32)")
     parser.add_argument("--seed", type=seed, default=0,
                         help="seed for the model's initialisation, training and probes (default 0)")
+
+
+def add_batch_size_option(parser: argparse.ArgumentParser) -> None:
+    """``--batch-size``, the same for every command that reads the problem as a data set."""
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                        help="most examples per batch of the passes over the data set; larger batches read from the "
+                             f"problem are split (default {DEFAULT_BATCH_SIZE})")
 
 
 def resolve_device(text: str) -> torch.device:

@@ -53,7 +53,9 @@ from ..structured.errors import Unsupported
 from .dataset import Launch, add_shard_option, broadcast_parameters, gathered, launch, layer_type, rebatch, shard
 from .dataset import wrap_model
 from .errors import UsageError
-from .options import DTYPES, add_problem_options, nonneg_int, positive_float, positive_int, resolve_device
+from . import options
+from .options import (DTYPES, add_batch_size_option, add_problem_options, nonneg_int, positive_float, positive_int,
+                      resolve_device)
 from .output import Clock, Progress, fmt, format_table
 from .problem import Batch, load_problem
 
@@ -65,7 +67,7 @@ HELP = "Hessian trace, per-layer traces and diagonal at initialisation and after
 DESCRIPTION = ("Report the curvature of a model's loss at initialisation and after a short training run. "
                "Without --model: a 64-32-10 MLP on scikit-learn's handwritten digits (offline).")
 DEFAULT_EXACT_LIMIT = 20_000
-DEFAULT_BATCH_SIZE = 256
+DEFAULT_BATCH_SIZE = options.DEFAULT_BATCH_SIZE
 #: ``--method``'s choices: the estimator registry's stochastic trace methods, except those
 #: meant for positive semi-definite operators only (a network's Hessian is indefinite).
 METHODS = tuple(e.name for e in registry.estimators("trace") if e.stochastic and not e.psd_only)
@@ -149,9 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="random probes for the stochastic estimate (default 100)")
     parser.add_argument("--method", choices=METHODS, default="hutchinson",
                         help="stochastic trace estimator (default hutchinson); see the docs' 'Choosing an estimator'")
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                        help="most examples per batch of the passes over the data set; larger batches read from the "
-                             f"problem are split (default {DEFAULT_BATCH_SIZE})")
+    add_batch_size_option(parser)
     parser.add_argument("--chunk-size", type=positive_int, default=None,
                         help="probes per batched Hessian-vector product (default: chosen by secorder)")
     parser.add_argument("--exact", choices=("auto", "always", "never"), default="auto",

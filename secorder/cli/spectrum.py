@@ -15,19 +15,22 @@ path/to/file.py:factory`` points it at your own code (see
   nodes, its trace estimate and the share of its mass on negative eigenvalues;
 
 and with ``--out FILE.png`` draws both densities in one figure (needs matplotlib,
-the ``plot`` extra). The loss is the mean over the batches read (at most
-``--max-batches``); the Gauss-Newton and Fisher curvatures need one batch.
+the ``plot`` extra). The data are handled as by ``report``: the loss is the mean
+over the batches read (at most ``--max-batches``), as a data set
+(:func:`secorder.dataset_loss`) of batches of at most ``--batch-size`` examples,
+and every curvature (``hessian``, ``ggn``, ``fisher``, ``empirical_fisher``) is
+that of the whole data set: each product is one pass over the batches.
 
-``--shard ddp|fsdp`` (under ``torchrun``) measures the model wrapped in DDP or
-sharded with FSDP2 (:func:`secorder.cli.dataset.wrap_model`): the batches are
-split over the ranks as a data-set loss with the process group
-(:func:`secorder.dataset_loss`, the mean over every example, for every curvature),
-the Lanczos bases are held in shards like the parameters, and rank 0 prints.
+Under ``torchrun`` the batches are sharded over the ranks (a data-set loss with
+the process group), and rank 0 prints; ``--shard ddp|fsdp`` measures the model
+wrapped in DDP or sharded with FSDP2 (:func:`secorder.cli.dataset.wrap_model`),
+the Lanczos bases then held in shards like the parameters.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 from collections import OrderedDict
@@ -39,13 +42,16 @@ from torch import Tensor, nn
 from .. import modules, operators, tree
 from ..dataset import dataset_loss
 from ..transforms.spectra import eigenvalues, spectral_density
-from .dataset import Launch, add_shard_option, broadcast_parameters, launch, shard, wrap_model
+from .dataset import Launch, add_shard_option, broadcast_parameters, launch, rebatch, shard, wrap_model
 from .errors import UsageError
-from .options import DTYPES, add_problem_options, nonneg_int, positive_float, positive_int, resolve_device
+from .options import (DTYPES, add_batch_size_option, add_problem_options, nonneg_int, positive_float, positive_int,
+                      resolve_device)
 from .output import Clock, Progress, fmt, format_table
 from .problem import Batch, load_problem
 
 __all__ = ["NAME", "HELP", "DESCRIPTION", "JSON_LAYOUT", "add_arguments", "run", "format_text"]
+
+logger = logging.getLogger(__name__)
 
 NAME = "spectrum"
 HELP = "top eigenvalues and eigenvalue density of the Hessian (or GGN, Fisher) at initialisation and after training"
@@ -57,8 +63,10 @@ DESCRIPTION = ("Top eigenvalues and the eigenvalue density of a model's curvatur
 JSON_LAYOUT: Dict[str, Any] = OrderedDict([
     ("model", "the ``--model`` target, or a description of the default problem"),
     ("num_params", "number of trainable parameter entries (the matrix is this size squared)"),
-    ("num_batches", "batches read (at most ``--max-batches``)"),
-    ("processes", "processes the batches are split over (``--shard ddp|fsdp`` under ``torchrun``; else 1)"),
+    ("num_batches", "batches of the data set, over all processes (the batches read, at most ``--max-batches``, "
+                    "split into batches of at most ``--batch-size`` examples)"),
+    ("batch_size", "``--batch-size``"),
+    ("processes", "processes the data set is sharded over (``torchrun --nproc-per-node``; 1 without torchrun)"),
     ("shard", "``--shard``: how the measured model is distributed (``none``, ``ddp`` or ``fsdp``)"),
     ("device", "the device, such as ``cpu`` or ``cuda:0``"),
     ("dtype", "``float32`` or ``float64``"),
@@ -101,6 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``secorder spectrum``."""
     add_problem_options(parser)
     add_shard_option(parser)
+    add_batch_size_option(parser)
     parser.add_argument("--steps", type=nonneg_int, default=200,
                         help="training steps between the two phases (default 200)")
     parser.add_argument("--lr", type=positive_float, default=1e-2, help="Adam learning rate for training (default 0.01)")
@@ -119,35 +128,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _Loss:
-    """``f(params)``: the mean loss over the batches, or ``f(params, x, y)`` for the split curvatures."""
+    """``F(params)``: the mean loss over the data set, as :func:`secorder.dataset_loss` (this rank's shard).
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, batches: List[Batch], curvature: str):
-        self.loss = modules.functional_loss(model, loss_fn)
-        self.batches = batches
-        self.split = curvature != "hessian"
-        if self.split and len(batches) != 1:
-            raise UsageError(f"--curvature {curvature} needs one batch (the model/loss split of a single call); "
-                             f"the data gave {len(batches)} batches: pass --max-batches 1")
+    Every curvature works over any number of batches: each product is one pass over
+    them (and an all-reduce over the ranks under ``torchrun``), as in ``report``.
+    """
 
-    def mean(self, params: Dict[str, Tensor]) -> Tensor:
-        total = self.loss(params, *self.batches[0])
-        for b in self.batches[1:]:
-            total = total + self.loss(params, *b)
-        return total / len(self.batches)
-
-    @property
-    def f(self) -> Callable[..., Tensor]:
-        return self.loss if self.split else self.mean
-
-    def args(self, params: Dict[str, Tensor]) -> tuple:
-        return (params, *self.batches[0]) if self.split else (params,)
-
-
-class _ShardedLoss:
-    """``F(params)``: the data-set loss over this rank's batches with the process group (``--shard ddp|fsdp``)."""
-
-    def __init__(self, model: nn.Module, loss_fn: Callable, batches: List[Batch], where: Launch):
-        self.F = dataset_loss(modules.functional_loss(model, loss_fn), shard(batches, where),
+    def __init__(self, model: nn.Module, loss_fn: Callable, batches: List[Batch], where: Launch, progress: bool):
+        self.F = dataset_loss(modules.functional_loss(model, loss_fn), shard(batches, where), progress=progress,
                               process_group=where.group)
 
     def mean(self, params: Dict[str, Tensor]) -> Tensor:
@@ -194,11 +182,15 @@ def _measure(loss: _Loss, params: Dict[str, Tensor], args: argparse.Namespace, c
                              seed=args.seed)(*loss.args(params))
         bar.update()
         times["eigenvalues"] = clock.now() - t
+        logger.info("%s: the %d largest and the smallest eigenvalue of the %s by Lanczos (tol %g), each product a "
+                    "pass over the data set, %.3f s", label, k, args.curvature, args.tol, times["eigenvalues"])
         t = clock.now()
         density = spectral_density(loss.f, curvature=args.curvature, num_probes=args.num_probes,
                                    num_iterations=m, seed=args.seed)(*loss.args(params))
         bar.update()
         times["density"] = clock.now() - t
+        logger.info("%s: spectral density by stochastic Lanczos quadrature, %d probes x %d steps, %d products, %.3f s",
+                    label, args.num_probes, m, int(density.num_matvecs), times["density"])
     result["top_eigenvalues"] = [float(v) for v in top]
     result["smallest_eigenvalue"] = float(bottom[0])
     nodes, weights = density.nodes.detach().double().cpu(), density.weights.detach().double().cpu()
@@ -266,13 +258,11 @@ def _warnings(phases: List[Dict[str, Any]], args: argparse.Namespace) -> List[st
 def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     """Load the problem, measure, train, measure again; the result as a JSON-ready dict (see :data:`JSON_LAYOUT`).
 
-    With ``--shard ddp|fsdp`` every rank of ``torchrun`` runs it on its shard of the
-    batches and only rank 0 returns the result (the others return ``None``).
+    Under ``torchrun`` every rank runs it on its shard of the batches and only rank 0
+    returns the result (the others return ``None``), as ``report`` does.
     """
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     _check_plot(args.out)
-    if args.shard == "none":
-        return _run(args, device, dtype, None)
     where = launch(device, args.shard)
     try:
         result = _run(args, where.device, dtype, where)
@@ -281,13 +271,17 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     return result if where.printer else None
 
 
-def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, where: Optional[Launch]) -> Dict[str, Any]:
-    if where is not None and not where.printer:
+def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, where: Launch) -> Dict[str, Any]:
+    if not where.printer:
         args = argparse.Namespace(**{**vars(args), "progress": False, "out": None})
     clock = Clock(device)
     t = clock.now()
     problem = load_problem(args.model, max_batches=args.max_batches, device=device, dtype=dtype, seed=args.seed)
+    batches = rebatch(problem.batches, args.batch_size)
     setup_s = clock.now() - t
+    logger.info("problem %s: %d parameters; %d batch(es) read (--max-batches %d), passed as %d batch(es) of at most "
+                "%d (--batch-size); %.3f s", problem.name, tree.size(modules.params_dict(problem.model)),
+                len(problem.batches), args.max_batches, len(batches), args.batch_size, setup_s)
     t = clock.now()
     _warm_up(device, dtype)
     warmup_s = clock.now() - t
@@ -295,11 +289,9 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, whe
     model = problem.model
 
     def measured_loss():
-        if where is None:
-            return model, _Loss(model, problem.loss_fn, problem.batches, args.curvature)
         broadcast_parameters(model, where)
-        wrapped = wrap_model(model, args.shard, where)
-        return wrapped, _ShardedLoss(wrapped, problem.loss_fn, problem.batches, where)
+        measured = wrap_model(model, args.shard, where)
+        return measured, _Loss(measured, problem.loss_fn, batches, where, args.progress)
 
     measured, loss = measured_loss()
     n = tree.size(modules.params_dict(model))
@@ -316,7 +308,9 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, whe
         t = clock.now()
         last = _train(model, problem.loss_fn, problem.batches, args)
         train_s = clock.now() - t
-        if where is not None:  # a fresh wrapped copy of the trained model
+        logger.info("training: %d Adam steps (--lr %g) cycling over %d batch(es), %.3f s", args.steps, args.lr,
+                    len(problem.batches), train_s)
+        if args.shard != "none":  # a fresh wrapped copy of the trained model
             measured, loss = measured_loss()
         trained = _measure(loss, modules.params_dict(measured), args, clock, "trained", n)
         trained["seconds"] = OrderedDict([("training", train_s), *trained["seconds"].items()])
@@ -328,8 +322,9 @@ def _run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, whe
     return OrderedDict([
         ("model", problem.name),
         ("num_params", n),
-        ("num_batches", len(problem.batches)),
-        ("processes", 1 if where is None else where.size),
+        ("num_batches", len(batches)),
+        ("batch_size", args.batch_size),
+        ("processes", where.size),
         ("shard", args.shard),
         ("device", str(device)),
         ("dtype", args.dtype),
@@ -354,8 +349,9 @@ def format_text(result: Dict[str, Any]) -> str:
     phases = result["phases"]
     lines = [
         f"secorder spectrum: {result['model']}",
-        f"  {result['curvature']} of {result['num_params']} parameters, {result['num_batches']} batch(es), "
-        f"device {result['device']}, {result['dtype']}, seed {result['seed']}",
+        f"  {result['curvature']} of {result['num_params']} parameters, {result['num_batches']} batch(es) of at most "
+        f"{result['batch_size']}" + (f" on {result['processes']} processes" if result["processes"] > 1 else "")
+        + f", device {result['device']}, {result['dtype']}, seed {result['seed']}",
         *(f"  warning: {w}" for w in result["warnings"]),
         "",
     ]
