@@ -294,3 +294,52 @@ def test_plain_lines_off_a_terminal(monkeypatch):
     with contextlib.redirect_stderr(quiet):
         so.eigenvalues(_dataset_problem(None)[0], k=1, num_iterations=4, seed=0)(p)  # default: terminal only
     assert quiet.getvalue() == ""
+
+
+# ---------------------------------------------------------------------------
+# item 2: the CLI shows the library's warnings
+
+
+class SlowLoss(nn.Module):
+    """A loss that warns, as the library's slow exact path will (a UserWarning subclass)."""
+
+    def forward(self, out, y):
+        import warnings
+
+        warnings.warn("the exact path takes one product per parameter here (test warning)", UserWarning)
+        return nn.functional.cross_entropy(out, y)
+
+
+def warning_problem():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    return model, SlowLoss(), (torch.randn(10, 3), torch.randint(0, 2, (10,)))
+
+
+@pytest.mark.parametrize("command", ["report", "spectrum"])
+def test_cli_shows_library_warnings(command):
+    size = ["--num-samples", "2"] if command == "report" else ["--num-probes", "2", "--num-iterations", "4", "-k", "1"]
+    model = ["--model", "tests.test_first_hour:warning_problem", "--steps", "0", *size]
+    run = cli(command, *model)
+    assert run.rc == 0, run.err
+    header = run.out.split("\n\n", 1)[0]  # under the report's header, once
+    assert header.count("warning: the exact path takes one product per parameter here (test warning)") == 1, run.out
+    r = as_json(cli(command, "--json", *model))
+    assert r["warnings"] == ["the exact path takes one product per parameter here (test warning)"]
+
+
+class SlowLossNotScalar(SlowLoss):
+    def forward(self, out, y):
+        return super().forward(out, y) * torch.ones(2)  # warns, then returns a loss that is not a scalar
+
+
+def warning_then_error_problem():
+    model, _, data = warning_problem()
+    return model, SlowLossNotScalar(), data
+
+
+def test_cli_shows_warnings_of_a_failed_run():
+    run = cli("report", "--model", "tests.test_first_hour:warning_then_error_problem", "--steps", "0")
+    assert run.rc == 2 and run.out == ""
+    lines = run.err.strip().splitlines()
+    assert "secorder: warning: the exact path takes one product per parameter here (test warning)" in lines
+    assert any(line.startswith("secorder: error: --model") for line in lines)

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from types import ModuleType
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -179,7 +180,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         root.setLevel(handler.previous_level)  # type: ignore[attr-defined]
 
 
+def _library_warnings(caught: List[warnings.WarningMessage]) -> List[str]:
+    """The ``UserWarning`` s (``secorder.SlowPathWarning`` among them) of a run, once each, as sentences.
+
+    Other categories are shown as Python would have shown them.
+    """
+    out: List[str] = []
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            text = f"{w.category.__name__}: {w.message}" if w.category is not UserWarning else str(w.message)
+            if text not in out:
+                out.append(text)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    return out
+
+
 def _run(module: ModuleType, args: argparse.Namespace) -> int:
+    """Run the command; the library's warnings become lines of the result's ``warnings`` (and of stderr)."""
+    caught: List[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # the filters in force decide what is recorded
+            status = _run_command(module, args)
+    finally:
+        raised = _library_warnings(caught)  # after the block: other categories are shown the usual way
+        pending = getattr(args, "_result", None)
+    if raised and pending is None:  # no result to carry them (an error, or a rank that does not print)
+        for text in raised:
+            print(f"secorder: warning: {text}", file=sys.stderr)
+    if pending is not None:
+        _emit(module, args, pending, raised)
+    return status
+
+
+def _run_command(module: ModuleType, args: argparse.Namespace) -> int:
     try:
         result = module.run(args)
     except UsageError as exc:
@@ -198,14 +232,21 @@ def _run(module: ModuleType, args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     if result is None:  # a command run by several processes (torchrun): another one prints
         return EXIT_OK
+    args._result = result  # printed by _run, once the run's warnings are known
+    return EXIT_OK
+
+
+def _emit(module: ModuleType, args: argparse.Namespace, result: Dict[str, Any], raised: List[str]) -> None:
+    """Print ``result`` (text or JSON), with the warnings the library raised during the run among its ``warnings``."""
+    if raised:
+        result.setdefault("warnings", []).extend(raised)
     if args.json:
         clean, nonfinite = jsonable(result)
-        warnings: List[str] = clean.setdefault("warnings", [])
+        notes: List[str] = clean.setdefault("warnings", [])
         if nonfinite:
-            warnings.append(f"not finite, written as null: {', '.join(nonfinite)}")
-        for warning in warnings:  # stdout is for programs; a person reading the terminal sees these
-            print(f"secorder: warning: {warning}", file=sys.stderr)
+            notes.append(f"not finite, written as null: {', '.join(nonfinite)}")
+        for note in notes:  # stdout is for programs; a person reading the terminal sees these
+            print(f"secorder: warning: {note}", file=sys.stderr)
         _print(json.dumps(clean, indent=2, allow_nan=False))
     else:
         _print(module.format_text(result))
-    return EXIT_OK
