@@ -1,16 +1,18 @@
-"""README.md sections on the site: each mapped section is converted to reStructuredText at build time.
+"""Markdown sections on the site: README.md's and docs/tables.md's, converted to reStructuredText at build time.
 
-The README is where benchmark tables are recorded (the benchmark scripts print
-Markdown tables, which go into the README with the command and the machine). So
-that the site never drifts from it, ``conf.py`` calls :func:`write_readme_parts`,
-which writes the body of every section named in :data:`SECTIONS` to
+``docs/tables.md`` is where benchmark tables are recorded (the benchmark scripts
+print Markdown tables, which go there with the command and the machine), with the
+long reference sections; the README keeps what a visitor needs and its feature
+table (:data:`SOURCES`). So that the site never drifts from them, ``conf.py`` calls
+:func:`write_readme_parts`, which writes the body of every section named in
+:data:`SECTIONS` to
 ``docs/_generated/readme/<part>.part.rst`` (its heading is left out: the page
 gives its own), and ``docs/_generated/readme/benchmarks.part.rst``, every part
 with a Benchmarks-page title, as a section of that title.
 
 How a new README section gets onto the site:
 
-1. Add one line to :data:`SECTIONS`: ``"<the README's ## heading>": ("<part>", "<title>")``.
+1. Add one line to :data:`SECTIONS`: ``"<the ## heading>": ("<part>", "<title>")``.
    With a title it appears on the Benchmarks page as a section of that title,
    with nothing else to do; with ``None`` only where a page includes it.
 2. To show it on the page that discusses it as well, include it there under a
@@ -23,8 +25,8 @@ How a new README section gets onto the site:
 
       .. include:: _generated/readme/<part>.part.rst
 
-3. ``tests/test_docs.py`` builds the site and fails if a README section with a
-   table is not in :data:`SECTIONS` or if any README table is not on a built page.
+3. ``tests/test_docs.py`` builds the site and fails if a section of either file with
+   a table is not in :data:`SECTIONS` or if any of their tables is not on a built page.
 
 Only the Markdown subset the README uses is converted: ``##``-``####``
 headings (``###`` becomes a ``~`` underline, ``####`` a ``^`` one), pipe tables,
@@ -45,8 +47,13 @@ _LINK = re.compile(r"\[([^\]]+)\]\(([^)]+)\)")
 _TABLE_ROW = re.compile(r"^\s*\|")
 _SEPARATOR = re.compile(r"\s*\|?[\s:|-]+\|?\s*")
 
-#: README ``## `` heading -> (part name, its section title on the Benchmarks page or ``None``).
+#: The Markdown files whose ``## `` sections go on the site, relative to the repository root.
+SOURCES = ("README.md", "docs/tables.md")
+
+#: ``## `` heading (of README.md or docs/tables.md) -> (part name, its section title on the Benchmarks page or
+#: ``None``).
 SECTIONS: Dict[str, Tuple[str, Optional[str]]] = {
+    "What it does": ("features", None),
     "Layout": ("layout", None),
     "Curvatures": ("curvatures", "Curvatures: GGN, Fisher and empirical Fisher"),
     "Benchmarks": ("exact-trace", "Exact Hessian trace, generic path"),
@@ -249,14 +256,26 @@ def _write(target: pathlib.Path, text: str) -> None:
         target.write_text(text, encoding="utf-8")
 
 
-def write_readme_parts(readme_path: pathlib.Path, out_dir: pathlib.Path) -> List[str]:
+def all_sections(root: pathlib.Path) -> Dict[str, str]:
+    """``{heading: section}`` of every file of :data:`SOURCES` under ``root`` (a heading may appear in one only)."""
+    sections: Dict[str, str] = {}
+    for name in SOURCES:
+        for heading, section in readme_sections((root / name).read_text(encoding="utf-8")).items():
+            if heading in sections:
+                raise ValueError(f"the section '## {heading}' is in more than one of {SOURCES}")
+            sections[heading] = section
+    return sections
+
+
+def write_readme_parts(root: pathlib.Path, out_dir: pathlib.Path) -> List[str]:
     """Write ``<part>.part.rst`` for every section of :data:`SECTIONS`, and ``benchmarks.part.rst``; returns the parts.
 
-    A heading in :data:`SECTIONS` that the README no longer has gives a part that
+    ``root`` is the repository (the files of :data:`SOURCES` are read there). A
+    heading in :data:`SECTIONS` that neither file has any more gives a part that
     says so (and the page shows it), rather than a broken build.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    sections = readme_sections(readme_path.read_text(encoding="utf-8"))
+    sections = all_sections(root)
     listing: List[str] = []
     written = []
     for heading, (part, title) in SECTIONS.items():
@@ -265,7 +284,7 @@ def write_readme_parts(readme_path: pathlib.Path, out_dir: pathlib.Path) -> List
             # placeholders that a benchmark script has not filled in yet
             body = re.sub(r"(?m)^[A-Z][A-Z_]+_TABLE$", "*(not measured yet: run the script above)*", body)
         else:
-            body = f"*(README.md has no section* ``## {heading}`` *any more: update docs/_readme.py)*\n"
+            body = f"*(no section* ``## {heading}`` *in {' or '.join(SOURCES)} any more: update docs/_readme.py)*\n"
         _write(out_dir / f"{part}.part.rst", body)
         written.append(part)
         if title is not None:  # a section of the Benchmarks page, at the page's "-" level

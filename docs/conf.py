@@ -33,15 +33,15 @@ napoleon_custom_sections = [("Fields", "params_style")]
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_default_options = {"members": True, "show-inheritance": False}
-exclude_patterns = ["_build", "_generated", "design.md", "*.part.rst"]
+exclude_patterns = ["_build", "_generated", "design.md", "tables.md", "*.part.rst"]
 templates_path: list = []
 html_theme = "alabaster"
 html_static_path: list = []
 html_theme_options = {"description": "Second-order autodiff for PyTorch", "fixed_sidebar": True}
 
 # Generated parts, included by the pages (never edited by hand, never committed):
-# README.md's sections with their tables (see _readme.py for how a section gets onto the
+# README.md's and docs/tables.md's sections with their tables (see _readme.py for how a section gets onto the
 # site), the JSON keys of every command and the extras of pyproject.toml (_from_code.py).
 _GENERATED = pathlib.Path(__file__).resolve().parent / "_generated"
-write_readme_parts(ROOT / "README.md", _GENERATED / "readme")
+write_readme_parts(ROOT, _GENERATED / "readme")
 write_code_parts(ROOT, _GENERATED)
