@@ -202,7 +202,7 @@ def error_bounds(theta: Tensor, residuals: Tensor) -> Tensor:
     Example:
         >>> import torch
         >>> error_bounds(torch.tensor([[1., 2.]]), torch.tensor([[0.1, 0.01]]))
-        tensor([[1.0101e-02, 1.0000e-04]])
+        tensor([[0.0101, 0.0001]])
     """
     j = theta.shape[-1]
     if j < 2:
