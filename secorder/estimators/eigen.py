@@ -10,8 +10,9 @@ orthogonal to working precision (:mod:`secorder.estimators.reorthogonalization`)
 Two modes:
 
 * ``num_iterations=m`` without ``tol``: exactly ``m`` Lanczos steps (``m`` matvecs), the Ritz
-  pairs of that Krylov space; no convergence test, so no host synchronisation,
-  and the whole computation composes with ``torch.func.vmap``.
+  pairs of that Krylov space; no convergence test, so with ``reorthogonalize="full"``
+  no host synchronisation, and the whole computation composes with ``torch.func.vmap``
+  (where ``"partial"``, which decides on the host once per step, runs as ``"full"``).
 * ``num_iterations=None`` or ``tol`` given (adaptive): steps until every wanted Ritz pair has
   a residual ``||H u - theta u|| <= tol * ||H||`` (``||H||`` estimated by the
   largest Ritz value in magnitude), checked after every step (one host
