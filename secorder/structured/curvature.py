@@ -53,7 +53,7 @@ from torch import Tensor
 if TYPE_CHECKING:  # pragma: no cover
     from .jacobians import Jacobian
 
-__all__ = ["Term", "Factor", "SoftmaxFactor", "Diagonal", "Shared", "Gathered", "Curvature"]
+__all__ = ["Term", "Factor", "SampledFactor", "SoftmaxFactor", "Diagonal", "Shared", "Gathered", "Curvature"]
 
 
 def _split_channels(t: Tensor, lead: int, positions: int) -> Tensor:
@@ -171,6 +171,18 @@ class Factor(Term):
 
     def pulled(self, jac: "Jacobian") -> Term:
         return jac.pull_factor(self)
+
+
+@dataclass
+class SampledFactor(Factor):
+    """A :class:`Factor` whose columns are independent zero-mean draws, one set per row.
+
+    The Monte-Carlo Fisher's sampled output gradients: ``E[g] = 0`` for labels drawn
+    from the model's predictive distribution. Only
+    :class:`~secorder.structured.tokens.FlattenBatch` reads the mark: rows that are
+    tokens of one sequence may then be summed into one column per sequence (see
+    :class:`~secorder.structured.tokens.Tokenwise`); everywhere else it is a factor.
+    """
 
 
 @dataclass
