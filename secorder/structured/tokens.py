@@ -103,8 +103,8 @@ class Tokenwise(Term):
     is an unbiased estimate of the same token-level Fisher; it becomes explicit only
     where a module mixes positions (attention) or a parameter reads the positions
     together (:meth:`quadratic`), and costs ``K`` column pull-backs per sequence there
-    instead of ``K x T``. Its variance is larger: see
-    :func:`secorder.structured.losses.sampled_curvature`.
+    instead of ``K x T``. The cross terms add at most ``2 E[entry]^2`` to the variance
+    of each diagonal entry (the docs' transformers page derives it).
     """
 
     inner: Term
