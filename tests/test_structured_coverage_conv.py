@@ -357,3 +357,45 @@ def test_rules_compose_with_vmap_and_grad():
     ref = torch.func.grad(lambda p: f(p, x, y) + 0.1 * reference_trace(f, (p, x, y)))(params)
     for k in params:
         torch.testing.assert_close(g[k], ref[k], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("conv", [
+    lambda: nn.ConvTranspose2d(3, 4, 3, stride=2),
+    lambda: nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2, padding=1),
+    lambda: nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1, output_padding=1, dilation=2),
+    lambda: nn.ConvTranspose3d(2, 2, (2, 1, 2), stride=(2, 1, 1), padding=(0, 0, 1)),
+])
+@pytest.mark.parametrize("curvature", ["ggn", "fisher", "empirical_fisher", "hessian"])
+def test_transposed_conv_weight_diagonal_from_the_columns_patches(conv, curvature, monkeypatch):
+    # The weight diagonal of a transposed convolution read off its output columns' own patches
+    # (ConvRule._transposed_weight_diagonal) against the generic path, behind a max pool
+    # (gathered columns) and an activation (a diagonal residual for the Hessian).
+    from secorder.structured.rules.conv import ConvRule
+
+    used = []
+    original = ConvRule._transposed_weight_diagonal
+
+    def spy(self, state, terms):
+        d = original(self, state, terms)
+        used.append(d is not None)
+        return d
+
+    monkeypatch.setattr(ConvRule, "_transposed_weight_diagonal", spy)
+    torch.manual_seed(3)
+    layer = conv()
+    dims = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}[type(layer)]
+    pool = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[dims](2, ceil_mode=True)
+    model = nn.Sequential(layer, nn.Tanh(), pool, nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn((4, layer.in_channels) + (3,) * dims)
+    model(x)
+    model = model.to(DT).eval()
+    x, y = x.to(DT), torch.randint(0, 3, (4,))
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    params = so.params_dict(model)
+    options = dict(curvature=curvature, seed=1) if curvature == "fisher" else dict(curvature=curvature)
+    fn = so.diagonal(f, engine="structured", **options)
+    d = fn(params, x, y)
+    ref = so.diagonal(f, engine="generic", **options)(params, x, y)
+    for k in d:
+        torch.testing.assert_close(d[k], ref[k], **TOL)
+    assert any(used)
