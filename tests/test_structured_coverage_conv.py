@@ -19,6 +19,7 @@ from torch.func import jacrev
 
 import secorder as so
 from secorder.structured import registry
+from secorder.structured.curvature import Factor
 from tests import test_structured_rules as rules_tests
 from tests.test_structured import check
 
@@ -399,3 +400,20 @@ def test_transposed_conv_weight_diagonal_from_the_columns_patches(conv, curvatur
     for k in d:
         torch.testing.assert_close(d[k], ref[k], **TOL)
     assert any(used)
+
+
+@pytest.mark.parametrize("scatter", [True, False])
+@pytest.mark.parametrize("K,J,P,Q", [(1, 6, 16, 4), (3, 2, 9, 4), (2, 5, 12, 12)])
+def test_gathered_quadratic_both_ways_equal_the_scattered_columns(scatter, K, J, P, Q, monkeypatch):
+    # Gathered.quadratic picks scattering or gathering by a cost model; both are exact.
+    from secorder.structured import curvature as curvature_module
+    from secorder.structured.curvature import Gathered
+
+    monkeypatch.setattr(curvature_module, "_scatter_is_cheaper", lambda *a: scatter)
+    g = torch.Generator().manual_seed(K * 100 + J)
+    N, C = 3, 4
+    index = torch.randint(0, P, (N, C, Q), generator=g)  # repeated indices too (overlapping windows)
+    term = Gathered(Factor(torch.randn(K, N, C, Q, generator=g, dtype=DT), torch.rand(K, N, generator=g, dtype=DT)),
+                    index, (N, C, P))
+    X = torch.randn(N, 1, J, P, generator=g, dtype=DT)
+    torch.testing.assert_close(term.quadratic(X), term.as_factor().quadratic(X), **TOL)
