@@ -162,12 +162,15 @@ def _transformer(row, what):
         sub = {k: params[k] for k in GENERIC_SUBSET}
         fn = so.ggn_diag(f, engine="generic", chunk_size=8)
         return lambda: fn(sub, x, y)
+    if what == "fisher":  # the Monte-Carlo Fisher diagonal, one label per token
+        fn = so.diagonal(f, curvature="fisher", mc_samples=1, seed=0, engine="structured")
+        return lambda: fn(params, x, y)
     fn = so.ggn_diag(f, engine="structured")
     return lambda: fn(params, x, y)
 
 
 for _row in TRANSFORMER_ROWS:
-    for _what in ("ggn", "grad", "generic"):
+    for _what in ("ggn", "fisher", "grad", "generic"):
         CASES[f"tf-{_what}:{_row}"] = (lambda r, w: lambda: _transformer(r, w))(_row, _what)
 
 
@@ -181,7 +184,8 @@ def transformer_table(quick: bool, repeat: int) -> None:
     for row in rows:
         res = {}
         for _ in range(repeat):
-            for m, warm in (("grad", 3 if quick else 10), ("ggn", 1 if quick else 3), ("generic", 1)):
+            for m, warm in (("grad", 3 if quick else 10), ("ggn", 1 if quick else 3), ("fisher", 3 if quick else 10),
+                            ("generic", 1)):
                 r = harness.run_case("bench_structured", f"tf-{m}:{row}", warm=warm)
                 harness.keep_fastest(res, m, r)
         model, _, _ = transformer_workload(row)
@@ -191,11 +195,13 @@ def transformer_table(quick: bool, repeat: int) -> None:
         g, s = res["grad"]["warm_s"], res["ggn"]["warm_s"]
         for label, t, mem in (("one gradient (`torch.func.grad`)", g, res["grad"]["peak_mib"]),
                               ("secorder `ggn_diag` (structured)", s, res["ggn"]["peak_mib"]),
+                              ("secorder `diagonal(curvature=\"fisher\")` (structured; one label per token, "
+                               "summed per sequence)", res["fisher"]["warm_s"], res["fisher"]["peak_mib"]),
                               (f"secorder `ggn_diag` (generic one-hot; {sub:,} of {total:,} parameters timed, "
                                f"scaled)", scaled, res["generic"]["peak_mib"])):
             lines.append(f"| {row} | {label} | {1e3 * t:.1f} | {mem:.1f} | {harness.fmt_ratio(t, g)} | "
                          f"{harness.fmt_ratio(t, s)} |")
-        print("\n".join(lines[-3:]), flush=True)
+        print("\n".join(lines[-4:]), flush=True)
     print("\n" + "\n".join(lines))
 
 

@@ -207,12 +207,14 @@ def test_krylov_basis_stays_orthonormal_where_plain_lanczos_does_not():
 # --------------------------------------------------------------------------- SLQ
 
 
-def test_slq_quadrature_is_exact_for_low_degree_polynomials_per_probe():
+@pytest.mark.parametrize("reorth", ["partial", "full"])
+def test_slq_quadrature_is_exact_for_low_degree_polynomials_per_probe(reorth):
     # Gauss quadrature with m nodes integrates degree <= 2m - 1 exactly: per probe,
     # sum_j tau_j theta_j^p = v^T A^p v / v^T v.
     A = symmetric(spectra()["outliers"])
     m, p = 6, 5
-    d = stochastic_lanczos_quadrature(dense_operator(A, [(30,), (50,)]), p, m, generator=gen(7))
+    d = stochastic_lanczos_quadrature(dense_operator(A, [(30,), (50,)]), p, m, generator=gen(7),
+                                      reorthogonalize=reorth)
     V = torch.cat([v.reshape(p, -1) for v in draw_probes([torch.zeros(30, dtype=DT), torch.zeros(50, dtype=DT)],
                                                           p, generator=gen(7))], 1)
     V = V / V.norm(dim=1, keepdim=True)
@@ -232,20 +234,22 @@ def _hutchinson_sd(M, n):
     return math.sqrt(2 * (float((M**2).sum()) - float((torch.diagonal(M) ** 2).sum()))) / n
 
 
+@pytest.mark.parametrize("reorth", ["partial", "full"])
 @pytest.mark.parametrize("num_probes", [10, 40])
-def test_slq_moments_estimate_normalised_traces_within_the_hutchinson_bound(num_probes):
+def test_slq_moments_estimate_normalised_traces_within_the_hutchinson_bound(num_probes, reorth):
     A = symmetric(spectra()["close"])
     n = A.shape[0]
-    d = stochastic_lanczos_quadrature(dense_operator(A), num_probes, 20, generator=gen(11))
+    d = stochastic_lanczos_quadrature(dense_operator(A), num_probes, 20, generator=gen(11), reorthogonalize=reorth)
     for order, M in ((1, A), (2, A @ A)):
         bound = 4 * _hutchinson_sd(M, n) / math.sqrt(num_probes)  # 4 standard errors
         assert abs(float(d.moment(order)) - float(torch.trace(M)) / n) <= bound, (order, num_probes)
     assert torch.allclose(d.trace(), n * d.moment(1))
 
 
-def test_slq_on_a_diagonal_matrix_is_exact_and_reports_the_breakdown():
+@pytest.mark.parametrize("reorth", ["partial", "full"])
+def test_slq_on_a_diagonal_matrix_is_exact_and_reports_the_breakdown(reorth):
     evals = torch.tensor([5.0, 5.0, 3.0, 1.0, -2.0, -2.0], dtype=DT)
-    d = stochastic_lanczos_quadrature(dense_operator(torch.diag(evals)), 4, 6, generator=gen())
+    d = stochastic_lanczos_quadrature(dense_operator(torch.diag(evals)), 4, 6, generator=gen(), reorthogonalize=reorth)
     assert torch.equal(d.num_steps, torch.full((4,), 4))  # four distinct eigenvalues
     for order in range(4):
         assert torch.allclose(d.moment(order), (evals**order).mean(), atol=1e-12)
@@ -322,8 +326,9 @@ from hypothesis import strategies as st  # noqa: E402
     seed=st.integers(0, 2**16),
     which=st.sampled_from(["largest", "smallest", "magnitude"]),
     repeats=st.booleans(),
+    reorth=st.sampled_from(["partial", "full"]),
 )
-def test_any_size_split_and_spectrum_matches_eigvalsh(n, data, seed, which, repeats):
+def test_any_size_split_and_spectrum_matches_eigvalsh(n, data, seed, which, repeats, reorth):
     g = torch.Generator().manual_seed(seed)
     evals = torch.randn(n, generator=g, dtype=DT)
     if repeats:  # a few distinct values, repeated: breakdowns on every path
@@ -343,10 +348,122 @@ def test_any_size_split_and_spectrum_matches_eigvalsh(n, data, seed, which, repe
         else:
             assert torch.allclose(got, want, atol=atol), (got, want)
 
-    fixed = lanczos_eigenpairs(op, k, which, num_iterations=n, generator=gen(seed))
+    fixed = lanczos_eigenpairs(op, k, which, num_iterations=n, generator=gen(seed), reorthogonalize=reorth)
     check(fixed.eigenvalues, 1e-9)
-    adaptive = lanczos_eigenpairs(op, k, which, tol=1e-10, generator=gen(seed), return_eigenvectors=True)
+    values = lanczos_eigenpairs(op, k, which, tol=1e-10, generator=gen(seed), reorthogonalize=reorth)
+    check(values.eigenvalues, 1e-9 * max(1.0, float(ref.abs().max())))
+    adaptive = lanczos_eigenpairs(op, k, which, tol=1e-10, generator=gen(seed), return_eigenvectors=True,
+                                  reorthogonalize=reorth)
     check(adaptive.eigenvalues, 1e-8)
     U = torch.cat([u.reshape(k, -1) for u in adaptive.eigenvectors], 1)
     assert torch.allclose(U @ U.T, torch.eye(k, dtype=DT), atol=1e-8)
     assert torch.allclose(U @ A, adaptive.eigenvalues[:, None] * U, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- partial reorthogonalisation
+
+from secorder.estimators.eigen import error_bounds  # noqa: E402
+from secorder.estimators.reorthogonalization import STRATEGIES  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["outliers", "semicircle", "close"])
+def test_partial_keeps_the_basis_semi_orthogonal_and_reads_less_of_it(name, dtype):
+    # Simon (1984): |q_i^T q_k| <= sqrt(eps) is what partial reorthogonalisation keeps.
+    evals = spectra()[name]
+    A = symmetric(torch.cat([evals, evals * 0.5, evals * 0.25]), seed=4).to(dtype)  # n = 240
+    g = gen(9)
+    start, spare = torch.randn(3, 240, generator=g, dtype=dtype), torch.randn(3, 240, generator=g, dtype=dtype)
+    runs = {}
+    for mode in ("partial", "full"):
+        K = Krylov(lambda X: X @ A, start, 100, spare, reorthogonalize=mode, host_checks=True)
+        K.extend(100)
+        Q = K.basis.double()
+        loss = float((Q @ Q.transpose(1, 2) - torch.eye(100, dtype=DT)).abs().max())
+        runs[mode] = (K, loss)
+    eps = torch.finfo(dtype).eps
+    assert runs["partial"][1] <= math.sqrt(eps), runs["partial"][1]
+    assert runs["full"][1] <= 100 * eps
+    assert runs["partial"][0].strategy.num_vectors_read < runs["full"][0].strategy.num_vectors_read
+    # the same Krylov space, hence the same Ritz values, to O(eps ||A||)
+    ritz = {m: torch.linalg.eigvalsh(K.projected().double()) for m, (K, _) in runs.items()}
+    scale = float(torch.linalg.matrix_norm(A.double(), ord=2))
+    tol = (1e-3 if dtype == torch.float32 else 1e-10) * scale
+    assert torch.allclose(ritz["partial"][:, -5:], ritz["full"][:, -5:], atol=tol, rtol=0)
+
+
+def test_partial_returns_no_ghost_copies_of_converged_eigenvalues():
+    # Plain Lanczos returns spurious copies of converged outliers after enough steps; a
+    # semi-orthogonal basis does not (Simon 1984). 150 steps on 4 outliers over a bulk.
+    evals = torch.cat([torch.tensor([50.0, 20.0, 19.8, 10.0]), torch.linspace(-0.1, 0.1, 296)]).to(DT)
+    A = symmetric(evals, seed=5)
+    for dtype, atol in ((torch.float32, 1e-3), (DT, 1e-9)):
+        res = lanczos_eigenpairs(dense_operator(A.to(dtype)), 6, num_iterations=150, generator=gen(1),
+                                 reorthogonalize="partial")
+        got = res.eigenvalues.double()
+        assert torch.allclose(got[:4], evals[:4], atol=atol)
+        assert (got[4:] <= evals[4:].max() + atol).all()  # the next ones from the bulk, not a second 50 or 20
+
+
+@pytest.mark.parametrize("name", ["outliers", "semicircle", "close"])
+@pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])
+@pytest.mark.parametrize("tol", [1e-2, 1e-4, 1e-7])
+@pytest.mark.parametrize("reorth", ["partial", "full"])
+def test_adaptive_tolerance_is_the_stated_residual_and_eigenvalue_bound(name, which, tol, reorth):
+    # The guarantee: residuals <= tol ||H|| (||H|| estimated by the largest Ritz value),
+    # hence every value within tol ||H|| of an eigenvalue; the default is 1e-4.
+    A = symmetric(spectra()[name])
+    norm = float(torch.linalg.matrix_norm(A, ord=2))
+    for k in (1, 5):
+        kwargs = {} if tol == 1e-4 else {"tol": tol}
+        res = lanczos_eigenpairs(dense_operator(A), k, which, generator=gen(k), reorthogonalize=reorth,
+                                 return_eigenvectors=True, **kwargs)
+        # within tol ||H|| of an eigenvalue (which one the adaptive run may still have
+        # wrong at a loose tol: the test above pins them at a tight one)
+        err = (res.eigenvalues[:, None] - torch.linalg.eigvalsh(A)[None]).abs().amin(dim=1)
+        U = torch.cat([u.reshape(k, -1) for u in res.eigenvectors], 1)
+        residual = (U @ A - res.eigenvalues[:, None] * U).norm(dim=1)
+        assert bool(res.converged)
+        assert (residual <= tol * norm * (1 + 1e-6)).all(), (residual / norm, tol)
+        assert (err <= tol * norm).all(), (err / norm, tol)
+
+
+def test_error_bounds_estimate_the_error_of_separated_values():
+    # Kato-Temple: an isolated value is far more accurate than its residual.
+    A = symmetric(spectra()["outliers"])
+    res = lanczos_eigenpairs(dense_operator(A), 2, tol=1e-3, generator=gen())
+    err = (res.eigenvalues - expected(A, 2, "largest")).abs()
+    assert (err <= res.error_bounds * (1 + 1e-6) + 1e-13).all()
+    assert (res.error_bounds < res.residuals).all()
+
+
+def test_error_bounds_use_the_gap_to_the_other_ritz_values():
+    theta = torch.tensor([[0.0, 1.0, 1.05]], dtype=DT)
+    r = torch.tensor([[1e-3, 1e-4, 1e-2]], dtype=DT)
+    # gaps: 1.0 - 1e-4 for 0.0; 0.05 - 1e-2 for 1.0; 0.05 - 1e-4 for 1.05 (larger than its residual)
+    want = torch.tensor([[1e-6 / (1 - 1e-4), 1e-8 / 0.04, 1e-4 / (0.05 - 1e-4)]], dtype=DT)
+    assert torch.allclose(error_bounds(theta, r), want)
+    # a gap no larger than the residual: the residual itself
+    assert torch.allclose(error_bounds(torch.tensor([[0.0, 0.01]]), torch.tensor([[0.1, 0.0]]))[0, 0],
+                          torch.tensor(0.1))
+
+
+def test_reorthogonalize_option_is_validated_and_registered():
+    assert STRATEGIES.names() == ("full", "partial")
+    op = dense_operator(torch.eye(10, dtype=DT))
+    with pytest.raises(ValueError, match="unknown reorthogonalize='selective'"):
+        lanczos_eigenpairs(op, reorthogonalize="selective")
+    with pytest.raises(TypeError, match="reorthogonalize must be a str"):
+        stochastic_lanczos_quadrature(op, 2, 3, reorthogonalize=None)
+
+
+def test_partial_falls_back_to_full_under_vmap():
+    A = symmetric(spectra()["outliers"])
+
+    def top(scale):
+        op = LeafOperator([torch.zeros(80, dtype=DT)], lambda V: [scale * (V[0] @ A)], None)
+        return lanczos_eigenpairs(op, 2, num_iterations=40, generator=gen(), reorthogonalize="partial").eigenvalues
+
+    batched = torch.func.vmap(top, randomness="same")(torch.tensor([1.0, 2.0], dtype=DT))
+    assert torch.allclose(batched, torch.stack([top(torch.tensor(1.0, dtype=DT)),
+                                                top(torch.tensor(2.0, dtype=DT))]), atol=1e-10)

@@ -19,6 +19,7 @@ from torch.func import jacrev
 
 import secorder as so
 from secorder.structured import registry
+from secorder.structured.curvature import Factor
 from tests import test_structured_rules as rules_tests
 from tests.test_structured import check
 
@@ -357,3 +358,62 @@ def test_rules_compose_with_vmap_and_grad():
     ref = torch.func.grad(lambda p: f(p, x, y) + 0.1 * reference_trace(f, (p, x, y)))(params)
     for k in params:
         torch.testing.assert_close(g[k], ref[k], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("conv", [
+    lambda: nn.ConvTranspose2d(3, 4, 3, stride=2),
+    lambda: nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2, padding=1),
+    lambda: nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1, output_padding=1, dilation=2),
+    lambda: nn.ConvTranspose3d(2, 2, (2, 1, 2), stride=(2, 1, 1), padding=(0, 0, 1)),
+])
+@pytest.mark.parametrize("curvature", ["ggn", "fisher", "empirical_fisher", "hessian"])
+def test_transposed_conv_weight_diagonal_from_the_columns_patches(conv, curvature, monkeypatch):
+    # The weight diagonal of a transposed convolution read off its output columns' own patches
+    # (ConvRule._transposed_weight_diagonal) against the generic path, behind a max pool
+    # (gathered columns) and an activation (a diagonal residual for the Hessian).
+    from secorder.structured.rules.conv import ConvRule
+
+    used = []
+    original = ConvRule._transposed_weight_diagonal
+
+    def spy(self, state, terms):
+        d = original(self, state, terms)
+        used.append(d is not None)
+        return d
+
+    monkeypatch.setattr(ConvRule, "_transposed_weight_diagonal", spy)
+    torch.manual_seed(3)
+    layer = conv()
+    dims = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}[type(layer)]
+    pool = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[dims](2, ceil_mode=True)
+    model = nn.Sequential(layer, nn.Tanh(), pool, nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn((4, layer.in_channels) + (3,) * dims)
+    model(x)
+    model = model.to(DT).eval()
+    x, y = x.to(DT), torch.randint(0, 3, (4,))
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    params = so.params_dict(model)
+    options = dict(curvature=curvature, seed=1) if curvature == "fisher" else dict(curvature=curvature)
+    fn = so.diagonal(f, engine="structured", **options)
+    d = fn(params, x, y)
+    ref = so.diagonal(f, engine="generic", **options)(params, x, y)
+    for k in d:
+        torch.testing.assert_close(d[k], ref[k], **TOL)
+    assert any(used)
+
+
+@pytest.mark.parametrize("scatter", [True, False])
+@pytest.mark.parametrize("K,J,P,Q", [(1, 6, 16, 4), (3, 2, 9, 4), (2, 5, 12, 12)])
+def test_gathered_quadratic_both_ways_equal_the_scattered_columns(scatter, K, J, P, Q, monkeypatch):
+    # Gathered.quadratic picks scattering or gathering by a cost model; both are exact.
+    from secorder.structured import curvature as curvature_module
+    from secorder.structured.curvature import Gathered
+
+    monkeypatch.setattr(curvature_module, "_scatter_is_cheaper", lambda *a: scatter)
+    g = torch.Generator().manual_seed(K * 100 + J)
+    N, C = 3, 4
+    index = torch.randint(0, P, (N, C, Q), generator=g)  # repeated indices too (overlapping windows)
+    term = Gathered(Factor(torch.randn(K, N, C, Q, generator=g, dtype=DT), torch.rand(K, N, generator=g, dtype=DT)),
+                    index, (N, C, P))
+    X = torch.randn(N, 1, J, P, generator=g, dtype=DT)
+    torch.testing.assert_close(term.quadratic(X), term.as_factor().quadratic(X), **TOL)

@@ -266,7 +266,10 @@ class Krylov:
     """
 
     def __init__(self, matvec: Callable[[Tensor], Tensor], start: Tensor, capacity: int, spare: Tensor,
-                 *, host_checks: bool = False, space: Optional[Euclidean] = None):
+                 *, host_checks: bool = False, space: Optional[Euclidean] = None,
+                 reorthogonalize: str = "full"):
+        from .reorthogonalization import STRATEGIES, check_reorthogonalize
+
         self.matvec = matvec
         self.host_checks = host_checks
         self.space = space if space is not None else Euclidean(start.shape[1])
@@ -288,6 +291,7 @@ class Krylov:
         self.next_beta = torch.zeros(self.p, dtype=start.dtype, device=start.device)
         self.last_broke = torch.zeros(self.p, dtype=torch.bool, device=start.device)
         self._shift = 0
+        self.strategy = STRATEGIES.get(check_reorthogonalize(reorthogonalize))(self)
 
     @property
     def basis(self) -> Tensor:
@@ -343,14 +347,15 @@ class Krylov:
         # then orthogonalises whichever it is.
         beta_rec = space.norm(w)
         broke = beta_rec <= BREAKDOWN_FACTOR * self.eps * self.scale
-        self._record_breakdown(broke)
         self._shift += 1
         u = w
         if not self.host_checks or bool(broke.any()):
             u = torch.where(broke[:, None], space.shifted(self.spare, self._shift), w)
-        Q = self._Q[:, : self.j]
-        for _ in range(2 if 2 * self.j > self.n else 1):
-            u = _orthogonalise(u, Q, space=space)
+        # The strategy may find a breakdown the test above missed (partial
+        # reorthogonalisation: the recurrence vector is short only once its components
+        # along the basis are removed); it then returns the replacement too.
+        u, broke = self.strategy.next_vector(self, u, self._Q[:, : self.j], broke)
+        self._record_breakdown(broke)
         norm = space.norm(u)
         beta = torch.where(broke, torch.zeros_like(norm), norm)
         self._Q[:, self.j] = u / torch.clamp(norm, min=torch.finfo(u.dtype).tiny)[:, None]
@@ -400,3 +405,4 @@ class Krylov:
         self.arrow = arrow
         self.locked = l
         self.j = l
+        self.strategy.restarted(self)

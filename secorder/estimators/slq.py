@@ -1,7 +1,8 @@
 """Stochastic Lanczos quadrature (SLQ): the spectral density of a symmetric operator.
 
 ``num_probes`` random unit probes each start a Lanczos run of ``num_iterations``
-steps with full reorthogonalisation; the Ritz values and squared first components
+steps with partial (default) or full reorthogonalisation
+(:mod:`secorder.estimators.reorthogonalization`); the Ritz values and squared first components
 of the Ritz vectors of each run are the nodes and weights of a Gauss quadrature
 for ``v^T g(H) v`` (see :mod:`secorder.density` for what they estimate).
 
@@ -35,6 +36,7 @@ from ..operators import LeafOperator
 from ..density import SpectralDensity
 from .lanczos import FlatOperator, Krylov, ritz_pairs
 from .probes import check_distribution
+from .reorthogonalization import DEFAULT as DEFAULT_REORTHOGONALIZE, check_reorthogonalize
 
 __all__ = ["stochastic_lanczos_quadrature", "check_slq_options", "DEFAULT_NUM_PROBES", "DEFAULT_NUM_ITERATIONS"]
 
@@ -88,6 +90,7 @@ def stochastic_lanczos_quadrature(
     generator: Optional[torch.Generator] = None,
     chunk_size: Optional[int] = None,
     distribution: str = "rademacher",
+    reorthogonalize: str = DEFAULT_REORTHOGONALIZE,
 ) -> SpectralDensity:
     """The SLQ spectral density of ``op``: ``num_probes`` Lanczos runs advanced together.
 
@@ -101,6 +104,11 @@ def stochastic_lanczos_quadrature(
             bases would exceed 2^27 entries).
         distribution: of the probes before normalisation, as in
             :mod:`secorder.estimators.probes` (``"rademacher"`` by default).
+        reorthogonalize: ``"partial"`` (default: Simon 1984, the basis kept
+            semi-orthogonal, ``|q_i^T q_k| <= sqrt(eps)``, which keeps the nodes and
+            weights as accurate as full reorthogonalisation does; one host
+            synchronisation per step, ``"full"`` under ``vmap``) or ``"full"``; see
+            :mod:`secorder.estimators.reorthogonalization`.
 
     Returns:
         A :class:`~secorder.density.SpectralDensity`.
@@ -120,6 +128,7 @@ def stochastic_lanczos_quadrature(
     n = flat.dim
     check_slq_options(num_probes, num_iterations, chunk_size, n)
     check_distribution(distribution)
+    check_reorthogonalize(reorthogonalize)
     m = min(DEFAULT_NUM_ITERATIONS, n) if num_iterations is None else num_iterations
     if chunk_size is None:
         chunk_size = max(1, _BASIS_ENTRIES // ((m + 1) * n))
@@ -129,7 +138,8 @@ def stochastic_lanczos_quadrature(
     nodes, weights, steps = [], [], []
     first = 0
     for size in _chunks(num_probes, min(chunk_size, num_probes)):
-        K = Krylov(flat, starts[first : first + size], m, spares[first : first + size], space=flat.space)
+        K = Krylov(flat, starts[first : first + size], m, spares[first : first + size], space=flat.space,
+                   reorthogonalize=reorthogonalize)
         first += size
         K.extend(m)
         theta, Y = ritz_pairs(K.projected())

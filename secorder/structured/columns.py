@@ -39,7 +39,7 @@ def column_form(term: Term) -> Term:
     if isinstance(term, Factor):
         return term
     if isinstance(term, Tokenwise):
-        return Tokenwise(column_form(term.inner), term.shape, term.pos, term.index)
+        return Tokenwise(column_form(term.inner), term.shape, term.pos, term.index, term.summed)
     return term.as_factor()
 
 
@@ -59,9 +59,17 @@ def add_columns(a: Term, b: Term) -> Term:
     """
     if (isinstance(a, Tokenwise) and isinstance(b, Tokenwise) and a.shape == b.shape and a.pos == b.pos
             and a.index is None and b.index is None):
-        return Tokenwise(add_columns(a.inner, b.inner), a.shape, a.pos)
+        return Tokenwise(add_columns(a.inner, b.inner), a.shape, a.pos, summed=a.summed and b.summed)
     fa, fb = a.as_factor(), b.as_factor()
+    if fa.B.shape[0] != fb.B.shape[0]:
+        # One side summed its tokens' columns per sequence (a summed Tokenwise), the other
+        # pulled them back one per token: give the summed side its columns per token too.
+        fa, fb = _expanded(a), _expanded(b)
     return Factor(fa.B + fb.B, fb.w)
+
+
+def _expanded(t: Term) -> Factor:
+    return t.expanded() if isinstance(t, Tokenwise) else t.as_factor()
 
 
 def narrow(term: Term, dim: int, start: int, length: int) -> Term:
@@ -84,5 +92,6 @@ def narrow(term: Term, dim: int, start: int, length: int) -> Term:
         feat = [i for i in range(1, len(term.shape)) if i not in term.pos]
         shape = list(term.shape)
         shape[dim] = length
-        return Tokenwise(narrow(term.inner, 1 + feat.index(dim), start, length), tuple(shape), term.pos, term.index)
+        return Tokenwise(narrow(term.inner, 1 + feat.index(dim), start, length), tuple(shape), term.pos, term.index,
+                         term.summed)
     return narrow(term.as_factor(), dim, start, length)

@@ -53,7 +53,7 @@ from torch import Tensor
 if TYPE_CHECKING:  # pragma: no cover
     from .jacobians import Jacobian
 
-__all__ = ["Term", "Factor", "SoftmaxFactor", "Diagonal", "Shared", "Gathered", "Curvature"]
+__all__ = ["Term", "Factor", "SampledFactor", "SoftmaxFactor", "Diagonal", "Shared", "Gathered", "Curvature"]
 
 
 def _split_channels(t: Tensor, lead: int, positions: int) -> Tensor:
@@ -174,6 +174,18 @@ class Factor(Term):
 
 
 @dataclass
+class SampledFactor(Factor):
+    """A :class:`Factor` whose columns are independent zero-mean draws, one set per row.
+
+    The Monte-Carlo Fisher's sampled output gradients: ``E[g] = 0`` for labels drawn
+    from the model's predictive distribution. Only
+    :class:`~secorder.structured.tokens.FlattenBatch` reads the mark: rows that are
+    tokens of one sequence may then be summed into one column per sequence (see
+    :class:`~secorder.structured.tokens.Tokenwise`); everywhere else it is a factor.
+    """
+
+
+@dataclass
 class SoftmaxFactor(Term):
     """The softmax cross-entropy factor, columns ``start:start+K``, without materialising them.
 
@@ -267,6 +279,25 @@ class Shared(Term):
         return jac.pull_shared(self)
 
 
+# Relative costs per entry (nanoseconds on one CPU thread, measured on the benchmark's CNN
+# rows): writing a scattered column entry, a multiply-add of a matmul against test vectors
+# shared by every channel, gathering a test-vector entry, and a multiply-add against
+# gathered (per-channel) test vectors.
+_SCATTER, _SHARED_MAC, _GATHER, _GATHERED_MAC = 3.0, 0.035, 0.9, 0.46
+
+
+def _scatter_is_cheaper(K: int, J: int, P: int, Q: int) -> bool:
+    """Whether ``K`` pooled columns (``Q`` of ``P`` positions) read ``J`` test vectors shared by every
+    channel faster scattered to full size (``K P (scatter + J shared MACs)``) than through test
+    vectors gathered for every channel (``Q J (gather + K gathered MACs)``), per sample and channel.
+
+    Example:
+        >>> _scatter_is_cheaper(1, 144, 121, 25), _scatter_is_cheaper(10, 9, 676, 169)
+        (True, False)
+    """
+    return K * P * (_SCATTER + _SHARED_MAC * J) < Q * J * (_GATHER + _GATHERED_MAC * K)
+
+
 @dataclass
 class Gathered(Term):
     """Columns at a max pool's output; their value at the pool's input is a scatter-add.
@@ -286,7 +317,8 @@ class Gathered(Term):
     def quadratic(self, X: Tensor) -> Tensor:
         N, C, Q = self.index.shape
         P = X.shape[-1]
-        if P != math.prod(self.shape[2:]):
+        K, J = self.factor.B.shape[0], X.shape[-2]
+        if P != math.prod(self.shape[2:]) or (X.shape[1] == 1 and _scatter_is_cheaper(K, J, P, Q)):
             return self.as_factor().quadratic(X)
         J = X.shape[-2]
         X = X.expand((N, C, J, P))

@@ -114,7 +114,7 @@ class Elementwise(Jacobian):
         if t.index is not None or tuple(t.shape) != self.shape:
             return self.pull_factor(t.as_factor())
         m = to_rows(self.m.expand(self.shape), 0, self.shape, t.pos)
-        return Tokenwise(t.inner.pulled(Elementwise(m, tuple(m.shape))), t.shape, t.pos)
+        return Tokenwise(t.inner.pulled(Elementwise(m, tuple(m.shape))), t.shape, t.pos, summed=t.summed)
 
 
 class Reshape(Jacobian):

@@ -34,7 +34,7 @@ from torch import Tensor
 from ..losses import LossSpec, UnsupportedLoss, per_sample_output_gradients, reduction_factor
 from ..losses import sample_output_gradients
 from ..losses import loss_spec as _recognise
-from .curvature import Curvature, Diagonal, Factor, SoftmaxFactor, Term
+from .curvature import Curvature, Diagonal, Factor, SampledFactor, SoftmaxFactor, Term
 from .errors import Unsupported
 
 __all__ = ["LossSpec", "loss_spec", "OutputCurvature", "output_curvature", "sampled_curvature"]
@@ -152,7 +152,8 @@ def sampled_curvature(spec: LossSpec, out: Tensor, target: Tensor, kind: str, mc
     else:
         G = _recognised(sample_output_gradients, spec, out, target, mc_samples, generator)
         scale = (c * mc_samples).rsqrt()
-    return OutputCurvature(None, [], G.shape[0], lambda start, stop: Factor(G[start:stop] * scale))
+    kind_of = Factor if kind == "empirical_fisher" else SampledFactor  # sampled: zero-mean columns
+    return OutputCurvature(None, [], G.shape[0], lambda start, stop: kind_of(G[start:stop] * scale))
 
 
 def _per_position(spec: LossSpec, out: Tensor, target: Tensor) -> OutputCurvature:

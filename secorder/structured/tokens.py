@@ -44,13 +44,13 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .curvature import Curvature, Diagonal, Factor, Gathered, Shared, SoftmaxFactor, Term
+from .curvature import Curvature, Diagonal, Factor, Gathered, SampledFactor, Shared, SoftmaxFactor, Term
 from .jacobians import Jacobian
 
 __all__ = ["Tokenwise", "PerPosition", "Permute", "FlattenBatch", "channels_first", "to_rows", "from_rows"]
@@ -94,12 +94,24 @@ class Tokenwise(Term):
     values in ``[0, P)``), ``inner`` has ``Q`` rows per sample instead, and row
     ``n * Q + q`` adds its block to position ``index[n * Q + q]`` (blocks landing on
     the same position add up).
+
+    ``summed``: the rows' columns are independent zero-mean draws (the Monte-Carlo
+    Fisher's sampled gradients, :class:`~secorder.structured.curvature.SampledFactor`),
+    so the ``Q`` columns ``k`` of one sample may be replaced by their sum: one column
+    per sample instead of one per position. ``u u^T`` with ``u = sum_t g_t`` is
+    ``sum_t g_t g_t^T`` plus cross terms ``g_t g_s^T`` (``t != s``) of zero mean, so it
+    is an unbiased estimate of the same token-level Fisher; it becomes explicit only
+    where a module mixes positions (attention) or a parameter reads the positions
+    together (:meth:`quadratic`), and costs ``K`` column pull-backs per sequence there
+    instead of ``K x T``. The cross terms add at most ``2 E[entry]^2`` to the variance
+    of each diagonal entry (the docs' transformers page derives it).
     """
 
     inner: Term
     shape: Tuple[int, ...]
     pos: Tuple[int, ...]
     index: Optional[Tensor] = None
+    summed: bool = False
 
     def __post_init__(self) -> None:
         self.shape, self.pos = tuple(self.shape), tuple(self.pos)
@@ -122,12 +134,25 @@ class Tokenwise(Term):
         # With the positions last (the features first, as channels), a channel's block over
         # the positions is diagonal: the diagonal alone gives the quadratic forms.
         nd = len(self.shape)
+        if self.summed and self._summable():
+            return self.as_factor().quadratic(X)
         if self.pos == tuple(range(nd - len(self.pos), nd)) and X.shape[-1] == self.positions:
             return Diagonal(self.diagonal()).quadratic(X)
         return self.as_factor().quadratic(X)
 
+    def _summable(self) -> bool:
+        return self.index is None and isinstance(self.inner, Factor) and self.inner.w is None
+
     def as_factor(self) -> Factor:
-        """Explicit per-sample columns: ``K`` columns per row become ``K * Q`` per sample, one row each."""
+        """Explicit per-sample columns: ``K`` columns per row become ``K * Q`` per sample, one row each
+        (``K`` per sample, each the sum over the sample's rows, when :attr:`summed`)."""
+        if self.summed and self._summable():
+            B = self.inner.B  # [K, N * P, *feat]: a sample's rows are consecutive
+            return Factor(from_rows(B, 1, self.shape, self.pos))
+        return self.expanded()
+
+    def expanded(self) -> Factor:
+        """Explicit per-sample columns, one per row and column: ``K * Q`` per sample (never summed)."""
         f = self.inner.as_factor()
         B, w = f.B, f.w
         K, N, P = B.shape[0], self.shape[0], self.positions
@@ -183,7 +208,7 @@ class PerPosition(Jacobian):
 
     def pull_tokenwise(self, t: Tokenwise) -> Term:
         if t.pos == self.pos and t.shape == self.out_shape and t.index is None:
-            return Tokenwise(t.inner.pulled(self.rows), self.in_shape, self.pos)
+            return replace(t, inner=t.inner.pulled(self.rows), shape=self.in_shape, pos=self.pos)
         return self.pull_factor(t.as_factor())
 
 
@@ -224,7 +249,7 @@ class Permute(Jacobian):
             R = t.index.shape[0] if t.index is not None else t.shape[0] * t.positions
             row_shape = (R,) + tuple(self.shape[d] for d in xfeat)
             inner = inner.pulled(Permute(row_perm, row_shape))
-        return Tokenwise(inner, self.shape, tuple(xpos), t.index)
+        return replace(t, inner=inner, shape=self.shape, pos=tuple(xpos))
 
 
 class FlattenBatch(Jacobian):
@@ -250,7 +275,8 @@ class FlattenBatch(Jacobian):
         return Tokenwise(t, self.shape, self.pos)
 
     def pull_factor(self, t: Factor) -> Term:
-        return self._wrap(t)
+        # Sampled zero-mean columns of tokens: summable per sequence (see Tokenwise).
+        return Tokenwise(t, self.shape, self.pos, summed=isinstance(t, SampledFactor))
 
     def pull_diagonal(self, t: Diagonal) -> Term:
         return Diagonal(t.d.reshape(self.shape))
@@ -268,7 +294,7 @@ class FlattenBatch(Jacobian):
         if t.index is not None:
             return self._wrap(t)
         # Positions of z's rows are positions of x too: rows ordered (n, p_x, p_z) either way.
-        return Tokenwise(t.inner, self.shape, self.pos + tuple(p + self.end for p in t.pos))
+        return replace(t, shape=self.shape, pos=self.pos + tuple(p + self.end for p in t.pos))
 
 
 def channels_first(curv: Curvature, shape: Sequence[int], nfeat: int) -> Curvature:

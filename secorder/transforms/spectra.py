@@ -4,7 +4,9 @@ Both are transforms: they take ``f`` and return a function of ``f``'s arguments.
 Each call builds the curvature operator of that call
 (:func:`secorder.operators.make_operator`: the Hessian, the generalised
 Gauss-Newton, the Monte-Carlo Fisher or the empirical Fisher, one linearisation
-reused by every product) and runs Lanczos with full reorthogonalisation on it:
+reused by every product) and runs Lanczos on it, the basis kept semi-orthogonal by
+partial reorthogonalisation (Simon 1984) unless ``reorthogonalize="full"`` asks for
+full reorthogonalisation (:mod:`secorder.estimators.reorthogonalization`):
 
 * :func:`eigenvalues`: the ``k`` largest, smallest or largest-magnitude
   eigenvalues, and optionally their eigenvectors, thick-restarted until the
@@ -37,6 +39,7 @@ from ..estimators.eigen import check_eigen_options, lanczos_eigenpairs
 from ..estimators.lanczos import block_operator, working_dtype
 from ..estimators.probes import make_generator
 from ..estimators.registry import check_random_source
+from ..estimators.reorthogonalization import DEFAULT as DEFAULT_REORTHOGONALIZE, check_reorthogonalize
 from ..estimators.slq import DEFAULT_NUM_ITERATIONS, DEFAULT_NUM_PROBES, check_slq_options
 from ..estimators.slq import stochastic_lanczos_quadrature
 from ..operators import make_operator
@@ -101,20 +104,23 @@ def eigenvalues(
     per_leaf: bool = False,
     has_aux: bool = False,
     mc_samples: int = 1,
+    reorthogonalize: str = DEFAULT_REORTHOGONALIZE,
 ) -> Callable[..., Any]:
     """Extreme eigenvalues of a curvature matrix: ``eigenvalues(f)(*args)`` is a ``(k,)`` tensor.
 
-    Lanczos with full reorthogonalisation on the curvature operator of ``f`` at
-    ``args`` with respect to ``args[argnums]`` (see
-    :mod:`secorder.estimators.eigen`). With ``num_iterations=None`` it steps until
-    every returned eigenpair has a residual ``||H u - lambda u|| <= tol * ||H||``
-    (``||H||`` estimated by the largest Ritz value in magnitude), so every returned
-    eigenvalue is within ``tol * ||H||`` of an eigenvalue, and much closer once it is
-    separated from the rest of the spectrum; the Krylov basis holds at most
-    ``max(2 k + 10, 30)`` vectors (thick restarts beyond that). With
+    Lanczos on the curvature operator of ``f`` at ``args`` with respect to
+    ``args[argnums]`` (see :mod:`secorder.estimators.eigen`). With
+    ``num_iterations=None`` it steps until every returned eigenpair has a residual
+    ``||H u - lambda u|| <= tol * ||H||`` (``||H||`` estimated by the largest Ritz
+    value in magnitude), so every returned eigenvalue is within ``tol * ||H||`` of an
+    eigenvalue (guaranteed), and within about ``tol^2 ||H||^2 / gap`` once it is
+    separated from the rest of the spectrum by ``gap`` (Parlett 1998, ch. 11): ask
+    for the accuracy you need, ``tol=1e-3`` for ``1e-3 ||H||``. The Krylov basis
+    holds at most ``max(2 k + 10, 30)`` vectors (thick restarts beyond that). With
     ``num_iterations=m`` alone it takes exactly ``m`` steps (``m`` matvecs, memory
-    ``(m + 1) x n``) and decides nothing on the host, so it composes with
-    ``torch.func.vmap`` (for example per-example top eigenvalues). A Krylov
+    ``(m + 1) x n``) and stops on nothing, so it composes with ``torch.func.vmap``
+    (for example per-example top eigenvalues; there the reorthogonalisation is full,
+    since partial reorthogonalisation decides on the host). A Krylov
     breakdown (an invariant subspace found early) is not an error: its eigenvalues
     are exact and the run continues in the orthogonal complement, which is also how
     repeated eigenvalues are found with their multiplicity.
@@ -133,8 +139,8 @@ def eigenvalues(
             (as SciPy's ``eigsh(maxiter=, tol=)`` and PyHessian's ``eigenvalues(maxIter=,
             tol=)``; a ``RuntimeWarning`` when ``tol`` is not reached within them);
             ``None`` (default): adaptive, to ``tol``.
-        tol: the relative residual of the adaptive mode (default ``1e-4``); given, the
-            run is adaptive.
+        tol: the relative residual of the adaptive mode (default ``1e-4``), which bounds
+            the eigenvalue error by ``tol * ||H||``; given, the run is adaptive.
         seed: seeds the random start vector (and the Fisher's labels) on every call.
         generator: a ``torch.Generator`` to draw them from instead (advanced).
         return_eigenvectors: also return the eigenvectors, a pytree shaped like
@@ -146,6 +152,9 @@ def eigenvalues(
             is capped at the leaf's size); eigenvectors per leaf, shaped ``(k, *leaf.shape)``.
         has_aux: ``f`` returns ``(loss, aux)``; the result is then ``(result, aux)``.
         mc_samples: ``"fisher"`` only: label draws per sample.
+        reorthogonalize: ``"partial"`` (default; Simon 1984: a pass against the basis
+            only when the estimated loss of orthogonality exceeds ``sqrt(eps)``) or
+            ``"full"`` (every step); see :mod:`secorder.estimators.reorthogonalization`.
 
     Returns:
         A function of ``f``'s arguments returning the eigenvalues, or
@@ -166,6 +175,7 @@ def eigenvalues(
     _prologue(f, argnums, has_aux, curvature, mc_samples, seed, generator,
               return_eigenvectors=return_eigenvectors, per_leaf=per_leaf)
     check_eigen_options(k, which, num_iterations, tol)
+    check_reorthogonalize(reorthogonalize)
 
     @functools.wraps(f)
     @per_example_hints
@@ -183,7 +193,7 @@ def eigenvalues(
 
         def solve(o, kk: int, m: Optional[int]):
             return lanczos_eigenpairs(o, kk, which, num_iterations=m, tol=tol, generator=gen,
-                                      return_eigenvectors=return_eigenvectors)
+                                      return_eigenvectors=return_eigenvectors, reorthogonalize=reorthogonalize)
 
         try:
             if per_leaf:
@@ -235,13 +245,14 @@ def spectral_density(
     has_aux: bool = False,
     chunk_size: Optional[int] = None,
     mc_samples: int = 1,
+    reorthogonalize: str = DEFAULT_REORTHOGONALIZE,
 ) -> Callable[..., Any]:
     """Eigenvalue density of a curvature matrix by stochastic Lanczos quadrature.
 
     ``spectral_density(f)(*args)`` is a :class:`~secorder.density.SpectralDensity`:
     the quadrature nodes and weights of ``num_probes`` Lanczos runs of
-    ``num_iterations`` steps from random Rademacher unit probes, with full
-    reorthogonalisation (see :mod:`secorder.estimators.slq`). All runs of a chunk
+    ``num_iterations`` steps from random Rademacher unit probes, with partial
+    (default) or full reorthogonalisation (see :mod:`secorder.estimators.slq`). All runs of a chunk
     advance together, one batched matvec per step; memory is
     ``chunk_size x (num_iterations + 1) x n`` entries for the Krylov bases. Its
     :meth:`~secorder.density.SpectralDensity.moment` ``(p)`` estimates
@@ -271,6 +282,8 @@ def spectral_density(
         chunk_size: probes per batched matvec (default: all of them, unless their
             Krylov bases would exceed 2^27 entries).
         mc_samples: ``"fisher"`` only: label draws per sample.
+        reorthogonalize: ``"partial"`` (default, Simon 1984; ``"full"`` under ``vmap``)
+            or ``"full"``; see :mod:`secorder.estimators.reorthogonalization`.
 
     Returns:
         A function of ``f``'s arguments returning a ``SpectralDensity`` (or a pytree of them).
@@ -287,6 +300,7 @@ def spectral_density(
     """
     _prologue(f, argnums, has_aux, curvature, mc_samples, seed, generator, per_leaf=per_leaf)
     check_slq_options(num_probes, num_iterations, chunk_size)
+    check_reorthogonalize(reorthogonalize)
 
     @functools.wraps(f)
     @per_example_hints
@@ -303,7 +317,8 @@ def spectral_density(
             op = _sharded.sharded_view(op, layout)
 
         def run(o, m: Optional[int]) -> SpectralDensity:
-            return stochastic_lanczos_quadrature(o, num_probes, m, generator=gen, chunk_size=chunk_size)
+            return stochastic_lanczos_quadrature(o, num_probes, m, generator=gen, chunk_size=chunk_size,
+                                                 reorthogonalize=reorthogonalize)
 
         if per_leaf:
             densities = []

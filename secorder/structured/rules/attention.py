@@ -119,7 +119,8 @@ class AttentionJacobian(Jacobian):
         """
         s = self.s
         N, h, T, dh = s.q.shape
-        if t.index is not None or t.pos != (1,) or t.shape != (N, T, h * dh):
+        if t.index is not None or t.pos != (1,) or t.shape != (N, T, h * dh) or t.summed:
+            # (summed: one column per sequence, the Monte-Carlo Fisher's sampled tokens added up)
             return self.pull_factor(t.as_factor())
         f = t.inner.as_factor()
         K = f.B.shape[0]

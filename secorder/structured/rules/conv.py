@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
-from ..curvature import Curvature
+from ..curvature import Curvature, Factor, Gathered
 from ..errors import Unsupported
 from ..jacobians import Columns, Jacobian
 from ..registry import register_rule
@@ -192,10 +192,53 @@ class ConvRule(Rule[ConvState]):
             return _transposed_windows(x, m.kernel_size, m.stride, self.padding, self.output_padding, m.dilation)
         return unfold(x, m.kernel_size, m.stride, self.padding, m.dilation)
 
+    def _transposed_weight_diagonal(self, state: ConvState, terms) -> Optional[Tensor]:
+        """The weight diagonal of a transposed convolution from explicit columns, without its patches.
+
+        A transposed convolution's weight gradient for a column ``b`` at its output is
+        ``sum_i x[:, i] (windows of b at input position i)^T``: the columns' own
+        patches (``unfold`` with the module's stride, padding and dilation, one window
+        per input position) against the input, ``C_in x P_in x (C_out K)`` per column
+        and sample. The input's patches would spread the input out by the stride
+        (``stride^d`` times more positions, most of them zeros) and read them again for
+        every output channel of a max-pooled (gathered) term. ``None`` where the
+        windows do not line up with the input positions (an output padding of a
+        stride or more).
+        """
+        m = self.module
+        x = state.x
+        N, C_in = x.shape[:2]
+        P_in = math.prod(x.shape[2:])
+        G = m.groups
+        total = None
+        for term in terms:
+            f = term.as_factor()
+            B, w = f.B, f.w  # [K, N, C_out, *S_out], [K, N]
+            K, C_out = B.shape[0], B.shape[2]
+            U = unfold(B.reshape((K * N,) + tuple(B.shape[2:])), m.kernel_size, m.stride, self.padding, m.dilation)
+            if U.shape[-1] != P_in:
+                return None
+            Kk = U.shape[2]
+            U = U.reshape(K, N, G, (C_out // G) * Kk, P_in)
+            gW = torch.einsum("ngip,kngjp->kngij", x.reshape(N, G, C_in // G, P_in), U)  # per column and sample
+            sq = gW * gW if w is None else gW * gW * w.reshape(K, N, 1, 1, 1)
+            d = sq.sum((0, 1))  # [G, C_in / G, (C_out / G) K]
+            total = d if total is None else total + d
+        if total is None:
+            return None
+        return total.reshape(state.weight.shape)
+
     def parameter_diagonal(self, state: ConvState, curv: Curvature, wanted: FrozenSet[str]) -> Dict[str, Tensor]:
         out = {}
         P = math.prod(state.out_shape[2:])
-        if "weight" in wanted:
+        rest = curv
+        if "weight" in wanted and self.transposed:
+            columns = [t for t in curv.terms if isinstance(t, (Factor, Gathered))]
+            d = self._transposed_weight_diagonal(state, columns) if columns else None
+            if d is not None:
+                out["weight"] = d
+                rest = Curvature([t for t in curv.terms if not isinstance(t, (Factor, Gathered))])
+        if "weight" in wanted and rest.terms:
             X = self.patches(state.x)  # [N, C_in, K, P]
             N, C_in, K = X.shape[:3]
             G, C_out = self.module.groups, state.out_shape[1]
@@ -204,10 +247,11 @@ class ConvRule(Rule[ConvState]):
                 X = X.reshape(N, 1, J, P)
             else:  # each output channel reads the patches of its group's input channels
                 X = X.reshape(N, G, 1, J, P).expand(N, G, per_group, J, P).reshape(N, C_out, J, P)
-            q = curv.quadratic(X)  # [C_out, J]
+            q = rest.quadratic(X)  # [C_out, J]
             if self.transposed:  # weight [C_in, C_out / G, *kernel]; the patches' kernel order reversed
                 q = q.reshape(G, per_group, C_in // G, K).flip(3).transpose(1, 2)
-            out["weight"] = q.reshape(state.weight.shape)
+            q = q.reshape(state.weight.shape)
+            out["weight"] = q if "weight" not in out else out["weight"] + q
         if "bias" in wanted:
             out["bias"] = curv.quadratic(state.x.new_ones((1, 1, 1, P)))[:, 0]
         return out

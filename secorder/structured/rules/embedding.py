@@ -68,7 +68,7 @@ class TokenGather(Jacobian):
 
     def pull_tokenwise(self, t: Tokenwise) -> Term:
         npos = len(self.shape) - 2
-        if t.index is None and t.shape == self.shape and t.pos == tuple(range(1, npos + 1)):
+        if t.index is None and t.shape == self.shape and t.pos == tuple(range(1, npos + 1)) and not t.summed:
             return Tokenwise(t.inner, self.table, (1,), self.local.reshape(-1))
         return self.pull_factor(t.as_factor())
 
