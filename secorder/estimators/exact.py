@@ -7,6 +7,11 @@ extra memory is about ``chunk_size`` times the leaf size (times whatever the
 matvec itself keeps per probe), never the ``n x n`` Hessian. The trace sums each
 chunk's diagonal as it goes and keeps no diagonal around.
 
+Before the columns run, the first chunk is timed and the whole estimated: above a
+threshold (one minute by default) a :class:`secorder.SlowPathWarning` says so and
+names the alternatives, and a progress bar can follow the columns
+(:mod:`secorder.slow_path`).
+
 An operator with its own exact ``diagonal`` (see :class:`~secorder.operators.LeafOperator`)
 is asked for it instead, and the results report ``num_matvecs = 0``; an own diagonal
 that returns ``None`` declines (no factor for this call), and the one-hot columns run.
@@ -21,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..operators import LeafOperator
+from ..slow_path import ColumnMonitor
 from ..results import STOP_NUM_SAMPLES, DiagonalEstimate, TraceEstimate
 from . import registry
 
@@ -56,7 +62,8 @@ def _one_hot_rows(start: int, stop: int, template: Tensor) -> Tensor:
     return rows.reshape((k,) + tuple(template.shape))
 
 
-def _diagonal_chunks(op: LeafOperator, index: int, chunk_size: Optional[int]) -> Iterator[Tensor]:
+def _diagonal_chunks(op: LeafOperator, index: int, chunk_size: Optional[int],
+                     monitor: Optional[ColumnMonitor] = None) -> Iterator[Tensor]:
     """Yield the diagonal of leaf ``index``'s block, ``chunk_size`` entries at a time."""
     template = op.templates[index]
     n = template.numel()
@@ -65,6 +72,12 @@ def _diagonal_chunks(op: LeafOperator, index: int, chunk_size: Optional[int]) ->
         stop = min(n, start + step)
         out = op.block_matvec(index, _one_hot_rows(start, stop, template))
         yield out.reshape(stop - start, n)[:, start:stop].diagonal()
+        if monitor is not None:
+            monitor.done(stop - start)
+
+
+def _monitor(op: LeafOperator, what: str) -> ColumnMonitor:
+    return ColumnMonitor(op.dim, what, op.templates[0].device if len(op.templates) else torch.device("cpu"))
 
 
 def _own_diagonal(op: LeafOperator, chunk_size: Optional[int]) -> Optional[List[Tensor]]:
@@ -95,11 +108,12 @@ def _exact_diagonal(op: LeafOperator, chunk_size: Optional[int]) -> tuple:
     if own is not None:
         return own, 0
     out = []
-    for i, t in enumerate(op.templates):
-        if t.numel() == 0:
-            out.append(torch.zeros_like(t))
-            continue
-        out.append(torch.cat(list(_diagonal_chunks(op, i, chunk_size))).reshape(t.shape))
+    with _monitor(op, "diagonal") as monitor:
+        for i, t in enumerate(op.templates):
+            if t.numel() == 0:
+                out.append(torch.zeros_like(t))
+                continue
+            out.append(torch.cat(list(_diagonal_chunks(op, i, chunk_size, monitor))).reshape(t.shape))
     return out, op.dim
 
 
@@ -136,11 +150,12 @@ def _exact_trace_by_leaf(op: LeafOperator, chunk_size: Optional[int]) -> tuple:
     if own is not None:
         return torch.stack([d.sum() for d in own]), 0
     per_leaf = []
-    for i, t in enumerate(op.templates):
-        total = torch.zeros((), dtype=t.dtype, device=t.device)
-        for part in _diagonal_chunks(op, i, chunk_size):
-            total = total + part.sum()
-        per_leaf.append(total)
+    with _monitor(op, "trace") as monitor:
+        for i, t in enumerate(op.templates):
+            total = torch.zeros((), dtype=t.dtype, device=t.device)
+            for part in _diagonal_chunks(op, i, chunk_size, monitor):
+                total = total + part.sum()
+            per_leaf.append(total)
     return torch.stack(per_leaf), op.dim
 
 

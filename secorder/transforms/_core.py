@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from .. import _checks, tree
+from .. import slow_path as _slow_path
 from ..estimators import registry
 from ..dataset import is_dataset_loss
 from ..estimators.probes import make_generator
@@ -185,7 +186,8 @@ def _evaluate(request: Request, fn: Callable, problem: Problem, what: str, *, fu
     else:
         _engine.record(fn, "generic", f"method={request.estimator.name!r} runs on the curvature operator", what)
     op = make_operator(request.curvature, problem, mc_samples=request.mc_samples, generator=generator)
-    est = registry.run(op, request.estimator, request.options, request.chunk_size, generator)
+    with _slow_path.reason(getattr(fn, "last_fallback_reason", None)):
+        est = registry.run(op, request.estimator, request.options, request.chunk_size, generator)
     _record_route(fn, op, request, what)
     return problem.result(_shape(request, problem, est, full))
 
