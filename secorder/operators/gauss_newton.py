@@ -71,8 +71,15 @@ def gauss_newton_operator(
     def make(key: Any):
         fn, primal = restrict(problem.output_of_leaves, leaves, key)
         out, pullback = vjp(fn, primal)
-        zeros = tree.tree_map(torch.zeros_like, out)
-        _, transpose = vjp(lambda u: pullback(u)[0], zeros)
+        built: List[Callable] = []
+
+        def transpose() -> Callable:
+            """``v -> (J v,)``, the VJP of the pull-back: built at the first product (a diagonal never needs it)."""
+            if not built:
+                zeros = tree.tree_map(torch.zeros_like, out)
+                built.append(vjp(lambda u: pullback(u)[0], zeros)[1])
+            return built[0]
+
         return out, pullback, transpose
 
     lin = LastLinearization(make)
@@ -80,7 +87,8 @@ def gauss_newton_operator(
 
     def product(key: Any) -> Callable[[Any], Any]:
         _, pullback, transpose = lin(key)
-        return lambda v: pullback(h_out(transpose(v)[0]))[0]
+        jvp_of = transpose()  # outside the probe vmap
+        return lambda v: pullback(h_out(jvp_of(v)[0]))[0]
 
     def matvec(V: List[Tensor]) -> List[Tensor]:
         return vmap(product(None))(list(V))
