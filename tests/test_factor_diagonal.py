@@ -272,7 +272,7 @@ def test_zoo_factor_diagonals_equal_dense_references(name):
     case = zoo.build(name, batch=2)
     params = case.params()
     op = _operator("ggn", case.f, params, case.inputs, case.targets)
-    got = op.diagonal(None)
+    got = op.diagonal(3 if name == "gpt2" else None)  # GPT-2: C T = 44 columns per sequence, 3 at a time
     assert "per-sample" in op.diagonal.route
     _close(got, _dense_ggn(case.f, params, case.inputs, case.targets), rtol=max(case.rtol, 1e-8))
     for curvature in ("fisher", "empirical_fisher"):

@@ -77,4 +77,4 @@ def sample_factor(G: Tensor, scale: Tensor, unbatch: bool, what: str):
     from .output_factor import OutputFactor
 
     w = torch.as_tensor(scale, dtype=G.dtype, device=G.device).expand(G.shape[:2])
-    return OutputFactor(G, w, per_sample=True, unbatch=unbatch, source=what)
+    return OutputFactor.of(G, w, per_sample=True, unbatch=unbatch, source=what)

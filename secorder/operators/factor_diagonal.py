@@ -78,20 +78,23 @@ def _add(acc: Optional[List[Tensor]], parts: List[Tensor]) -> List[Tensor]:
 # -- route 3: the call's full-batch VJP, one cotangent per (sample, column) -----------------------------
 
 
-def full_batch(pullback: Callable[[Tensor], Any], fac: OutputFactor, out_shape: Tuple[int, ...],
+def full_batch(pullback: Callable[[Tensor], Any], fac: OutputFactor, out_shape: Tuple[int, ...], N: int,
                pairs: int) -> List[Tensor]:
     """The diagonal from the full-batch ``pullback`` (``u -> (J^T u,)``), ``pairs`` cotangents per batched call."""
-    B, w = fac.B, fac.w
     acc = None
+    K = fac.columns
     if not fac.per_sample:
-        for start in range(0, B.shape[0], pairs):
-            g = vmap(lambda u: pullback(u)[0])(B[start:start + pairs])
-            acc = _add(acc, _weighted_squares(g, w[start:start + pairs]))
+        for start in range(0, K, pairs):
+            B, w = fac.columns_between(start, min(K, start + pairs))
+            g = vmap(lambda u: pullback(u)[0])(B)
+            acc = _add(acc, _weighted_squares(g, w))
         return acc
-    K, N = B.shape[0], B.shape[1]
     for start in range(0, K * N, pairs):
-        idx = torch.arange(start, min(K * N, start + pairs), device=B.device)
-        k, n = idx // N, idx % N
+        stop = min(K * N, start + pairs)
+        k_lo, k_hi = start // N, (stop - 1) // N + 1
+        B, w = fac.columns_between(k_lo, k_hi)
+        idx = torch.arange(start, stop, device=B.device)
+        k, n = idx // N - k_lo, idx % N
         U = B.new_zeros((idx.numel(),) + tuple(B.shape[1:]))
         U[torch.arange(idx.numel(), device=B.device), n] = B[k, n]
         if fac.unbatch:
@@ -145,7 +148,7 @@ class _Split:
         return problem.evaluate(lambda: problem.f.output(args[0], inputs, problem._buffers(args)))
 
 
-def split_reason(problem: Any, fac: OutputFactor) -> Optional[str]:
+def split_reason(problem: Any, fac: OutputFactor, N: int) -> Optional[str]:
     """Why the per-sample routes cannot run on this call (``None``: they can)."""
     if not fac.per_sample:
         return "the loss couples the samples"
@@ -158,7 +161,7 @@ def split_reason(problem: Any, fac: OutputFactor) -> Optional[str]:
         found = _couples_samples(model)
         if found:
             return found
-    return _Split(problem, fac.B.shape[1]).reason()
+    return _Split(problem, N).reason()
 
 
 def _one_sample(split: _Split, leaves: List[Tensor]) -> Callable:
@@ -182,32 +185,30 @@ def _outputs_agree(split: _Split, leaves: List[Tensor], out: Tensor) -> bool:
 
 def per_sample_vmap(split: _Split, leaves: List[Tensor], fac: OutputFactor, pairs: int) -> List[Tensor]:
     one = _one_sample(split, leaves)
-    B, w = fac.B, fac.w
-    K, N = B.shape[0], B.shape[1]
+    K, N = fac.columns, split.N
     kc = min(K, pairs)
     ns = max(1, pairs // kc)
     acc = None
     xs_all = split.batched
     for k0 in range(0, K, kc):
+        B, w = fac.columns_between(k0, min(K, k0 + kc))
         for n0 in range(0, N, ns):
             xs = [x[n0:n0 + ns] for x in xs_all]
-            Bc = B[k0:k0 + kc, n0:n0 + ns].transpose(0, 1)
-            wc = w[k0:k0 + kc, n0:n0 + ns].transpose(0, 1)
-            parts = vmap(one)(xs, Bc, wc)
+            parts = vmap(one)(xs, B[:, n0:n0 + ns].transpose(0, 1), w[:, n0:n0 + ns].transpose(0, 1))
             acc = _add(acc, [p.sum(0) for p in parts])
     return acc
 
 
 def per_sample_loop(split: _Split, leaves: List[Tensor], fac: OutputFactor, pairs: int) -> List[Tensor]:
-    B, w = fac.B, fac.w
-    K, N = B.shape[0], B.shape[1]
+    K, N = fac.columns, split.N
     acc = None
-    for n in range(N):
-        xs = [x[n] for x in split.batched]
-        _, pull = vjp(lambda L: split.output(L, xs), leaves)
-        for k0 in range(0, K, pairs):
-            g = vmap(lambda b: pull(b.unsqueeze(0))[0])(B[k0:k0 + pairs, n])
-            acc = _add(acc, _weighted_squares(g, w[k0:k0 + pairs, n]))
+    for k0 in range(0, K, pairs):
+        B, w = fac.columns_between(k0, min(K, k0 + pairs))
+        for n in range(N):
+            xs = [x[n] for x in split.batched]
+            _, pull = vjp(lambda L: split.output(L, xs), leaves)
+            g = vmap(lambda b: pull(b.unsqueeze(0))[0])(B[:, n])
+            acc = _add(acc, _weighted_squares(g, w[:, n]))
     return acc
 
 
@@ -239,12 +240,13 @@ class FactorDiagonal:
         pairs = chunk_size if chunk_size is not None else auto_pairs(sum(t.numel() for t in leaves))
         what = f"{fac.source}; (sample, column) pairs per batched VJP: {pairs}"
         out, pullback = self.linearization()
-        if fac.B.shape[0] == 0 or (fac.per_sample and fac.B.shape[1] == 0):
+        N = 1 if fac.unbatch or out.dim() == 0 else out.shape[0]
+        if fac.columns == 0 or (fac.per_sample and N == 0):
             self.route = f"empty factor ({what})"
             return [torch.zeros_like(t) for t in leaves]
-        why = split_reason(self.problem, fac)
+        why = split_reason(self.problem, fac, N)
         if why is None:
-            split = _Split(self.problem, fac.B.shape[1])
+            split = _Split(self.problem, N)
             if not isinstance(self.problem.f.model, nn.Module):
                 try:
                     if not _outputs_agree(split, leaves, out):
@@ -262,6 +264,6 @@ class FactorDiagonal:
                     result = per_sample_loop(split, leaves, fac, pairs)
                     self.route = f"per-sample (loop) loss-factor VJPs, as {why} ({what})"
                     return result
-        result = full_batch(pullback, fac, tuple(out.shape), pairs)
+        result = full_batch(pullback, fac, tuple(out.shape), N, pairs)
         self.route = f"full-batch loss-factor VJPs, one per (sample, column), as {why} ({what})"
         return result

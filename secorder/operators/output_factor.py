@@ -33,7 +33,7 @@ References:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -48,46 +48,76 @@ __all__ = ["OutputFactor", "MAX_DENSE_OUTPUT", "closed_form_factor", "autograd_f
 MAX_DENSE_OUTPUT = 4096
 
 
+Columns = Callable[[int, int], Tuple[Tensor, Tensor]]
+
+
 @dataclass(frozen=True)
 class OutputFactor:
     """``H_out = sum_k w[k] B[k] B[k]^T`` per sample (see the module docstring); also the map ``u -> H_out u``.
 
+    The columns are made a range at a time (``columns_between(start, stop)``), so a
+    factor of many columns (a language model's ``C T`` per sequence) is never held whole.
+
     Fields:
-        B: the columns, ``[K, N, *feat]`` (``per_sample=False``: ``[K, *out.shape]``).
-        w: the column weights, ``[K, N]`` (``per_sample=False``: ``[K]``).
+        columns: ``K``, the columns per sample.
+        columns_between: ``(start, stop) -> (B, w)``: columns ``B`` ``[k, N, *feat]`` and
+            weights ``w`` ``[k, N]`` (``per_sample=False``: ``[k, *out.shape]`` and ``[k]``).
         per_sample: the blocks are per sample (column ``k`` of sample ``n`` lives on sample ``n``).
         unbatch: the output has no batch dimension (one sample, ``N = 1`` in ``B``).
         source: how the columns were made (reported by the diagonal's route).
 
     Example:
         >>> import torch
-        >>> fac = OutputFactor(torch.tensor([[[1., 0.], [0., 2.]]]), torch.ones(1, 2))   # one column, two samples
+        >>> fac = OutputFactor.of(torch.tensor([[[1., 0.], [0., 2.]]]), torch.ones(1, 2))   # one column, two samples
         >>> fac(torch.ones(2, 2))
         tensor([[1., 0.],
                 [0., 4.]])
     """
 
-    B: Tensor
-    w: Tensor
+    columns: int
+    columns_between: Columns
     per_sample: bool = True
     unbatch: bool = False
     source: str = ""
 
-    @property
-    def columns(self) -> int:
-        """``K``, the columns per sample."""
-        return self.B.shape[0]
+    @staticmethod
+    def of(B: Tensor, w: Tensor, *, per_sample: bool = True, unbatch: bool = False, source: str = "") -> "OutputFactor":
+        """A factor whose columns ``B`` and weights ``w`` are given whole."""
+        return OutputFactor(B.shape[0], lambda start, stop: (B[start:stop], w[start:stop]), per_sample, unbatch,
+                            source)
 
     def __call__(self, u: Tensor) -> Tensor:
         """``H_out u`` for one output tangent ``u``."""
-        B = self.B
+        B, w = self.columns_between(0, self.columns)
         if self.unbatch:
             u = u[None]
         feat = list(range(2 if self.per_sample else 1, B.dim()))
         s = (B * u[None]).sum(dim=feat) if feat else B * u[None]  # [K, N] or [K]
-        w = s * self.w
-        out = (B * w.reshape(tuple(w.shape) + (1,) * (B.dim() - w.dim()))).sum(0)
+        sw = s * w
+        out = (B * sw.reshape(tuple(sw.shape) + (1,) * (B.dim() - sw.dim()))).sum(0)
         return out[0] if self.unbatch else out
+
+
+def _concatenated(parts: List[Tuple[int, Columns]]) -> Columns:
+    """Column ranges of several factors, one after the other, as one."""
+
+    def between(start: int, stop: int) -> Tuple[Tensor, Tensor]:
+        Bs, ws, offset = [], [], 0
+        for count, part in parts:
+            lo, hi = max(start - offset, 0), min(stop - offset, count)
+            if lo < hi:
+                B, w = part(lo, hi)
+                Bs.append(B)
+                ws.append(w)
+            offset += count
+        return (Bs[0], ws[0]) if len(Bs) == 1 else (torch.cat(Bs), torch.cat(ws))
+
+    return between
+
+
+def _weights(fac: Any) -> Tensor:
+    B = fac.B
+    return torch.ones(B.shape[:2], dtype=B.dtype, device=B.device) if fac.w is None else fac.w
 
 
 def closed_form_factor(spec: LossSpec, out: Tensor, targets: Any) -> OutputFactor:
@@ -99,8 +129,8 @@ def closed_form_factor(spec: LossSpec, out: Tensor, targets: Any) -> OutputFacto
     Example:
         >>> import torch
         >>> fac = closed_form_factor(LossSpec("mse", "sum"), torch.zeros(2, 3), torch.ones(2, 3))
-        >>> fac.B.shape, fac(torch.ones(2, 3))      # H_out = 2 I per sample
-        (torch.Size([3, 2, 3]), tensor([[2., 2., 2.],
+        >>> fac.columns, fac(torch.ones(2, 3))      # H_out = 2 I per sample
+        (3, tensor([[2., 2., 2.],
                 [2., 2., 2.]]))
     """
     from ..structured.errors import Unsupported  # the engine's math, read only
@@ -108,19 +138,27 @@ def closed_form_factor(spec: LossSpec, out: Tensor, targets: Any) -> OutputFacto
 
     try:
         oc = output_curvature(spec, out, targets)
-        factors = [t.as_factor() for t in oc.whole().terms]
+        parts: List[Tuple[int, Columns]] = []
+        for term in oc.terms:  # whole terms (the diagonal MSE/BCE Hessians): one-hot columns, an expanded view
+            fac = term.as_factor()
+            B, w = fac.B, _weights(fac)
+            parts.append((B.shape[0], lambda start, stop, B=B, w=w: (B[start:stop], w[start:stop])))
+        if oc.columns:
+            P = oc.positions  # explicit columns per factor column (per position of a language model)
+
+            def factor_columns(start: int, stop: int) -> Tuple[Tensor, Tensor]:
+                c0, c1 = start // P, -(-stop // P)
+                fac = oc.factor(c0, c1).as_factor()
+                lo, hi = start - c0 * P, stop - c0 * P
+                return fac.B[lo:hi], _weights(fac)[lo:hi]
+
+            parts.append((oc.columns * P, factor_columns))
     except Unsupported as err:
         raise UnsupportedLoss(str(err)) from None
-    if not factors:
+    if not parts:
         raise UnsupportedLoss("the loss has no output curvature terms")
-    Bs, ws = [], []
-    for fac in factors:
-        B = fac.B  # Diagonal's one-hot columns are an expanded view: kept as such
-        Bs.append(B)
-        ws.append(torch.ones(B.shape[:2], dtype=B.dtype, device=B.device) if fac.w is None else fac.w)
-    B = Bs[0] if len(Bs) == 1 else torch.cat(Bs)
-    w = ws[0] if len(ws) == 1 else torch.cat(ws)
-    return OutputFactor(B, w, source=f"closed-form {spec.kind} factor, {B.shape[0]} column(s) per sample")
+    K = sum(count for count, _ in parts)
+    return OutputFactor(K, _concatenated(parts), source=f"closed-form {spec.kind} factor, {K} column(s) per sample")
 
 
 def _dense_output_hessian(loss_of_output: Callable[[Tensor], Tensor], out: Tensor) -> Tensor:
@@ -157,12 +195,12 @@ def autograd_factor(loss_of_output: Callable[[Tensor], Tensor], out: Tensor) -> 
     same = torch.eye(N, dtype=torch.bool, device=H.device).reshape(N, 1, N, 1)
     if not bool((blocks.masked_fill(same, 0) == 0).all()):  # samples coupled by the loss: whole-output columns
         b, w = _eig_columns(H)
-        return OutputFactor(b.T.reshape((M,) + tuple(out.shape)), w, per_sample=False,
-                            source=f"autograd H_out ({M}x{M}, couples samples), {M} whole-output column(s)")
+        return OutputFactor.of(b.T.reshape((M,) + tuple(out.shape)), w, per_sample=False,
+                               source=f"autograd H_out ({M}x{M}, couples samples), {M} whole-output column(s)")
     diag_blocks = blocks.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [N, Fn, Fn]
     b, w = _eig_columns(diag_blocks)  # [N, Fn, K=Fn], [N, K]
     B = b.permute(2, 0, 1).reshape((Fn,) + tuple(out.shape))
-    return OutputFactor(B, w.T, source=f"autograd H_out per sample ({Fn}x{Fn} eigendecomposition), "
+    return OutputFactor.of(B, w.T, source=f"autograd H_out per sample ({Fn}x{Fn} eigendecomposition), "
                                        f"{Fn} column(s) per sample")
 
 
@@ -180,7 +218,7 @@ def ggn_factor(problem: Any, out: Any) -> Optional[OutputFactor]:
         spec = loss_spec(problem.loss_fn)
         out_b, targets, unbatch = batched(spec, out, problem.targets)
         fac = closed_form_factor(spec, out_b, targets)
-        return OutputFactor(fac.B, fac.w, True, unbatch, fac.source) if unbatch else fac
+        return OutputFactor(fac.columns, fac.columns_between, True, unbatch, fac.source) if unbatch else fac
     except UnsupportedLoss:
         pass
     if out.dim() == 0:
