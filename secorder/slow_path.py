@@ -2,7 +2,10 @@
 
 An exact diagonal or trace off the fast paths (the Hessian when the structured
 engine declines, a GGN whose loss has no output-Hessian factor) takes one
-batched product per parameter column (:mod:`secorder.estimators.exact`). Before
+batched product per parameter column (:mod:`secorder.estimators.exact`); a
+loss-factor diagonal takes one VJP per (sample, factor column)
+(:mod:`secorder.operators.factor_diagonal`), which is also watched: a language
+model's ``C T`` columns per sequence on the full-batch route add up. Before
 the columns run, :class:`ColumnMonitor` times the first chunk of columns (one
 batched product, with one device synchronisation on an accelerator), estimates
 the whole (columns x measured time per column) and, when the estimate is above
@@ -138,16 +141,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_ALTERNATIVES = ("method='hutchinson' (an estimate with an error bar, one product per probe), curvature='ggn' "
+                 "(exact diagonals from per-sample loss factors on any model), or a model the structured engine "
+                 "supports")
+
+
 class ColumnMonitor:
     """Watches an exact computation over ``columns`` one-hot columns (:mod:`secorder.estimators.exact`).
 
+    ``work`` describes the whole in the warning (default: one product per parameter),
+    ``alternatives`` what to do instead (default: ``method="hutchinson"``, ``curvature="ggn"``).
     Call :meth:`done` after each chunk with the number of columns it took; the first
     call times the chunk (since the monitor was made), estimates the whole and warns
     when it is above the threshold. :meth:`close` closes the progress bar.
     """
 
-    def __init__(self, columns: int, what: str, device: torch.device):
+    def __init__(self, columns: int, what: str, device: torch.device, *, work: Optional[str] = None,
+                 alternatives: Optional[str] = None):
         self.columns, self.what, self.device = columns, what, device
+        self.alternatives = alternatives if alternatives is not None else _ALTERNATIVES
+        self.work = work if work is not None else f"one product per parameter ({columns:,} columns)"
         self.settings = current()
         self.bar: Any = None
         self.estimate: Optional[float] = None
@@ -179,11 +192,9 @@ class ColumnMonitor:
         why = _REASON.get()
         because = f" because the fast path declined: {why}" if why else ""
         warnings.warn(
-            f"secorder: the exact {self.what} takes one product per parameter ({self.columns:,} columns){because}. "
+            f"secorder: the exact {self.what} takes {self.work}{because}. "
             f"Estimated time: {_duration(self.estimate)} (threshold {_duration(self.settings.threshold_s)}; "
-            "secorder.slow_path.settings(threshold_s=...) changes it). Alternatives: method='hutchinson' (an "
-            "estimate with an error bar, a few products per sample), curvature='ggn' (exact diagonals from "
-            "per-sample loss factors on any model), or a model the structured engine supports.",
+            f"secorder.slow_path.settings(threshold_s=...) changes it). Alternatives: {self.alternatives}.",
             SlowPathWarning, stacklevel=2)
 
     def close(self) -> None:

@@ -53,13 +53,18 @@ def test_trace_warns_too_and_the_default_threshold_is_quiet():
     assert caught == []
 
 
-def test_loss_factor_diagonals_never_warn():
-    """The GGN and Fishers take N K products, not one per parameter: nothing to warn about."""
+def test_loss_factor_diagonals_count_their_vjps():
+    """The GGN and Fishers take N K VJPs, not one product per parameter; that is what their warning counts."""
     f, params, x, y = _declined_model()
-    with so.slow_path.settings(threshold_s=0.0):
-        for curvature in ("ggn", "empirical_fisher"):
+    for curvature, columns in (("ggn", 3), ("empirical_fisher", 1)):
+        with so.slow_path.settings(threshold_s=0.0):
             _, caught = _caught(so.diagonal(f, curvature=curvature), params, x, y)
-            assert caught == []
+        assert len(caught) == 1
+        text = str(caught[0].message)
+        assert f"{5 * columns} vector-Jacobian products (5 sample(s) x {columns} factor column(s))" in text
+        assert "one product per parameter" not in text and "method='hutchinson'" in text
+        _, caught = _caught(so.diagonal(f, curvature=curvature), params, x, y)
+        assert caught == []
 
 
 def test_progress_bar_over_the_columns(capsys):

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from .. import tree
+from ..slow_path import ColumnMonitor
 from .output_factor import OutputFactor
 
 __all__ = ["AUTO_ENTRIES", "MAX_AUTO_PAIRS", "auto_pairs", "FactorDiagonal", "split_reason"]
@@ -71,6 +72,11 @@ def _weighted_squares(grads: List[Tensor], w: Tensor) -> List[Tensor]:
     return [(g * g * w.reshape((-1,) + (1,) * (g.dim() - 1))).sum(0) for g in grads]
 
 
+def _done(monitor: Optional[ColumnMonitor], pairs: int) -> None:
+    if monitor is not None:
+        monitor.done(pairs)
+
+
 def _add(acc: Optional[List[Tensor]], parts: List[Tensor]) -> List[Tensor]:
     return list(parts) if acc is None else [a + p for a, p in zip(acc, parts)]
 
@@ -79,7 +85,7 @@ def _add(acc: Optional[List[Tensor]], parts: List[Tensor]) -> List[Tensor]:
 
 
 def full_batch(pullback: Callable[[Tensor], Any], fac: OutputFactor, out_shape: Tuple[int, ...], N: int,
-               pairs: int) -> List[Tensor]:
+               pairs: int, monitor: Optional[ColumnMonitor] = None) -> List[Tensor]:
     """The diagonal from the full-batch ``pullback`` (``u -> (J^T u,)``), ``pairs`` cotangents per batched call."""
     acc = None
     K = fac.columns
@@ -88,6 +94,7 @@ def full_batch(pullback: Callable[[Tensor], Any], fac: OutputFactor, out_shape: 
             B, w = fac.columns_between(start, min(K, start + pairs))
             g = vmap(lambda u: pullback(u)[0])(B)
             acc = _add(acc, _weighted_squares(g, w))
+            _done(monitor, B.shape[0])
         return acc
     for start in range(0, K * N, pairs):
         stop = min(K * N, start + pairs)
@@ -101,6 +108,7 @@ def full_batch(pullback: Callable[[Tensor], Any], fac: OutputFactor, out_shape: 
             U = U[:, 0]
         g = vmap(lambda u: pullback(u.reshape(out_shape))[0])(U)
         acc = _add(acc, _weighted_squares(g, w[k, n]))
+        _done(monitor, idx.numel())
     return acc
 
 
@@ -183,7 +191,8 @@ def _outputs_agree(split: _Split, leaves: List[Tensor], out: Tensor) -> bool:
     return bool(((per - out).abs() <= 16 * eps ** 0.5 * (1 + out.abs().amax())).all())
 
 
-def per_sample_vmap(split: _Split, leaves: List[Tensor], fac: OutputFactor, pairs: int) -> List[Tensor]:
+def per_sample_vmap(split: _Split, leaves: List[Tensor], fac: OutputFactor, pairs: int,
+                    monitor: Optional[ColumnMonitor] = None) -> List[Tensor]:
     one = _one_sample(split, leaves)
     K, N = fac.columns, split.N
     kc = min(K, pairs)
@@ -196,10 +205,12 @@ def per_sample_vmap(split: _Split, leaves: List[Tensor], fac: OutputFactor, pair
             xs = [x[n0:n0 + ns] for x in xs_all]
             parts = vmap(one)(xs, B[:, n0:n0 + ns].transpose(0, 1), w[:, n0:n0 + ns].transpose(0, 1))
             acc = _add(acc, [p.sum(0) for p in parts])
+            _done(monitor, B.shape[0] * xs[0].shape[0])
     return acc
 
 
-def per_sample_loop(split: _Split, leaves: List[Tensor], fac: OutputFactor, pairs: int) -> List[Tensor]:
+def per_sample_loop(split: _Split, leaves: List[Tensor], fac: OutputFactor, pairs: int,
+                    monitor: Optional[ColumnMonitor] = None) -> List[Tensor]:
     K, N = fac.columns, split.N
     acc = None
     for k0 in range(0, K, pairs):
@@ -209,6 +220,7 @@ def per_sample_loop(split: _Split, leaves: List[Tensor], fac: OutputFactor, pair
             _, pull = vjp(lambda L: split.output(L, xs), leaves)
             g = vmap(lambda b: pull(b.unsqueeze(0))[0])(B[:, n])
             acc = _add(acc, _weighted_squares(g, w[:, n]))
+            _done(monitor, B.shape[0])
     return acc
 
 
@@ -253,17 +265,23 @@ class FactorDiagonal:
                         why = "the model function's per-sample outputs differ from its batched ones"
                 except _RECOVERABLE as err:
                     why = f"the per-sample outputs could not be checked ({type(err).__name__}: {err})"
-        if why is None:
-            try:
-                result = per_sample_vmap(split, leaves, fac, pairs)
-                self.route = f"per-sample (vmap) loss-factor VJPs ({what})"
-                return result
-            except _RECOVERABLE as err:
-                why = f"vmap over the samples failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-                if "randomness" not in str(err):
-                    result = per_sample_loop(split, leaves, fac, pairs)
-                    self.route = f"per-sample (loop) loss-factor VJPs, as {why} ({what})"
+        total = fac.columns * (N if fac.per_sample else 1)
+        work = f"{total:,} vector-Jacobian products ({N} sample(s) x {fac.columns:,} factor column(s))"
+        alternatives = ("method='hutchinson' (an estimate with an error bar, one product per probe), fewer samples "
+                        "per batch, or a model whose batch can be split (per-sample routes)")
+        with ColumnMonitor(total, "loss-factor diagonal", leaves[0].device, work=work,
+                           alternatives=alternatives) as monitor:
+            if why is None:
+                try:
+                    result = per_sample_vmap(split, leaves, fac, pairs, monitor)
+                    self.route = f"per-sample (vmap) loss-factor VJPs ({what})"
                     return result
-        result = full_batch(pullback, fac, tuple(out.shape), N, pairs)
-        self.route = f"full-batch loss-factor VJPs, one per (sample, column), as {why} ({what})"
+                except _RECOVERABLE as err:
+                    why = f"vmap over the samples failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+                    if "randomness" not in str(err):
+                        result = per_sample_loop(split, leaves, fac, pairs, monitor)
+                        self.route = f"per-sample (loop) loss-factor VJPs, as {why} ({what})"
+                        return result
+            result = full_batch(pullback, fac, tuple(out.shape), N, pairs, monitor)
+            self.route = f"full-batch loss-factor VJPs, one per (sample, column), as {why} ({what})"
         return result
