@@ -24,9 +24,9 @@ divided by the warm time of one ``torch.func.grad`` of the same ``f`` in the sam
 The peers get the model wrapped to take a tensor and return the logits (curvlinops
 3.0.1 also takes dict inputs; the wrapper keeps both peers on one code path).
 
-Run: ``python -m benchmarks.bench_real_models`` (``--quick``: one warm call per case;
-``--row=ResNet`` or ``--row=GPT-2``; ``--repeat=R`` rounds, each case keeping its
-fastest).
+Run: ``python -m benchmarks.bench_real_models`` (
+``--row=ResNet`` or ``--row=GPT-2``; ``--repeat=R`` rounds, interleaved, each case
+keeping its fastest; ``--quick``: 3 warm calls, 2 rounds).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def _diag(row: str, curvature: str, chunk_size=None) -> Callable[[], Any]:
 
     def run():
         d = fn(params, w["inputs"], w["y"])
-        return {"route": (fn.last_fallback_reason or "").split("exact diagonal: ")[-1][:60],
+        return {"route": (fn.last_fallback_reason or "").split("exact diagonal: ")[-1].split(" (")[0],
                 "sum": float(sum(v.sum() for v in d.values()))}
 
     return run
@@ -258,10 +258,11 @@ def _methods(row: str):
 def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     quick = "--quick" in sys.argv
-    warm = 1 if quick else 3
-    repeat = harness.repeat_option(1)
+    warm = 3 if quick else 5
+    repeat = harness.repeat_option(2 if quick else 3)
     lines = ["| row | method | warm (s) | gradient evaluations | products | peak extra RSS (MiB) |",
              "|---|---|---|---|---|---|"]
+    routes = set()
     for row in harness.selected_rows(ROWS):
         res: Dict[str, Dict[str, Any]] = {}
         for _ in range(repeat):
@@ -279,11 +280,13 @@ def main() -> None:
                 continue
             t = r["warm_s"]
             per = PROBES if m.endswith("hutchinson") else 1
-            extra = f" ({r['route']})" if r.get("route") else ""
-            lines.append(f"| {ROWS[row]} | {LABELS[m]}{extra} | {t:.3f} | {t / per / unit:.2f} | "
+            if r.get("route"):
+                routes.add(r["route"])
+            lines.append(f"| {ROWS[row]} | {LABELS[m]} | {t:.3f} | {t / per / unit:.2f} | "
                          f"{r.get('matvecs') or ''} | {r['peak_mib']:.1f} |")
         print("\n".join(lines), flush=True)
     print("\n" + "\n".join(lines))
+    print("\nroutes of the exact diagonals: " + "; ".join(sorted(routes)))
 
 
 if __name__ == "__main__":
