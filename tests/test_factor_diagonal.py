@@ -289,3 +289,20 @@ def test_zoo_resnet_in_training_mode_takes_the_full_batch():
     got = op.diagonal(None)
     assert "full-batch" in op.diagonal.route
     _close(got, _dense_ggn(case.f, params, case.inputs, case.targets), rtol=1e-8)
+
+
+def test_composes_with_grad_and_vmap():
+    """The gradient of an exact GGN trace (a curvature penalty) and per-example diagonals under vmap."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.GroupNorm(2, 4), nn.Tanh(), nn.Linear(4, 3)).to(D)
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    params, x, y = so.params_dict(model), torch.randn(5, 3, dtype=D), torch.randint(0, 3, (5,))
+    tr = so.trace(f, curvature="ggn")
+    got = torch.func.grad(tr)(params, x, y)
+    assert "loss-factor" in tr.last_fallback_reason
+    flat, unravel = so.tree.ravel(params)
+    expected = torch.func.grad(lambda p: _dense_ggn(f, unravel(p), x, y).sum())(flat)
+    _close(got, expected)
+    per_example = torch.func.vmap(so.diagonal(f, curvature="ggn"), in_dims=(None, 0, 0))(params, x[:, None], y[:, None])
+    for i in range(5):
+        _close({k: v[i] for k, v in per_example.items()}, _dense_ggn(f, params, x[i:i + 1], y[i:i + 1]))
