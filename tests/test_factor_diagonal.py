@@ -306,3 +306,16 @@ def test_composes_with_grad_and_vmap():
     per_example = torch.func.vmap(so.diagonal(f, curvature="ggn"), in_dims=(None, 0, 0))(params, x[:, None], y[:, None])
     for i in range(5):
         _close({k: v[i] for k, v in per_example.items()}, _dense_ggn(f, params, x[i:i + 1], y[i:i + 1]))
+
+
+def test_zoo_bert_in_training_mode_keeps_one_dropout_draw():
+    """vmap refuses BERT (in-place writes); a loop would redraw its dropout masks: the full batch runs instead."""
+    from tests import zoo
+
+    case = zoo.build("bert", batch=2, train=True)
+    params = case.params()
+    torch.manual_seed(4)
+    op = _operator("empirical_fisher", case.f, params, case.inputs, case.targets)
+    got = op.diagonal(None)
+    assert "full-batch" in op.diagonal.route and "Dropout" in op.diagonal.route
+    _close(got, _one_hot(op), rtol=1e-8)

@@ -18,8 +18,8 @@ takes one of three routes, tried in this order, and says which ran
 2. ``"per-sample (loop)"``: the same products, one sample at a time in a Python
    loop, where the model's code refuses ``vmap`` (Hugging Face BERT/ViT/ConvNeXt
    write in place into unbatched tensors). Not taken when the refusal is about
-   randomness (a training-mode dropout: a loop would draw other masks than the
-   call's one forward).
+   randomness, or the model has a training-mode dropout (a loop would draw other
+   masks than the call's one forward).
 3. ``"full batch"``: the call's own full-batch VJP (its one forward pass) with one
    cotangent per (sample, column), ``B[k, n]`` on sample ``n`` and zeros elsewhere.
    Exact for any model, samples coupled or not (training-mode batch norms, dropout
@@ -119,6 +119,16 @@ def _couples_samples(model: nn.Module) -> Optional[str]:
     for name, m in model.named_modules():
         if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
             return f"module {name or '<root>'!r} ({type(m).__name__}) uses batch statistics in training mode"
+    return None
+
+
+def _draws_randomness(model: Any) -> Optional[str]:
+    """A training-mode dropout: a loop over samples would draw other masks than the call's one forward."""
+    if not isinstance(model, nn.Module):
+        return None
+    for name, m in model.named_modules():
+        if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return f"module {name or '<root>'!r} ({type(m).__name__}) draws a mask in training mode"
     return None
 
 
@@ -278,7 +288,10 @@ class FactorDiagonal:
                     return result
                 except _RECOVERABLE as err:
                     why = f"vmap over the samples failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-                    if "randomness" not in str(err):
+                    random = _draws_randomness(self.problem.f.model)
+                    if random is not None:
+                        why = f"{why}, and {random}"
+                    elif "randomness" not in str(err):
                         result = per_sample_loop(split, leaves, fac, pairs, monitor)
                         self.route = f"per-sample (loop) loss-factor VJPs, as {why} ({what})"
                         return result
