@@ -19,7 +19,9 @@ divided by the warm time of one ``torch.func.grad`` of the same ``f`` in the sam
   every position). Ours: the Hessian's Hutchinson trace per probe and the top
   eigenvalue with ``so.eigenvalues(f, k=1, tol=1e-3)`` (Hessian products counted);
   curvlinops: ``hutchinson_trace`` and ``scipy.sparse.linalg.eigsh(k=1, tol=1e-3)`` on
-  its operator (products counted); BackPACK as above.
+  its operator (products counted), as a user calls them (PyTorch's fused attention:
+  refused) and inside ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``; BackPACK as
+  above (a run that fills only some parameters is reported as such).
 
 The peers get the model wrapped to take a tensor and return the logits (curvlinops
 3.0.1 also takes dict inputs; the wrapper keeps both peers on one code path).
@@ -163,20 +165,35 @@ def _curvlinops_operator(row: str):
     return op
 
 
-def _curvlinops_hutchinson(row: str) -> Callable[[], Any]:
+def _math_kernel(math: bool):
+    """PyTorch's math attention kernel for the whole call (the user's switch; curvlinops needs it for GPT-2)."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext()
+
+
+def _curvlinops_hutchinson(row: str, math: bool = False) -> Callable[[], Any]:
     import curvlinops
 
     op = _curvlinops_operator(row)
-    return lambda: {"value": float(curvlinops.hutchinson_trace(op, PROBES)), "matvecs": PROBES}
+
+    def run():
+        with _math_kernel(math):
+            return {"value": float(curvlinops.hutchinson_trace(op, PROBES)), "matvecs": PROBES}
+
+    return run
 
 
-def _curvlinops_top(row: str) -> Callable[[], Any]:
+def _curvlinops_top(row: str, math: bool = False) -> Callable[[], Any]:
     from scipy.sparse.linalg import eigsh
 
     op = _curvlinops_operator(row)
 
     def run():
-        return {"value": float(eigsh(op.to_scipy(), k=1, which="LA", tol=1e-3, return_eigenvectors=False)[0])}
+        with _math_kernel(math):
+            return {"value": float(eigsh(op.to_scipy(), k=1, which="LA", tol=1e-3, return_eigenvectors=False)[0])}
 
     return run
 
@@ -190,11 +207,14 @@ def _backpack(row: str, curvature: str) -> Callable[[], Any]:
     loss_fn = extend(nn.CrossEntropyLoss())
     ext = {"ggn": DiagGGNExact(), "fisher": DiagGGNMC(mc_samples=1), "empirical_fisher": SumGradSquared()}[curvature]
 
+    attr = {"ggn": "diag_ggn_exact", "fisher": "diag_ggn_mc", "empirical_fisher": "sum_grad_squared"}[curvature]
+
     def run():
         model.zero_grad()
         with backpack(ext):
             loss_fn(model(w["x"]), w["peer_y"]).backward()
-        return {}
+        params = list(model.parameters())
+        return {"filled": sum(hasattr(p, attr) for p in params), "of": len(params)}
 
     return run
 
@@ -211,6 +231,8 @@ for _c in ("ggn", "empirical_fisher", "fisher"):
 CASES["ours-diag-ggn-chunk8:ResNet"] = lambda: _diag("ResNet", "ggn", 8)
 CASES["ours-top:GPT-2"] = lambda: _top("GPT-2")
 CASES["curvlinops-top:GPT-2"] = lambda: _curvlinops_top("GPT-2")
+CASES["curvlinops-math-hutchinson:GPT-2"] = lambda: _curvlinops_hutchinson("GPT-2", math=True)
+CASES["curvlinops-math-top:GPT-2"] = lambda: _curvlinops_top("GPT-2", math=True)
 
 LABELS = {
     "grad": "one gradient, `torch.func.grad(f)` (the unit)",
@@ -220,8 +242,10 @@ LABELS = {
     "ours-diag-fisher": "secorder exact MC-Fisher diagonal (1 sample)",
     "ours-hutchinson": f"secorder Hessian Hutchinson trace, per probe ({PROBES} probes)",
     "curvlinops-hutchinson": f"curvlinops `hutchinson_trace` (Hessian), per probe ({PROBES} probes)",
+    "curvlinops-math-hutchinson": f"curvlinops `hutchinson_trace` inside `sdpa_kernel(MATH)`, per probe ({PROBES} probes)",
     "ours-top": "secorder `so.eigenvalues(k=1, tol=1e-3)`",
     "curvlinops-top": "curvlinops + `eigsh(k=1, tol=1e-3)`",
+    "curvlinops-math-top": "curvlinops + `eigsh(k=1, tol=1e-3)` inside `sdpa_kernel(MATH)`",
     "backpack-ggn": "BackPACK `DiagGGNExact`",
     "backpack-empirical_fisher": "BackPACK `SumGradSquared`",
     "backpack-fisher": "BackPACK `DiagGGNMC` (1 sample)",
@@ -280,6 +304,10 @@ def main() -> None:
                 continue
             t = r["warm_s"]
             per = PROBES if m.endswith("hutchinson") else 1
+            if "of" in r and r["filled"] < r["of"]:
+                lines.append(f"| {ROWS[row]} | {LABELS[m]} | runs, but fills {r['filled']} of {r['of']} parameters "
+                             "(no extension for the others) | | | |")
+                continue
             if r.get("route"):
                 routes.add(r["route"])
             lines.append(f"| {ROWS[row]} | {LABELS[m]} | {t:.3f} | {t / per / unit:.2f} | "
