@@ -8,7 +8,8 @@ Example:
     (tensor(5.), tensor([1., 4.]), tensor([1., 4.]))
 """
 
-from . import _torch_warnings, composites, tree
+from . import _torch_warnings, composites, slow_path, tree
+from .slow_path import SlowPathWarning
 from .composites import differentiable_ops
 from .modules import FunctionalLoss, functional_loss, params_dict
 from .dataset import DatasetLoss, dataset_loss
@@ -55,6 +56,8 @@ __all__ = [
     "DatasetLoss",
     "tree",
     "composites",
+    "slow_path",
+    "SlowPathWarning",
     "differentiable_ops",
     "eigenvalues",
     "spectral_density",

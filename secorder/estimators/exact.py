@@ -7,8 +7,14 @@ extra memory is about ``chunk_size`` times the leaf size (times whatever the
 matvec itself keeps per probe), never the ``n x n`` Hessian. The trace sums each
 chunk's diagonal as it goes and keeps no diagonal around.
 
+Before the columns run, the first chunk is timed and the whole estimated: above a
+threshold (one minute by default) a :class:`secorder.SlowPathWarning` says so and
+names the alternatives, and a progress bar can follow the columns
+(:mod:`secorder.slow_path`).
+
 An operator with its own exact ``diagonal`` (see :class:`~secorder.operators.LeafOperator`)
-is asked for it instead, and the results report ``num_matvecs = 0``.
+is asked for it instead, and the results report ``num_matvecs = 0``; an own diagonal
+that returns ``None`` declines (no factor for this call), and the one-hot columns run.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..operators import LeafOperator
+from ..slow_path import ColumnMonitor
 from ..results import STOP_NUM_SAMPLES, DiagonalEstimate, TraceEstimate
 from . import registry
 
@@ -55,7 +62,8 @@ def _one_hot_rows(start: int, stop: int, template: Tensor) -> Tensor:
     return rows.reshape((k,) + tuple(template.shape))
 
 
-def _diagonal_chunks(op: LeafOperator, index: int, chunk_size: Optional[int]) -> Iterator[Tensor]:
+def _diagonal_chunks(op: LeafOperator, index: int, chunk_size: Optional[int],
+                     monitor: Optional[ColumnMonitor] = None) -> Iterator[Tensor]:
     """Yield the diagonal of leaf ``index``'s block, ``chunk_size`` entries at a time."""
     template = op.templates[index]
     n = template.numel()
@@ -64,6 +72,20 @@ def _diagonal_chunks(op: LeafOperator, index: int, chunk_size: Optional[int]) ->
         stop = min(n, start + step)
         out = op.block_matvec(index, _one_hot_rows(start, stop, template))
         yield out.reshape(stop - start, n)[:, start:stop].diagonal()
+        if monitor is not None:
+            monitor.done(stop - start)
+
+
+def _monitor(op: LeafOperator, what: str) -> ColumnMonitor:
+    return ColumnMonitor(op.dim, what, op.templates[0].device if len(op.templates) else torch.device("cpu"))
+
+
+def _own_diagonal(op: LeafOperator, chunk_size: Optional[int]) -> Optional[List[Tensor]]:
+    """The operator's own exact diagonal, or ``None`` when it has none or declines."""
+    if op.diagonal is None:
+        return None
+    own = op.diagonal(chunk_size)
+    return None if own is None else list(own)
 
 
 def exact_diagonal(op: LeafOperator, chunk_size: Optional[int] = None) -> List[Tensor]:
@@ -77,15 +99,22 @@ def exact_diagonal(op: LeafOperator, chunk_size: Optional[int] = None) -> List[T
         >>> exact_diagonal(op, chunk_size=1)
         [tensor([6., 8.]), tensor([0., 0.])]
     """
-    if op.diagonal is not None:
-        return list(op.diagonal(chunk_size))
+    return _exact_diagonal(op, chunk_size)[0]
+
+
+def _exact_diagonal(op: LeafOperator, chunk_size: Optional[int]) -> tuple:
+    """``(diagonal, products taken)``."""
+    own = _own_diagonal(op, chunk_size)
+    if own is not None:
+        return own, 0
     out = []
-    for i, t in enumerate(op.templates):
-        if t.numel() == 0:
-            out.append(torch.zeros_like(t))
-            continue
-        out.append(torch.cat(list(_diagonal_chunks(op, i, chunk_size))).reshape(t.shape))
-    return out
+    with _monitor(op, "diagonal") as monitor:
+        for i, t in enumerate(op.templates):
+            if t.numel() == 0:
+                out.append(torch.zeros_like(t))
+                continue
+            out.append(torch.cat(list(_diagonal_chunks(op, i, chunk_size, monitor))).reshape(t.shape))
+    return out, op.dim
 
 
 def exact_trace(op: LeafOperator, chunk_size: Optional[int] = None) -> Tensor:
@@ -98,7 +127,7 @@ def exact_trace(op: LeafOperator, chunk_size: Optional[int] = None) -> Tensor:
         >>> exact_trace(op)
         tensor(5.)
     """
-    return exact_trace_by_leaf(op, chunk_size).sum()
+    return _exact_trace_by_leaf(op, chunk_size)[0].sum()
 
 
 def exact_trace_by_leaf(op: LeafOperator, chunk_size: Optional[int] = None) -> Tensor:
@@ -112,20 +141,22 @@ def exact_trace_by_leaf(op: LeafOperator, chunk_size: Optional[int] = None) -> T
         >>> exact_trace_by_leaf(op)
         tensor([4., 6.])
     """
-    if op.diagonal is not None:
-        return torch.stack([d.sum() for d in op.diagonal(chunk_size)])
+    return _exact_trace_by_leaf(op, chunk_size)[0]
+
+
+def _exact_trace_by_leaf(op: LeafOperator, chunk_size: Optional[int]) -> tuple:
+    """``(per-leaf traces, products taken)``."""
+    own = _own_diagonal(op, chunk_size)
+    if own is not None:
+        return torch.stack([d.sum() for d in own]), 0
     per_leaf = []
-    for i, t in enumerate(op.templates):
-        total = torch.zeros((), dtype=t.dtype, device=t.device)
-        for part in _diagonal_chunks(op, i, chunk_size):
-            total = total + part.sum()
-        per_leaf.append(total)
-    return torch.stack(per_leaf)
-
-
-def _matvecs(op: LeafOperator) -> int:
-    """Products an exact result took: one per column, or none when the operator gave its own diagonal."""
-    return 0 if op.diagonal is not None else op.dim
+    with _monitor(op, "trace") as monitor:
+        for i, t in enumerate(op.templates):
+            total = torch.zeros((), dtype=t.dtype, device=t.device)
+            for part in _diagonal_chunks(op, i, chunk_size, monitor):
+                total = total + part.sum()
+            per_leaf.append(total)
+    return torch.stack(per_leaf), op.dim
 
 
 def exact_trace_estimate(op: LeafOperator, chunk_size: Optional[int] = None) -> TraceEstimate:
@@ -138,11 +169,11 @@ def exact_trace_estimate(op: LeafOperator, chunk_size: Optional[int] = None) -> 
         >>> est.value, est.stderr, int(est.num_matvecs), est.interval()
         (tensor(6.), tensor(0.), 2, (tensor(6.), tensor(6.)))
     """
-    per_leaf = exact_trace_by_leaf(op, chunk_size)
+    per_leaf, matvecs = _exact_trace_by_leaf(op, chunk_size)
     zero = torch.zeros_like(per_leaf)
     device = per_leaf.device
     return TraceEstimate(
-        per_leaf.sum(), zero.sum(), torch.tensor(_matvecs(op), device=device), per_leaf, zero,
+        per_leaf.sum(), zero.sum(), torch.tensor(matvecs, device=device), per_leaf, zero,
         torch.tensor(STOP_NUM_SAMPLES, device=device), torch.tensor(math.inf, dtype=per_leaf.dtype, device=device),
     )
 
@@ -156,10 +187,10 @@ def exact_diagonal_estimate(op: LeafOperator, chunk_size: Optional[int] = None) 
         >>> exact_diagonal_estimate(op).value
         [tensor([3., 3.])]
     """
-    value = exact_diagonal(op, chunk_size)
+    value, matvecs = _exact_diagonal(op, chunk_size)
     device = value[0].device
     return DiagonalEstimate(
-        value, [torch.zeros_like(v) for v in value], torch.tensor(_matvecs(op), device=device),
+        value, [torch.zeros_like(v) for v in value], torch.tensor(matvecs, device=device),
         torch.tensor(STOP_NUM_SAMPLES, device=device), torch.tensor(math.inf, dtype=value[0].dtype, device=device),
     )
 

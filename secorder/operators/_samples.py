@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Tuple
 
+import torch
 from torch import Tensor
 
 from ..losses import LossSpec, UnsupportedLoss, SUPPORTED_LOSSES, loss_spec
 
-__all__ = ["recognised_loss", "batched", "outer_product_map"]
+__all__ = ["recognised_loss", "batched", "outer_product_map", "sample_factor"]
 
 
 def recognised_loss(problem: Any, curvature: str) -> LossSpec:
@@ -58,3 +59,22 @@ def outer_product_map(G: Tensor, scale: Tensor, unbatch: bool) -> Callable[[Tens
         return w[0] if unbatch else w
 
     return h
+
+
+def sample_factor(G: Tensor, scale: Tensor, unbatch: bool, what: str):
+    """``G`` ``[K, N, *feat]`` with weight ``scale`` as the Fishers' per-sample factor of ``H_out``.
+
+    The same tensor serves the products (it is the map ``u -> scale sum_k G_k <G_k, u>_n``)
+    and the exact diagonal, so one call's labels are the same for both.
+
+    Example:
+        >>> import torch
+        >>> fac = sample_factor(torch.tensor([[[1., 0.], [0., 2.]]]), torch.tensor(1.), False, "g")
+        >>> fac(torch.ones(2, 2)), fac.source
+        (tensor([[1., 0.],
+                [0., 4.]]), 'g')
+    """
+    from .output_factor import OutputFactor
+
+    w = torch.as_tensor(scale, dtype=G.dtype, device=G.device).expand(G.shape[:2])
+    return OutputFactor.of(G, w, per_sample=True, unbatch=unbatch, source=what)

@@ -96,7 +96,45 @@ def build(curvature: str, problem: Problem, *, mc_samples: int = 1,
         return F.reduce([V], lambda b: [operator_of(b).block_matvec(index, V)], what)[0]
 
     psd = _psd(curvature, F.f) if entry.needs_split else False
-    return LeafOperator(templates=templates, matvec=matvec, block_matvec=block_matvec, psd=psd)
+    diagonal = _BatchDiagonals(F, templates, operator_of, curvature) if entry.needs_split else None
+    return LeafOperator(templates=templates, matvec=matvec, block_matvec=block_matvec, psd=psd, diagonal=diagonal)
+
+
+class _Declined(Exception):
+    """A batch's operator has no exact diagonal of its own (the one-hot columns run instead)."""
+
+
+class _BatchDiagonals:
+    """The exact diagonal as the weighted sum of the batches' own diagonals (one pass), or ``None``.
+
+    ``route`` collects the batches' routes (:class:`secorder.operators.factor_diagonal.FactorDiagonal`).
+    """
+
+    def __init__(self, F: DatasetLoss, templates: List[Tensor], operator_of: Any, curvature: str):
+        self.F, self.templates, self.operator_of, self.curvature = F, templates, operator_of, curvature
+        self.route: Optional[str] = None
+
+    def __call__(self, chunk_size: Optional[int] = None) -> Optional[List[Tensor]]:
+        routes: List[str] = []
+
+        def contribute(batch: Batch) -> List[Tensor]:
+            op = self.operator_of(batch)
+            own = op.diagonal(chunk_size) if op.diagonal is not None else None
+            route = getattr(op.diagonal, "route", None)
+            if route is not None and route not in routes:
+                routes.append(route)
+            if own is None:
+                raise _Declined(route or "no exact diagonal of its own")
+            return list(own)
+
+        try:
+            result = self.F.reduce(self.templates, contribute, f"{self.curvature} exact diagonal",
+                                   decline=(_Declined,))
+        except _Declined as err:
+            self.route = f"a batch declined ({err})"
+            return None
+        self.route = "per batch: " + " | ".join(routes) if routes else None
+        return result
 
 
 def call_generator(f: Any, generator: Optional[torch.Generator], device: torch.device) -> Optional[torch.Generator]:

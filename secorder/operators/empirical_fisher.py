@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..losses import per_sample_output_gradients, reduction_factor
-from ._samples import batched, outer_product_map, recognised_loss
+from ._samples import batched, recognised_loss, sample_factor
 from .base import LeafOperator
 from .gauss_newton import gauss_newton_operator
 
@@ -33,6 +33,6 @@ def build(problem: Any, *, mc_samples: int = 1, generator: Any = None) -> LeafOp
         problem.loss_of_output(out)  # the loss must accept what f accepts (raises as f raises)
         out_b, targets, unbatch = batched(spec, out, problem.targets)
         G = per_sample_output_gradients(spec, out_b, targets)[None]
-        return outer_product_map(G, 1.0 / reduction_factor(spec, out_b, targets), unbatch)
+        return sample_factor(G, 1.0 / reduction_factor(spec, out_b, targets), unbatch, "the per-sample gradient")
 
     return gauss_newton_operator(problem, output_operator, psd=True)

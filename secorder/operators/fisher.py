@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from ..losses import reduction_factor, sample_output_gradients
-from ._samples import batched, outer_product_map, recognised_loss
+from ._samples import batched, recognised_loss, sample_factor
 from .base import LeafOperator
 from .gauss_newton import gauss_newton_operator
 
@@ -40,6 +40,6 @@ def build(problem: Any, *, mc_samples: int = 1, generator: Optional[torch.Genera
         out_b, targets, unbatch = batched(spec, out, problem.targets)
         G = sample_output_gradients(spec, out_b, targets, mc_samples, generator)
         scale = 1.0 / (mc_samples * reduction_factor(spec, out_b, targets))
-        return outer_product_map(G, scale, unbatch)
+        return sample_factor(G, scale, unbatch, f"{mc_samples} sampled label gradient(s) per sample")
 
     return gauss_newton_operator(problem, output_operator, psd=True)

@@ -20,6 +20,7 @@ from torch.func import grad, vjp
 from ..losses import UnsupportedLoss, loss_spec
 from .base import LeafOperator
 from .gauss_newton import gauss_newton_operator
+from .output_factor import ggn_factor
 
 __all__ = ["build"]
 
@@ -40,4 +41,5 @@ def build(problem: Any, *, mc_samples: int = 1, generator: Any = None) -> LeafOp
         _, loss_hvp = vjp(grad(problem.loss_of_output), out)
         return lambda u: loss_hvp(u)[0]
 
-    return gauss_newton_operator(problem, output_operator, psd=_convex(problem.loss_fn))
+    return gauss_newton_operator(problem, output_operator, psd=_convex(problem.loss_fn),
+                                 factor=lambda out: ggn_factor(problem, out))

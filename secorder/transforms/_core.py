@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from .. import _checks, tree
+from .. import slow_path as _slow_path
 from ..estimators import registry
 from ..dataset import is_dataset_loss
 from ..estimators.probes import make_generator
@@ -189,8 +190,19 @@ def _evaluate(request: Request, fn: Callable, problem: Problem, what: str, *, fu
     else:
         _engine.record(fn, "generic", f"method={request.estimator.name!r} runs on the curvature operator", what)
     op = make_operator(request.curvature, problem, mc_samples=request.mc_samples, generator=generator)
-    est = registry.run(op, request.estimator, request.options, request.chunk_size, generator)
+    with _slow_path.reason(getattr(fn, "last_fallback_reason", None)):
+        est = registry.run(op, request.estimator, request.options, request.chunk_size, generator)
+    _record_route(fn, op, request, what)
     return problem.result(_shape(request, problem, est, full))
+
+
+def _record_route(fn: Callable, op: Any, request: Request, what: str) -> None:
+    """Add the route of an operator's own exact diagonal (loss-factor VJPs, ...) to the recorded reason."""
+    route = getattr(op.diagonal, "route", None)
+    if route is None or request.estimator.stochastic or torch.compiler.is_compiling():
+        return
+    reason = getattr(fn, "last_fallback_reason", None)
+    _engine.record(fn, "generic", f"{reason}; exact diagonal: {route}" if reason else f"exact diagonal: {route}", what)
 
 
 def _shape(request: Request, problem: Problem, est: Any, full: bool) -> Any:
