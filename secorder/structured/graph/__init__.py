@@ -1,0 +1,75 @@
+"""The graph walker: the structured engine on a traced ATen graph, for models the module walker declines.
+
+When a model is not a chain of modules with rules (its wiring is written in
+``forward``: Hugging Face and torchvision ResNets, functional calls, ``torch.cat``,
+a mean over space), :func:`functional_call_diag` traces it once per input
+structure (:mod:`.trace`: ``torch.export`` in non-strict mode), binds a rule to
+every node that depends on a differentiated parameter (:mod:`.ops`, the registry
+``OP_RULES`` of one rule per ATen operation, most of them mapping onto the module
+rules' math) and runs the curvature sweep over the graph (:mod:`.sweep`: fan-out
+with its cross terms). Declines raise
+:class:`~secorder.structured.errors.Unsupported` naming the ATen operation and
+the source line.
+
+Example:
+    >>> import torch, secorder as so
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)
+    ...     def forward(self, x):
+    ...         return self.b(torch.relu(self.a(x)) + x)
+    >>> f = so.functional_loss(Net(), torch.nn.CrossEntropyLoss())
+    >>> fn = so.ggn_diag(f)
+    >>> d = fn(so.params_dict(f.model), torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
+    >>> fn.last_engine, sorted(d)
+    ('structured', ['a.bias', 'a.weight', 'b.bias', 'b.weight'])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Set
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import Unsupported
+from ..losses import LossSpec
+from . import sweep as _sweep
+from .ops import OP_RULES, LinearOp, ModuleOp, OpRule
+from .trace import output_values, traced
+
+__all__ = ["functional_call_diag", "OP_RULES", "OpRule", "ModuleOp", "LinearOp"]
+
+
+def _output_index(t: Any, model_out_field: Any, spec_flat: list) -> int:
+    from ...model_call import select_output
+
+    rebuilt = output_values(t, spec_flat)
+    chosen = select_output(rebuilt, model_out_field)
+    for i, v in enumerate(spec_flat):
+        if v is chosen:
+            return i
+    raise Unsupported("output= computes a new tensor from the model's return value; the graph walker takes an "
+                      "output the model returns (None, or a field name)")
+
+
+def functional_call_diag(model: nn.Module, output: Any, spec: LossSpec, values: Dict[str, Tensor], inputs: Any,
+                         targets: Any, wanted: Set[str], trace: bool, *, kind: str,
+                         factor_chunk_size: Optional[int] = None, loss_fn: Any = None, mc_samples: int = 1,
+                         generator: Optional[torch.Generator] = None) -> Any:
+    """The structured diagonal (``{qualified name: tensor}``) or trace of ``model`` on its traced graph.
+
+    ``values`` maps every parameter and buffer name of ``model`` to the tensor to
+    use, ``wanted`` the names to differentiate; ``output`` is the
+    ``output=`` of the :class:`~secorder.FunctionalLoss`. Raises
+    :class:`Unsupported` when the model cannot be traced or an operation of the
+    graph has no rule.
+    """
+    t = traced(model, inputs)
+    probes = [torch.empty(0) for _ in range(t.out_spec.num_leaves)]
+    index = _output_index(t, output, probes)
+    p = _sweep.plan(t, set(wanted), index, kind == "hessian")
+    return _sweep.run(p, spec, values, inputs, targets, set(wanted), trace, kind=kind,
+                      factor_chunk_size=factor_chunk_size, loss_fn=loss_fn, mc_samples=mc_samples,
+                      generator=generator)

@@ -1,0 +1,338 @@
+"""The graph walker's sweep: forward through the traced nodes, then the curvature pulled back node by node.
+
+The module walker (:mod:`secorder.structured.backprop`) pulls one curvature
+back through a chain of modules. On a graph a value can be used several times
+(every skip connection), so the curvature at a value is the sum, over its
+uses, of what each use pulls back, *including the cross terms* between uses.
+The sweep keeps every curvature term under the identity of the place it was
+created (a term of the loss, or the residual of one node) and adds, at a value
+used several times, the pull-backs of the same term column by column
+(:func:`~secorder.structured.columns.add_columns`): with ``H = sum_k w_k b_k b_k^T``
+the curvature at ``x`` is ``sum_k w_k (sum_u J_u^T b_k)(sum_u J_u^T b_k)^T``,
+cross terms included. A term is turned into explicit columns
+(:func:`~secorder.structured.columns.column_form`) where it is sent into more
+than one argument of a node, so that the copies that meet again share their
+columns; along a chain it keeps its cheap kind (diagonal, shared rows, gathered
+columns). This generalises :class:`~secorder.structured.rules.residual.ResidualRule`
+(one fan-out, one join) to any graph.
+
+A node is *live* when it depends on a differentiated parameter; only live
+nodes get rules, everything else (the data, masks, position ids) is evaluated
+as a constant. The backward pass stops at values no differentiated parameter
+feeds. The loss gradient is pulled back with the curvature for the exact
+Hessian's residual terms.
+
+Everything is a pure tensor computation (the graph's constants are evaluated by
+their ATen ops), so the sweep runs under ``torch.func`` transforms; under
+``torch.compile`` it runs once a graph is cached for the input shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, fx
+
+from ..columns import add_columns, column_form
+from ..curvature import Curvature, Term
+from ..errors import Unsupported
+from ..losses import LossSpec, output_curvature, sampled_curvature
+from . import op_rules as _builtin  # noqa: F401 (registers the built-in op rules)
+from .ops import OP_RULES, Bound, Meta, ModuleOp, Slot, _op_of
+from .trace import Traced, flatten_inputs, output_values, where
+
+__all__ = ["GraphPlan", "plan", "run", "FACTOR_CHUNK_ENTRIES"]
+
+FACTOR_CHUNK_ENTRIES = 2 ** 24
+
+
+@dataclass
+class GraphPlan:
+    """The live nodes of a traced graph for a set of differentiated parameters, with their bound rules."""
+
+    traced: Traced
+    order: List[fx.Node]  # every call_function node, in graph order
+    live: Set[fx.Node]
+    rules: Dict[fx.Node, Bound]
+    slots: Dict[fx.Node, List[Tuple[Slot, fx.Node]]]  # live argument slots: (slot, the node there)
+    alias: Dict[fx.Node, fx.Node]  # getitem of a live multi-output op's main output: its op node
+    output: fx.Node
+    N: int
+
+
+def _slots(args: tuple) -> List[Tuple[Slot, Any]]:
+    out = []
+    for i, a in enumerate(args):
+        if isinstance(a, (list, tuple)):
+            out.extend(((i, j), b) for j, b in enumerate(a))
+        else:
+            out.append(((i,), a))
+    return out
+
+
+def _example(a: Any) -> Any:
+    return a.meta.get("val") if isinstance(a, fx.Node) else a
+
+
+_PLANS: "weakref.WeakKeyDictionary[Any, Dict[Any, GraphPlan]]" = weakref.WeakKeyDictionary()
+_PLAN_LOCK = threading.Lock()
+
+
+def plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) -> GraphPlan:
+    """Decide which nodes are live and bind their rules; :class:`Unsupported` names the op and source line."""
+    key = (frozenset(wanted), output_index, residuals)
+    with _PLAN_LOCK:
+        hit = _PLANS.get(traced.graph, {}).get(key)
+    if hit is not None:
+        return hit
+    p = _plan(traced, wanted, output_index, residuals)
+    with _PLAN_LOCK:
+        _PLANS.setdefault(traced.graph, {})[key] = p
+    return p
+
+
+def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) -> GraphPlan:
+    graph = traced.graph
+    out_node = [n for n in graph.nodes if n.op == "output"][0]
+    outputs = pytree.tree_flatten(out_node.args[0])[0]
+    target = outputs[output_index]
+    if not isinstance(target, fx.Node):
+        raise Unsupported("the selected model output is not computed by the graph")
+    val = target.meta.get("val")
+    if not isinstance(val, Tensor) or val.dim() == 0:
+        raise Unsupported("the selected model output is not a batched tensor")
+    N = int(val.shape[0])
+    param_of: Dict[fx.Node, str] = {}
+    live: Set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            kind, what = traced.placeholders[n.name]
+            if kind in ("parameter", "buffer"):
+                param_of[n] = what
+                if kind == "parameter" and what in wanted:
+                    live.add(n)
+    for name in wanted:
+        users = [n for n, q in param_of.items() if q == name]
+        if users and len(users[0].users) > 1:
+            raise Unsupported(f"the parameter {name!r} is used by {len(users[0].users)} operations (a tied or "
+                              f"reused weight: its diagonal would need the cross terms between the uses)")
+    order, rules, slots, alias = [], {}, {}, {}
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        order.append(n)
+        if n.target is operator.getitem:
+            src, idx = n.args
+            if src in live:
+                main = getattr(rules.get(src), "main_output", None)
+                if idx != main:
+                    if n.users:
+                        raise Unsupported(f"output {idx} of {src.target} is used{where(n)}")
+                    continue
+                live.add(n)
+                alias[n] = src
+            continue
+        arg_slots = _slots(n.args)
+        live_slots = [(s, a) for s, a in arg_slots if isinstance(a, fx.Node) and a in live]
+        if not live_slots:
+            continue
+        live.add(n)
+        name = str(n.target)
+        rule = OP_RULES.lookup(name)
+        if rule is None:
+            raise Unsupported(f"the graph walker has no rule for the ATen operation {name}{where(n)}")
+        params = {s: param_of[a] for s, a in arg_slots if isinstance(a, fx.Node) and a in param_of}
+        meta = Meta(name, tuple(pytree.tree_map(_example, list(n.args))), dict(n.kwargs),
+                    tuple(s for s, a in live_slots if a not in param_of),
+                    {s: q for s, q in params.items() if q in wanted or s in [t for t, _ in live_slots]},
+                    n.meta.get("val"), N)
+        try:
+            bound = rule.bind(meta)
+            for s, a in live_slots:
+                if a in param_of and s not in bound.parameter_slots:
+                    raise Unsupported(f"uses the parameter {param_of[a]!r} in argument {s[0]}, not as a weight")
+            if residuals and getattr(bound, "bilinear_live", False):
+                raise Unsupported("multiplies two values that depend on the parameters (the exact Hessian's "
+                                  "cross term between them has no rule)")
+        except Unsupported as err:
+            raise Unsupported(f"ATen operation {name}{where(n)} {err}") from None
+        if isinstance(rule, ModuleOp) and rule.output is not None:
+            bound.main_output = rule.output
+        rules[n] = bound
+        slots[n] = [(s, a) for s, a in live_slots if a not in param_of]
+    if target not in live:
+        raise Unsupported("the model output does not depend on the differentiated parameters")
+    return GraphPlan(traced, order, live, rules, slots, alias, target, N)
+
+
+def _fill(args: Any, vals: Dict[fx.Node, Any]) -> Any:
+    return fx.node.map_arg(args, lambda a: vals[a])
+
+
+def forward(p: GraphPlan, values: Dict[str, Tensor], inputs: Any) -> Tuple[Tensor, Dict[fx.Node, Any]]:
+    """The model output and each live node's state."""
+    flat = flatten_inputs(inputs)
+    vals: Dict[fx.Node, Any] = {}
+    for n in p.traced.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        kind, what = p.traced.placeholders[n.name]
+        if kind in ("parameter", "buffer"):
+            if what not in values:
+                raise Unsupported(f"no value for the model tensor {what!r}")
+            vals[n] = values[what]
+        elif kind == "constant":
+            vals[n] = what
+        else:
+            vals[n] = flat[what]
+    states: Dict[fx.Node, Any] = {}
+    for n in p.order:
+        if n in p.alias:
+            vals[n] = vals[p.alias[n]]
+            continue
+        args, kwargs = _fill(n.args, vals), _fill(n.kwargs, vals)
+        if n not in p.live:
+            vals[n] = n.target(*args, **kwargs)
+            continue
+        try:
+            out, state = p.rules[n].forward(args, kwargs)
+        except Unsupported as err:
+            raise Unsupported(f"ATen operation {n.target}{where(n)} {err}") from None
+        if out.shape[:1] != (p.N,):
+            raise Unsupported(f"ATen operation {n.target}{where(n)} gives shape {tuple(out.shape)} at run time")
+        vals[n], states[n] = out, state
+    return vals[p.output], states
+
+
+class _Backward:
+    def __init__(self, p: GraphPlan, states: Dict[fx.Node, Any], wanted: Set[str], trace: bool):
+        self.p, self.states, self.wanted, self.trace = p, states, frozenset(wanted), trace
+        self.diags: Dict[str, Tensor] = {}
+        self.total: Optional[Tensor] = None
+        # nodes some differentiated parameter feeds through live slots: the curvature is needed there
+        self.feeds: Set[fx.Node] = set()
+        for n in p.order:
+            if n in p.alias:
+                if p.alias[n] in self.feeds:
+                    self.feeds.add(n)
+            elif n in p.rules and (any(q in self.wanted for q in p.rules[n].parameter_slots.values())
+                                   or any(a in self.feeds for _, a in p.slots[n])):
+                self.feeds.add(n)
+
+    def _record(self, n: fx.Node, curv: Curvature) -> None:
+        bound = self.p.rules[n]
+        if not any(q in self.wanted for q in bound.parameter_slots.values()):
+            return
+        if self.trace:
+            t = bound.parameter_trace(self.states[n], curv, self.wanted)
+            self.total = t if self.total is None else self.total + t
+            return
+        for q, d in bound.parameter_diagonal(self.states[n], curv, self.wanted).items():
+            self.diags[q] = d if q not in self.diags else self.diags[q] + d
+
+    def pull(self, terms: List[Term], g: Optional[Tensor], residuals: bool) -> None:
+        p = self.p
+        acc: Dict[fx.Node, Dict[Any, Term]] = {p.output: {("loss", i): t for i, t in enumerate(terms)}}
+        grads: Dict[fx.Node, Tensor] = {p.output: g} if g is not None and residuals else {}
+        for n in reversed(p.order):
+            if n not in self.feeds:
+                continue
+            here, gn = acc.pop(n, None), grads.pop(n, None)
+            if n in p.alias:
+                src = p.alias[n]
+                for tid, t in (here or {}).items():
+                    _add(acc.setdefault(src, {}), tid, t)
+                if gn is not None:
+                    grads[src] = gn if src not in grads else grads[src] + gn
+                continue
+            if not here and gn is None:
+                continue
+            bound, state = p.rules[n], self.states[n]
+            if here:
+                self._record(n, Curvature(list(here.values())))
+            targets = [(s, a) for s, a in p.slots[n] if a in self.feeds]
+            if not targets:
+                continue
+            jacs = bound.jacobians(state)
+            split = len(targets) > 1
+            for tid, t in (here or {}).items():
+                if split:
+                    t = column_form(t)
+                for s, a in targets:
+                    _add(acc.setdefault(a, {}), tid, t.pulled(jacs[s]))
+            if gn is not None:
+                if bound.has_residual:
+                    r = bound.residual(state, gn)
+                    if r is not None:
+                        (s, a), = targets
+                        _add(acc.setdefault(a, {}), ("residual", n.name), r)
+                for s, a in targets:
+                    ga = jacs[s].t_vector(gn)
+                    grads[a] = ga if a not in grads else grads[a] + ga
+
+
+def _add(bucket: Dict[Any, Term], tid: Any, t: Term) -> None:
+    bucket[tid] = t if tid not in bucket else add_columns(bucket[tid], t)
+
+
+def run(
+    p: GraphPlan,
+    spec: LossSpec,
+    values: Dict[str, Tensor],
+    inputs: Any,
+    targets: Any,
+    wanted: Set[str],
+    trace: bool,
+    *,
+    kind: str = "hessian",
+    factor_chunk_size: Optional[int] = None,
+    loss_fn: Optional[Callable[[Tensor, Any], Tensor]] = None,
+    mc_samples: int = 1,
+    generator: Optional[torch.Generator] = None,
+) -> Any:
+    """``{qualified name: diagonal}`` of the ``wanted`` parameters, or their trace, on the graph plan ``p``.
+
+    The arguments are those of :func:`secorder.structured.backprop.run`.
+    """
+    out, states = forward(p, values, inputs)
+    if loss_fn is not None:
+        with torch.no_grad():  # for its errors only
+            loss_fn(out, targets)
+    if kind in ("fisher", "empirical_fisher"):
+        oc = sampled_curvature(spec, out, targets, kind, mc_samples, generator)
+    else:
+        oc = output_curvature(spec, out, targets)
+    K = oc.columns
+    chunk = factor_chunk_size
+    if chunk is None:
+        widest = max((math.prod(s.shape[1:]) for s in _live_outputs(p, states, out)), default=1)
+        chunk = max(1, FACTOR_CHUNK_ENTRIES // max(1, out.shape[0] * oc.positions * widest))
+    step = K if K == 0 else max(1, min(chunk, K))
+    starts = list(range(0, K, step)) if K else [0]
+    back = _Backward(p, states, wanted, trace)
+    residuals = kind == "hessian"
+    for j, start in enumerate(starts):
+        terms = list(oc.terms) if j == 0 else []
+        if K:
+            terms.append(oc.factor(start, min(start + step, K)))
+        back.pull(terms, oc.grad if j == 0 else None, residuals and j == 0)
+    if trace:
+        return back.total if back.total is not None else torch.zeros((), dtype=out.dtype, device=out.device)
+    return back.diags
+
+
+def _live_outputs(p: GraphPlan, states: Dict[fx.Node, Any], out: Tensor) -> List[Tensor]:
+    shapes = []
+    for n in p.order:
+        if n in p.rules and n is not p.output:
+            v = n.meta.get("val")
+            if isinstance(v, Tensor):
+                shapes.append(v)
+    return shapes
