@@ -45,8 +45,14 @@ __all__ = ["functional_call_diag", "OP_RULES", "OpRule", "ModuleOp", "LinearOp"]
 def _output_index(t: Any, model_out_field: Any, spec_flat: list) -> int:
     from ...model_call import select_output
 
+    if callable(model_out_field):
+        raise Unsupported("output= is a function of the model's return value; the graph walker takes an output "
+                          "the model returns (output=None, or a field name)")
     rebuilt = output_values(t, spec_flat)
-    chosen = select_output(rebuilt, model_out_field)
+    try:
+        chosen = select_output(rebuilt, model_out_field)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise Unsupported(f"cannot select the output: {err}") from None
     for i, v in enumerate(spec_flat):
         if v is chosen:
             return i
