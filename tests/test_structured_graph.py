@@ -256,6 +256,7 @@ def test_under_vmap_per_example_diagonals():
     fn = so.diagonal(f, curvature="ggn")
     fn(p, x, y)  # traced for the batch once; per-example calls trace [1, ...]
     per = torch.func.vmap(lambda xi, yi: fn(p, xi[None], yi[None]))(x, y)
+    assert fn.last_engine == "structured", fn.last_fallback_reason
     for i in range(3):
         want = so.diagonal(f, curvature="ggn", engine="generic")(p, x[i:i + 1], y[i:i + 1])
         _close({k: v[i] for k, v in per.items()}, want)

@@ -166,10 +166,15 @@ OP_RULES.register("aten.sum.dim_IntList", LinearOp(
 # -- module-like operations: stand-in modules on the meta device, the module rules' math ---------
 
 
+def _meta(cls: type, *args: Any, **kwargs: Any) -> nn.Module:
+    """A stand-in module on the meta device, without initialising its parameters (no random ops: vmap-safe)."""
+    return nn.utils.skip_init(cls, *args, device="meta", **kwargs)
+
+
 def _linear(m: Meta) -> nn.Module:
     W = m.args[1]
     bias = len(m.args) > 2 and m.args[2] is not None
-    return nn.Linear(W.shape[1], W.shape[0], bias=bias, device="meta")
+    return _meta(nn.Linear, W.shape[1], W.shape[0], bias=bias)
 
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -182,8 +187,8 @@ def _conv(d: int):
         stride, padding, dilation, groups = (a[3] or 1), (a[4] if a[4] is not None else 0), (a[5] or 1), (a[6] or 1)
         if isinstance(padding, str):
             raise Unsupported(f"padding={padding!r}")
-        return _CONVS[d](W.shape[1] * groups, W.shape[0], tuple(W.shape[2:]), stride=stride, padding=padding,
-                         dilation=dilation, groups=groups, bias=a[2] is not None, device="meta")
+        return _meta(_CONVS[d], W.shape[1] * groups, W.shape[0], tuple(W.shape[2:]), stride=stride, padding=padding,
+                     dilation=dilation, groups=groups, bias=a[2] is not None)
     return build
 
 
@@ -195,7 +200,7 @@ def _batch_norm_eval(m: Meta) -> nn.Module:
     if m.args[3] is None or m.args[4] is None:
         raise Unsupported("has no running statistics")
     eps = m.args[6]
-    return cls(x.shape[1], eps=eps, affine=m.args[1] is not None, device="meta").eval()
+    return _meta(cls, x.shape[1], eps=eps, affine=m.args[1] is not None).eval()
 
 
 _MAXPOOLS = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}

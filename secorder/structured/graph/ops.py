@@ -151,7 +151,8 @@ class ModuleOp(OpRule):
             if slot != (0,):
                 raise Unsupported(f"its argument {slot[0]} depends on the parameters (only the input, "
                                   f"argument 0, may: the others are the module's tensors)")
-        module = self.build(meta)
+        with torch._C._DisableFuncTorch():  # the stand-in's own initialisation: no vmap/grad levels
+            module = self.build(meta)
         cls = rule_for(type(module))
         if cls is None:
             raise Unsupported(f"has no module rule for its stand-in {type(module).__name__}")
