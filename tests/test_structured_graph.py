@@ -277,3 +277,12 @@ def test_dataset_loss():
     got = fn(p)
     assert fn.last_engine == "structured", fn.last_fallback_reason
     _close(got, so.diagonal(F_, curvature="ggn", engine="generic")(p))
+
+
+def test_under_torch_compile_declines_to_the_generic_path():
+    f, (p, x, y) = _problem(Functional(torch.tanh), (2, 4, 4), 4, n=3)
+    fn = so.diagonal(f, curvature="ggn")
+    want = fn(p, x, y)
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend="eager")(p, x, y)  # the generic path breaks the graph
+    _close(got, want)

@@ -72,6 +72,11 @@ def functional_call_diag(model: nn.Module, output: Any, spec: LossSpec, values: 
     :class:`Unsupported` when the model cannot be traced or an operation of the
     graph has no rule.
     """
+    if torch.compiler.is_compiling():
+        # Dynamo does not trace through torch.fx graph objects (Graph.nodes is skipped): decline, so that
+        # the compiled transform takes the generic path instead of breaking the graph.
+        raise Unsupported("the graph walker does not run under torch.compile (it walks torch.fx nodes, which "
+                          "Dynamo does not trace)")
     t = traced(model, inputs)
     probes = [torch.empty(0) for _ in range(t.out_spec.num_leaves)]
     index = _output_index(t, output, probes)

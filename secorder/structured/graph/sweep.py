@@ -88,8 +88,11 @@ _PLAN_LOCK = threading.Lock()
 def plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) -> GraphPlan:
     """Decide which nodes are live and bind their rules; :class:`Unsupported` names the op and source line."""
     key = (frozenset(wanted), output_index, residuals)
-    with _PLAN_LOCK:
+    if torch.compiler.is_compiling():  # Dynamo cannot enter a lock; it only reads the cache
         hit = _PLANS.get(traced.graph, {}).get(key)
+    else:
+        with _PLAN_LOCK:
+            hit = _PLANS.get(traced.graph, {}).get(key)
     if hit is not None:
         return hit
     p = _plan(traced, wanted, output_index, residuals)

@@ -142,9 +142,13 @@ def traced(model: nn.Module, inputs: Any) -> Traced:
     """
     args, kwargs = model_arguments(inputs)
     key = _key(model, args, kwargs)
-    with _LOCK:
+    if torch.compiler.is_compiling():  # Dynamo cannot enter a lock; it only reads the cache
         per_model = _CACHE.get(model)
         hit = None if per_model is None else per_model.get(key)
+    else:
+        with _LOCK:
+            per_model = _CACHE.get(model)
+            hit = None if per_model is None else per_model.get(key)
     if hit is not None:
         if isinstance(hit, Unsupported):
             raise Unsupported(str(hit))
