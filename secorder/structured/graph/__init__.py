@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import Unsupported
+from ..walker import check_plain
 from ..losses import LossSpec
 from . import sweep as _sweep
 from .ops import OP_RULES, LinearOp, ModuleOp, OpRule
@@ -60,6 +61,23 @@ def _output_index(t: Any, model_out_field: Any, spec_flat: list) -> int:
                       "output the model returns (None, or a field name)")
 
 
+def _check_plain(model: nn.Module) -> None:
+    """Hooks and instance-level overrides send a model to the generic path, as on the module path.
+
+    The exported graph would contain forward hooks and overridden ``forward``
+    methods, but not backward hooks, and what a hook does to state is not part
+    of a graph: the graph walker, like the module walker, proves nothing about
+    such a model.
+    """
+    from torch.nn.modules import module as _impl
+
+    if (_impl._global_forward_hooks or _impl._global_forward_pre_hooks or _impl._global_backward_hooks
+            or _impl._global_backward_pre_hooks):
+        raise Unsupported("global module hooks are registered")
+    for name, m in model.named_modules():
+        check_plain(m, f"module {name or '<root>'!r}")
+
+
 def functional_call_diag(model: nn.Module, output: Any, spec: LossSpec, values: Dict[str, Tensor], inputs: Any,
                          targets: Any, wanted: Set[str], trace: bool, *, kind: str,
                          factor_chunk_size: Optional[int] = None, loss_fn: Any = None, mc_samples: int = 1,
@@ -77,6 +95,7 @@ def functional_call_diag(model: nn.Module, output: Any, spec: LossSpec, values: 
         # the compiled transform takes the generic path instead of breaking the graph.
         raise Unsupported("the graph walker does not run under torch.compile (it walks torch.fx nodes, which "
                           "Dynamo does not trace)")
+    _check_plain(model)
     t = traced(model, inputs)
     probes = [torch.empty(0) for _ in range(t.out_spec.num_leaves)]
     index = _output_index(t, output, probes)

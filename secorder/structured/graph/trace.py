@@ -100,7 +100,9 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
     args, kwargs = pytree.tree_map(_plain, (args, kwargs))
     start = time.perf_counter()
     try:
-        with _module_lock(model), _batch_statistics(model), torch.no_grad():
+        # Outside any torch.func level (inside vmap the exporter would see batched dispatch and decompose
+        # linear into t/addmm); the example tensors are plain (see _plain).
+        with _module_lock(model), _batch_statistics(model), torch.no_grad(), torch._C._DisableFuncTorch():
             ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
             ep = ep.run_decompositions({})
     except Exception as err:  # the exporter's reason, whatever it raises
