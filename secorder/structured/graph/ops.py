@@ -159,6 +159,13 @@ class ModuleOp(OpRule):
         return _BoundModule(cls(module), self, meta)
 
 
+@dataclass
+class _ModuleState:
+    inner: Any  # the module rule's state
+    x: Tensor
+    tensors: Dict[str, Tensor]
+
+
 class _BoundModule(Bound):
     def __init__(self, rule: Any, op: ModuleOp, meta: Meta):
         self.rule, self.op = rule, op
@@ -170,13 +177,28 @@ class _BoundModule(Bound):
     def forward(self, args: tuple, kwargs: Dict[str, Any]) -> Tuple[Tensor, Any]:
         tensors = {name: args[pos] for pos, name in self.op.tensors.items()
                    if pos < len(args) and isinstance(args[pos], Tensor)}
-        return self.rule.forward(args[0], tensors)
+        z, state = self.rule.forward(args[0], tensors)
+        return z, _ModuleState(state, args[0], tensors)
 
     def jacobians(self, state: Any) -> Dict[Slot, Jacobian]:
-        return {(0,): self.rule.jacobian(state)} if self.live else {}
+        return {(0,): self.rule.jacobian(state.inner)} if self.live else {}
 
     def residual(self, state: Any, grad_out: Tensor) -> Optional[Term]:
-        return self.rule.residual(state, grad_out)
+        return self.rule.residual(state.inner, grad_out)
+
+    def parameter_pullbacks(self, state: Any, wanted: FrozenSet[str]) -> Dict[str, Callable[[Tensor], Any]]:
+        """``{qualified name: the whole-batch vjp of the output with respect to that parameter}``."""
+        out = {}
+        for s, q in self.parameter_slots.items():
+            if q not in wanted:
+                continue
+            local = self.op.tensors[s[0]]
+
+            def fn(theta: Tensor, local: str = local) -> Tensor:
+                return self.rule.forward(state.x, {**state.tensors, local: theta})[0]
+
+            out[q] = vjp(fn, state.tensors[local])[1]
+        return out
 
     def _local(self, wanted: FrozenSet[str]) -> Tuple[FrozenSet[str], Dict[str, str]]:
         names = {self.op.tensors[s[0]]: q for s, q in self.parameter_slots.items() if q in wanted}
@@ -186,11 +208,11 @@ class _BoundModule(Bound):
         local, names = self._local(wanted)
         if not local:
             return {}
-        return {names[k]: v for k, v in self.rule.parameter_diagonal(state, curv, local).items()}
+        return {names[k]: v for k, v in self.rule.parameter_diagonal(state.inner, curv, local).items()}
 
     def parameter_trace(self, state: Any, curv: Curvature, wanted: FrozenSet[str]) -> Tensor:
         local, _ = self._local(wanted)
-        return self.rule.parameter_trace(state, curv, local)
+        return self.rule.parameter_trace(state.inner, curv, local)
 
 
 # -- parameter-free linear operations ----------------------------------------------------------

@@ -45,6 +45,7 @@ from ..curvature import Curvature, Term
 from ..errors import Unsupported
 from ..losses import LossSpec, output_curvature, sampled_curvature
 from . import op_rules as _builtin  # noqa: F401 (registers the built-in op rules)
+from .batchwise import Batchwise, add_batchwise, batch_parameter_diagonal
 from .ops import OP_RULES, Bound, Meta, ModuleOp, Slot, _op_of
 from .trace import Traced, flatten_inputs, output_values, where
 
@@ -161,6 +162,9 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
             for s, a in live_slots:
                 if a in param_of and s not in bound.parameter_slots:
                     raise Unsupported(f"uses the parameter {param_of[a]!r} in argument {s[0]}, not as a weight")
+            if residuals and getattr(bound, "coupled", False):
+                raise Unsupported("couples the samples (batch statistics): the exact Hessian's residual across "
+                                  "samples has no rule (the GGN and the Fishers run)")
             if residuals and getattr(bound, "bilinear_live", False):
                 raise Unsupported("multiplies two values that depend on the parameters (the exact Hessian's "
                                   "cross term between them has no rule)")
@@ -229,16 +233,33 @@ class _Backward:
                                    or any(a in self.feeds for _, a in p.slots[n])):
                 self.feeds.add(n)
 
-    def _record(self, n: fx.Node, curv: Curvature) -> None:
+    def _record(self, n: fx.Node, terms: List[Term]) -> None:
         bound = self.p.rules[n]
         if not any(q in self.wanted for q in bound.parameter_slots.values()):
             return
-        if self.trace:
-            t = bound.parameter_trace(self.states[n], curv, self.wanted)
-            self.total = t if self.total is None else self.total + t
-            return
-        for q, d in bound.parameter_diagonal(self.states[n], curv, self.wanted).items():
-            self.diags[q] = d if q not in self.diags else self.diags[q] + d
+        state = self.states[n]
+        per_sample = [t for t in terms if not isinstance(t, Batchwise)]
+        across = [t for t in terms if isinstance(t, Batchwise)]
+        if per_sample:
+            if self.trace:
+                self._add_total(bound.parameter_trace(state, Curvature(per_sample), self.wanted))
+            else:
+                for q, d in bound.parameter_diagonal(state, Curvature(per_sample), self.wanted).items():
+                    self._add_diag(q, d)
+        if across:  # columns across samples: one whole-batch parameter vjp per column (batchwise.py)
+            for q, pullback in bound.parameter_pullbacks(state, self.wanted).items():
+                for t in across:
+                    d = batch_parameter_diagonal(pullback, t)
+                    if self.trace:
+                        self._add_total(d.sum())
+                    else:
+                        self._add_diag(q, d)
+
+    def _add_total(self, t: Tensor) -> None:
+        self.total = t if self.total is None else self.total + t
+
+    def _add_diag(self, q: str, d: Tensor) -> None:
+        self.diags[q] = d if q not in self.diags else self.diags[q] + d
 
     def pull(self, terms: List[Term], g: Optional[Tensor], residuals: bool) -> None:
         p = self.p
@@ -259,14 +280,14 @@ class _Backward:
                 continue
             bound, state = p.rules[n], self.states[n]
             if here:
-                self._record(n, Curvature(list(here.values())))
+                self._record(n, list(here.values()))
             targets = [(s, a) for s, a in p.slots[n] if a in self.feeds]
             if not targets:
                 continue
             jacs = bound.jacobians(state)
             split = len(targets) > 1
             for tid, t in (here or {}).items():
-                if split:
+                if split and not isinstance(t, Batchwise):
                     t = column_form(t)
                 for s, a in targets:
                     _add(acc.setdefault(a, {}), tid, t.pulled(jacs[s]))
@@ -282,7 +303,12 @@ class _Backward:
 
 
 def _add(bucket: Dict[Any, Term], tid: Any, t: Term) -> None:
-    bucket[tid] = t if tid not in bucket else add_columns(bucket[tid], t)
+    if tid not in bucket:
+        bucket[tid] = t
+    elif isinstance(t, Batchwise) or isinstance(bucket[tid], Batchwise):
+        bucket[tid] = add_batchwise(bucket[tid], t)
+    else:
+        bucket[tid] = add_columns(bucket[tid], t)
 
 
 def run(
