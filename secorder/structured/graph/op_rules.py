@@ -134,7 +134,7 @@ OP_RULES.register("aten.transpose.int", LinearOp(
     _transpose_jacobian, doc="transpose of two dims other than 0"))
 OP_RULES.register("aten.expand.default", LinearOp(
     _with(lambda m: None if _first_live_ndim(m) == len(m.out.shape) else "broadcasts over new leading dims"),
-    doc="expand, keeping dim 0"))
+    broadcasts=True, doc="expand, keeping dim 0"))
 for _name in ("aten.clone.default", "aten.alias.default", "aten.contiguous.default"):
     OP_RULES.register(_name, LinearOp(_keeps_batch, _reshape_jacobian, doc="a copy"))
 OP_RULES.register("aten.slice.Tensor", LinearOp(
@@ -151,16 +151,16 @@ OP_RULES.register("aten.cat.default", LinearOp(
 
 # -- arithmetic linear in each live argument -----------------------------------------------------
 
-OP_RULES.register("aten.add.Tensor", LinearOp(_keeps_batch, _identity_if_same, doc="sum (residual connections)"))
-OP_RULES.register("aten.sub.Tensor", LinearOp(_keeps_batch, _identity_if_same, doc="difference"))
+OP_RULES.register("aten.add.Tensor", LinearOp(_keeps_batch, _identity_if_same, broadcasts=True, doc="sum (residual connections)"))
+OP_RULES.register("aten.sub.Tensor", LinearOp(_keeps_batch, _identity_if_same, broadcasts=True, doc="difference"))
 OP_RULES.register("aten.neg.default", LinearOp(_keeps_batch, doc="negation"))
-OP_RULES.register("aten.mul.Tensor", LinearOp(_keeps_batch, bilinear=True,
+OP_RULES.register("aten.mul.Tensor", LinearOp(_keeps_batch, bilinear=True, broadcasts=True,
                                               doc="product (exact Hessian: one live factor)"))
 OP_RULES.register("aten.mul.Scalar", LinearOp(_keeps_batch, doc="product with a number"))
 OP_RULES.register("aten.add.Scalar", LinearOp(_keeps_batch, _reshape_jacobian, doc="shift by a number"))
 OP_RULES.register("aten.div.Tensor", LinearOp(
     lambda m: _keeps_batch(m) or ("divides by a value that depends on the parameters" if (1,) in m.live else None),
-    doc="division by a constant"))
+    broadcasts=True, doc="division by a constant"))
 OP_RULES.register("aten.mean.dim", LinearOp(
     _with(lambda m: _dims_exclude_batch(m.args[1] if len(m.args) > 1 else None, _first_live_ndim(m), "averages")),
     doc="mean over dims other than 0"))
@@ -281,6 +281,9 @@ class BatchStatisticsNorm(OpRule):
     """
 
     doc = "training-mode batch norm (batch statistics; GGN and Fishers)"
+
+    def parameter_positions(self) -> FrozenSet[int]:
+        return frozenset((1, 2))
 
     def bind(self, meta: Meta) -> "_BoundBatchStats":
         for slot in meta.live:

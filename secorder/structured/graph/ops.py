@@ -119,6 +119,10 @@ class OpRule:
     #: one line for the docs' table of covered operations
     doc: str = ""
 
+    def parameter_positions(self) -> FrozenSet[int]:
+        """The argument positions that hold the op's own tensors (weights), not activations."""
+        return frozenset()
+
     def bind(self, meta: Meta) -> Bound:
         raise NotImplementedError
 
@@ -145,12 +149,16 @@ class ModuleOp(OpRule):
     tensors: Dict[int, str] = field(default_factory=dict)
     output: Optional[int] = None
     doc: str = ""
+    input: int = 0
+
+    def parameter_positions(self) -> FrozenSet[int]:
+        return frozenset(self.tensors)
 
     def bind(self, meta: Meta) -> Bound:
         for slot in meta.live:
-            if slot != (0,):
+            if slot != (self.input,):
                 raise Unsupported(f"its argument {slot[0]} depends on the parameters (only the input, "
-                                  f"argument 0, may: the others are the module's tensors)")
+                                  f"argument {self.input}, may: the others are the module's tensors)")
         with torch._C._DisableFuncTorch():  # the stand-in's own initialisation: no vmap/grad levels
             module = self.build(meta)
         cls = rule_for(type(module))
@@ -172,16 +180,17 @@ class _BoundModule(Bound):
         self.has_residual = bool(getattr(rule, "has_residual", False))
         self.parameter_slots = {s: q for s, q in meta.params.items() if s[0] in op.tensors
                                 and op.tensors[s[0]] in rule.parameters}
-        self.live = (0,) in meta.live
+        self.live = (op.input,) in meta.live
 
     def forward(self, args: tuple, kwargs: Dict[str, Any]) -> Tuple[Tensor, Any]:
         tensors = {name: args[pos] for pos, name in self.op.tensors.items()
                    if pos < len(args) and isinstance(args[pos], Tensor)}
-        z, state = self.rule.forward(args[0], tensors)
-        return z, _ModuleState(state, args[0], tensors)
+        x = args[self.op.input]
+        z, state = self.rule.forward(x, tensors)
+        return z, _ModuleState(state, x, tensors)
 
     def jacobians(self, state: Any) -> Dict[Slot, Jacobian]:
-        return {(0,): self.rule.jacobian(state.inner)} if self.live else {}
+        return {(self.op.input,): self.rule.jacobian(state.inner)} if self.live else {}
 
     def residual(self, state: Any, grad_out: Tensor) -> Optional[Term]:
         return self.rule.residual(state.inner, grad_out)
@@ -220,7 +229,7 @@ class _BoundModule(Bound):
 
 @dataclass
 class LinearOp(OpRule):
-    """An op linear in each of its live arguments, without parameters (reshapes, sums, ``cat``...).
+    """An op without parameters whose Jacobians are its ``vjp`` (reshapes, sums, ``cat``, attention...).
 
     Args:
         batch: ``batch(meta) -> None`` or the reason the op mixes samples (reads
@@ -233,18 +242,22 @@ class LinearOp(OpRule):
             cross term between the arguments, so the exact Hessian declines when
             two arguments are live.
         doc: the docs' one-line description.
+        broadcasts: an elementwise op (or ``expand``): a value shared by all
+            samples (a parameter such as a position embedding, of leading size 1)
+            may be broadcast into the batch by it.
+        nonlinear: the op is not linear in its live arguments (attention,
+            softmax): the GGN and the Fishers run, the exact Hessian declines (no
+            residual rule).
     """
 
     batch: Callable[[Meta], Optional[str]]
     jacobian: Optional[Callable[[Meta, Slot, tuple], Optional[Jacobian]]] = None
     bilinear: bool = False
     doc: str = ""
+    broadcasts: bool = False
+    nonlinear: bool = False
 
     def bind(self, meta: Meta) -> Bound:
-        if meta.params:
-            names = sorted(meta.params.values())
-            raise Unsupported(f"uses the parameter {names[0]!r} as a value (the graph walker reads parameters "
-                              f"only in the weight slots of module-like ops)")
         reason = self.batch(meta)
         if reason:
             raise Unsupported(reason)

@@ -41,12 +41,12 @@ import torch.utils._pytree as pytree
 from torch import Tensor, fx
 
 from ..columns import add_columns, column_form
-from ..curvature import Curvature, Term
+from ..curvature import Curvature, Factor, Term
 from ..errors import Unsupported
 from ..losses import LossSpec, output_curvature, sampled_curvature
 from . import op_rules as _builtin  # noqa: F401 (registers the built-in op rules)
 from .batchwise import Batchwise, add_batchwise, batch_parameter_diagonal
-from .ops import OP_RULES, Bound, Meta, ModuleOp, Slot, _op_of
+from .ops import OP_RULES, Bound, Meta, ModuleOp, Slot, _op_of, _replace, slot_value
 from .trace import Traced, flatten_inputs, output_values, where
 
 __all__ = ["GraphPlan", "plan", "run", "FACTOR_CHUNK_ENTRIES"]
@@ -56,16 +56,26 @@ FACTOR_CHUNK_ENTRIES = 2 ** 24
 
 @dataclass
 class GraphPlan:
-    """The live nodes of a traced graph for a set of differentiated parameters, with their bound rules."""
+    """The live nodes of a traced graph for a set of differentiated parameters, with their bound rules.
+
+    A live value is *batched* (dimension 0 is the batch, samples independent) or
+    *shared* by all samples (a parameter used as a value, a position embedding
+    of leading size 1: its rules run with a batch of one). A shared value enters
+    the batch through a *broadcast* argument of an elementwise op; the curvature
+    pulled back there is summed over the samples (:func:`to_shared`).
+    """
 
     traced: Traced
     order: List[fx.Node]  # every call_function node, in graph order
     live: Set[fx.Node]
     rules: Dict[fx.Node, Bound]
-    slots: Dict[fx.Node, List[Tuple[Slot, fx.Node]]]  # live argument slots: (slot, the node there)
+    slots: Dict[fx.Node, List[Tuple[Slot, fx.Node]]]  # live activation slots: (slot, the node there)
     alias: Dict[fx.Node, fx.Node]  # getitem of a live multi-output op's main output: its op node
     output: fx.Node
     N: int
+    broadcast: Dict[fx.Node, Dict[Slot, Tuple[Tuple[int, ...], Tuple[int, ...]]]]  # slot: (aligned shape, out)
+    values: Dict[fx.Node, str]  # wanted parameters used as values: their diagonal is read at the placeholder
+    batch_of: Dict[fx.Node, int]  # live node: N (batched) or 1 (shared)
 
 
 def _slots(args: tuple) -> List[Tuple[Slot, Any]]:
@@ -102,6 +112,16 @@ def plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) -
     return p
 
 
+def _aligned(shape: Tuple[int, ...], out: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
+    """``shape`` with leading ones up to ``len(out)``, if it broadcasts to ``out`` with size 1 at dim 0."""
+    if len(shape) > len(out):
+        return None
+    a = (1,) * (len(out) - len(shape)) + tuple(shape)
+    if a[0] != 1 or any(x not in (1, o) for x, o in zip(a, out)):
+        return None
+    return a
+
+
 def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) -> GraphPlan:
     graph = traced.graph
     out_node = [n for n in graph.nodes if n.op == "output"][0]
@@ -115,6 +135,9 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
     N = int(val.shape[0])
     param_of: Dict[fx.Node, str] = {}
     live: Set[fx.Node] = set()
+    data: Set[fx.Node] = set()  # nodes computed from the user inputs
+    batch_of: Dict[fx.Node, int] = {}
+    ancestors: Dict[fx.Node, frozenset] = {}  # live node: the wanted parameters upstream
     for n in graph.nodes:
         if n.op == "placeholder":
             kind, what = traced.placeholders[n.name]
@@ -122,16 +145,23 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
                 param_of[n] = what
                 if kind == "parameter" and what in wanted:
                     live.add(n)
+                    batch_of[n] = 1
+                    ancestors[n] = frozenset([what])
+            elif kind == "input":
+                data.add(n)
     for name in wanted:
         users = [n for n, q in param_of.items() if q == name]
         if users and len(users[0].users) > 1:
             raise Unsupported(f"the parameter {name!r} is used by {len(users[0].users)} operations (a tied or "
                               f"reused weight: its diagonal would need the cross terms between the uses)")
-    order, rules, slots, alias = [], {}, {}, {}
+    order, rules, slots, alias, broadcast, values = [], {}, {}, {}, {}, {}
     for n in graph.nodes:
         if n.op != "call_function":
             continue
         order.append(n)
+        arg_slots = _slots(n.args)
+        if any(isinstance(a, fx.Node) and a in data for _, a in arg_slots):
+            data.add(n)
         if n.target is operator.getitem:
             src, idx = n.args
             if src in live:
@@ -142,8 +172,8 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
                     continue
                 live.add(n)
                 alias[n] = src
+                batch_of[n], ancestors[n] = batch_of[src], ancestors[src]
             continue
-        arg_slots = _slots(n.args)
         live_slots = [(s, a) for s, a in arg_slots if isinstance(a, fx.Node) and a in live]
         if not live_slots:
             continue
@@ -152,31 +182,114 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
         rule = OP_RULES.lookup(name)
         if rule is None:
             raise Unsupported(f"the graph walker has no rule for the ATen operation {name}{where(n)}")
-        params = {s: param_of[a] for s, a in arg_slots if isinstance(a, fx.Node) and a in param_of}
-        meta = Meta(name, tuple(pytree.tree_map(_example, list(n.args))), dict(n.kwargs),
-                    tuple(s for s, a in live_slots if a not in param_of),
-                    {s: q for s, q in params.items() if q in wanted or s in [t for t, _ in live_slots]},
-                    n.meta.get("val"), N)
+        ancestors[n] = frozenset().union(*(ancestors[a] for _, a in live_slots))
+        weights = rule.parameter_positions()
+        params = {s: param_of[a] for s, a in arg_slots if isinstance(a, fx.Node) and a in param_of
+                  and s[0] in weights}
+        acts = [(s, a) for s, a in live_slots if s[0] not in weights]
+        out_val = n.meta.get("val")
+        out_val = out_val[getattr(rule, "output", None) or 0] if isinstance(out_val, (tuple, list)) else out_val
+        out_shape = tuple(out_val.shape) if isinstance(out_val, Tensor) else ()
         try:
+            batched = [a for _, a in acts if batch_of[a] != 1 or (N == 1 and a not in param_of)]
+            if batched or (not acts and any(isinstance(a, fx.Node) and a in data for _, a in arg_slots)):
+                nb = N
+            else:
+                nb = 1
+            if N == 1:
+                nb = 1
+            shared_in = [(s, a) for s, a in acts if nb != 1 and batch_of[a] == 1]
+            example = list(pytree.tree_map(_example, list(n.args)))
+            if shared_in or (N == 1 and any(a in param_of for _, a in acts)):
+                # shared values broadcast into the batch (or a batch of one: every parameter value is "broadcast")
+                if not getattr(rule, "broadcasts", False):
+                    s0, a0 = (shared_in or [(s, a) for s, a in acts if a in param_of])[0]
+                    raise Unsupported(f"takes {_name(a0, param_of)} of shape {_shape(a0)}, shared by all samples, "
+                                      f"as argument {s0[0]} (only elementwise ops and expand may broadcast it)")
+                bslots = {}
+                for s, a in (shared_in or [(s, a) for s, a in acts if a in param_of]):
+                    A = _aligned(_shape(a), out_shape)
+                    if A is None:
+                        raise Unsupported(f"broadcasts {_name(a, param_of)} of shape {_shape(a)} to {out_shape}")
+                    bslots[s] = (A, out_shape)
+                    ex = _example(a)
+                    expanded = ex.reshape(A).expand(out_shape)
+                    if len(s) == 1:
+                        example[s[0]] = expanded
+                    else:
+                        example[s[0]] = list(example[s[0]])
+                        example[s[0]][s[1]] = expanded
+                broadcast[n] = bslots
+            meta = Meta(name, tuple(example), dict(n.kwargs), tuple(s for s, _ in acts),
+                        dict(params), out_val, nb)
             bound = rule.bind(meta)
-            for s, a in live_slots:
-                if a in param_of and s not in bound.parameter_slots:
-                    raise Unsupported(f"uses the parameter {param_of[a]!r} in argument {s[0]}, not as a weight")
+            if nb == 1 and N != 1 and out_shape[:1] not in ((1,),):
+                raise Unsupported(f"gives shape {out_shape} from values shared by all samples (leading size 1 "
+                                  f"expected)")
             if residuals and getattr(bound, "coupled", False):
                 raise Unsupported("couples the samples (batch statistics): the exact Hessian's residual across "
                                   "samples has no rule (the GGN and the Fishers run)")
+            if residuals and getattr(rule, "nonlinear", False):
+                raise Unsupported("is nonlinear in its inputs and has no residual rule for the exact Hessian "
+                                  "(the GGN and the Fishers run)")
             if residuals and getattr(bound, "bilinear_live", False):
-                raise Unsupported("multiplies two values that depend on the parameters (the exact Hessian's "
-                                  "cross term between them has no rule)")
+                sets = [ancestors[a] for _, a in acts]
+                if any(sets[i] & sets[j] for i in range(len(sets)) for j in range(i + 1, len(sets))):
+                    raise Unsupported("multiplies two values that depend on the same parameters (the exact "
+                                      "Hessian's cross term between them has no rule)")
         except Unsupported as err:
             raise Unsupported(f"ATen operation {name}{where(n)} {err}") from None
         if isinstance(rule, ModuleOp) and rule.output is not None:
             bound.main_output = rule.output
         rules[n] = bound
-        slots[n] = [(s, a) for s, a in live_slots if a not in param_of]
+        slots[n] = list(acts)
+        batch_of[n] = nb
+        for _, a in acts:
+            if a in param_of:
+                values[a] = param_of[a]
     if target not in live:
         raise Unsupported("the model output does not depend on the differentiated parameters")
-    return GraphPlan(traced, order, live, rules, slots, alias, target, N)
+    if batch_of.get(target) != N and N != 1:
+        raise Unsupported("the model output does not carry the batch")
+    return GraphPlan(traced, order, live, rules, slots, alias, target, N, broadcast, values, batch_of)
+
+
+def _shape(a: fx.Node) -> Tuple[int, ...]:
+    v = a.meta.get("val")
+    return tuple(v.shape) if isinstance(v, Tensor) else ()
+
+
+def _name(a: fx.Node, param_of: Dict[fx.Node, str]) -> str:
+    return f"the parameter {param_of[a]!r}" if a in param_of else f"the value {a.name!r}"
+
+
+def to_shared(term: Term, A: Tuple[int, ...], out: Tuple[int, ...]) -> Term:
+    """A per-sample term at a broadcast copy ``[N, *out[1:]]`` as a term at the shared value ``[1, *A[1:]]``.
+
+    The copy of sample ``n`` is the shared value expanded over the dims where
+    ``A`` is 1; the shared value's curvature is the sum over samples of the
+    per-sample blocks pulled through that expansion: each sample's columns
+    summed over the expanded dims become columns of the one shared "sample"
+    (``K N`` of them, in the order ``(k, n)``).
+    """
+    if isinstance(term, Batchwise):  # whole-batch columns: the sum over samples is part of the pull-back
+        B = term.B.sum(1, keepdim=True)
+        dims = tuple(2 + i for i in range(len(A) - 1) if A[i + 1] == 1 and out[i + 1] != 1)
+        return Factor(B.sum(dims, keepdim=True) if dims else B,
+                      None if term.w is None else term.w.reshape(-1, 1))
+    f = column_form(term).as_factor()
+    B = f.B
+    dims = tuple(2 + i for i in range(len(A) - 1) if A[i + 1] == 1 and out[i + 1] != 1)
+    if dims:
+        B = B.sum(dims, keepdim=True)
+    K, N = B.shape[:2]
+    w = None if f.w is None else f.w.reshape(K * N, 1)
+    return Factor(B.reshape((K * N, 1) + tuple(B.shape[2:])), w)
+
+
+def _grad_shared(g: Tensor, A: Tuple[int, ...]) -> Tensor:
+    dims = tuple(i for i in range(len(A)) if A[i] == 1 and g.shape[i] != 1)
+    return g.sum(dims, keepdim=True) if dims else g
 
 
 def _fill(args: Any, vals: Dict[fx.Node, Any]) -> Any:
@@ -208,11 +321,14 @@ def forward(p: GraphPlan, values: Dict[str, Tensor], inputs: Any) -> Tuple[Tenso
         if n not in p.live:
             vals[n] = n.target(*args, **kwargs)
             continue
+        for s, (A, O) in p.broadcast.get(n, {}).items():  # a shared value, one copy per sample
+            v = slot_value(args, s)
+            args = _replace(args, [s], [v.reshape(A).expand(O)])
         try:
             out, state = p.rules[n].forward(args, kwargs)
         except Unsupported as err:
             raise Unsupported(f"ATen operation {n.target}{where(n)} {err}") from None
-        if out.shape[:1] != (p.N,):
+        if out.shape[:1] != (p.batch_of[n],):
             raise Unsupported(f"ATen operation {n.target}{where(n)} gives shape {tuple(out.shape)} at run time")
         vals[n], states[n] = out, state
     return vals[p.output], states
@@ -224,7 +340,7 @@ class _Backward:
         self.diags: Dict[str, Tensor] = {}
         self.total: Optional[Tensor] = None
         # nodes some differentiated parameter feeds through live slots: the curvature is needed there
-        self.feeds: Set[fx.Node] = set()
+        self.feeds: Set[fx.Node] = {a for a, q in p.values.items() if q in self.wanted}
         for n in p.order:
             if n in p.alias:
                 if p.alias[n] in self.feeds:
@@ -286,11 +402,13 @@ class _Backward:
                 continue
             jacs = bound.jacobians(state)
             split = len(targets) > 1
+            shared = p.broadcast.get(n, {})
             for tid, t in (here or {}).items():
                 if split and not isinstance(t, Batchwise):
                     t = column_form(t)
                 for s, a in targets:
-                    _add(acc.setdefault(a, {}), tid, t.pulled(jacs[s]))
+                    pt = t.pulled(jacs[s])
+                    _add(acc.setdefault(a, {}), tid, pt if s not in shared else to_shared(pt, *shared[s]))
             if gn is not None:
                 if bound.has_residual:
                     r = bound.residual(state, gn)
@@ -299,7 +417,17 @@ class _Backward:
                         _add(acc.setdefault(a, {}), ("residual", n.name), r)
                 for s, a in targets:
                     ga = jacs[s].t_vector(gn)
+                    ga = ga if s not in shared else _grad_shared(ga, shared[s][0])
                     grads[a] = ga if a not in grads else grads[a] + ga
+        for a, q in p.values.items():  # parameters used as values: the curvature there is theirs
+            here = acc.pop(a, None)
+            if not here or q not in self.wanted:
+                continue
+            d = Curvature(list(here.values())).diagonal()
+            if self.trace:
+                self._add_total(d.sum())
+            else:
+                self._add_diag(q, d.reshape(_shape(a)))
 
 
 def _add(bucket: Dict[Any, Term], tid: Any, t: Term) -> None:
