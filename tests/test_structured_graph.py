@@ -289,3 +289,39 @@ def test_under_torch_compile_declines_to_the_generic_path():
     torch._dynamo.reset()
     got = torch.compile(fn, backend="eager")(p, x, y)  # the generic path breaks the graph
     _close(got, want)
+
+
+# -- transformers and ConvNeXt ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["vit", "bert", "convnext"])
+@pytest.mark.parametrize("kind", ["ggn", "fisher", "empirical_fisher"])
+def test_hf_models_ggn_and_fishers_structured(zoo, name, kind):
+    case = zoo.build(name, batch=3)
+    fn, got, want = _both(kind, case.f, (case.params(), case.inputs, case.targets))
+    assert fn.last_engine == "structured", fn.last_fallback_reason
+    _close(got, want)
+
+
+def test_convnext_exact_hessian_layer_norm_residuals_and_layer_scale(zoo):
+    case = zoo.build("convnext", batch=3)
+    for trace in (False, True):
+        fn, got, want = _both("hessian", case.f, (case.params(), case.inputs, case.targets), trace)
+        assert fn.last_engine == "structured", fn.last_fallback_reason
+        _close(got, want)
+
+
+@pytest.mark.parametrize("name", ["vit", "bert"])
+def test_attention_exact_hessian_declines_with_a_reason(zoo, name):
+    case = zoo.build(name, batch=2)
+    fn, got, want = _both("hessian", case.f, (case.params(), case.inputs, case.targets))
+    assert fn.last_engine == "generic"
+    assert "scaled_dot_product_attention" in fn.last_fallback_reason and "modeling_" in fn.last_fallback_reason
+    _close(got, want)
+
+
+def test_gpt2_declines_naming_the_op(zoo):
+    case = zoo.build("gpt2", batch=2)
+    fn = so.diagonal(case.f, curvature="ggn")
+    fn(case.params(), case.inputs, case.targets)
+    assert fn.last_engine == "generic" and "graph walker" in fn.last_fallback_reason

@@ -343,3 +343,52 @@ class _BoundBatchStats(Bound):
 
 
 OP_RULES.register("aten._native_batch_norm_legit.no_stats", BatchStatisticsNorm())
+
+
+# -- transformer operations ---------------------------------------------------------------------
+
+
+def _layer_norm(m: Meta) -> nn.Module:
+    a = list(m.args) + [None] * (5 - len(m.args))
+    eps = a[4] if a[4] is not None else 1e-5
+    affine = a[2] is not None
+    ln = _meta(nn.LayerNorm, tuple(a[1]), eps=eps, elementwise_affine=affine, bias=a[3] is not None)
+    return ln
+
+
+def _embedding(m: Meta) -> nn.Module:
+    a = list(m.args) + [None] * (5 - len(m.args))
+    W = a[0]
+    padding_idx = a[2] if a[2] is not None and a[2] >= 0 else None
+    if a[3]:
+        raise Unsupported("has scale_grad_by_freq=True")
+    if a[4]:
+        raise Unsupported("is sparse")
+    return _meta(nn.Embedding, W.shape[0], W.shape[1], padding_idx=padding_idx)
+
+
+OP_RULES.register("aten.layer_norm.default", ModuleOp(_layer_norm, {2: "weight", 3: "bias"},
+                                                      doc="nn.LayerNorm's rule"))
+OP_RULES.register("aten.embedding.default", ModuleOp(_embedding, {0: "weight"}, input=1,
+                                                     doc="nn.Embedding's rule (token ids first)"))
+
+
+def _attention_batch(m: Meta) -> Optional[str]:
+    reason = _batch_out(m)
+    if reason:
+        return reason
+    for s in m.live:
+        if len(_shape(slot_value(m.args, s))) < 3:
+            return f"argument {s[0]} has no head or position dimension after the batch"
+    return None
+
+
+OP_RULES.register("aten.scaled_dot_product_attention.default", LinearOp(
+    _attention_batch, nonlinear=True, doc="attention (GGN and Fishers; its vjp per query, key, value)"))
+OP_RULES.register("aten._softmax.default", LinearOp(
+    _with(lambda m: "normalises over the batch dimension" if _norm(m.args[1], _first_live_ndim(m)) == 0 else None),
+    nonlinear=True, doc="softmax over a dim other than 0 (GGN and Fishers)"))
+OP_RULES.register("aten.matmul.default", LinearOp(
+    _with(lambda m: None if all(len(_shape(slot_value(m.args, s))) >= 3 for s in m.live)
+          else "multiplies a matrix whose rows are the samples"),
+    bilinear=True, doc="batched matmul (exact Hessian: one live factor)"))

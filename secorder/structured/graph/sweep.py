@@ -192,7 +192,9 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
         out_shape = tuple(out_val.shape) if isinstance(out_val, Tensor) else ()
         try:
             batched = [a for _, a in acts if batch_of[a] != 1 or (N == 1 and a not in param_of)]
-            if batched or (not acts and any(isinstance(a, fx.Node) and a in data for _, a in arg_slots)):
+            # batched: a batched input, or an output with the batch first from shared values and constants
+            # (an embedding of per-sample token ids, a shared value expanded over the batch)
+            if batched or out_shape[:1] == (N,):
                 nb = N
             else:
                 nb = 1
