@@ -51,6 +51,7 @@ SETTINGS = {
     "aten.transpose.int": (lambda: (r(N, 2, 3, 4), 1, 3), {}, [(0,)], {}),
     "aten.expand.default": (lambda: (r(N, 1, 3), [N, 4, 3]), {}, [(0,)], {}),
     "aten.clone.default": (lambda: (r(N, 3),), {}, [(0,)], {}),
+    "aten._to_copy.default": (lambda: (r(N, 3),), {"dtype": DT}, [(0,)], {}),
     "aten.alias.default": (lambda: (r(N, 3),), {}, [(0,)], {}),
     "aten.contiguous.default": (lambda: (r(N, 3),), {}, [(0,)], {}),
     "aten.slice.Tensor": (lambda: (r(N, 6), 1, 1, 5, 2), {}, [(0,)], {}),

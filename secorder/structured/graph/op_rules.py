@@ -135,6 +135,9 @@ OP_RULES.register("aten.transpose.int", LinearOp(
 OP_RULES.register("aten.expand.default", LinearOp(
     _with(lambda m: None if _first_live_ndim(m) == len(m.out.shape) else "broadcasts over new leading dims"),
     broadcasts=True, doc="expand, keeping dim 0"))
+OP_RULES.register("aten._to_copy.default", LinearOp(
+    lambda m: _keeps_batch(m) or (None if m.out.is_floating_point() else "converts to a non-floating dtype"),
+    doc="a copy, possibly to another floating dtype (.to())"))
 for _name in ("aten.clone.default", "aten.alias.default", "aten.contiguous.default"):
     OP_RULES.register(_name, LinearOp(_keeps_batch, _reshape_jacobian, doc="a copy"))
 OP_RULES.register("aten.slice.Tensor", LinearOp(

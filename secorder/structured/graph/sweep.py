@@ -112,6 +112,10 @@ def plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) -
     return p
 
 
+#: Ops that only check their argument's metadata and return nothing: evaluated, never differentiated.
+_CHECKS = (torch.ops.aten._assert_tensor_metadata.default,)
+
+
 def _aligned(shape: Tuple[int, ...], out: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
     """``shape`` with leading ones up to ``len(out)``, if it broadcasts to ``out`` with size 1 at dim 0."""
     if len(shape) > len(out):
@@ -175,8 +179,8 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
                 batch_of[n], ancestors[n] = batch_of[src], ancestors[src]
             continue
         live_slots = [(s, a) for s, a in arg_slots if isinstance(a, fx.Node) and a in live]
-        if not live_slots:
-            continue
+        if not live_slots or (n.target in _CHECKS and not n.users):
+            continue  # a constant, or a check of a tensor's metadata (its value is not used)
         live.add(n)
         name = str(n.target)
         rule = OP_RULES.lookup(name)
