@@ -16,6 +16,9 @@
   :func:`secorder.cli.main`): the default report, the line saying why the fast engine
   did not run (on :func:`fallback_problem`, a model with a layer the fast engine has no
   rule for), and two errors (:func:`cli_samples`).
+* ``_generated/graph_ops.part.rst``: the ATen operations the structured
+  engine's graph walker has a rule for, with what each rule is
+  (:data:`secorder.structured.graph.OP_RULES`).
 * ``_generated/extras.part.rst``: the optional extras of ``pyproject.toml``
   with what each installs, and what each is for (:data:`EXTRA_PURPOSES`;
   ``tests/test_docs.py`` fails when an extra has no purpose written here).
@@ -249,6 +252,22 @@ def cli_samples() -> Dict[str, str]:
     return samples
 
 
+def graph_ops_rst() -> str:
+    """The graph walker's covered ATen operations (its registry ``OP_RULES``), one row per operation.
+
+    Example:
+        >>> "``aten.conv2d.default``" in graph_ops_rst()
+        True
+    """
+    from secorder.structured.graph import OP_RULES
+
+    lines = [".. list-table::", "   :header-rows: 1", "", "   * - ATen operation", "     - rule", ""]
+    for name in sorted(OP_RULES.names()):
+        doc = getattr(OP_RULES.get(name), "doc", "") or ""
+        lines += [f"   * - ``{name}``", f"     - {doc}"]
+    return "\n".join(lines) + "\n"
+
+
 def write_code_parts(root: pathlib.Path, out_dir: pathlib.Path) -> None:
     """Write the commands' reference, the CLI's sample outputs, the extras and the composites tables."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -256,5 +275,6 @@ def write_code_parts(root: pathlib.Path, out_dir: pathlib.Path) -> None:
         _write(out_dir / f"{name}.part.rst", text)
     _write(out_dir / "composites.part.rst", composites_rst())
     _write(out_dir / "forward_mode.part.rst", forward_mode_rst())
+    _write(out_dir / "graph_ops.part.rst", graph_ops_rst())
     _write(out_dir / "cli_commands.part.rst", commands_rst())
     _write(out_dir / "extras.part.rst", extras_rst(extras(root / "pyproject.toml")))

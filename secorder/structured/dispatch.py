@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .. import wrappers
 from ..modules import FunctionalLoss
-from . import backprop, losses, walker
+from . import backprop, graph, losses, walker
 from .errors import Unsupported
 
 __all__ = ["functional_call_diag", "model_diagonal", "model_trace", "KINDS"]
@@ -117,11 +117,6 @@ def functional_call_diag(
         raise Unsupported("f is not a secorder.FunctionalLoss (or its class overrides __call__)")
     if not isinstance(f.model, nn.Module):
         raise Unsupported("the model is a function, not an nn.Module")
-    if f.output_field is not None:
-        # The module walker follows the model's own output tensor; a selection from its return value
-        # (a field of a ModelOutput, a callable) is not part of its plan.
-        raise Unsupported(f"output={f.output_field!r} selects the loss's input from the model's return value; "
-                          "the module walker takes a model that returns its output tensor (output=None)")
     if len(args) not in (3, 4):
         raise Unsupported(f"expected f(params, inputs, targets[, buffers]), got {len(args)} arguments")
     params, inputs, targets = args[:3]
@@ -136,23 +131,46 @@ def functional_call_diag(
     original = list(params)
     model, params = wrappers.plain_view(f.model, dict(params))
     back = dict(zip(params, original))
-    plan = walker.plan(model)
     shapes = {n: t.shape for n, t in model.named_parameters()}
     values: Dict[str, Tensor] = {n: t.detach() for n, t in model.named_parameters() if n not in params}
     values.update({n: t for n, t in model.named_buffers()} if buffers is None else buffers)
-    own = set(plan.parameter_names)
     for name, v in params.items():
-        if name not in own:
+        if name not in shapes:
             raise Unsupported(f"params has a name the engine does not know: {name!r}")
         if v.shape != shapes[name]:
             raise Unsupported(f"params[{name!r}] has shape {tuple(v.shape)}, the model's has {tuple(shapes[name])}")
     values.update(params)
-    out = backprop.run(plan, spec, values, inputs, targets, set(params), trace, kind=kind,
-                       factor_chunk_size=factor_chunk_size, loss_fn=f.loss_fn, mc_samples=mc_samples,
-                       generator=generator)
+    try:
+        plan = _module_plan(model, f.output_field, inputs)
+    except Unsupported as declined:
+        # The module walk declines: the graph walker traces the call (secorder.structured.graph).
+        try:
+            out = graph.functional_call_diag(model, f.output_field, spec, values, inputs, targets, set(params),
+                                             trace, kind=kind, factor_chunk_size=factor_chunk_size,
+                                             loss_fn=f.loss_fn, mc_samples=mc_samples, generator=generator)
+        except Unsupported as err:
+            raise Unsupported(f"{declined}; the graph walker: {err}") from None
+    else:
+        out = backprop.run(plan, spec, values, inputs, targets, set(params), trace, kind=kind,
+                           factor_chunk_size=factor_chunk_size, loss_fn=f.loss_fn, mc_samples=mc_samples,
+                           generator=generator)
     if trace:
         return out
     return {back[name]: out[name] if name in out else torch.zeros_like(v) for name, v in params.items()}
+
+
+def _module_plan(model: nn.Module, output_field: Any, inputs: Any) -> walker.Plan:
+    """The module walker's plan, or :class:`Unsupported` when the module walk declines this call."""
+    if output_field is not None:
+        # The module walker follows the model's own output tensor; a selection from its return value
+        # (a field of a ModelOutput, a callable) is not part of its plan.
+        raise Unsupported(f"output={output_field!r} selects the loss's input from the model's return value; "
+                          "the module walker takes a model that returns its output tensor (output=None)")
+    plan = walker.plan(model)
+    if not isinstance(inputs, Tensor):
+        raise Unsupported(f"the module walker calls model(inputs) on one input tensor, got inputs of type "
+                          f"{type(inputs).__name__}")
+    return plan
 
 
 def _live(model: nn.Module, loss_fn: Any, inputs: Any, targets: Any, kind: str, params, trace: bool,

@@ -1,0 +1,105 @@
+"""The graph walker: the structured engine on a traced ATen graph, for models the module walker declines.
+
+When a model is not a chain of modules with rules (its wiring is written in
+``forward``: Hugging Face and torchvision ResNets, functional calls, ``torch.cat``,
+a mean over space), :func:`functional_call_diag` traces it once per input
+structure (:mod:`.trace`: ``torch.export`` in non-strict mode), binds a rule to
+every node that depends on a differentiated parameter (:mod:`.ops`, the registry
+``OP_RULES`` of one rule per ATen operation, most of them mapping onto the module
+rules' math) and runs the curvature sweep over the graph (:mod:`.sweep`: fan-out
+with its cross terms). Declines raise
+:class:`~secorder.structured.errors.Unsupported` naming the ATen operation and
+the source line.
+
+Example:
+    >>> import torch, secorder as so
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)
+    ...     def forward(self, x):
+    ...         return self.b(torch.relu(self.a(x)) + x)
+    >>> f = so.functional_loss(Net(), torch.nn.CrossEntropyLoss())
+    >>> fn = so.ggn_diag(f)
+    >>> d = fn(so.params_dict(f.model), torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
+    >>> fn.last_engine, sorted(d)
+    ('structured', ['a.bias', 'a.weight', 'b.bias', 'b.weight'])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Set
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import Unsupported
+from ..walker import check_plain
+from ..losses import LossSpec
+from . import sweep as _sweep
+from .ops import OP_RULES, LinearOp, ModuleOp, OpRule
+from .trace import output_values, traced
+
+__all__ = ["functional_call_diag", "OP_RULES", "OpRule", "ModuleOp", "LinearOp"]
+
+
+def _output_index(t: Any, model_out_field: Any, spec_flat: list) -> int:
+    from ...model_call import select_output
+
+    if callable(model_out_field):
+        raise Unsupported("output= is a function of the model's return value; the graph walker takes an output "
+                          "the model returns (output=None, or a field name)")
+    rebuilt = output_values(t, spec_flat)
+    try:
+        chosen = select_output(rebuilt, model_out_field)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise Unsupported(f"cannot select the output: {err}") from None
+    for i, v in enumerate(spec_flat):
+        if v is chosen:
+            return i
+    raise Unsupported("output= computes a new tensor from the model's return value; the graph walker takes an "
+                      "output the model returns (None, or a field name)")
+
+
+def _check_plain(model: nn.Module) -> None:
+    """Hooks and instance-level overrides send a model to the generic path, as on the module path.
+
+    The exported graph would contain forward hooks and overridden ``forward``
+    methods, but not backward hooks, and what a hook does to state is not part
+    of a graph: the graph walker, like the module walker, proves nothing about
+    such a model.
+    """
+    from torch.nn.modules import module as _impl
+
+    if (_impl._global_forward_hooks or _impl._global_forward_pre_hooks or _impl._global_backward_hooks
+            or _impl._global_backward_pre_hooks):
+        raise Unsupported("global module hooks are registered")
+    for name, m in model.named_modules():
+        check_plain(m, f"module {name or '<root>'!r}")
+
+
+def functional_call_diag(model: nn.Module, output: Any, spec: LossSpec, values: Dict[str, Tensor], inputs: Any,
+                         targets: Any, wanted: Set[str], trace: bool, *, kind: str,
+                         factor_chunk_size: Optional[int] = None, loss_fn: Any = None, mc_samples: int = 1,
+                         generator: Optional[torch.Generator] = None) -> Any:
+    """The structured diagonal (``{qualified name: tensor}``) or trace of ``model`` on its traced graph.
+
+    ``values`` maps every parameter and buffer name of ``model`` to the tensor to
+    use, ``wanted`` the names to differentiate; ``output`` is the
+    ``output=`` of the :class:`~secorder.FunctionalLoss`. Raises
+    :class:`Unsupported` when the model cannot be traced or an operation of the
+    graph has no rule.
+    """
+    if torch.compiler.is_compiling():
+        # Dynamo does not trace through torch.fx graph objects (Graph.nodes is skipped): decline, so that
+        # the compiled transform takes the generic path instead of breaking the graph.
+        raise Unsupported("the graph walker does not run under torch.compile (it walks torch.fx nodes, which "
+                          "Dynamo does not trace)")
+    _check_plain(model)
+    t = traced(model, inputs)
+    probes = [torch.empty(0) for _ in range(t.out_spec.num_leaves)]
+    index = _output_index(t, output, probes)
+    p = _sweep.plan(t, set(wanted), index, kind == "hessian")
+    return _sweep.run(p, spec, values, inputs, targets, set(wanted), trace, kind=kind,
+                      factor_chunk_size=factor_chunk_size, loss_fn=loss_fn, mc_samples=mc_samples,
+                      generator=generator)

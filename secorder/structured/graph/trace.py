@@ -1,0 +1,216 @@
+"""Tracing a model into an ATen graph for the graph walker, cached per model and input structure.
+
+The tracer is ``torch.export.export(model, args, kwargs, strict=False)``
+followed by ``run_decompositions({})``. Why this one:
+
+* ``torch.fx.symbolic_trace`` fails on the models people train (Hugging Face
+  ResNet, ViT, BERT, GPT-2: control flow on shapes, iteration over proxies);
+  non-strict export runs the model's Python as Python, with fake tensors, so
+  shape-dependent control flow simply takes the branch of the example's shapes.
+* Strict export (TorchDynamo) refuses more Python than the non-strict mode and
+  costs more.
+* ``run_decompositions({})`` with an empty table decomposes nothing a rule
+  knows (``linear``, ``conv2d``, ``relu`` stay whole) but makes the graph
+  functional: the training IR keeps in-place updates (``add_`` in Hugging Face's
+  residual blocks), whose later readers would see the updated value.
+
+The graph depends on the shapes, dtypes and devices of the inputs, on the
+structure of ``inputs`` (and the non-tensor values in it), on which modules the
+model holds and their ``training`` flags, and on the shapes of its parameters
+and buffers; not on the values of any tensor. :func:`traced` keys its cache on
+exactly those, so a new input shape re-traces (a stale graph is never reused)
+and the same shapes reuse the graph. A failed export is cached too, with the
+exporter's reason, so a model that cannot be traced costs one attempt.
+
+Example:
+    >>> import torch
+    >>> g = traced(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()), torch.ones(4, 2))
+    >>> [str(n.target) for n in g.graph.nodes if n.op == "call_function"]
+    ['aten.linear.default', 'aten.relu.default']
+    >>> traced(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()), torch.ones(4, 2)) is not g  # another model
+    True
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+
+from ...model_call import model_arguments
+from ..errors import Unsupported
+
+__all__ = ["Traced", "traced", "where", "cache_size"]
+
+
+@dataclass
+class Traced:
+    """One exported graph: its nodes, what each placeholder stands for, and the output structure.
+
+    ``placeholders`` maps each placeholder node name to ``("parameter" | "buffer", fqn)``,
+    ``("constant", tensor)`` or ``("input", position among the flattened user inputs)``.
+    """
+
+    graph: torch.fx.Graph
+    placeholders: Dict[str, Tuple[str, Any]]
+    out_spec: Any
+    seconds: float
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[Any, Any]]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+_MAX_PER_MODEL = 16  # input structures kept per model (oldest dropped first)
+
+
+def _leaf_key(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return ("T", tuple(x.shape), x.dtype, str(x.device))
+    try:
+        hash(x)
+        return ("V", type(x).__name__, x)
+    except TypeError:
+        return ("V", type(x).__name__, repr(x))
+
+
+def _key(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    modules = tuple((name, id(m), m.training) for name, m in model.named_modules())
+    tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in list(model.named_parameters()) + list(model.named_buffers()))
+    return (str(spec), tuple(_leaf_key(x) for x in leaves), modules, tensors)
+
+
+def _plain(x: Any) -> Any:
+    """A tensor the exporter can take: the tensor itself, or zeros of its shape inside ``torch.func`` transforms."""
+    if isinstance(x, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+    return x
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
+    import time
+
+    from ...modules import _batch_statistics, _module_lock
+
+    args, kwargs = pytree.tree_map(_plain, (args, kwargs))
+    start = time.perf_counter()
+    try:
+        # Outside any torch.func level (inside vmap the exporter would see batched dispatch and decompose
+        # linear into t/addmm); the example tensors are plain (see _plain).
+        with _module_lock(model), _batch_statistics(model), torch.no_grad(), torch._C._DisableFuncTorch():
+            ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+            ep = ep.run_decompositions({})
+    except Exception as err:  # the exporter's reason, whatever it raises
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise Unsupported(f"torch.export could not trace the model: {type(err).__name__}: {first}") from None
+    seconds = time.perf_counter() - start
+    kinds = {}
+    user = 0
+    from torch.export.graph_signature import InputKind
+
+    for spec in ep.graph_signature.input_specs:
+        name = spec.arg.name
+        if spec.kind == InputKind.PARAMETER:
+            kinds[name] = ("parameter", spec.target)
+        elif spec.kind == InputKind.BUFFER:
+            kinds[name] = ("buffer", spec.target)
+        elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
+            kinds[name] = ("constant", ep.constants[spec.target])
+        elif spec.kind == InputKind.USER_INPUT:
+            kinds[name] = ("input", user)
+            user += 1
+        else:
+            raise Unsupported(f"the exported graph has an input of kind {spec.kind.name}")
+    from torch.export.graph_signature import OutputKind
+
+    if any(s.kind != OutputKind.USER_OUTPUT for s in ep.graph_signature.output_specs):
+        raise Unsupported("the exported graph mutates a buffer or input")
+    return Traced(ep.graph, kinds, ep.call_spec.out_spec, seconds)
+
+
+def traced(model: nn.Module, inputs: Any) -> Traced:
+    """The exported graph of ``model`` called on ``inputs`` (as :func:`secorder.model_call.model_arguments` passes them).
+
+    Cached per model (weakly) and per input structure, shapes, dtypes, devices,
+    module set, training flags and tensor shapes (see the module docstring);
+    raises :class:`~secorder.structured.errors.Unsupported` with the exporter's
+    reason when the model cannot be exported (also cached), and when a new trace
+    would be needed while ``torch.compile`` is tracing.
+    """
+    args, kwargs = model_arguments(inputs)
+    key = _key(model, args, kwargs)
+    if torch.compiler.is_compiling():  # Dynamo cannot enter a lock; it only reads the cache
+        per_model = _CACHE.get(model)
+        hit = None if per_model is None else per_model.get(key)
+    else:
+        with _LOCK:
+            per_model = _CACHE.get(model)
+            hit = None if per_model is None else per_model.get(key)
+    if hit is not None:
+        if isinstance(hit, Unsupported):
+            raise Unsupported(str(hit))
+        return hit
+    if torch.compiler.is_compiling():
+        raise Unsupported("the graph walker cannot export the model while torch.compile traces; "
+                          "call the transform once outside torch.compile with these input shapes first")
+    try:
+        result: Any = _export(model, args, kwargs)
+    except Unsupported as err:
+        result = err
+    with _LOCK:
+        per_model = _CACHE.setdefault(model, {})
+        if len(per_model) >= _MAX_PER_MODEL:
+            per_model.pop(next(iter(per_model)))
+        per_model[key] = result
+    if isinstance(result, Unsupported):
+        raise Unsupported(str(result))
+    return result
+
+
+def cache_size(model: nn.Module) -> int:
+    """How many input structures of ``model`` are cached (traced or failed).
+
+    Example:
+        >>> cache_size(torch.nn.Linear(1, 1))
+        0
+    """
+    with _LOCK:
+        return len(_CACHE.get(model, {}))
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+
+
+def where(node: torch.fx.Node) -> str:
+    """Where in the model's source ``node`` comes from: the innermost module and the last source line.
+
+    Read from the metadata export keeps (``nn_module_stack``, ``stack_trace``);
+    empty when there is none.
+    """
+    parts: List[str] = []
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, cls = list(stack.values())[-1]
+        cls_name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+        parts.append(f"in module {path or '<root>'!r} ({cls_name})")
+    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    if frames:
+        file, line, func, code = frames[-1]
+        parts.append(f"at {file.rsplit('/', 1)[-1]}:{line} ({code.strip()})")
+    return (" " + ", ".join(parts)) if parts else ""
+
+
+def flatten_inputs(inputs: Any) -> List[Any]:
+    """The leaves of ``inputs`` in the order the exported graph's user inputs take them."""
+    args, kwargs = model_arguments(inputs)
+    return pytree.tree_flatten((args, kwargs))[0]
+
+
+def output_values(t: Traced, flat: List[Any]) -> Any:
+    """The model's return value rebuilt from the graph's flat outputs."""
+    return pytree.tree_unflatten(list(flat), t.out_spec)

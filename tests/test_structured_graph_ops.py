@@ -1,0 +1,221 @@
+"""Every registered ATen operation rule of the graph walker, against autograd in float64.
+
+``SETTINGS`` holds one example per operation (arguments, which slots are live
+activations, which are parameters); a registered operation without a setting
+fails :func:`test_every_registered_op_has_a_setting`. For each setting:
+
+* the rule's forward equals the ATen operation;
+* each live slot's Jacobian, on random columns, equals ``vmap(vjp)`` of the op;
+* the residual term (ops nonlinear in their input) equals the per-sample blocks
+  of the float64 Hessian of ``<g, op(x)>`` (and that Hessian has no block
+  between samples: the op keeps the samples apart);
+* the parameter diagonal, for a random factored curvature at the output,
+  equals ``sum_{n,k} (d<b_kn, z_n>/d theta)**2`` by per-sample autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import vjp, vmap
+
+from secorder.structured.curvature import Curvature, Factor
+from secorder.structured.graph.batchwise import Batchwise, batch_parameter_diagonal, to_batchwise
+from secorder.structured.graph.ops import OP_RULES, Meta, _op_of, slot_value
+
+DT = torch.float64
+N = 3
+
+
+def r(*shape):
+    return torch.randn(*shape, dtype=DT)
+
+
+def pos(*shape):
+    return torch.rand(*shape, dtype=DT) + 0.5
+
+
+# name: (args builder, kwargs, live slots, {param slot: local name})
+SETTINGS = {
+    "aten.view.default": (lambda: (r(N, 2, 3), [N, 6]), {}, [(0,)], {}),
+    "aten.reshape.default": (lambda: (r(N, 2, 3), [N, 3, 2]), {}, [(0,)], {}),
+    "aten._unsafe_view.default": (lambda: (r(N, 2, 3), [N, 6]), {}, [(0,)], {}),
+    "aten.flatten.using_ints": (lambda: (r(N, 2, 3, 2), 1, -1), {}, [(0,)], {}),
+    "aten.unflatten.int": (lambda: (r(N, 6), 1, [2, 3]), {}, [(0,)], {}),
+    "aten.unsqueeze.default": (lambda: (r(N, 3), 1), {}, [(0,)], {}),
+    "aten.squeeze.dim": (lambda: (r(N, 1, 3), 1), {}, [(0,)], {}),
+    "aten.squeeze.dims": (lambda: (r(N, 1, 3, 1), [1, 3]), {}, [(0,)], {}),
+    "aten.permute.default": (lambda: (r(N, 2, 3, 4), [0, 3, 1, 2]), {}, [(0,)], {}),
+    "aten.transpose.int": (lambda: (r(N, 2, 3, 4), 1, 3), {}, [(0,)], {}),
+    "aten.expand.default": (lambda: (r(N, 1, 3), [N, 4, 3]), {}, [(0,)], {}),
+    "aten.clone.default": (lambda: (r(N, 3),), {}, [(0,)], {}),
+    "aten._to_copy.default": (lambda: (r(N, 3),), {"dtype": DT}, [(0,)], {}),
+    "aten.alias.default": (lambda: (r(N, 3),), {}, [(0,)], {}),
+    "aten.contiguous.default": (lambda: (r(N, 3),), {}, [(0,)], {}),
+    "aten.slice.Tensor": (lambda: (r(N, 6), 1, 1, 5, 2), {}, [(0,)], {}),
+    "aten.select.int": (lambda: (r(N, 4, 3), 1, 2), {}, [(0,)], {}),
+    "aten.cat.default": (lambda: ([r(N, 2), r(N, 3), r(N, 1)], 1), {}, [(0, 0), (0, 2)], {}),
+    "aten.add.Tensor": (lambda: (r(N, 3), r(N, 3)), {"alpha": 2.0}, [(0,), (1,)], {}),
+    "aten.sub.Tensor": (lambda: (r(N, 3), r(N, 3)), {}, [(0,), (1,)], {}),
+    "aten.neg.default": (lambda: (r(N, 3),), {}, [(0,)], {}),
+    "aten.mul.Tensor": (lambda: (r(N, 3), r(N, 3)), {}, [(0,), (1,)], {}),
+    "aten.mul.Scalar": (lambda: (r(N, 3), 1.5), {}, [(0,)], {}),
+    "aten.add.Scalar": (lambda: (r(N, 3), 1.5), {}, [(0,)], {}),
+    "aten.div.Tensor": (lambda: (r(N, 3), pos(3)), {}, [(0,)], {}),
+    "aten.mean.dim": (lambda: (r(N, 2, 3, 3), [2, 3], True), {}, [(0,)], {}),
+    "aten.sum.dim_IntList": (lambda: (r(N, 2, 3), [-1]), {}, [(0,)], {}),
+    "aten.linear.default": (lambda: (r(N, 4), r(3, 4), r(3)), {}, [(0,)], {(1,): "weight", (2,): "bias"}),
+    "aten.conv1d.default": (lambda: (r(N, 2, 6), r(4, 1, 3), r(4), [2], [1], [1], 2), {}, [(0,)],
+                            {(1,): "weight", (2,): "bias"}),
+    "aten.conv2d.default": (lambda: (r(N, 2, 5, 5), r(3, 2, 3, 3), r(3), [1, 1], [1, 1]), {}, [(0,)],
+                            {(1,): "weight", (2,): "bias"}),
+    "aten.conv3d.default": (lambda: (r(N, 1, 3, 3, 3), r(2, 1, 2, 2, 2), None), {}, [(0,)], {(1,): "weight"}),
+    "aten.max_pool1d.default": (lambda: (r(N, 2, 6), [2]), {}, [(0,)], {}),
+    "aten.max_pool2d.default": (lambda: (r(N, 2, 5, 5), [3, 3], [2, 2], [1, 1]), {}, [(0,)], {}),
+    "aten.max_pool3d.default": (lambda: (r(N, 1, 4, 4, 4), [2, 2, 2]), {}, [(0,)], {}),
+    "aten.avg_pool1d.default": (lambda: (r(N, 2, 6), [2]), {}, [(0,)], {}),
+    "aten.avg_pool2d.default": (lambda: (r(N, 2, 4, 4), [2, 2], [1, 1]), {}, [(0,)], {}),
+    "aten.avg_pool3d.default": (lambda: (r(N, 1, 4, 4, 4), [2, 2, 2]), {}, [(0,)], {}),
+    "aten.adaptive_avg_pool1d.default": (lambda: (r(N, 2, 6), [2]), {}, [(0,)], {}),
+    "aten.adaptive_avg_pool2d.default": (lambda: (r(N, 2, 5, 5), [1, 1]), {}, [(0,)], {}),
+    "aten.adaptive_avg_pool3d.default": (lambda: (r(N, 1, 4, 4, 4), [2, 1, 2]), {}, [(0,)], {}),
+    "aten._native_batch_norm_legit_no_training.default": (
+        lambda: (r(N, 3, 2, 2), r(3), r(3), r(3), pos(3), 0.1, 1e-5), {}, [(0,)], {(1,): "weight", (2,): "bias"}),
+    "aten._native_batch_norm_legit.no_stats": (
+        lambda: (r(N, 3, 2, 2), r(3), r(3), True, 0.1, 1e-5), {}, [(0,)], {(1,): "weight", (2,): "bias"}),
+    "aten.layer_norm.default": (lambda: (r(N, 2, 4), [4], r(4), r(4), 1e-5), {}, [(0,)],
+                                {(2,): "weight", (3,): "bias"}),
+    "aten.embedding.default": (lambda: (r(5, 3), torch.tensor([[0, 2, 2], [4, 1, 0], [3, 3, 3]])), {}, [],
+                               {(0,): "weight"}),
+    "aten.scaled_dot_product_attention.default": (lambda: (r(N, 2, 3, 4), r(N, 2, 3, 4), r(N, 2, 3, 4)),
+                                                  {"is_causal": True}, [(0,), (1,), (2,)], {}),
+    "aten._softmax.default": (lambda: (r(N, 2, 3), -1, False), {}, [(0,)], {}),
+    "aten.matmul.default": (lambda: (r(N, 2, 3), r(N, 3, 4)), {}, [(0,), (1,)], {}),
+    "aten.relu.default": (lambda: (r(N, 3, 2),), {}, [(0,)], {}),
+    "aten.tanh.default": (lambda: (r(N, 3, 2),), {}, [(0,)], {}),
+    "aten.sigmoid.default": (lambda: (r(N, 3, 2),), {}, [(0,)], {}),
+    "aten.silu.default": (lambda: (r(N, 3, 2),), {}, [(0,)], {}),
+    "aten.gelu.default": (lambda: (r(N, 3, 2),), {"approximate": "tanh"}, [(0,)], {}),
+}
+
+
+def test_every_registered_op_has_a_setting():
+    missing = [n for n in OP_RULES.names() if n not in SETTINGS]
+    assert not missing, f"registered graph op rules without a test setting: {missing}"
+    unknown = [n for n in SETTINGS if OP_RULES.lookup(n) is None]
+    assert not unknown, f"settings for ops that have no rule: {unknown}"
+
+
+def _main(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace(args, slot, value):
+    out = [list(a) if isinstance(a, list) else a for a in args]
+    if len(slot) == 1:
+        out[slot[0]] = value
+    else:
+        out[slot[0]][slot[1]] = value
+    return tuple(out)
+
+
+def _bound(name):
+    torch.manual_seed(sum(map(ord, name)))
+    build, kwargs, live, params = SETTINGS[name]
+    args = build()
+    target = _op_of(name)
+    out = _main(target(*args, **kwargs))
+    meta = Meta(name, args, dict(kwargs), tuple(live), {s: f"p.{loc}" for s, loc in params.items()}, out, N)
+    return OP_RULES.get(name).bind(meta), args, kwargs, live, params, target, out
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_forward_and_jacobians(name):
+    bound, args, kwargs, live, params, target, out = _bound(name)
+    z, state = bound.forward(args, kwargs)
+    torch.testing.assert_close(z, out, rtol=1e-12, atol=1e-12)
+    jacs = bound.jacobians(state)
+    B = torch.randn((4,) + tuple(out.shape), dtype=DT)
+    for s in live:
+        x = slot_value(args, s)
+        _, pull = vjp(lambda t: _main(target(*_replace(args, s, t), **kwargs)), x)
+        want = vmap(lambda b: pull(b)[0])(B)
+        torch.testing.assert_close(jacs[s].t_columns(B), want, rtol=1e-10, atol=1e-12, msg=str(s))
+        torch.testing.assert_close(jacs[s].t_vector(B[0]), want[0], rtol=1e-10, atol=1e-12)
+
+
+def _dense(term, shape):
+    """Per-sample dense blocks ``[N, F, F]`` of a curvature term at a tensor of shape ``shape``."""
+    f = term.as_factor()
+    F_ = math.prod(shape[1:])
+    B = f.B.reshape(f.B.shape[0], shape[0], F_)
+    w = torch.ones(B.shape[:2], dtype=DT) if f.w is None else f.w
+    return torch.einsum("kn,kni,knj->nij", w, B, B)
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_residual_is_the_second_derivative(name):
+    bound, args, kwargs, live, params, target, out = _bound(name)
+    if not live:  # integer inputs (embedding): nothing before it is differentiated
+        return
+    x = slot_value(args, live[0])
+    g = torch.randn_like(out)
+
+    def inner(t):
+        return (_main(target(*_replace(args, live[0], t), **kwargs)) * g).sum()
+
+    if getattr(OP_RULES.get(name), "nonlinear", False):
+        # no residual rule (the exact Hessian declines); the op must still keep the samples apart
+        J = torch.autograd.functional.jacobian(lambda t: _main(target(*_replace(args, live[0], t), **kwargs)), x)
+        J = J.reshape(x.shape[0], out[0].numel(), x.shape[0], x[0].numel())
+        for n in range(x.shape[0]):
+            J[n, :, n] = 0
+        assert torch.count_nonzero(J) == 0
+        return
+    H = torch.autograd.functional.hessian(inner, x).reshape(x.shape[0], x[0].numel(), x.shape[0], x[0].numel())
+    blocks = torch.stack([H[n, :, n] for n in range(x.shape[0])])
+    off = H.clone()
+    for n in range(x.shape[0]):
+        off[n, :, n] = 0
+    if getattr(bound, "coupled", False):  # batch statistics: says so, and the exact Hessian declines
+        assert torch.count_nonzero(off) > 0
+        return
+    assert torch.count_nonzero(off) == 0  # the op keeps the samples apart
+    z, state = bound.forward(args, kwargs)
+    res = bound.residual(state, g) if bound.has_residual else None
+    if res is None:
+        torch.testing.assert_close(blocks, torch.zeros_like(blocks), atol=1e-10, rtol=0)
+    else:
+        assert len(live) == 1
+        torch.testing.assert_close(_dense(res, tuple(x.shape)), blocks, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SETTINGS if SETTINGS[n][3]))
+def test_parameter_diagonal(name):
+    bound, args, kwargs, live, params, target, out = _bound(name)
+    z, state = bound.forward(args, kwargs)
+    K = 3
+    B = torch.randn((K,) + tuple(out.shape), dtype=DT)
+    w = torch.rand(K, N, dtype=DT)
+    wanted = frozenset(f"p.{loc}" for loc in params.values())
+    got = bound.parameter_diagonal(state, Curvature([Factor(B, w)]), wanted)
+    across = Batchwise(to_batchwise(Factor(B, w)).B, to_batchwise(Factor(B, w)).w)
+    pullbacks = bound.parameter_pullbacks(state, wanted)
+    for s, loc in params.items():
+        theta = args[s[0]]
+        # whole-batch vjp of the column e_n (x) B[k, n]: per sample for per-sample ops, exact for coupling ones
+        _, pull = vjp(lambda t: _main(target(*_replace(args, s, t), **kwargs)), theta)
+        want = torch.zeros_like(theta)
+        for n in range(N):
+            for k in range(K):
+                col = torch.zeros_like(out)
+                col[n] = B[k, n]
+                want += w[k, n] * pull(col)[0] ** 2
+        torch.testing.assert_close(got[f"p.{loc}"], want, rtol=1e-10, atol=1e-12, msg=loc)
+        tr = bound.parameter_trace(state, Curvature([Factor(B, w)]), frozenset([f"p.{loc}"]))
+        torch.testing.assert_close(tr, want.sum(), rtol=1e-10, atol=1e-12)
+        # the same curvature as whole-batch columns: the path taken after a coupling op
+        torch.testing.assert_close(batch_parameter_diagonal(pullbacks[f"p.{loc}"], across), want,
+                                   rtol=1e-10, atol=1e-12)
