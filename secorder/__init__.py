@@ -22,6 +22,7 @@ from .density import SpectralDensity
 from .transforms.linear_operator import CurvatureOperator, linear_operator
 from .transforms.solve import SolveInfo, solve
 from .kronecker import KroneckerCurvature, ekfac, kfac, kfac_curvature
+from .explain import Explanation, explain
 
 __version__ = "0.1.0"
 
@@ -65,4 +66,6 @@ __all__ = [
     "ekfac",
     "KroneckerCurvature",
     "kfac_curvature",
+    "explain",
+    "Explanation",
 ]

@@ -44,6 +44,8 @@ from typing import Any, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..results import CarriesEngine
+
 from ..operators import LeafOperator
 from .lanczos import FlatOperator, Krylov, ritz_pairs
 
@@ -57,7 +59,7 @@ _BUDGET_PER_BASIS = 50
 _MIN_BUDGET = 2000
 
 
-class Eigenpairs(NamedTuple):
+class _Eigenpairs(NamedTuple):
     """Extreme eigenpairs found by :func:`lanczos_eigenpairs`.
 
     Fields:
@@ -90,6 +92,10 @@ class Eigenpairs(NamedTuple):
     num_matvecs: Tensor
     invariant: Tensor
     converged: Tensor
+
+
+class Eigenpairs(CarriesEngine, _Eigenpairs):
+    __doc__ = _Eigenpairs.__doc__
 
 
 def check_which(which: Any) -> str:

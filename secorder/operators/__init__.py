@@ -72,6 +72,8 @@ class Curvature:
         summary: one line for the docs.
         own_datasets: ``build`` takes a data-set loss itself (its factors are sums
             over the batches, not a sum of per-batch operators: K-FAC).
+        own_diagonal: the operator gives its exact diagonal without products
+            (``LeafOperator.diagonal``; what :func:`secorder.explain` counts).
     """
 
     name: str
@@ -80,6 +82,7 @@ class Curvature:
     sampled: bool
     summary: str
     own_datasets: bool = False
+    own_diagonal: bool = False
 
 
 _REGISTRY: Dict[str, Curvature] = {}

@@ -10,7 +10,6 @@ the model (:mod:`secorder.operators.gauss_newton`), with reverse mode only.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -24,6 +23,7 @@ from ..estimators import registry
 from ..operators import make_operator
 from ..operators import sharded as _sharded
 from ..problem import Problem
+from ..transformed import Transformed, signature_of
 from . import _core
 
 __all__ = ["hvp", "ggn_vp", "fisher_vp", "empirical_fisher_vp"]
@@ -92,7 +92,6 @@ def hvp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = 
     """
     _core.check_common(f, argnums, has_aux, "hessian", 1)
 
-    @functools.wraps(f)
     def hvp_fn(*args_and_v: Any, **kwargs: Any) -> Any:
         args, v = _split_call(args_and_v, "hvp")
         problem = Problem(f, argnums, has_aux, args, kwargs)
@@ -116,7 +115,7 @@ def hvp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = 
 
         return _linear_in_tangent(product, v, has_aux)
 
-    return hvp_fn
+    return Transformed(hvp_fn, f, "hvp", signature_of(f, tangent="v"))
 
 
 def _operator_product(op: Any, problem: Problem, v: Any) -> Any:
@@ -167,11 +166,10 @@ def _curvature_vp(curvature: str, name: str, f: Callable[..., Any], argnums: Any
             out = _linear_in_tangent(product, v, has_aux)
         return _sharded.export_tree(layout, out)
 
-    @functools.wraps(f)
     def vp_fn(*args_and_v: Any, **kwargs: Any) -> Any:
         return run(args_and_v, kwargs)
 
-    return vp_fn
+    return Transformed(vp_fn, f, name, signature_of(f, tangent="v"))
 
 
 def ggn_vp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = False) -> Callable[..., Any]:

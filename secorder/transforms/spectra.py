@@ -26,7 +26,6 @@ same vectors) or ``"different"``.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -43,6 +42,8 @@ from ..operators import make_operator
 from ..operators import sharded as _sharded
 from ..operators.dataset import call_generator
 from ..problem import Problem
+from ..results import with_engine
+from ..transformed import Transformed, signature_of
 from ._core import check_common
 
 __all__ = ["eigenvalues", "spectral_density"]
@@ -165,7 +166,6 @@ def eigenvalues(
               return_eigenvectors=return_eigenvectors, per_leaf=per_leaf)
     check_eigen_options(k, which, num_iterations, tol)
 
-    @functools.wraps(f)
     def eigenvalues_fn(*args: Any, **kwargs: Any) -> Any:
         problem = Problem(f, argnums, has_aux, args, kwargs)
         layout = _sharded.layout_of(f, problem.primals)
@@ -215,7 +215,7 @@ def eigenvalues(
             raise
         return problem.result((values, vectors) if return_eigenvectors else values)
 
-    return eigenvalues_fn
+    return Transformed(eigenvalues_fn, f, "eigenvalues", signature_of(f))
 
 
 def spectral_density(
@@ -284,7 +284,6 @@ def spectral_density(
     _prologue(f, argnums, has_aux, curvature, mc_samples, seed, generator, per_leaf=per_leaf)
     check_slq_options(num_probes, num_iterations, chunk_size)
 
-    @functools.wraps(f)
     def spectral_density_fn(*args: Any, **kwargs: Any) -> Any:
         problem = Problem(f, argnums, has_aux, args, kwargs)
         layout = _sharded.layout_of(f, problem.primals)
@@ -297,7 +296,8 @@ def spectral_density(
             op = _sharded.sharded_view(op, layout)
 
         def run(o, m: Optional[int]) -> SpectralDensity:
-            return stochastic_lanczos_quadrature(o, num_probes, m, generator=gen, chunk_size=chunk_size)
+            return with_engine(stochastic_lanczos_quadrature(o, num_probes, m, generator=gen, chunk_size=chunk_size),
+                               "generic")
 
         if per_leaf:
             densities = []
@@ -312,4 +312,4 @@ def spectral_density(
             result = run(op, num_iterations)
         return problem.result(result)
 
-    return spectral_density_fn
+    return Transformed(spectral_density_fn, f, "spectral_density", signature_of(f))
