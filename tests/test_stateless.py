@@ -259,3 +259,37 @@ def test_eight_threads_share_one_dataset_loss_transform_bit_for_bit(curvature, m
     sequential = [fn(*a) for a in inputs]
     for i, outs in enumerate(_run_threads(fn, inputs)):
         assert all(_same(o, sequential[i]) for o in outs), (curvature, method, i)
+
+
+# ---- no mutation of the user's objects, even temporarily ---------------------------------------------
+
+def test_training_batchnorm_attributes_never_change_during_calls():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).to(DT).train()
+    bn = model[1]
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    p, (x, y) = so.params_dict(model), _data(0)
+    mean, var, count = bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
+    seen, stop = set(), threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            seen.add((bn.track_running_stats, bn.training, bn.momentum))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        for _ in range(5):
+            so.hessian_diag(f)(p, x, y)
+            so.diagonal(f, curvature="ggn")(p, x, y)
+    finally:
+        stop.set()
+        poller.join()
+    assert seen == {(True, True, bn.momentum)}
+    assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+    assert torch.equal(bn.num_batches_tracked, count)
+    # and the batch statistics are what the curvature uses: f equals a plain training-mode call's loss
+    plain = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Tanh(),
+                          nn.Linear(4, 3)).to(DT).train()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    torch.testing.assert_close(f(p, x, y), nn.CrossEntropyLoss()(plain(x), y), rtol=0, atol=0)
