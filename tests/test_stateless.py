@@ -293,3 +293,60 @@ def test_training_batchnorm_attributes_never_change_during_calls():
                           nn.Linear(4, 3)).to(DT).train()
     plain.load_state_dict(model.state_dict(), strict=False)
     torch.testing.assert_close(f(p, x, y), nn.CrossEntropyLoss()(plain(x), y), rtol=0, atol=0)
+
+
+def test_a_thread_drawing_random_numbers_never_sees_a_repeated_draw():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).to(DT).train()
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    p, (x, y) = so.params_dict(model), _data(0)
+    F = so.dataset_loss(f, [_data(i) for i in range(2)])
+    draws, stop = [], threading.Event()
+
+    def draw():
+        while not stop.is_set():
+            draws.append(int(torch.randint(0, 2 ** 62, ())))
+
+    drawer = threading.Thread(target=draw)
+    drawer.start()
+    try:
+        for _ in range(5):
+            so.diagonal(f, chunk_size=3, engine="generic")(p, x, y)
+            so.trace(f, curvature="fisher", chunk_size=5)(p, x, y)
+            so.diagonal(F, curvature="fisher")(p)  # the structured engine declines Dropout: labels drawn twice
+            so.hvp(f)(p, x, y, p)
+    finally:
+        stop.set()
+        drawer.join()
+    assert len(draws) > 100 and len(set(draws)) == len(draws)
+
+
+def test_dropout_one_mask_per_call_replayed_from_the_first_evaluation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).to(DT).train()
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    p, (x, y) = so.params_dict(model), _data(0)
+    torch.manual_seed(4)
+    one = so.diagonal(f, chunk_size=1, engine="generic")(p, x, y)
+    after = torch.rand(2)
+    torch.manual_seed(4)
+    every = so.diagonal(f, chunk_size=None, engine="generic")(p, x, y)
+    assert all(torch.equal(one[k], every[k]) for k in one)
+    torch.manual_seed(4)
+    f(p, x, y)
+    assert torch.equal(torch.rand(2), after)  # the global RNG advanced as by one plain call of f
+
+
+def test_dataset_fisher_labels_the_same_on_both_paths_without_rewinding():
+    model = _model()
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    F = so.dataset_loss(f, [_data(i) for i in range(2)])
+    p = so.params_dict(model)
+    torch.manual_seed(9)
+    a = so.diagonal(F, curvature="fisher")(p)
+    after = torch.rand(2)
+    torch.manual_seed(9)
+    b = so.diagonal(F, curvature="fisher", engine="generic")(p)
+    assert torch.equal(torch.rand(2), after)  # both paths advance the global RNG alike
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12)

@@ -72,13 +72,14 @@ def functional_call_diag(
     names = list(params)
     first = params[names[0]]
     if check_only:
-        for batch in F._batches(first.device, "structured engine checks"):
+        for batch in F.batches(first.device, "structured engine checks"):
             dispatch.functional_call_diag(F.f, (params, batch.inputs, batch.targets), kind, trace,
                                           mc_samples=mc_samples, check_only=True)
         return None
     sampled = kind == "fisher"
-    F.prepare(params, f"structured {kind} {'trace' if trace else 'diagonal'}", offsets=sampled)
-    labels, undo = F.label_generators(generator, first.device) if sampled else (None, None)
+    call = F.prepare(params, f"structured {kind} {'trace' if trace else 'diagonal'}", offsets=sampled)
+    labels, undo, commit = F.label_generators(generator, first.device, deferred=True) if sampled else (
+        None, None, None)
 
     def contribute(batch: Batch):
         out = dispatch.functional_call_diag(
@@ -89,9 +90,11 @@ def functional_call_diag(
     templates = [torch.zeros((), dtype=first.dtype, device=first.device)] if trace else [params[n] for n in names]
     what = f"structured {kind} {'trace' if trace else 'diagonal'}"
     try:
-        result = F.reduce(templates, contribute, what, decline=(Unsupported,))
+        result = F.reduce(templates, contribute, what, decline=(Unsupported,), call=call)
     except Unsupported:
         if undo is not None:
             undo()
         raise
+    if commit is not None:
+        commit()
     return result[0] if trace else dict(zip(names, result))
