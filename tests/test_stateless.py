@@ -350,3 +350,41 @@ def test_dataset_fisher_labels_the_same_on_both_paths_without_rewinding():
     assert torch.equal(torch.rand(2), after)  # both paths advance the global RNG alike
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12)
+
+
+# ---- the AD mode is chosen by what failed, not by an error's wording ----------------------------------
+
+def test_hvp_raises_a_user_error_mentioning_forward_ad_without_retrying():
+    calls = []
+
+    def f(x):
+        calls.append(1)
+        raise RuntimeError("forward AD: a message of the user's own")
+
+    with pytest.raises(RuntimeError, match="a message of the user's own"):
+        so.hvp(f)(torch.ones(2), torch.ones(2))
+    assert len(calls) == 1  # not retried in reverse mode
+
+
+def test_hvp_takes_reverse_mode_where_a_torch_operation_fails_in_forward_mode():
+    class NoJvp(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x ** 3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 3 * x ** 2 * g
+
+    x, v = torch.tensor([1.0, 2.0], dtype=DT), torch.tensor([1.0, -1.0], dtype=DT)
+    # mse_loss's forward-mode rule mutates a ZeroTensor (pytorch/pytorch#112013)
+    w = torch.tensor([[1.0, 2.0]], dtype=DT)
+    g = lambda z: torch.nn.functional.mse_loss(torch.nn.functional.linear(z, w), torch.zeros(1, dtype=DT))
+    torch.testing.assert_close(so.hvp(g)(x, v), torch.func.hessian(g)(x) @ v)
+    h = lambda z: torch.sin(NoJvp.apply(z)).sum()  # a custom Function without jvp
+    torch.testing.assert_close(so.hvp(h)(x, v), torch.func.hessian(lambda z: torch.sin(z ** 3).sum())(x) @ v)
