@@ -33,10 +33,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional
 
-from ..registry import Registry
-from .jet import op_name
+import torch
 
-__all__ = ["Rule", "RULES", "register", "lookup", "covered"]
+from ..registry import Registry
+
+__all__ = ["Rule", "RULES", "register", "lookup", "covered", "op_name"]
 
 Rule = Callable[[Callable, tuple, Dict[str, Any]], Any]
 
@@ -57,6 +58,19 @@ def register(*funcs: Optional[Callable], replace: bool = False) -> Callable[[Rul
         return rule
 
     return decorate
+
+
+def op_name(func: Callable) -> str:
+    """A readable name for a torch callable, as in ``torch.overrides.resolve_name``.
+
+    Example:
+        >>> op_name(torch.sin), op_name(torch.Tensor.add)
+        ('torch.sin', 'torch.Tensor.add')
+    """
+    name = torch.overrides.resolve_name(func)
+    if name:
+        return name
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
 
 
 def lookup(func: Callable) -> Optional[Rule]:
