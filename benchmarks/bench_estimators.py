@@ -93,13 +93,16 @@ def _hessian_problem(model, x, y):
 
 
 def _psd_problem():
-    from secorder.stochastic import StochasticOptions, estimate_trace
+    from secorder.estimators import registry
+    from secorder.estimators.probes import make_generator
 
     A = psd_matrix()
     op = _psd_operator(A)
 
     def ours(method, budget, seed):
-        return estimate_trace(op, method, StochasticOptions(num_samples=budget, seed=seed))
+        options = registry.Options(num_samples=budget, seed=seed)
+        estimator = registry.check_options(method, "trace", options)
+        return registry.run(op, estimator, options, None, make_generator(seed, None, A.device))
 
     return float(A.trace()), ours, A
 

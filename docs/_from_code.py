@@ -19,6 +19,11 @@
 * ``_generated/graph_ops.part.rst``: the ATen operations the structured
   engine's graph walker has a rule for, with what each rule is
   (:data:`secorder.structured.graph.OP_RULES`).
+* ``_generated/registered_curvatures.part.rst``, ``registered_estimators.part.rst``,
+  ``registered_structured_rules.part.rst``, ``registered_laplacian_ops.part.rst``: the
+  entries of the registries (:class:`secorder.registry.Registry`) of curvatures,
+  estimators, structured-engine module rules and forward-Laplacian operations. A new
+  entry appears on its page with no edit of the page.
 * ``_generated/extras.part.rst``: the optional extras of ``pyproject.toml``
   with what each installs, and what each is for (:data:`EXTRA_PURPOSES`;
   ``tests/test_docs.py`` fails when an extra has no purpose written here).
@@ -268,6 +273,77 @@ def graph_ops_rst() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _table(header: List[str], rows: List[List[str]]) -> str:
+    lines = [".. list-table::", "   :header-rows: 1", ""]
+    for i, row in enumerate([header] + rows):
+        lines += [f"   * - {row[0] or ' '}"] + [f"     - {cell or ' '}" for cell in row[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def curvatures_rst() -> str:
+    """The registered curvatures (:data:`secorder.operators.CURVATURES`), one row each.
+
+    Example:
+        >>> "``empirical_fisher``" in curvatures_rst()
+        True
+    """
+    from secorder.operators import CURVATURES
+
+    rows = [[f"``{name}``", c.summary, "yes" if c.needs_split else "no", "yes" if c.sampled else "no"]
+            for name, c in CURVATURES.items()]
+    return _table(["curvature=", "what", "needs so.functional_loss", "random"], rows)
+
+
+def estimators_rst() -> str:
+    """The registered methods (:data:`secorder.estimators.registry.ESTIMATORS`) of both quantities.
+
+    Example:
+        >>> "``xnystrace``" in estimators_rst()
+        True
+    """
+    from secorder.estimators import registry
+
+    rows = []
+    for quantity in registry.QUANTITIES:
+        for row in registry.table(quantity):
+            rows.append([f"``{row['method']}``", quantity, row["summary"],
+                         "" if row["default_samples"] is None else str(row["default_samples"]),
+                         row["citation"]])
+    return _table(["method=", "quantity", "what", "default num_samples", "source"], rows)
+
+
+def structured_rules_rst() -> str:
+    """The module types with a structured-engine rule (:data:`secorder.structured.registry.RULES`).
+
+    Example:
+        >>> "``torch.nn.Conv2d``" in structured_rules_rst()
+        True
+    """
+    import secorder.structured  # noqa: F401 (registers the built-in rules)
+    from secorder.structured.registry import RULES
+
+    def name(t: Any) -> str:
+        module = "torch.nn" if t.__module__.startswith("torch.nn.") else t.__module__
+        return f"``{module}.{t.__qualname__}``"
+
+    rows = [[name(t), f"``{rule.__name__}``"] for t, rule in RULES.items()]
+    return _table(["module type", "rule"], rows)
+
+
+def laplacian_ops_rst() -> str:
+    """The callables with a forward-Laplacian rule (:func:`secorder.forward_laplacian.registry.covered`).
+
+    Example:
+        >>> "``torch.sin``" in laplacian_ops_rst()
+        True
+    """
+    from secorder.forward_laplacian.registry import covered
+
+    import textwrap
+
+    return "\n".join(textwrap.wrap(", ".join(f"``{name}``" for name in covered()), 100)) + "\n"
+
+
 def write_code_parts(root: pathlib.Path, out_dir: pathlib.Path) -> None:
     """Write the commands' reference, the CLI's sample outputs, the extras and the composites tables."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -278,3 +354,7 @@ def write_code_parts(root: pathlib.Path, out_dir: pathlib.Path) -> None:
     _write(out_dir / "graph_ops.part.rst", graph_ops_rst())
     _write(out_dir / "cli_commands.part.rst", commands_rst())
     _write(out_dir / "extras.part.rst", extras_rst(extras(root / "pyproject.toml")))
+    _write(out_dir / "registered_curvatures.part.rst", curvatures_rst())
+    _write(out_dir / "registered_estimators.part.rst", estimators_rst())
+    _write(out_dir / "registered_structured_rules.part.rst", structured_rules_rst())
+    _write(out_dir / "registered_laplacian_ops.part.rst", laplacian_ops_rst())

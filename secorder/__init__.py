@@ -23,6 +23,7 @@ from .density import SpectralDensity
 from .transforms.linear_operator import CurvatureOperator, linear_operator
 from .transforms.solve import SolveInfo, solve
 from .kronecker import KroneckerCurvature, ekfac, kfac, kfac_curvature
+from .explain import Explanation, explain
 
 _torch_warnings.load_jvp_decompositions()  # PyTorch's own jit.script deprecation, not the user's business
 
@@ -70,4 +71,6 @@ __all__ = [
     "ekfac",
     "KroneckerCurvature",
     "kfac_curvature",
+    "explain",
+    "Explanation",
 ]

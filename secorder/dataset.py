@@ -89,7 +89,7 @@ from .modules import FunctionalLoss
 from .sample_keys import SampleKeys
 from .term_counts import Terms, term_counter
 
-__all__ = ["dataset_loss", "DatasetLoss", "is_dataset_loss", "check_call_arguments", "REDUCTIONS"]
+__all__ = ["dataset_loss", "DatasetLoss", "Pass", "is_dataset_loss", "check_call_arguments", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum")
 BATCH_REDUCTIONS = (None, "mean", "sum")
@@ -99,6 +99,25 @@ _NONDETERMINISTIC_CAUSES = (
     "statistics the batches themselves change), random data augmentation drawn on every pass, or a model in "
     "training mode (dropout masks, BatchNorm batch statistics); call model.eval() and iterate in a fixed order"
 )
+
+
+class Pass:
+    """One call's passes over the data: what :meth:`DatasetLoss.prepare` opens and every pass of the call reads.
+
+    Kept by the caller, not on the loss, so that two calls of one data-set loss at
+    once (two threads) never mix their batch offsets or batch counts.
+
+    Attributes:
+        offset: the position of this rank's first batch in the union of the shards.
+        expected: the number of batches every pass of the call must give (``None``
+            until the first pass, or the handshake, has counted them).
+    """
+
+    __slots__ = ("offset", "expected")
+
+    def __init__(self, offset: int = 0, expected: Optional[int] = None):
+        self.offset = offset
+        self.expected = expected
 
 
 class Batch(NamedTuple):
@@ -119,6 +138,14 @@ class Batch(NamedTuple):
     targets: Any
     count: Any
     scale: Any
+
+
+def _nothing() -> None:
+    pass
+
+
+def _advance_global_rng() -> None:
+    torch.randint(0, 2**62, ())
 
 
 def is_dataset_loss(f: Any) -> bool:
@@ -359,8 +386,6 @@ class DatasetLoss:
             raise ValueError("batch_reduction='sum' with reduction='mean' needs num_data (the number of terms the "
                              "mean divides by): f's loss is not one whose terms secorder can count")
         self._checked = not check_deterministic
-        self._offset = 0
-        self._expected: Optional[int] = None  # the local number of batches, once known
         self._reductions = 0
         self._warned = False
         self._seen = 0  # batches of the last complete pass
@@ -390,9 +415,9 @@ class DatasetLoss:
                 "a data-set loss is being differentiated as a plain function (torch.func around F(params), or a "
                 "function calling F): that keeps every batch's graph in memory at once; pass F itself to the "
                 "secorder transforms (one batch at a time), or use F.value_and_grad(params)", stacklevel=2)
-        self.prepare(params, "the loss")
+        call = self.prepare(params, "the loss")
         zero = torch.zeros((), dtype=leaves[0].dtype, device=leaves[0].device)
-        return self.reduce([zero], lambda b: [self._batch_value(params, b)], "loss")[0]
+        return self.reduce([zero], lambda b: [self._batch_value(params, b)], "loss", call=call)[0]
 
     def value_and_grad(self, params: Any) -> Tuple[Tensor, Any]:
         """The loss and its gradient over the data set at ``params``, in one pass with the memory of one batch.
@@ -419,8 +444,7 @@ class DatasetLoss:
                 value, grad = self.value_and_grad(full)
             leaves, spec = tree.flatten(grad)
             return value, tree.unflatten(spec, layout.export_all(leaves))
-        self.prepare(params, "the loss and its gradient")
-        return self._value_and_grad(params)
+        return self._value_and_grad(params, self.prepare(params, "the loss and its gradient"))
 
     # -- what the operator layer and the structured engine call ---------------------------
 
@@ -433,7 +457,7 @@ class DatasetLoss:
             self._group_warned = True
             warnings.warn(warning, stacklevel=stacklevel)
 
-    def prepare(self, params: Any, what: str, *, offsets: bool = False) -> None:
+    def prepare(self, params: Any, what: str, *, offsets: bool = False) -> Pass:
         """Open a call: the handshake of the ranks, batch offsets, and the determinism check on first use.
 
         Args:
@@ -441,9 +465,12 @@ class DatasetLoss:
             what: what the call computes (part of the handshake: every rank must agree).
             offsets: whether batch positions in the union of the shards are needed
                 (the Fisher's labels), which takes every rank's number of batches.
+
+        Returns:
+            The call's :class:`Pass`, for every :meth:`reduce` of the call (within a
+            call every pass must give the same batches; between calls data may change).
         """
-        self._expected = None  # within a call every pass must give the same batches; between calls data may change
-        self._offset = 0
+        call = Pass()
         if self.group is None:  # made before init_process_group (group.WORLD was None then), used after it
             self._warn_default_group(stacklevel=5)
         if self.group is not None:
@@ -453,17 +480,19 @@ class DatasetLoss:
                 f"{what}; reduction={self.reduction}, num_data={self.num_data}; parameters "
                 + ", ".join(f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in zip(names, leaves))
             )
-            local = [self._local_batches()] if offsets else []
+            local = [self._local_batches(call)] if offsets else []
             gathered = self.group.handshake(signature, local)
             if offsets:
-                self._offset = sum(row[0] for row in gathered[: self.group.rank])
+                call.offset = sum(row[0] for row in gathered[: self.group.rank])
                 if sum(row[0] for row in gathered) == 0:
                     raise ValueError("data is empty on every rank of process_group: no batches")
         if not self._checked:
             self._check_deterministic(params)
             self._checked = True
+        return call
 
-    def label_generators(self, generator: Optional[torch.Generator], device: torch.device):
+    def label_generators(self, generator: Optional[torch.Generator], device: torch.device, *,
+                         deferred: bool = False):
         """The sources of the Monte-Carlo Fisher's labels per batch, and a function that undoes the draw.
 
         One seed is drawn from ``generator`` (from the global RNG when ``None``, in
@@ -471,15 +500,21 @@ class DatasetLoss:
         identical on every rank); each sample's labels are keyed by that seed and
         the sample's content (:class:`secorder.sample_keys.SampleKeys`), so they do
         not depend on which batch the sample is in or on the order of the batches (a
-        shuffling ``DataLoader``). Calling the returned ``undo()`` puts ``generator``
-        (or the global RNG) back as it was, so that a path that declines leaves the
-        draw to the next.
+        shuffling ``DataLoader``).
+
+        ``deferred=True`` is for a path that may decline (the structured engine): it
+        also returns ``undo()``, which puts ``generator`` back as it was, and
+        ``commit()``, to be called once the path ran. The global RNG is never rewound
+        (other threads draw from it): without a generator the seed is read from a copy
+        of its state, and ``commit()`` advances it by that one draw.
 
         Returns:
-            ``(labels_of(batch), undo)``.
+            ``(labels_of(batch), undo)``; ``(labels_of(batch), undo, commit)`` with ``deferred``.
         """
         if generator is None and self.group is not None:
             generator = self.group.shared_generator(None, device)
+
+        commit = _nothing
         if generator is not None:
             state = generator.get_state()
             seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
@@ -487,16 +522,19 @@ class DatasetLoss:
             def undo() -> None:
                 generator.set_state(state)
         else:
-            state = torch.get_rng_state()
-            seed = int(torch.randint(0, 2**62, ()))
-
-            def undo() -> None:
-                torch.set_rng_state(state)
+            if deferred:
+                peek = torch.Generator()
+                peek.set_state(torch.get_rng_state())
+                seed = int(torch.randint(0, 2**62, (), generator=peek))
+                commit = _advance_global_rng  # by the draw read from the copy
+            else:
+                seed = int(torch.randint(0, 2**62, ()))
+            undo = _nothing
 
         def labels_of(batch: Batch) -> SampleKeys:
             return SampleKeys.of(batch.inputs, seed)
 
-        return labels_of, undo
+        return (labels_of, undo, commit) if deferred else (labels_of, undo)
 
     def shared_generator(self, generator: Optional[torch.Generator], device: torch.device):
         """The call's generator: unchanged in one process; identical on every rank with a process group."""
@@ -512,6 +550,7 @@ class DatasetLoss:
         *,
         decline: Tuple[type, ...] = (),
         raw: bool = False,
+        call: Optional[Pass] = None,
     ) -> List[Tensor]:
         """One pass: ``sum_b scale_b contribute(b)`` over the batches (and ranks), divided by ``N`` for the mean.
 
@@ -525,10 +564,12 @@ class DatasetLoss:
             raw: sum the contributions as they are, without the batch weights and the
                 mean's division (for sums that weigh their batches themselves: K-FAC's
                 factors and their row counts).
+            call: the call's :class:`Pass` from :meth:`prepare` (``None``: a pass of its own).
 
         Returns:
             The results, shaped like ``templates``.
         """
+        call = Pass() if call is None else call
         self._reductions += 1
         device = templates[0].device
         acc: Optional[List[Tensor]] = None
@@ -537,7 +578,7 @@ class DatasetLoss:
         failed: Optional[BaseException] = None
         declined: Optional[BaseException] = None
         try:
-            for batch in self._batches(device, what):
+            for batch in self.batches(device, what, call):
                 parts = list(contribute(batch))
                 if isinstance(batch.count, Tensor):  # a mean over no terms adds nothing (PyTorch's is nan there)
                     parts = [self._zero_if_empty(batch, p) for p in parts]
@@ -550,7 +591,7 @@ class DatasetLoss:
                     acc = [_accumulate(a, p, scale) for a, p in zip(acc, parts)]
                 count = count + batch.count
                 num += 1
-            self._check_batch_count(num)
+            self._check_batch_count(num, call)
         except decline as err:
             if self.group is None:
                 raise
@@ -583,18 +624,18 @@ class DatasetLoss:
             raise TypeError("params must be a pytree of floating-point tensors (at least one)")
         return leaves
 
-    def _local_batches(self) -> int:
+    def _local_batches(self, call: Pass) -> int:
         try:
             n = len(self.data)
         except TypeError:
             n = sum(1 for _ in self.data)
-        self._expected = n
+        call.expected = n
         return n
 
-    def _check_batch_count(self, num: int) -> None:
-        if self._expected is not None and num != self._expected:
+    def _check_batch_count(self, num: int, call: Pass) -> None:
+        if call.expected is not None and num != call.expected:
             raise ValueError(
-                f"data gave {num} batches in this pass and {self._expected} before: it must give the same batches "
+                f"data gave {num} batches in this pass and {call.expected} before: it must give the same batches "
                 "on every pass (a one-shot iterator, random subsampling or a changing DataLoader do not)")
         if self.group is None and num == 0:
             if self._seen:
@@ -602,8 +643,8 @@ class DatasetLoss:
                     f"data gave no batches in this pass, though an earlier pass gave {self._seen}: it must be "
                     "iterable again and again (its __iter__ must start a new pass, not return a spent iterator)")
             raise ValueError("data is empty: it gave no batches")
-        self._expected = num
-        self._seen = num
+        call.expected = num
+        self._seen = num  # for the message above, in later calls
 
     def progress_setting(self) -> Optional[bool]:
         """The ``progress`` setting on this process: ``False`` on a rank other than 0 (only rank 0 shows it)."""
@@ -611,16 +652,22 @@ class DatasetLoss:
             return False
         return self.progress
 
-    def _batches(self, device: torch.device, what: str):
+    def batches(self, device: torch.device, what: str, call: Optional[Pass] = None):
         """The checked batches of one pass, moved to ``device``, with their weights.
 
         The pass advances the call's progress (:mod:`secorder.progress`): the bar of the
         transform call it is part of, or a bar of its own when it runs alone.
-        """
-        with _progress.call(f"secorder: {what}", self.progress_setting(), unit="batch") as bar:
-            yield from self._batches_of_pass(device, bar)
 
-    def _batches_of_pass(self, device: torch.device, bar: Any):
+        Args:
+            device: where the batches go.
+            what: shown on the progress bar.
+            call: the call's :class:`Pass` (``None``: offsets from 0).
+        """
+        call = Pass() if call is None else call
+        with _progress.call(f"secorder: {what}", self.progress_setting(), unit="batch") as bar:
+            yield from self._batches_of_pass(device, bar, call)
+
+    def _batches_of_pass(self, device: torch.device, bar: Any, call: Pass):
         if bar is not None:
             try:
                 total: Optional[int] = len(self.data)
@@ -635,7 +682,7 @@ class DatasetLoss:
                 count, scale = self._count_terms(targets)
             else:
                 count, scale = _unknown_terms(i, targets, samples, self.batch_reduction)
-            yield Batch(self._offset + i, inputs, targets, count, scale)
+            yield Batch(call.offset + i, inputs, targets, count, scale)
             if bar is not None:
                 bar.batch_done()
 
@@ -675,7 +722,7 @@ class DatasetLoss:
             return torch.where(batch.count > 0, value, torch.zeros_like(value))
         return value
 
-    def _value_and_grad(self, params: Any) -> Tuple[Tensor, Any]:
+    def _value_and_grad(self, params: Any, call: Optional[Pass] = None) -> Tuple[Tensor, Any]:
         leaves, spec = tree.flatten(params)
         zero = torch.zeros((), dtype=leaves[0].dtype, device=leaves[0].device)
 
@@ -683,7 +730,7 @@ class DatasetLoss:
             grads, value = torch.func.grad_and_value(self.f)(params, batch.inputs, batch.targets)
             return [self._zero_if_empty(batch, t) for t in [value] + tree.leaves(grads)]
 
-        out = self.reduce([zero] + list(leaves), contribute, "loss and gradient")
+        out = self.reduce([zero] + list(leaves), contribute, "loss and gradient", call=call)
         return out[0], tree.unflatten(spec, out[1:])
 
     def _check_deterministic(self, params: Any) -> None:

@@ -57,6 +57,8 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .results import CarriesEngine
+
 __all__ = ["SpectralDensity"]
 
 _MARGIN = 0.05
@@ -82,7 +84,7 @@ def _checked_sigma_tensor(sigma: Tensor, nodes: Tensor) -> Tensor:
     return s
 
 
-class SpectralDensity(NamedTuple):
+class _SpectralDensity(NamedTuple):
     """Stochastic Lanczos quadrature nodes and weights of a symmetric matrix, per probe.
 
     Fields:
@@ -307,3 +309,7 @@ class SpectralDensity(NamedTuple):
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
         return ax
+
+
+class SpectralDensity(CarriesEngine, _SpectralDensity):
+    __doc__ = _SpectralDensity.__doc__

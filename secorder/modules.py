@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import weakref
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor, nn
@@ -44,23 +43,24 @@ def params_dict(model: nn.Module, *, trainable_only: bool = True) -> Dict[str, T
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
-@contextlib.contextmanager
-def _batch_statistics(model: nn.Module) -> Iterator[None]:
-    """Training-mode batch norms use the batch statistics and leave the running ones alone.
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
 
-    Inside ``torch.func`` transforms the in-place update of the running statistics
-    is refused ("mutate a captured Tensor"); a pure loss function must not have it
-    anyway. ``track_running_stats`` is switched off for the duration of the call,
-    which is exactly that: batch statistics, no update.
+
+def _batch_statistics(module: nn.Module, state: Dict[str, Any]) -> Dict[str, Any]:
+    """``state`` with the running statistics of training-mode batch norms set to ``None`` for the call.
+
+    A training-mode batch norm without running statistics normalises with the batch
+    statistics and updates nothing: what a pure loss function needs (inside
+    ``torch.func`` transforms an in-place update of the running statistics is
+    refused anyway, "mutate a captured Tensor"). They reach the module only through
+    ``functional_call``'s state, so the module's own attributes are never changed,
+    not even for the duration of the call (another thread may be running the model).
     """
-    switched = [m for m in model.modules() if isinstance(m, _BATCH_NORMS) and m.training and m.track_running_stats]
-    for m in switched:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in switched:
-            m.track_running_stats = True
+    for name, m in module.named_modules(remove_duplicate=False):
+        if isinstance(m, _BATCH_NORMS) and m.training and m.track_running_stats:
+            for buffer in _RUNNING:
+                state[f"{name}.{buffer}" if name else buffer] = None
+    return state
 
 
 _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
@@ -71,7 +71,7 @@ def _module_lock(model: nn.Module) -> threading.RLock:
     """One re-entrant lock per module: ``functional_call`` swaps the module's tensors for the call's.
 
     ``torch.func.functional_call`` puts the call's parameters and buffers on the
-    module while it runs (and :func:`_batch_statistics` switches flags), so two
+    module while it runs, so two
     threads calling the same module at once would compute with each other's
     tensors: silently wrong gradients. Calls of one module are serialised; the
     graphs they build hold their own tensors, so products and backward passes
@@ -159,10 +159,10 @@ class FunctionalLoss:
         args, kwargs = model_arguments(inputs)
         # DDP and FSDP2 run collectives and swap parameters in their forward: call the plain modules
         module, state = wrappers.plain_view(self.model, state)
+        state = _batch_statistics(module, state)
         if torch.compiler.is_compiling():  # a compiled graph takes the tensors as inputs: nothing is swapped
-            with _batch_statistics(module):
-                return functional_call(module, state, args, kwargs)
-        with _module_lock(module), _batch_statistics(module):
+            return functional_call(module, state, args, kwargs)
+        with _module_lock(module):
             return functional_call(module, state, args, kwargs)
 
     def select_output(self, returned: Any) -> Any:

@@ -19,11 +19,12 @@ promises:
   run as composites with correct ones, in this thread only
   (:func:`secorder.composites.differentiable_ops`);
 * **one draw of randomness per call**: the first evaluation runs on the global RNG
-  as a plain call of ``f`` would (and advances it as such a call does); every later
-  evaluation of the same call (a chunk of probes, a leaf's block, the auxiliary
-  output) replays the RNG state of the first, so a training-mode ``Dropout`` draws
-  one mask per call whatever ``chunk_size`` is, and the global RNG stream that the
-  probes come from is left untouched by the replays;
+  as a plain call of ``f`` would (and advances it as such a call does) and records
+  the random numbers it drew; every later evaluation of the same call (a chunk of
+  probes, a leaf's block, the auxiliary output) gets those recorded numbers back
+  (:class:`_RandomTape`), so a training-mode ``Dropout`` draws one mask per call
+  whatever ``chunk_size`` is. No generator is rewound: other threads drawing from
+  the global RNG meanwhile never see a draw repeated;
 * **in-place updates of captured tensors are explained**: ``torch.func`` refuses a
   function that updates a tensor it did not receive (the running statistics of a
   training-mode ``BatchNorm`` inside a hand-written ``f``); the error then says to
@@ -41,11 +42,11 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import _checks, tree
 from .composites import differentiable_ops
@@ -60,29 +61,76 @@ _MUTATION_HINT = (
 )
 
 
-class _RngState:
-    """The global RNG state (CPU and the CUDA devices in use) at the first evaluation of ``f``."""
-
-    def __init__(self, cuda_devices: List[int]):
-        self.cuda_devices = cuda_devices
-        self.cpu = torch.get_rng_state()
-        self.cuda = [torch.cuda.get_rng_state(d) for d in cuda_devices]
-
-    @contextlib.contextmanager
-    def replay(self) -> Iterator[None]:
-        with torch.random.fork_rng(devices=self.cuda_devices, device_type="cuda"):
-            torch.set_rng_state(self.cpu)
-            for d, state in zip(self.cuda_devices, self.cuda):
-                torch.cuda.set_rng_state(state, d)
-            yield
+def _written(func: Any, args: tuple, kwargs: dict) -> List[Tensor]:
+    """The tensors an operation writes into (``self`` of ``bernoulli_``, ``out=``), in schema order."""
+    found = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(a.name)
+            if isinstance(value, Tensor):
+                found.append(value)
+    return found
 
 
-def _cuda_devices(values: Any) -> List[int]:
-    found = set()
-    for leaf in tree.leaves(values):
-        if isinstance(leaf, Tensor) and leaf.device.type == "cuda":
-            found.add(leaf.device.index if leaf.device.index is not None else torch.cuda.current_device())
-    return sorted(found)
+class _RandomTape(TorchDispatchMode):
+    """The random numbers of ``f``'s first evaluation, recorded, and replayed in every later one.
+
+    Every ATen operation tagged ``nondeterministic_seeded`` (``bernoulli_``, ``rand``,
+    ``native_dropout``, ``normal``, ...) is seen below autograd and ``torch.func``, on
+    plain tensors. The first evaluation runs them as a plain call of ``f`` would (on
+    the global RNG, or the generator ``f`` passes) and keeps a copy of what they
+    produced; later evaluations of the same call get the ``k``-th recorded result for
+    their ``k``-th random operation instead of drawing. No generator is read, set or
+    rewound, so other threads' draws are untouched. An evaluation that asks for more
+    random numbers than the first one drew, or for other shapes, draws them afresh.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tape: List[Any] = []
+        self.recording = True
+        self.position = 0
+
+    def replay(self) -> "_RandomTape":
+        self.recording = False
+        self.position = 0
+        return self
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded not in func.tags:
+            return func(*args, **kwargs)
+        written = _written(func, args, kwargs) if func._schema.is_mutable else None
+        key = (func, _signature((args, kwargs)))
+        if not self.recording:
+            kept = self.tape[self.position] if self.position < len(self.tape) else None
+            if kept is None or kept[0] != key:
+                return func(*args, **kwargs)  # not what the first evaluation drew: a fresh draw
+            self.position += 1
+            if written is None:
+                return tree.tree_map(_clone, kept[1])
+            for k, w in zip(kept[1], written):
+                w.copy_(k)
+            return written[0] if len(written) == 1 else tuple(written)
+        out = func(*args, **kwargs)
+        self.tape.append((key, [w.clone() for w in written] if written is not None else tree.tree_map(_clone, out)))
+        return out
+
+
+def _clone(x: Any) -> Any:
+    return x.clone() if isinstance(x, Tensor) else x
+
+
+def _signature(x: Any) -> Any:
+    """What a random operation's arguments look like: tensors by shape, dtype and device, the rest as they are."""
+    if isinstance(x, Tensor):
+        return ("tensor", tuple(x.shape), x.dtype, x.device)
+    if isinstance(x, (list, tuple)):
+        return tuple(_signature(v) for v in x)
+    if isinstance(x, dict):
+        return tuple((k, _signature(v)) for k, v in sorted(x.items()))
+    return x if isinstance(x, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
+                               torch.memory_format)) else id(x)
 
 
 def _is_mutation_error(err: RuntimeError) -> bool:
@@ -135,7 +183,7 @@ class Problem:
         self.primals = _checks.select(self.args, argnums, self.resolved)
         _checks.check_differentiable(self.primals, argnums)
         self.leaves, self.spec = tree.flatten(self.primals)
-        self._rng: Optional[_RngState] = None
+        self._tape: Optional[_RandomTape] = None
 
     # -- evaluating f ------------------------------------------------------------------
 
@@ -150,10 +198,15 @@ class Problem:
             if torch.compiler.is_compiling():
                 return thunk()  # torch.compile: no RNG state to capture in a traced graph
             with differentiable_ops():
-                if self._rng is None:
-                    self._rng = _RngState(_cuda_devices((self.args, self.kwargs)))
+                if self._tape is None:
+                    tape = _RandomTape()
+                    with tape:
+                        out = thunk()
+                    self._tape = tape.replay()
+                    return out
+                if not self._tape.tape:  # f drew no random numbers: nothing to replay
                     return thunk()
-                with self._rng.replay():
+                with self._tape.replay():
                     return thunk()
         except RuntimeError as err:
             if _is_mutation_error(err):

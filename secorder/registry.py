@@ -229,6 +229,20 @@ class Registry(Generic[V]):
             raise ValueError(f"unknown {self.kind} {self._describe(key)}; valid {self.kind}s are {valid or '(none)'}")
         return entry
 
+    def load(self, package: str) -> None:
+        """Run ``package``'s loader now (see :meth:`add_loader`); nothing if it has none or it ran.
+
+        Example:
+            >>> r = Registry("rule")
+            >>> r.add_loader("backpack", "secorder.no_such_rules")
+            >>> r.load("backpack")
+            Traceback (most recent call last):
+            ...
+            secorder.registry.LazyEntryError: rules for 'backpack': importing 'secorder.no_such_rules' failed: ModuleNotFoundError: No module named 'secorder.no_such_rules'
+        """
+        if package in self._loaders:
+            self._run_loader(package)
+
     def _run_loader(self, package: str) -> None:
         with self._lock:
             module = self._loaders.get(package)

@@ -4,6 +4,11 @@
 they are pytrees for ``optree``, ``torch.utils._pytree`` and therefore for
 ``torch.func.vmap`` outputs: every field is a tensor (or a pytree of tensors).
 
+Each also carries ``engine``, the route that produced it (``"structured"`` or
+``"generic"``; ``None`` for one made by hand, rebuilt from its fields by a pytree
+operation such as ``torch.func.vmap``, or made inside ``torch.compile``). It is an
+attribute, not a field: the fields stay tensors.
+
 ``stop`` records why sampling ended, as a 0-dim ``int64`` tensor (a tensor, not
 a string, so that the result stays a pytree of tensors):
 
@@ -35,6 +40,8 @@ from torch import Tensor
 from . import tree
 
 __all__ = [
+    "CarriesEngine",
+    "with_engine",
     "TraceEstimate",
     "DiagonalEstimate",
     "STOP_NUM_SAMPLES",
@@ -179,7 +186,31 @@ def _repr(result: Any) -> str:
     return f"{type(result).__name__}({', '.join(fields)})"
 
 
-class TraceEstimate(NamedTuple):
+class CarriesEngine:
+    """Mixin of the result ``NamedTuple`` s: ``engine``, an attribute beside the fields (see the module docstring)."""
+
+    engine: Optional[str] = None
+
+    def _replace(self, **changes: Any) -> Any:
+        out = super()._replace(**changes)  # type: ignore[misc]
+        out.__dict__.update(self.__dict__)
+        return out
+
+
+def with_engine(result: Any, engine: str) -> Any:
+    """``result`` with ``engine`` set (left as it is inside ``torch.compile``, where the write cannot be traced).
+
+    Example:
+        >>> import torch
+        >>> with_engine(TraceEstimate.from_samples(torch.ones(1, 2)), "generic").engine
+        'generic'
+    """
+    if isinstance(result, CarriesEngine) and not torch.compiler.is_compiling():
+        result.engine = engine
+    return result
+
+
+class _TraceEstimate(NamedTuple):
     """A trace estimate with its standard error, matvec count and per-leaf breakdown.
 
     Fields:
@@ -279,7 +310,11 @@ class TraceEstimate(NamedTuple):
     __repr__ = _repr
 
 
-class DiagonalEstimate(NamedTuple):
+class TraceEstimate(CarriesEngine, _TraceEstimate):
+    __doc__ = _TraceEstimate.__doc__
+
+
+class _DiagonalEstimate(NamedTuple):
     """A diagonal estimate with entrywise standard errors and its matvec count.
 
     Fields:
@@ -323,3 +358,7 @@ class DiagonalEstimate(NamedTuple):
         return _stop_name(self.stop)
 
     __repr__ = _repr
+
+
+class DiagonalEstimate(CarriesEngine, _DiagonalEstimate):
+    __doc__ = _DiagonalEstimate.__doc__

@@ -84,6 +84,16 @@ SETTINGS = [
     ("reflectionpad2d", lambda: nn.ReflectionPad2d((1, 2, 0, 1)), (2, 2, 3, 4)),
     ("replicationpad1d", lambda: nn.ReplicationPad1d(2), (2, 2, 3)),
     ("circularpad3d", lambda: nn.CircularPad3d(1), (2, 1, 2, 2, 3)),
+    # every registered padding type has a setting (tests/test_registries.py checks it)
+    ("zeropad3d", lambda: nn.ZeroPad3d((0, 1, 1, 0, 0, 1)), (2, 1, 2, 2, 2)),
+    ("constantpad1d", lambda: nn.ConstantPad1d((2, 1), -0.5), (2, 2, 3)),
+    ("constantpad2d", lambda: nn.ConstantPad2d((1, 0, 0, 2), 0.25), (2, 1, 3, 2)),
+    ("reflectionpad1d", lambda: nn.ReflectionPad1d((1, 2)), (2, 2, 4)),
+    ("reflectionpad3d", lambda: nn.ReflectionPad3d(1), (2, 1, 2, 3, 3)),
+    ("replicationpad2d", lambda: nn.ReplicationPad2d((0, 1, 2, 1)), (2, 2, 2, 3)),
+    ("replicationpad3d", lambda: nn.ReplicationPad3d((1, 0, 0, 1, 1, 0)), (2, 1, 2, 2, 2)),
+    ("circularpad1d", lambda: nn.CircularPad1d((1, 2)), (2, 2, 4)),
+    ("circularpad2d", lambda: nn.CircularPad2d((1, 0, 0, 1)), (2, 1, 3, 3)),
 ]
 
 try:  # BackPACK's custom modules (rules loaded on first lookup): the peers install BackPACK

@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
-from .. import estimates, modules, transforms, tree, wrappers
+from .. import modules, transforms, tree, wrappers
 from ..dataset import dataset_loss
 from ..estimators import exact as exact_estimators
 from ..operators import make_operator
@@ -281,7 +281,7 @@ def _warm_up(method: str, device: torch.device, dtype: torch.dtype) -> None:
     estimator = registry.get(method, "trace")
     num_samples = estimator.min_samples + (estimator.min_samples % 2 if estimator.even else 0)
     x = torch.ones(3, device=device, dtype=dtype)
-    estimates.trace_estimate(lambda p: (p ** 3).sum(), method=method, num_samples=num_samples, seed=0)(x)
+    transforms.trace_estimate(lambda p: (p ** 3).sum(), method=method, num_samples=num_samples, seed=0)(x)
 
 
 def _measure(loss: _Loss, params: Dict[str, Tensor], args: argparse.Namespace, clock: Clock,
@@ -317,7 +317,7 @@ def _measure(loss: _Loss, params: Dict[str, Tensor], args: argparse.Namespace, c
     result["exact_trace"] = float(sum(per_param.values())) if per_param is not None else None
 
     t = clock.now()
-    est = estimates.trace_estimate(loss.F, method=args.method, num_samples=args.num_samples, seed=args.seed,
+    est = transforms.trace_estimate(loss.F, method=args.method, num_samples=args.num_samples, seed=args.seed,
                                    chunk_size=args.chunk_size)(params)
     lo, hi = est.interval(0.95)
     times["stochastic"] = clock.now() - t
@@ -336,7 +336,7 @@ def _measure(loss: _Loss, params: Dict[str, Tensor], args: argparse.Namespace, c
         per_param = {n: float(v) for n, v in est.per_leaf.items()}
         source = f"{args.method}, same probes"
         t = clock.now()
-        diag = estimates.hessian_diag_estimate(loss.F, method="hutchinson", num_samples=args.num_samples,
+        diag = transforms.hessian_diag_estimate(loss.F, method="hutchinson", num_samples=args.num_samples,
                                                seed=args.seed, chunk_size=args.chunk_size)(params)
         diag = diag._replace(value=gathered(diag.value))
         times["diagonal"] = clock.now() - t
@@ -415,7 +415,7 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     """
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     try:  # the estimator checks its options when it is created, before any work
-        estimates.trace_estimate(lambda p: p, method=args.method, num_samples=args.num_samples)
+        transforms.trace_estimate(lambda p: p, method=args.method, num_samples=args.num_samples)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"--method {args.method} --num-samples {args.num_samples}: {exc}") from exc
     where = launch(device, args.shard)

@@ -63,6 +63,8 @@ from typing import Any, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..results import CarriesEngine
+
 from ..operators import LeafOperator
 from .lanczos import FlatOperator, Krylov, ritz_pairs
 from .reorthogonalization import DEFAULT as DEFAULT_REORTHOGONALIZE, check_reorthogonalize
@@ -78,7 +80,7 @@ _BUDGET_PER_BASIS = 50
 _MIN_BUDGET = 2000
 
 
-class Eigenpairs(NamedTuple):
+class _Eigenpairs(NamedTuple):
     """Extreme eigenpairs found by :func:`lanczos_eigenpairs`.
 
     Fields:
@@ -114,6 +116,10 @@ class Eigenpairs(NamedTuple):
     invariant: Tensor
     converged: Tensor
     error_bounds: Optional[Tensor] = None
+
+
+class Eigenpairs(CarriesEngine, _Eigenpairs):
+    __doc__ = _Eigenpairs.__doc__
 
 
 def check_which(which: Any) -> str:

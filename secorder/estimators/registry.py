@@ -40,10 +40,11 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from ..operators import LeafOperator
+from ..registry import Registry
 from ._common import check_count, check_tolerances
 from .probes import check_distribution, check_seed
 
-__all__ = ["Estimator", "Options", "QUANTITIES", "register", "get", "names", "estimators", "check_options",
+__all__ = ["Estimator", "Options", "QUANTITIES", "ESTIMATORS", "register", "get", "names", "estimators", "check_options",
            "check_num_samples", "max_samples", "check_seed", "check_random_source", "run", "table"]
 
 QUANTITIES = ("trace", "diagonal")
@@ -112,22 +113,32 @@ class Options(NamedTuple):
         return [k for k, v in self._asdict().items() if v is not getattr(default, k) and v != getattr(default, k)]
 
 
-_REGISTRY: Dict[Tuple[str, str], Estimator] = {}
+def _describe_key(key: Any) -> str:
+    return f"{key[0]!r} for the {key[1]}" if isinstance(key, tuple) and len(key) == 2 else repr(key)
 
 
-def register(estimator: Estimator) -> None:
-    """Add ``estimator`` (its ``(name, quantity)`` must be new)."""
+ESTIMATORS: Registry = Registry("method", describe=_describe_key)  # {(name, quantity): Estimator}
+
+
+def register(estimator: Estimator, *, replace: bool = False) -> None:
+    """Add ``estimator`` (its ``(name, quantity)`` must be new, unless ``replace=True``).
+
+    Example:
+        >>> register(get("hutchinson", "trace"))
+        Traceback (most recent call last):
+        ...
+        ValueError: method 'hutchinson' for the trace is already registered; pass replace=True to replace it
+    """
+    if not isinstance(estimator, Estimator):
+        raise TypeError(f"estimator must be a secorder.estimators.registry.Estimator, got {type(estimator).__name__}")
     if estimator.quantity not in QUANTITIES:
         raise ValueError(f"quantity must be one of {QUANTITIES}, got {estimator.quantity!r}")
-    key = (estimator.name, estimator.quantity)
-    if key in _REGISTRY:
-        raise ValueError(f"method {estimator.name!r} is already registered for the {estimator.quantity}")
-    _REGISTRY[key] = estimator
+    ESTIMATORS.register((estimator.name, estimator.quantity), estimator, replace=replace)
 
 
 def estimators(quantity: str) -> List[Estimator]:
     """The registered estimators of ``quantity``, ``exact`` first, then in registration order."""
-    found = [e for (_, q), e in _REGISTRY.items() if q == quantity]
+    found = [e for (_, q), e in ESTIMATORS.items() if q == quantity]
     return sorted(found, key=lambda e: e.stochastic)
 
 
@@ -152,7 +163,7 @@ def get(method: Any, quantity: str) -> Estimator:
     """
     if not isinstance(method, str):
         raise TypeError(f"method must be a str, got {type(method).__name__}")
-    found = _REGISTRY.get((method, quantity))
+    found = ESTIMATORS.lookup((method, quantity))
     if found is None:
         raise ValueError(f"unknown method {method!r}; valid methods are {', '.join(map(repr, names(quantity)))}")
     return found

@@ -41,7 +41,9 @@ import torch
 from torch import Tensor
 from torch._C import _functorch
 
-__all__ = ["Jet", "JetTensor", "ForwardPass", "UncoveredOperation", "interpret", "op_name", "make_jet", "lazy",
+from .registry import lookup, op_name
+
+__all__ = ["Jet", "JetTensor", "ForwardPass", "UncoveredOperation", "interpret", "make_jet", "lazy",
            "map_args", "arg_leaves", "stored_numel"]
 
 
@@ -218,14 +220,6 @@ def arg_leaves(obj: Any):
         yield obj
 
 
-def op_name(func: Callable) -> str:
-    """A readable name for a torch callable, as in ``torch.overrides.resolve_name``."""
-    name = torch.overrides.resolve_name(func)
-    if name:
-        return name
-    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
-
-
 class JetTensor(Tensor):
     """A tensor-shaped stand-in that carries a :class:`Jet` through ``f`` (see the module docstring)."""
 
@@ -266,8 +260,6 @@ def _deepest(args: tuple, kwargs: dict) -> Optional[ForwardPass]:
 
 def interpret(func: Callable, args: tuple, kwargs: Dict[str, Any]) -> Any:
     """Run ``func`` on arguments that contain ``JetTensor`` s through its registered rule."""
-    from .registry import lookup
-
     trace = _deepest(args, kwargs)
     if trace is None:  # a JetTensor hidden where the walker does not look (a custom container)
         raise UncoveredOperation(op_name(func), "a traced tensor inside an unsupported container")

@@ -10,13 +10,13 @@ Hessian-vector product per input dimension (``method="exact"``).
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any, Callable, Optional
 
 import torch
 
 from .. import _checks
+from ..transformed import Route, Transformed, record, signature_of
 from .forward import forward_laplacian
 from .jet import UncoveredOperation
 
@@ -83,7 +83,10 @@ def laplacian(
     * ``"auto"`` (default): ``"forward"``, falling back to ``"exact"`` for the
       whole call on an uncovered operation (logged at DEBUG level on the
       ``secorder.laplacian`` logger; ``last_method`` and
-      ``last_fallback_reason`` on the returned function say which ran).
+      ``last_fallback_reason`` on the returned function, a per-thread debug
+      view, say which ran; :func:`secorder.explain` says which would run, by
+      running the forward Laplacian: an operation is covered or not only once
+      it is seen with its arguments).
       ``f`` runs again for the fallback.
     * ``"exact"``: :func:`secorder.trace` -- one Hessian-vector product per
       input entry; any ``f`` that ``torch.func`` differentiates twice.
@@ -152,28 +155,47 @@ def laplacian(
 
     sizes: dict = {}  # storage per direction seen, per input signature (the CPU default's pass size)
 
-    @functools.wraps(f)
     def laplacian_fn(*args: Any) -> Any:
         if method not in OWN_METHODS:
-            _record(laplacian_fn, method, None)
+            _record(fn, method, None)
             return fallback(*args)
         try:
             lap, aux = forward_laplacian(f, args, argnums, has_aux, chunk_size, sizes)
         except UncoveredOperation as err:
             if method == "forward":
                 raise
-            _record(laplacian_fn, "exact", str(err))
+            _record(fn, "exact", str(err))
             return fallback(*args)
-        _record(laplacian_fn, "forward", None)
+        _record(fn, "forward", None)
         return (lap, aux) if has_aux else lap
 
-    laplacian_fn.last_method = None
-    laplacian_fn.last_fallback_reason = None
-    return laplacian_fn
+    def explain(args: tuple, kwargs: dict) -> Any:
+        from ..explain import Explanation
+
+        if kwargs:
+            raise TypeError(f"the laplacian function takes f's positional arguments only, got {sorted(kwargs)}")
+        if method not in OWN_METHODS:
+            return so_explain(fallback)(*args)._replace(transform=fn.__name__, engine=method)
+        try:
+            forward_laplacian(f, args, argnums, has_aux, chunk_size, {})
+        except UncoveredOperation as err:
+            if method == "forward":
+                raise
+            exact = so_explain(fallback)(*args)
+            return Explanation(fn.__name__, "exact", str(err), exact.products, 0)
+        return Explanation(fn.__name__, "forward", None, 0, 1)
+
+    fn = Transformed(laplacian_fn, f, "laplacian", signature_of(f, keywords=False), explain)
+    return fn
+
+
+def so_explain(fn: Any) -> Any:
+    from ..explain import explain
+
+    return explain(fn)
 
 
 def _record(fn: Callable, method: str, reason: Optional[str]) -> None:
-    fn.last_method = method
-    fn.last_fallback_reason = reason
+    record(fn, Route(None, reason, method))
     if reason is not None:
         logger.debug("laplacian: %s; method='exact' runs for this call instead", reason)

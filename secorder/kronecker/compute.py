@@ -106,7 +106,7 @@ def _single(problem: Problem, opts: Options, ekfac: bool, generator: Optional[to
 
 
 def _first_batch(F: DatasetLoss, device: torch.device) -> Optional[Batch]:
-    for batch in F._batches(device, "K-FAC: the layers"):
+    for batch in F.batches(device, "K-FAC: the layers"):
         return batch
     return None
 
@@ -169,7 +169,7 @@ def _dataset(problem: Problem, opts: Options, ekfac: bool, generator: Optional[t
     leaves = list(problem.leaves)
     device, dtype = leaves[0].device, leaves[0].dtype
     what = f"{'ekfac' if ekfac else 'kfac'} (fisher_type={opts.fisher_type!r}, kfac_approx={opts.kfac_approx!r})"
-    F.prepare(params, what, offsets=opts.fisher_type == "mc")
+    call = F.prepare(params, what, offsets=opts.fisher_type == "mc")
     labels = F.label_generators(F.shared_generator(generator, device), device)[0] \
         if opts.fisher_type == "mc" else None
 
@@ -208,7 +208,7 @@ def _dataset(problem: Problem, opts: Options, ekfac: bool, generator: Optional[t
         return parts
 
     n = len(layers)
-    total = F.reduce(templates(), contribute, f"K-FAC factors ({opts.fisher_type})", raw=True)
+    total = F.reduce(templates(), contribute, f"K-FAC factors ({opts.fisher_type})", raw=True, call=call)
     A = [None if info.weight is None else total[k] for k, info in enumerate(layers)]
     rows = total[n:2 * n]
     G = total[2 * n:3 * n] if opts.fisher_type != "forward-only" else [None] * n
@@ -228,7 +228,7 @@ def _dataset(problem: Problem, opts: Options, ekfac: bool, generator: Optional[t
             temps.append(torch.zeros(shape if info.weight is not None else (0,), dtype=dtype, device=device))
         for info in layers:
             temps.append(torch.zeros(info.d_out if info.bias is not None else 0, dtype=dtype, device=device))
-        got = F.reduce(temps, correct, "EK-FAC eigenvalue corrections", raw=True)
+        got = F.reduce(temps, correct, "EK-FAC eigenvalue corrections", raw=True, call=call)
         S_w = [None if info.weight is None else got[k] / scale for k, info in enumerate(layers)]
         S_b = [None if info.bias is None else got[n + k] / scale for k, info in enumerate(layers)]
         corrections = (bases, S_w, S_b)

@@ -87,4 +87,5 @@ def kfac_curvature(method: str = "kfac", *, fisher_type: str = "type-2", kfac_ap
     summary = f"{method.upper().replace('EK', 'EK-').replace('KFAC', 'K-FAC')} ({fisher_type}, {kfac_approx})"
     return Curvature(method, functools.partial(build, method=method, fisher_type=fisher_type, kfac_approx=kfac_approx,
                                                chunk_size=chunk_size, other=other),
-                     needs_split=True, sampled=fisher_type == "mc", summary=summary, own_datasets=True)
+                     needs_split=True, sampled=fisher_type == "mc", summary=summary, own_datasets=True,
+                     own_diagonal=True)

@@ -152,7 +152,12 @@ class KroneckerCurvature:
         fisher_type: as given to the transform.
         kfac_approx: as given to the transform.
         damping: the damping of an inverse (``None`` otherwise).
+        engine: ``"kronecker"``, the route that made it: the layers' inputs and
+            output gradients collected in one forward and backward pass per batch
+            (the structured and generic engines of the other transforms do not apply).
     """
+
+    engine: str = "kronecker"
 
     def __init__(self, layers: Sequence[Layer], spec: Any, shapes: Sequence[Tuple[int, ...]],
                  names: Sequence[str], info: Dict[str, Any]):

@@ -21,7 +21,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -32,6 +31,7 @@ from ..estimators.probes import make_generator
 from ..estimators.registry import check_random_source
 from ..modules import FunctionalLoss
 from ..operators import check_mc_samples
+from ..transformed import Transformed, signature_of
 from .collect import Options
 from .columns import FISHER_TYPES
 from .compute import compute
@@ -117,11 +117,10 @@ def _transform(f: Any, argnums: Any, fisher_type: Any, kfac_approx: Any, mc_samp
         gen = make_generator(seed, generator, device) if fisher_type == "mc" else None
         return compute(f, args, kwargs, opts, ekfac=ekfac, generator=gen, info=info)
 
-    @functools.wraps(f)
     def fn(*args: Any, **kwargs: Any) -> KroneckerCurvature:
         return run(args, kwargs)
 
-    return fn
+    return Transformed(fn, f, info["method"], signature_of(f))
 
 
 def _leaves(params: Any):

@@ -47,7 +47,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -55,9 +55,10 @@ from . import dataset, empirical_fisher, fisher, ggn, hessian
 from .base import LeafOperator
 from .hessian import hessian_operator
 from ..dataset import is_dataset_loss
+from ..registry import Registry
 
 __all__ = ["LeafOperator", "hessian_operator", "Curvature", "register", "names", "get", "make_operator",
-           "check_curvature", "check_mc_samples"]
+           "check_curvature", "check_mc_samples", "CURVATURES"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class Curvature:
         summary: one line for the docs.
         own_datasets: ``build`` takes a data-set loss itself (its factors are sums
             over the batches, not a sum of per-batch operators: K-FAC).
+        own_diagonal: the operator gives its exact diagonal without products
+            (``LeafOperator.diagonal``; what :func:`secorder.explain` counts).
     """
 
     name: str
@@ -80,16 +83,24 @@ class Curvature:
     sampled: bool
     summary: str
     own_datasets: bool = False
+    own_diagonal: bool = False
 
 
-_REGISTRY: Dict[str, Curvature] = {}
+CURVATURES: Registry = Registry("curvature")
 
 
-def register(curvature: Curvature) -> None:
-    """Add ``curvature`` to the registry (its name must be new)."""
-    if curvature.name in _REGISTRY:
-        raise ValueError(f"curvature {curvature.name!r} is already registered")
-    _REGISTRY[curvature.name] = curvature
+def register(curvature: Curvature, *, replace: bool = False) -> None:
+    """Add ``curvature`` to the registry (its name must be new, unless ``replace=True``).
+
+    Example:
+        >>> register(get("hessian"))
+        Traceback (most recent call last):
+        ...
+        ValueError: curvature 'hessian' is already registered; pass replace=True to replace it
+    """
+    if not isinstance(curvature, Curvature):
+        raise TypeError(f"curvature must be a secorder.operators.Curvature, got {type(curvature).__name__}")
+    CURVATURES.register(curvature.name, curvature, replace=replace)
 
 
 def names() -> Tuple[str, ...]:
@@ -99,7 +110,7 @@ def names() -> Tuple[str, ...]:
         >>> names()
         ('hessian', 'ggn', 'fisher', 'empirical_fisher', 'kfac', 'ekfac')
     """
-    return tuple(_REGISTRY)
+    return tuple(CURVATURES.names())
 
 
 def check_curvature(curvature: Any) -> Curvature:
@@ -115,11 +126,7 @@ def check_curvature(curvature: Any) -> Curvature:
         return curvature
     if not isinstance(curvature, str):
         raise TypeError(f"curvature must be a str, got {type(curvature).__name__}")
-    if curvature not in _REGISTRY:
-        raise ValueError(
-            f"unknown curvature {curvature!r}; valid curvatures are {', '.join(map(repr, _REGISTRY))}"
-        )
-    return _REGISTRY[curvature]
+    return CURVATURES.get(curvature)
 
 
 get = check_curvature
@@ -164,7 +171,7 @@ def make_operator(
     if is_dataset_loss(getattr(problem, "f", None)) and not entry.own_datasets:
         # per-batch operators summed over the data (and ranks)
         # by name when registered: the ranks' handshake compares the call's text (an entry's repr holds addresses)
-        key = entry.name if _REGISTRY.get(entry.name) is entry else entry
+        key = entry.name if CURVATURES.lookup(entry.name) is entry else entry
         return dataset.build(key, problem, mc_samples=mc_samples, generator=generator)
     return entry.build(problem, mc_samples=mc_samples, generator=generator)
 

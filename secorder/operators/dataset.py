@@ -77,7 +77,7 @@ def build(curvature: str, problem: Problem, *, mc_samples: int = 1,
     params = problem.args[0]
     templates = list(problem.leaves)
     device = templates[0].device
-    F.prepare(params, f"curvature={curvature!r}", offsets=entry.sampled)
+    call = F.prepare(params, f"curvature={curvature!r}", offsets=entry.sampled)
     labels = F.label_generators(generator, device)[0] if entry.sampled else None
     argnums = 0 if isinstance(problem.argnums, int) else (0,)
 
@@ -89,11 +89,11 @@ def build(curvature: str, problem: Problem, *, mc_samples: int = 1,
     def matvec(V: List[Tensor]) -> List[Tensor]:
         V = list(V)
         what = f"{curvature} products, {V[0].shape[0]} probe(s)"
-        return F.reduce(V, lambda b: operator_of(b).matvec(V), what)
+        return F.reduce(V, lambda b: operator_of(b).matvec(V), what, call=call)
 
     def block_matvec(index: int, V: Tensor) -> Tensor:
         what = f"{curvature} block {index}, {V.shape[0]} column(s)"
-        return F.reduce([V], lambda b: [operator_of(b).block_matvec(index, V)], what)[0]
+        return F.reduce([V], lambda b: [operator_of(b).block_matvec(index, V)], what, call=call)[0]
 
     psd = _psd(curvature, F.f) if entry.needs_split else False
     diagonal = _BatchDiagonals(F, templates, operator_of, curvature) if entry.needs_split else None

@@ -42,6 +42,7 @@ Example:
     True
 """
 
+from . import rules as _builtin_rules  # noqa: F401 (registers the built-in rules, before any walk)
 from .blocks import Parallel, Residual
 from .curvature import Curvature
 from .dispatch import functional_call_diag, model_diagonal, model_trace

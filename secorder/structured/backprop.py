@@ -183,6 +183,7 @@ def run(
     loss_fn: Optional[Callable[[Tensor, Any], Tensor]] = None,
     mc_samples: int = 1,
     generator: Optional[torch.Generator] = None,
+    check_only: bool = False,
 ) -> Any:
     """``{qualified name: diagonal}`` for the ``wanted`` parameters, or their trace (a 0-dim tensor).
 
@@ -193,6 +194,8 @@ def run(
     Only the Hessian has residual terms. ``loss_fn``, when given, is evaluated on the
     model output (its value is not used): whatever it raises for these
     targets (a wrong dtype, a shape it refuses), the engine raises too.
+    ``check_only`` stops after the forward pass and the loss's checks (no label
+    drawn, no curvature) and returns ``None``.
     ``factor_chunk_size`` bounds the loss-factor columns pulled back at once
     (``None``: as many as keep ``columns x N x widest output`` (the model
     output only where the loss factor is formed there) under
@@ -215,6 +218,12 @@ def run(
     if loss_fn is not None:
         with torch.no_grad():  # for its errors only
             loss_fn(out, targets)
+    if check_only:  # the loss curvature's checks, without drawing the Fisher's labels
+        if kind in ("fisher", "empirical_fisher"):
+            sampled_curvature(spec, out, targets, "empirical_fisher")
+        else:
+            output_curvature(spec, out, targets)
+        return None
     if kind in ("fisher", "empirical_fisher"):
         oc = sampled_curvature(spec, out, targets, kind, mc_samples, generator)
     else:

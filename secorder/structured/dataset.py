@@ -44,6 +44,7 @@ def functional_call_diag(
     mc_samples: int = 1,
     generator: Optional[torch.Generator] = None,
     factor_chunk_size: Optional[int] = None,
+    check_only: bool = False,
 ) -> Any:
     """The engine's diagonal (a dict like ``params``) or trace of ``F(params)``, in one pass over the data.
 
@@ -55,9 +56,11 @@ def functional_call_diag(
         mc_samples: Monte-Carlo labels per sample (``kind="fisher"``).
         generator: the call's generator (the Fisher's labels).
         factor_chunk_size: see :func:`secorder.structured.dispatch.functional_call_diag`.
+        check_only: the engine's checks and forward pass on every batch of this
+            process, nothing else (no handshake with other ranks); returns ``None``.
 
     Returns:
-        The diagonal or the trace.
+        The diagonal or the trace (``None`` with ``check_only``).
 
     Raises:
         Unsupported: the engine does not apply (on any batch of any rank).
@@ -68,9 +71,15 @@ def functional_call_diag(
         raise Unsupported("params must be a non-empty dict of tensors")
     names = list(params)
     first = params[names[0]]
+    if check_only:
+        for batch in F.batches(first.device, "structured engine checks"):
+            dispatch.functional_call_diag(F.f, (params, batch.inputs, batch.targets), kind, trace,
+                                          mc_samples=mc_samples, check_only=True)
+        return None
     sampled = kind == "fisher"
-    F.prepare(params, f"structured {kind} {'trace' if trace else 'diagonal'}", offsets=sampled)
-    labels, undo = F.label_generators(generator, first.device) if sampled else (None, None)
+    call = F.prepare(params, f"structured {kind} {'trace' if trace else 'diagonal'}", offsets=sampled)
+    labels, undo, commit = F.label_generators(generator, first.device, deferred=True) if sampled else (
+        None, None, None)
 
     def contribute(batch: Batch):
         out = dispatch.functional_call_diag(
@@ -81,9 +90,11 @@ def functional_call_diag(
     templates = [torch.zeros((), dtype=first.dtype, device=first.device)] if trace else [params[n] for n in names]
     what = f"structured {kind} {'trace' if trace else 'diagonal'}"
     try:
-        result = F.reduce(templates, contribute, what, decline=(Unsupported,))
+        result = F.reduce(templates, contribute, what, decline=(Unsupported,), call=call)
     except Unsupported:
         if undo is not None:
             undo()
         raise
+    if commit is not None:
+        commit()
     return result[0] if trace else dict(zip(names, result))

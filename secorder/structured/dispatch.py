@@ -71,6 +71,7 @@ def functional_call_diag(
     mc_samples: int = 1,
     generator: Optional[torch.Generator] = None,
     factor_chunk_size: Optional[int] = None,
+    check_only: bool = False,
 ) -> Any:
     """Run the engine for ``f(params, inputs, targets[, buffers])`` with ``f`` a ``FunctionalLoss``.
 
@@ -95,10 +96,13 @@ def functional_call_diag(
             on the sweep's memory: each column is one tensor of the size of a
             layer's activations); ``None`` picks the largest chunk that keeps
             a chunk's columns at any layer under 2**24 entries.
+        check_only: run the checks and the forward pass only (every place the
+            engine can decline) and return ``None``: what :func:`secorder.explain`
+            runs. No curvature is computed and no label is drawn.
 
     Returns:
         A dict shaped like ``params`` (the diagonal) or a 0-dim tensor (the
-        trace).
+        trace); ``None`` with ``check_only``.
 
     Raises:
         Unsupported: the call does not qualify (the transforms then fall back).
@@ -147,14 +151,15 @@ def functional_call_diag(
         try:
             out = graph.functional_call_diag(model, f.output_field, spec, values, inputs, targets, set(params),
                                              trace, kind=kind, factor_chunk_size=factor_chunk_size,
-                                             loss_fn=f.loss_fn, mc_samples=mc_samples, generator=generator)
+                                             loss_fn=f.loss_fn, mc_samples=mc_samples, generator=generator,
+                                             check_only=check_only)
         except Unsupported as err:
             raise Unsupported(f"{declined}; the graph walker: {err}") from None
     else:
         out = backprop.run(plan, spec, values, inputs, targets, set(params), trace, kind=kind,
                            factor_chunk_size=factor_chunk_size, loss_fn=f.loss_fn, mc_samples=mc_samples,
-                           generator=generator)
-    if trace:
+                           generator=generator, check_only=check_only)
+    if trace or check_only:
         return out
     return {back[name]: out[name] if name in out else torch.zeros_like(v) for name, v in params.items()}
 

@@ -25,16 +25,13 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Tuple
+from typing import Callable, Tuple
 
 import torch
 from torch import Tensor
 from torch.func import vmap
 
 from .curvature import Diagonal, Factor, Gathered, Shared, SoftmaxFactor, Term
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .tokens import Tokenwise
 
 __all__ = ["Jacobian", "Columns", "Elementwise", "Reshape", "Dense", "Gather", "Selection"]
 
@@ -107,14 +104,8 @@ class Elementwise(Jacobian):
         mg = torch.gather(m, 2, t.index).reshape(t.factor.B.shape[1:])
         return Gathered(Factor(t.factor.B * mg, t.factor.w), t.index, t.shape)
 
-    def pull_tokenwise(self, t: "Tokenwise") -> Term:
-        # Elementwise is per position in any layout: scale each row's block, stay per position.
-        from .tokens import Tokenwise, to_rows  # tokens builds on this module
-
-        if t.index is not None or tuple(t.shape) != self.shape:
-            return self.pull_factor(t.as_factor())
-        m = to_rows(self.m.expand(self.shape), 0, self.shape, t.pos)
-        return Tokenwise(t.inner.pulled(Elementwise(m, tuple(m.shape))), t.shape, t.pos, summed=t.summed)
+    # A Tokenwise term (secorder.structured.tokens, which builds on this module) pulls itself
+    # through an Elementwise Jacobian: see Tokenwise.pulled.
 
 
 class Reshape(Jacobian):
@@ -139,7 +130,7 @@ class Reshape(Jacobian):
     def pull_gathered(self, t: Gathered) -> Term:
         return t if tuple(t.shape) == self.shape else self.pull_factor(t.as_factor())
 
-    def pull_tokenwise(self, t: "Tokenwise") -> Term:
+    def pull_tokenwise(self, t: Term) -> Term:  # t: a secorder.structured.tokens.Tokenwise
         return t if tuple(t.shape) == self.shape else self.pull_factor(t.as_factor())
 
 

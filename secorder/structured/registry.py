@@ -5,27 +5,29 @@ module may change its forward, so it needs its own registration). The
 built-in rules register themselves when :mod:`secorder.structured.rules` is
 imported; users add theirs with :func:`register_rule`. Rules for another
 package's modules can wait until a module type of that package is first looked
-up (:func:`register_lazy`), so that the package is never imported for nothing.
+up (:func:`register_lazy`), so that the package is never imported for nothing;
+if that module fails to import, the lookup raises
+:class:`~secorder.registry.LazyEntryError` naming it (a broken rules module is
+never silently ignored). The table is a :class:`secorder.registry.Registry`,
+:data:`RULES`.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
-from types import MappingProxyType
-from typing import Callable, Dict, Mapping, Optional, Type, TypeVar, Union
+from typing import Callable, Mapping, Optional, Type, TypeVar, Union
 
 from torch import nn
 
+from ..registry import Registry
 from .rule import BlockRule, Rule
 
-__all__ = ["register_rule", "rule_for", "registered_rules", "register_lazy"]
+__all__ = ["register_rule", "rule_for", "registered_rules", "register_lazy", "RULES"]
 
 AnyRule = Union[Type[Rule], Type[BlockRule]]
 R = TypeVar("R", bound=AnyRule)
 
-_RULES: Dict[type, AnyRule] = {}
-_LAZY: Dict[str, str] = {}  # package name: the module that registers the rules for its module types
+RULES: Registry = Registry("module type with a structured rule")
 
 
 def register_rule(module_type: type, rule: Optional[R] = None, *, replace: bool = False) -> Union[R, Callable[[R], R]]:
@@ -68,12 +70,13 @@ def register_rule(module_type: type, rule: Optional[R] = None, *, replace: bool 
     def add(cls: R) -> R:
         if not isinstance(cls, type) or not issubclass(cls, (Rule, BlockRule)):
             raise TypeError(f"rule must be a subclass of secorder.structured.Rule or BlockRule, got {cls!r}")
-        if module_type in _RULES and _RULES[module_type] is not cls and not replace:
+        current = RULES.view().get(module_type)
+        if current is not None and current is not cls and not replace:
             raise ValueError(
-                f"{module_type.__name__} already has the rule {_RULES[module_type].__name__}; "
+                f"{module_type.__name__} already has the rule {getattr(current, '__name__', current)}; "
                 f"pass replace=True to replace it"
             )
-        _RULES[module_type] = cls
+        RULES.register(module_type, cls, replace=True)
         return cls
 
     return add if rule is None else add(rule)
@@ -87,18 +90,15 @@ def rule_for(module_type: type) -> Optional[AnyRule]:
         >>> rule_for(torch.nn.Linear).__name__, rule_for(torch.nn.GroupNorm)
         ('LinearRule', None)
     """
-    rule = _RULES.get(module_type)
-    if rule is None and _LAZY:
-        package = (getattr(module_type, "__module__", None) or "").split(".")[0]
-        if package in _LAZY and _load(package):
-            rule = _RULES.get(module_type)
-    return rule
+    return RULES.lookup(module_type)
 
 
 def register_lazy(package: str, rules_module: str) -> None:
     """Import ``rules_module`` (which registers rules) when a module type of ``package`` is first looked up.
 
-    If ``package`` is imported already, ``rules_module`` is imported at once.
+    If ``package`` is imported already, ``rules_module`` is imported at once. An
+    import that fails raises :class:`~secorder.registry.LazyEntryError` naming
+    ``rules_module`` (then, or at the first lookup of one of the package's types).
 
     Args:
         package: a top-level package name, such as ``"backpack"``.
@@ -109,17 +109,9 @@ def register_lazy(package: str, rules_module: str) -> None:
     """
     if not isinstance(package, str) or not isinstance(rules_module, str):
         raise TypeError(f"package and rules_module must be str, got {type(package).__name__}, {type(rules_module).__name__}")
-    _LAZY[package] = rules_module
+    RULES.add_loader(package, rules_module)
     if package in sys.modules:  # already imported: register now (an import while torch.compile traces would break)
-        _load(package)
-
-
-def _load(package: str) -> bool:
-    try:
-        importlib.import_module(_LAZY.pop(package))
-    except ImportError:  # a version of the package the rules do not know: no rules
-        return False
-    return True
+        RULES.load(package)
 
 
 def registered_rules() -> Mapping[type, AnyRule]:
@@ -130,4 +122,4 @@ def registered_rules() -> Mapping[type, AnyRule]:
         >>> torch.nn.Conv2d in registered_rules()
         True
     """
-    return MappingProxyType(_RULES)
+    return RULES.view()

@@ -57,20 +57,34 @@ falls back to ``jac.pull_factor(self.as_factor())`` (as ``SoftmaxFactor`` and
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Dict, FrozenSet, Generic, Mapping, Optional, Tuple, TypeVar
+from typing import Any, ClassVar, Dict, FrozenSet, Generic, List, Mapping, Optional, Protocol, Tuple, TypeVar
 
 from torch import Tensor, nn
 
 from .curvature import Curvature, Term
 from .jacobians import Jacobian
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .backprop import Sweep
-    from .walker import Plan
-
-__all__ = ["Rule", "BlockRule"]
+__all__ = ["Rule", "BlockRule", "Sweep"]
 
 StateT = TypeVar("StateT")
+
+
+class Sweep(Protocol):
+    """What a :class:`BlockRule` sees of the engine's sweep (:class:`secorder.structured.backprop.Sweep`).
+
+    Declared here, so that the rules need not import the driver (which imports
+    the walker, which imports the rules). ``plan`` is a
+    :class:`secorder.structured.walker.Plan`.
+    """
+
+    def run(self, plan: Any, x: Tensor) -> Tuple[Tensor, List[Any]]:
+        """The plan's output for input ``x`` and its per-step states."""
+        ...
+
+    def pull(self, plan: Any, states: List[Any], curv: Curvature, g: Optional[Tensor],
+             need_input: bool, need_grad_input: bool) -> Tuple[Optional[Curvature], Optional[Tensor]]:
+        """Pull ``curv`` (and the gradient ``g``) back through ``plan``, recording the wanted diagonals."""
+        ...
 
 
 class Rule(Generic[StateT]):
@@ -144,7 +158,7 @@ class BlockRule(Generic[StateT]):
     knowledge of the block. See :class:`~secorder.structured.rules.residual.ResidualRule`.
     """
 
-    def __init__(self, module: nn.Module, plans: Mapping[str, "Plan"]) -> None:
+    def __init__(self, module: nn.Module, plans: Mapping[str, Any]) -> None:  # plans: walker.Plan
         self.module = module
         self.plans = dict(plans)
 

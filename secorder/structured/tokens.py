@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from .curvature import Curvature, Diagonal, Factor, Gathered, SampledFactor, Shared, SoftmaxFactor, Term
-from .jacobians import Jacobian
+from .jacobians import Elementwise, Jacobian
 
 __all__ = ["Tokenwise", "PerPosition", "Permute", "FlattenBatch", "channels_first", "to_rows", "from_rows"]
 
@@ -172,10 +172,19 @@ class Tokenwise(Term):
         return Factor(full, w)
 
     def pulled(self, jac: Jacobian) -> Term:
+        if isinstance(jac, Elementwise):
+            return self._through_elementwise(jac)
         pull = getattr(jac, "pull_tokenwise", None)
         if pull is None:
             return jac.pull_factor(self.as_factor())
         return pull(self)
+
+    def _through_elementwise(self, jac: Elementwise) -> Term:
+        # Elementwise is per position in any layout: scale each row's block, stay per position.
+        if self.index is not None or tuple(self.shape) != jac.shape:
+            return jac.pull_factor(self.as_factor())
+        m = to_rows(jac.m.expand(jac.shape), 0, jac.shape, self.pos)
+        return Tokenwise(self.inner.pulled(Elementwise(m, tuple(m.shape))), self.shape, self.pos, summed=self.summed)
 
 
 class PerPosition(Jacobian):

@@ -22,7 +22,6 @@ from typing import Dict, List, Set, Union
 from torch import nn
 from torch.nn.modules import module as _module_impl
 
-from . import rules as _builtin_rules  # noqa: F401 (registers the built-in rules)
 from .errors import Unsupported, located
 from .registry import rule_for
 from .rule import BlockRule, Rule

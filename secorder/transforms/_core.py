@@ -21,7 +21,6 @@ The products (``hvp``, ``ggn_vp``, ...) share the request validation of
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
@@ -37,7 +36,9 @@ from ..operators import Curvature, check_curvature, check_mc_samples, make_opera
 from ..operators import sharded as _sharded
 from ..operators.dataset import call_generator as _dataset_generator
 from ..problem import Problem, split_message
-from ..results import STOP_NUM_SAMPLES, DiagonalEstimate, TraceEstimate
+from ..explain import Explanation
+from ..results import STOP_NUM_SAMPLES, DiagonalEstimate, TraceEstimate, with_engine
+from ..transformed import Route, Transformed, signature_of
 from . import engine as _engine
 from . import hints as _hints
 from .. import progress as _progress
@@ -124,20 +125,46 @@ def make_request(
     return Request(entry, quantity, estimator, options, argnums, has_aux, chunk_size, engine, mc_samples)
 
 
-def quantity_transform(request: Request, f: Callable[..., Any], what: str, *, full: bool) -> Callable[..., Any]:
+def quantity_transform(request: Request, f: Callable[..., Any], what: str, *, full: bool) -> Transformed:
     """The transformed function: ``fn(*args, **kwargs)`` evaluates ``request`` for one call of ``f``."""
 
     # one progress bar per call of a data-set loss; hints for the batch dimension and vmap's randomness
     hinted = _hints.per_example_hints(_progress.per_call(f, what)(evaluate))
     run = eager_under_compile(hinted) if request.curvature.needs_split else hinted
 
-    @functools.wraps(f)
-    def fn(*args: Any, **kwargs: Any) -> Any:
+    def impl(*args: Any, **kwargs: Any) -> Any:
         return run(request, fn, f, args, kwargs, what, full=full)
 
-    fn.last_engine = None
-    fn.last_fallback_reason = None
+    def explain(args: tuple, kwargs: Dict[str, Any]) -> Explanation:
+        return explain_request(request, fn.__name__, f, args, kwargs, what)
+
+    fn = Transformed(impl, f, what, signature_of(f), explain)
     return fn
+
+
+def explain_request(request: Request, name: str, f: Callable[..., Any], args: tuple, kwargs: Dict[str, Any],
+                    what: str) -> Explanation:
+    """What :func:`evaluate` would do for this call, from the checks only (:func:`secorder.explain`)."""
+    problem = Problem(f, request.argnums, request.has_aux, args, kwargs)
+    n = sum(t.numel() for t in problem.leaves)
+    if request.estimator.stochastic:
+        route = Route("generic", f"method={request.estimator.name!r} runs on the curvature operator")
+        options = request.options
+        adaptive = request.estimator.adaptive and (options.rtol is not None or options.atol is not None)
+        num = options.num_samples if options.num_samples is not None else request.estimator.default_samples
+        return Explanation(name, route.engine, route.reason, None if adaptive else num, 0)
+    with torch.no_grad():
+        route = _engine.route(f, request.argnums, request.has_aux, args, kwargs, request.engine,
+                              request.curvature.name, request.quantity == "trace", mc_samples=request.mc_samples)
+    if route.engine == "structured":
+        sweeps: Optional[int] = 1
+        if is_dataset_loss(f):
+            try:
+                sweeps = len(f.data)
+            except TypeError:
+                sweeps = None
+        return Explanation(name, route.engine, route.reason, 0, sweeps)
+    return Explanation(name, route.engine, route.reason, 0 if request.curvature.own_diagonal else n, 0)
 
 
 def eager_under_compile(fn: Callable) -> Callable:
@@ -170,7 +197,7 @@ def evaluate(
         result = _evaluate(request, fn, problem, what, full=full)
     if layout is None or request.quantity != "diagonal":
         return result
-    if full:
+    if full:  # _replace keeps the result's engine
         return result._replace(value=_sharded.export_tree(layout, result.value),
                                 stderr=_sharded.export_tree(layout, result.stderr))
     return _sharded.export_tree(layout, result)
@@ -193,7 +220,7 @@ def _evaluate(request: Request, fn: Callable, problem: Problem, what: str, *, fu
     with _slow_path.reason(getattr(fn, "last_fallback_reason", None)):
         est = registry.run(op, request.estimator, request.options, request.chunk_size, generator)
     _record_route(fn, op, request, what)
-    return problem.result(_shape(request, problem, est, full))
+    return problem.result(with_engine(_shape(request, problem, est, full), "generic"))
 
 
 def _record_route(fn: Callable, op: Any, request: Request, what: str) -> None:
@@ -234,8 +261,9 @@ def _structured_result(request: Request, hit: Any, full: bool) -> Any:
         dof=torch.tensor(float("inf"), dtype=dtype, device=device),
     )
     if request.quantity == "diagonal":
-        return DiagonalEstimate(value=hit, stderr=tree.tree_map(torch.zeros_like, hit), **exact)
+        return with_engine(DiagonalEstimate(value=hit, stderr=tree.tree_map(torch.zeros_like, hit), **exact),
+                           "structured")
     per_leaf = tree.tree_map(lambda d: d.sum(), hit)
     total = sum(tree.leaves(per_leaf), torch.zeros((), dtype=dtype, device=device))
-    return TraceEstimate(value=total, stderr=torch.zeros_like(total), per_leaf=per_leaf,
-                         per_leaf_stderr=tree.tree_map(torch.zeros_like, per_leaf), **exact)
+    return with_engine(TraceEstimate(value=total, stderr=torch.zeros_like(total), per_leaf=per_leaf,
+                                     per_leaf_stderr=tree.tree_map(torch.zeros_like, per_leaf), **exact), "structured")

@@ -15,7 +15,6 @@ curvature for :func:`secorder.solve`.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Optional, Tuple
 
@@ -31,6 +30,7 @@ from ..operators import LeafOperator, make_operator
 from ..operators import sharded as _sharded
 from ..operators.dataset import call_generator
 from ..problem import Problem
+from ..transformed import Transformed, signature_of
 from ._core import check_common
 
 __all__ = ["linear_operator", "CurvatureOperator", "check_damping", "curvature_operator"]
@@ -290,10 +290,9 @@ def linear_operator(
     damping = check_damping(damping)
     _checks.check_chunk_size(chunk_size)
 
-    @functools.wraps(f)
     def linear_operator_fn(*args: Any, **kwargs: Any) -> Any:
         problem = Problem(f, argnums, has_aux, args, kwargs)
         op, _ = curvature_operator(problem, curvature, mc_samples, seed, generator)
         return problem.result(CurvatureOperator(op, problem.spec, damping=damping, chunk_size=chunk_size))
 
-    return linear_operator_fn
+    return Transformed(linear_operator_fn, f, "linear_operator", signature_of(f))

@@ -10,12 +10,12 @@ the model (:mod:`secorder.operators.gauss_newton`), with reverse mode only.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
+from torch.overrides import TorchFunctionMode
 
 from .. import _checks, tree
 from ..composites import ForwardModeUnsafe
@@ -24,6 +24,7 @@ from ..estimators import registry
 from ..operators import make_operator
 from ..operators import sharded as _sharded
 from ..problem import Problem
+from ..transformed import Transformed, signature_of
 from . import _core
 from .hints import per_example_hints
 from ..progress import per_call
@@ -59,14 +60,29 @@ def _linear_in_tangent(product: Callable[[Any], Any], v: Any, has_aux: bool) -> 
     return (out, aux) if has_aux else out
 
 
-def _forward_ad_missing(err: Exception) -> bool:
-    text = str(err)
-    # PyTorch's forward-mode rules of some ops mutate a ZeroTensor (mse_loss, linear layers with a
-    # constant weight: pytorch/pytorch issues 112013, 123996) or do not exist (mkldnn_rnn_layer), and
-    # some are wrong (secorder.composites.forward_mode raises ForwardModeUnsafe for those).
-    if isinstance(err, ForwardModeUnsafe):
-        return True
-    return "ZeroTensors are immutable" in text or "forward AD" in text or "forward-mode" in text
+class _ForwardModeFailures(TorchFunctionMode):
+    """While forward-over-reverse runs: an error raised inside a torch operation becomes ``ForwardModeUnsafe``.
+
+    The choice of AD mode rests on what failed, not on the wording of a message:
+    PyTorch's forward-mode rules of some operations mutate a ZeroTensor (``mse_loss``,
+    linear layers with a constant weight: pytorch/pytorch issues 112013, 123996) or do
+    not exist (``mkldnn_rnn_layer``), and some are wrong
+    (:mod:`secorder.composites.forward_mode` raises ``ForwardModeUnsafe`` for those).
+    Each of these is an error inside a torch call made under the forward-mode
+    transform, which ``so.hvp`` answers by taking reverse-over-reverse (where a
+    genuine error in a torch call is raised again). An error that ``f``'s own code
+    raises outside torch operations is not converted: it reaches the caller at once,
+    whatever its message says.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        try:
+            return func(*args, **(kwargs or {}))
+        except ForwardModeUnsafe:
+            raise
+        except (RuntimeError, NotImplementedError) as err:
+            name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+            raise ForwardModeUnsafe(f"{name} failed under forward mode: {type(err).__name__}: {err}") from err
 
 
 def hvp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = False) -> Callable[..., Any]:
@@ -80,9 +96,10 @@ def hvp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = 
     Returns:
         ``fn(*args, v, **kwargs)``: ``H v`` shaped like ``v``, ``H`` the Hessian of ``f``
         with respect to ``args[argnums]``. Computed forward-over-reverse (``jvp`` of
-        ``grad``, about two gradient evaluations); where PyTorch's forward-mode rules
-        fail ("ZeroTensors are immutable": ``mse_loss``, linear layers with a frozen
-        weight; no forward AD for an op), reverse-over-reverse instead.
+        ``grad``, about two gradient evaluations); where a torch operation fails in
+        forward mode (PyTorch's rule mutates a ZeroTensor: ``mse_loss``, linear layers
+        with a frozen weight; no forward rule; a rule known to be wrong),
+        reverse-over-reverse instead. An error raised by ``f``'s own code is raised.
 
     Example:
         >>> import torch, secorder as so
@@ -94,7 +111,6 @@ def hvp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = 
     """
     _core.check_common(f, argnums, has_aux, "hessian", 1)
 
-    @functools.wraps(f)
     @per_example_hints
     @per_call(f, "hvp")
     def hvp_fn(*args_and_v: Any, **kwargs: Any) -> Any:
@@ -112,15 +128,14 @@ def hvp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = 
 
         def product(t: Any) -> Any:
             try:
-                return _forward_over_reverse(problem, t)
-            except (RuntimeError, NotImplementedError) as err:
-                if not _forward_ad_missing(err):
-                    raise
+                with _ForwardModeFailures():
+                    return _forward_over_reverse(problem, t)
+            except ForwardModeUnsafe:
                 return _reverse_over_reverse(problem, t)
 
         return _linear_in_tangent(product, v, has_aux)
 
-    return hvp_fn
+    return Transformed(hvp_fn, f, "hvp", signature_of(f, tangent="v"))
 
 
 def _operator_product(op: Any, problem: Problem, v: Any) -> Any:
@@ -171,13 +186,12 @@ def _curvature_vp(curvature: str, name: str, f: Callable[..., Any], argnums: Any
             out = _linear_in_tangent(product, v, has_aux)
         return _sharded.export_tree(layout, out)
 
-    @functools.wraps(f)
     @per_example_hints
     @per_call(f, name)
     def vp_fn(*args_and_v: Any, **kwargs: Any) -> Any:
         return run(args_and_v, kwargs)
 
-    return vp_fn
+    return Transformed(vp_fn, f, name, signature_of(f, tangent="v"))
 
 
 def ggn_vp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = False) -> Callable[..., Any]:

@@ -15,7 +15,6 @@ solved together.
 
 from __future__ import annotations
 
-import functools
 import sys
 import warnings
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple
@@ -27,6 +26,7 @@ from .. import _checks, tree
 from ..estimators import solvers
 from ..estimators.registry import check_random_source
 from ..problem import Problem
+from ..transformed import Transformed, signature_of
 from . import preconditioners as _preconditioners
 from ._core import check_common
 from .linear_operator import CurvatureOperator, check_damping, curvature_operator
@@ -203,7 +203,6 @@ def solve(
         raise TypeError(f"progress must be a bool or None, got {type(progress).__name__}")
     _checks.check_chunk_size(chunk_size)
 
-    @functools.wraps(f)
     def solve_fn(*args_and_v: Any, **kwargs: Any) -> Any:
         args, v = _split_call(args_and_v)
         problem = Problem(f, argnums, has_aux, args, kwargs)
@@ -240,7 +239,7 @@ def solve(
         x_tree = tree.unflatten(problem.spec, x)
         return problem.result((x_tree, info) if return_info else x_tree)
 
-    return solve_fn
+    return Transformed(solve_fn, f, "solve", signature_of(f, tangent="v"))
 
 
 def _warn(out: solvers.SolveResult, tol: float, solver: solvers.Solver, n: int, dtype: torch.dtype,

@@ -28,7 +28,6 @@ same vectors) or ``"different"``.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -46,6 +45,8 @@ from ..operators import make_operator
 from ..operators import sharded as _sharded
 from ..operators.dataset import call_generator
 from ..problem import Problem
+from ..results import with_engine
+from ..transformed import Transformed, signature_of
 from ._core import check_common
 from .hints import per_example_hints
 from ..progress import per_call
@@ -177,7 +178,6 @@ def eigenvalues(
     check_eigen_options(k, which, num_iterations, tol)
     check_reorthogonalize(reorthogonalize)
 
-    @functools.wraps(f)
     @per_example_hints
     @per_call(f, "eigenvalues")
     def eigenvalues_fn(*args: Any, **kwargs: Any) -> Any:
@@ -229,7 +229,7 @@ def eigenvalues(
             raise
         return problem.result((values, vectors) if return_eigenvectors else values)
 
-    return eigenvalues_fn
+    return Transformed(eigenvalues_fn, f, "eigenvalues", signature_of(f))
 
 
 def spectral_density(
@@ -302,7 +302,6 @@ def spectral_density(
     check_slq_options(num_probes, num_iterations, chunk_size)
     check_reorthogonalize(reorthogonalize)
 
-    @functools.wraps(f)
     @per_example_hints
     @per_call(f, "spectral density")
     def spectral_density_fn(*args: Any, **kwargs: Any) -> Any:
@@ -317,8 +316,8 @@ def spectral_density(
             op = _sharded.sharded_view(op, layout)
 
         def run(o, m: Optional[int]) -> SpectralDensity:
-            return stochastic_lanczos_quadrature(o, num_probes, m, generator=gen, chunk_size=chunk_size,
-                                                 reorthogonalize=reorthogonalize)
+            return with_engine(stochastic_lanczos_quadrature(o, num_probes, m, generator=gen, chunk_size=chunk_size,
+                                                             reorthogonalize=reorthogonalize), "generic")
 
         if per_leaf:
             densities = []
@@ -333,4 +332,4 @@ def spectral_density(
             result = run(op, num_iterations)
         return problem.result(result)
 
-    return spectral_density_fn
+    return Transformed(spectral_density_fn, f, "spectral_density", signature_of(f))

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from ..jet import Jet, JetTensor, UncoveredOperation, arg_leaves, lazy, make_jet, map_args, op_name, stored_numel
+from ..jet import Jet, JetTensor, UncoveredOperation, arg_leaves, lazy, make_jet, map_args, stored_numel
+from ..registry import op_name
 
 __all__ = [
     "is_jet", "primal", "traced", "find_trace", "has_jet", "sum_sq", "align", "shift_dim", "zeros_like_const",

@@ -81,14 +81,15 @@ def _check_plain(model: nn.Module) -> None:
 def functional_call_diag(model: nn.Module, output: Any, spec: LossSpec, values: Dict[str, Tensor], inputs: Any,
                          targets: Any, wanted: Set[str], trace: bool, *, kind: str,
                          factor_chunk_size: Optional[int] = None, loss_fn: Any = None, mc_samples: int = 1,
-                         generator: Optional[torch.Generator] = None) -> Any:
+                         generator: Optional[torch.Generator] = None, check_only: bool = False) -> Any:
     """The structured diagonal (``{qualified name: tensor}``) or trace of ``model`` on its traced graph.
 
     ``values`` maps every parameter and buffer name of ``model`` to the tensor to
     use, ``wanted`` the names to differentiate; ``output`` is the
     ``output=`` of the :class:`~secorder.FunctionalLoss`. Raises
     :class:`Unsupported` when the model cannot be traced or an operation of the
-    graph has no rule.
+    graph has no rule. With ``check_only`` (what :func:`secorder.explain` runs), it
+    traces and plans the graph, which is where it declines, and returns ``None``.
     """
     if torch.compiler.is_compiling():
         # Dynamo does not trace through torch.fx graph objects (Graph.nodes is skipped): decline, so that
@@ -100,6 +101,8 @@ def functional_call_diag(model: nn.Module, output: Any, spec: LossSpec, values: 
     probes = [torch.empty(0) for _ in range(t.out_spec.num_leaves)]
     index = _output_index(t, output, probes)
     p = _sweep.plan(t, set(wanted), index, kind == "hessian")
+    if check_only:
+        return None
     return _sweep.run(p, spec, values, inputs, targets, set(wanted), trace, kind=kind,
                       factor_chunk_size=factor_chunk_size, loss_fn=loss_fn, mc_samples=mc_samples,
                       generator=generator)

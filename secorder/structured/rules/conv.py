@@ -39,7 +39,7 @@ from ..jacobians import Columns, Jacobian
 from ..registry import register_rule
 from ..rule import Rule
 
-__all__ = ["ConvRule", "ConvState", "unfold", "transposed_patches"]
+__all__ = ["ConvRule", "ConvState", "unfold"]
 
 # module type: (spatial dims, transposed)
 _KINDS = {
@@ -90,7 +90,21 @@ def _insert_zeros(x: Tensor, dim: int, stride: int) -> Tensor:
 
 def _transposed_windows(x: Tensor, kernel: Tuple[int, ...], stride: Tuple[int, ...], padding: Tuple[int, ...],
                         output_padding: Tuple[int, ...], dilation: Tuple[int, ...]) -> Tensor:
-    """:func:`transposed_patches` in reversed kernel order (``flip(2)`` of it, without the copy)."""
+    """The patches of a transposed convolution, ``[N, C, *S]`` to ``[N, C, prod(kernel), P]``, in reversed kernel order.
+
+    A transposed convolution is the convolution, with stride 1 and the kernel
+    flipped, of its input with ``stride - 1`` zeros inserted between entries and
+    ``dilation * (kernel - 1) - padding`` added on each side (plus the output
+    padding on the far side): its patches are that input's windows. They are
+    returned in reversed kernel order, which the rule reads against the flipped
+    kernel without a copy.
+
+    Example:
+        >>> x = torch.tensor([[[1., 2.]]])
+        >>> _transposed_windows(x, (2,), (2,), (0,), (0,), (1,)).flip(2)
+        tensor([[[[1., 0., 2., 0.],
+                  [0., 1., 0., 2.]]]])
+    """
     d = len(kernel)
     for i in range(d):
         x = _insert_zeros(x, 2 + i, stride[i])
@@ -99,25 +113,6 @@ def _transposed_windows(x: Tensor, kernel: Tuple[int, ...], stride: Tuple[int, .
         edge = dilation[i] * (kernel[i] - 1) - padding[i]
         pads += [edge, edge + output_padding[i]]
     return _windows(F.pad(x, pads), kernel, (1,) * d, dilation)
-
-
-def transposed_patches(x: Tensor, kernel: Tuple[int, ...], stride: Tuple[int, ...], padding: Tuple[int, ...],
-                       output_padding: Tuple[int, ...], dilation: Tuple[int, ...]) -> Tensor:
-    """The patches of a transposed convolution: ``[N, C, *S]`` to ``[N, C, prod(kernel), P]``.
-
-    A transposed convolution is the convolution, with stride 1 and the kernel
-    flipped, of its input with ``stride - 1`` zeros inserted between entries and
-    ``dilation * (kernel - 1) - padding`` added on each side (plus the output
-    padding on the far side): its patches are that input's windows, in reversed
-    kernel order.
-
-    Example:
-        >>> x = torch.tensor([[[1., 2.]]])
-        >>> transposed_patches(x, (2,), (2,), (0,), (0,), (1,))
-        tensor([[[[1., 0., 2., 0.],
-                  [0., 1., 0., 2.]]]])
-    """
-    return _transposed_windows(x, kernel, stride, padding, output_padding, dilation).flip(2)
 
 
 @dataclass

@@ -20,7 +20,7 @@ rule by subclassing it and overriding :meth:`ParallelRule.bodies`,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -30,10 +30,7 @@ from ..columns import add_columns, column_form, narrow
 from ..curvature import Curvature
 from ..errors import Unsupported
 from ..registry import register_rule
-from ..rule import BlockRule
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..backprop import Sweep
+from ..rule import BlockRule, Sweep
 
 __all__ = ["ParallelRule", "ParallelState"]
 

@@ -10,7 +10,7 @@ output curvature, as explicit columns ``B``, goes through the body to give
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -19,10 +19,7 @@ from ..columns import add_columns, column_form
 from ..curvature import Curvature
 from ..errors import Unsupported
 from ..registry import register_rule
-from ..rule import BlockRule
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..backprop import Sweep
+from ..rule import BlockRule, Sweep
 
 __all__ = ["ResidualRule", "ResidualState"]
 
