@@ -92,18 +92,39 @@ def _plain(x: Any) -> Any:
     return x
 
 
+class _WithState(nn.Module):
+    """``model`` called through ``functional_call`` with ``state`` (running statistics set to ``None``)."""
+
+    def __init__(self, model: nn.Module, state: Dict[str, Any]):
+        super().__init__()
+        self.m = model
+        self._state = state
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self.m, self._state, args, kwargs)
+
+
+def _unprefixed(target: str, wrapped: Any) -> str:
+    return target[2:] if wrapped and target.startswith("m.") else target
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
     import time
 
     from ...modules import _batch_statistics, _module_lock
 
     args, kwargs = pytree.tree_map(_plain, (args, kwargs))
+    # Training-mode batch norms trace with their running statistics set to None through functional_call's
+    # state (batch statistics, no update: aten._native_batch_norm_legit.no_stats); the module's attributes
+    # are never changed. The wrapper adds the prefix "m." to every name, taken off below.
+    none_state = _batch_statistics(model, {})
+    target = _WithState(model, none_state) if none_state else model
     start = time.perf_counter()
     try:
         # Outside any torch.func level (inside vmap the exporter would see batched dispatch and decompose
         # linear into t/addmm); the example tensors are plain (see _plain).
-        with _module_lock(model), _batch_statistics(model), torch.no_grad(), torch._C._DisableFuncTorch():
-            ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+        with _module_lock(model), torch.no_grad(), torch._C._DisableFuncTorch():
+            ep = torch.export.export(target, tuple(args), dict(kwargs), strict=False)
             ep = ep.run_decompositions({})
     except Exception as err:  # the exporter's reason, whatever it raises
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -116,9 +137,9 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
     for spec in ep.graph_signature.input_specs:
         name = spec.arg.name
         if spec.kind == InputKind.PARAMETER:
-            kinds[name] = ("parameter", spec.target)
+            kinds[name] = ("parameter", _unprefixed(spec.target, none_state))
         elif spec.kind == InputKind.BUFFER:
-            kinds[name] = ("buffer", spec.target)
+            kinds[name] = ("buffer", _unprefixed(spec.target, none_state))
         elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
             kinds[name] = ("constant", ep.constants[spec.target])
         elif spec.kind == InputKind.USER_INPUT:
@@ -196,6 +217,8 @@ def where(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
         path, cls = list(stack.values())[-1]
+        if len(stack) > 1 and str(list(stack.values())[0][1]).endswith("_WithState"):  # the batch-statistics wrapper
+            path = path[2:] if path.startswith("m.") else ("" if path == "m" else path)
         cls_name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
         parts.append(f"in module {path or '<root>'!r} ({cls_name})")
     frames = _FRAME.findall(node.meta.get("stack_trace") or "")
