@@ -85,6 +85,19 @@ params = so.params_dict(vit)
     ("huggingface.rst", "per_example = torch.func.vmap("): """
 f, params, inputs, targets = gpt2
 """,
+    ("huggingface.rst", "with so.slow_path.settings(progress=True):"): """
+slow_model = nn.Sequential(nn.Linear(4, 8), nn.GroupNorm(2, 8), nn.Linear(8, 3))  # no structured rule
+saved = (f, params, inputs, targets)
+f, params = so.functional_loss(slow_model, nn.CrossEntropyLoss()), so.params_dict(slow_model)
+inputs, targets = torch.randn(6, 4), torch.randint(0, 3, (6,))
+""",
+}
+
+#: (page, a line of the block) -> code run just after that block.
+AFTER = {
+    ("huggingface.rst", "with so.slow_path.settings(progress=True):"): """
+f, params, inputs, targets = saved
+""",
 }
 
 #: (page, a line of the block) -> why it does not run here (it is compiled all the same).
@@ -151,11 +164,14 @@ def test_page_code_blocks_run(page, tmp_path, monkeypatch):
             exec(code, namespace)
         except Exception as exc:
             raise AssertionError(f"docs/{name}:{line}: the code block raised {type(exc).__name__}: {exc}") from exc
+        after = _match(AFTER, name, source)
+        if after is not None:
+            exec(compile(after, f"AFTER docs/{name}:{line}", "exec"), namespace)
 
 
 def test_not_run_blocks_exist():
     """Every entry of NOT_RUN / BEFORE names a block that is still on its page (no stale exemptions)."""
-    for table in (NOT_RUN, BEFORE):
+    for table in (NOT_RUN, BEFORE, AFTER):
         for page, line in table:
             sources = [s for _, s in python_blocks((DOCS / page).read_text(encoding="utf-8"))]
             assert any(line in s for s in sources), (page, line)

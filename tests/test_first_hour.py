@@ -257,14 +257,16 @@ def _count_bars(monkeypatch):
     return made
 
 
-@pytest.mark.parametrize("transform", ["eigenvalues", "spectral_density", "trace_estimate", "ggn_diag"])
+# hessian_diag on the generic path: one pass per chunk of columns (the GGN's exact diagonal now takes one pass
+# of loss-factor VJPs, issue 20)
+@pytest.mark.parametrize("transform", ["eigenvalues", "spectral_density", "trace_estimate", "hessian_diag"])
 def test_one_bar_per_call_on_a_terminal(monkeypatch, transform):
     F, p = _dataset_problem(True)
     made = _count_bars(monkeypatch)
     err = _Terminal()
     options = {"eigenvalues": dict(k=1, num_iterations=6, seed=0), "spectral_density": dict(num_probes=2,
                num_iterations=4, seed=0, chunk_size=1), "trace_estimate": dict(num_samples=4, chunk_size=1, seed=0),
-               "ggn_diag": dict(engine="generic", chunk_size=5)}[transform]
+               "hessian_diag": dict(engine="generic", chunk_size=5)}[transform]
     with contextlib.redirect_stderr(err):
         getattr(so, transform)(F, **options)(p)
     assert len(made) == 1, made  # before: one bar per pass (per Lanczos step, per probe chunk)

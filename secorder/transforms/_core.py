@@ -164,7 +164,12 @@ def explain_request(request: Request, name: str, f: Callable[..., Any], args: tu
             except TypeError:
                 sweeps = None
         return Explanation(name, route.engine, route.reason, 0, sweeps)
-    return Explanation(name, route.engine, route.reason, 0 if request.curvature.own_diagonal else n, 0)
+    # The GGN and both Fishers of a model/loss split have an exact diagonal of their own (loss-factor VJPs,
+    # secorder.operators.factor_diagonal, issue 20): no curvature products. Which of its routes runs (and
+    # whether a custom loss without a factor falls back to one-hot columns) is known at the call; the
+    # call's last_fallback_reason then adds it after this reason.
+    own = request.curvature.own_diagonal or request.curvature.needs_split
+    return Explanation(name, route.engine, route.reason, 0 if own else n, 0)
 
 
 def eager_under_compile(fn: Callable) -> Callable:

@@ -76,6 +76,12 @@ def _check_plain(model: nn.Module) -> None:
         raise Unsupported("global module hooks are registered")
     for name, m in model.named_modules():
         check_plain(m, f"module {name or '<root>'!r}")
+        if m.training and isinstance(m, (nn.modules.dropout._DropoutNd, nn.RReLU)) and getattr(m, "p", 1.0) != 0:
+            # A random model is not traced: its masks differ per call (the generic path replays one per call),
+            # and torch.export saves and restores the global RNG while it traces, which would repeat the
+            # random draws of another thread made meanwhile.
+            raise Unsupported(f"module {name or '<root>'!r} ({type(m).__name__}) draws random numbers in "
+                              "training mode")
 
 
 def functional_call_diag(model: nn.Module, output: Any, spec: LossSpec, values: Dict[str, Tensor], inputs: Any,
