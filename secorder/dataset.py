@@ -577,8 +577,9 @@ class DatasetLoss:
         num = 0
         failed: Optional[BaseException] = None
         declined: Optional[BaseException] = None
+        passes = self.batches(device, what, call)
         try:
-            for batch in self.batches(device, what, call):
+            for batch in passes:
                 parts = list(contribute(batch))
                 if isinstance(batch.count, Tensor):  # a mean over no terms adds nothing (PyTorch's is nan there)
                     parts = [self._zero_if_empty(batch, p) for p in parts]
@@ -600,6 +601,8 @@ class DatasetLoss:
             if self.group is None:
                 raise
             failed = err
+        finally:
+            passes.close()  # now, not when a kept traceback frees it: the pass's progress closes with it
         if acc is None:
             acc = [torch.zeros_like(t) for t in templates]
         if self.group is None:

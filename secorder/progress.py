@@ -72,6 +72,7 @@ class CallProgress:
     def __init__(self, desc: str, how: str, *, total: Optional[int] = None, unit: str = "it"):
         self.desc, self.how, self.total, self.unit = desc, how, total, unit
         self.count = 0
+        self.closed = False
         self.steps = 0
         self.batches = 0
         self._batch_in_pass = 0
@@ -127,6 +128,9 @@ class CallProgress:
 
     def close(self) -> None:
         """Close the bar, or write the last line."""
+        if self.closed:
+            return
+        self.closed = True
         if self._bar is not None:
             self._bar.refresh()
             self._bar.close()
@@ -140,8 +144,13 @@ class CallProgress:
 
 
 def current() -> Optional[CallProgress]:
-    """The call progress open in this thread, or ``None``."""
-    return getattr(_state, "bar", None)
+    """The call progress open in this thread, or ``None``.
+
+    A pass abandoned by an exception may keep its generator (and so its progress)
+    alive until the traceback is freed; a closed one no longer counts as open.
+    """
+    bar = getattr(_state, "bar", None)
+    return None if bar is None or bar.closed else bar
 
 
 @contextlib.contextmanager
@@ -161,7 +170,8 @@ def call(desc: str, enabled: Optional[bool], *, total: Optional[int] = None,
     try:
         yield bar
     finally:
-        _state.bar = None
+        if getattr(_state, "bar", None) is bar:
+            _state.bar = None
         bar.close()
 
 

@@ -345,3 +345,19 @@ def test_cli_shows_warnings_of_a_failed_run():
     lines = run.err.strip().splitlines()
     assert "secorder: warning: the exact path takes one product per parameter here (test warning)" in lines
     assert any(line.startswith("secorder: error: --model") for line in lines)
+
+
+def test_a_failed_pass_leaves_no_stale_progress(monkeypatch):
+    """A pass that raises closes its progress at once (not when its traceback is freed): the next call gets a bar."""
+    import secorder.progress as progress
+
+    F, p = _dataset_problem(True)
+    bad = so.dataset_loss(lambda *a: torch.ones(2), F.data, progress=True)  # not a scalar: fails on batch 0
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        with pytest.raises(TypeError) as kept:  # the traceback (and the failed pass's frame) stays alive here
+            bad(p)
+        assert progress.current() is None
+        so.eigenvalues(F, k=1, num_iterations=3, seed=0)(p)
+    assert kept.value is not None
+    assert err.getvalue().splitlines()[-1].startswith("secorder: eigenvalues: done, ")

@@ -106,9 +106,13 @@ def _single(problem: Problem, opts: Options, ekfac: bool, generator: Optional[to
 
 
 def _first_batch(F: DatasetLoss, device: torch.device) -> Optional[Batch]:
-    for batch in F.batches(device, "K-FAC: the layers"):
-        return batch
-    return None
+    passes = F.batches(device, "K-FAC: the layers")
+    try:
+        for batch in passes:
+            return batch
+        return None
+    finally:
+        passes.close()  # the pass (and its progress) ends here, at its first batch
 
 
 _FIELDS_PER_LEAF = 8  # role, layer, d_out, d_in, kind, out_first, calls, (unused)
