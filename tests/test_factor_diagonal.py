@@ -366,3 +366,28 @@ def test_one_unbatched_sample_takes_the_full_batch():
         got = op.diagonal(None)
         assert "full-batch" in op.diagonal.route and "no batch dimension" in op.diagonal.route
         _close(got, _one_hot(op))
+
+
+class _Centred(nn.Module):
+    """Samples interact in the model's own code (centred over the batch): no layer type gives it away."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        return h - h.mean(0)
+
+
+def test_a_module_that_mixes_samples_is_caught_by_its_outputs():
+    torch.manual_seed(0)
+    model = _Centred().to(D)
+    f = so.functional_loss(model, nn.MSELoss())
+    params, x, y = so.params_dict(model), torch.randn(4, 3, dtype=D), torch.randn(4, 2, dtype=D)
+    for curvature in CURVATURES:
+        op = _operator(curvature, f, params, x, y)
+        got = op.diagonal(None)
+        assert "full-batch" in op.diagonal.route and "samples interact" in op.diagonal.route
+        _close(got, _one_hot(op))
+    _close(_operator("ggn", f, params, x, y).diagonal(None), _dense_ggn(f, params, x, y))
