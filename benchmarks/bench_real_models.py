@@ -26,9 +26,11 @@ divided by the warm time of one ``torch.func.grad`` of the same ``f`` in the sam
 The peers get the model wrapped to take a tensor and return the logits (curvlinops
 3.0.1 also takes dict inputs; the wrapper keeps both peers on one code path).
 
-Run: ``python -m benchmarks.bench_real_models`` (
-``--row=ResNet`` or ``--row=GPT-2``; ``--repeat=R`` rounds, interleaved, each case
-keeping its fastest; ``--quick``: 3 warm calls, 2 rounds).
+Run: ``python -m benchmarks.bench_real_models`` (``--row=ResNet`` or ``--row=GPT-2``;
+``--repeat=R`` rounds, interleaved, each case keeping its fastest; ``--quick``: 3 warm
+calls, 2 rounds). The unit, one gradient, is measured first and last in every round
+with 20 warm calls (the median of a call of tens of milliseconds is the noisiest
+number on a shared machine), its fastest kept.
 """
 
 from __future__ import annotations
