@@ -319,3 +319,75 @@ def test_zoo_bert_in_training_mode_keeps_one_dropout_draw():
     got = op.diagonal(None)
     assert "full-batch" in op.diagonal.route and "Dropout" in op.diagonal.route
     _close(got, _one_hot(op), rtol=1e-8)
+
+
+def _target_cases():
+    torch.manual_seed(1)
+    soft = torch.softmax(torch.randn(4, 3, dtype=D), dim=1)
+    ignored = torch.tensor([0, -100, 2, 1])
+    tokens = torch.randint(0, 3, (4, 5))
+    tokens[0, 1] = -100
+    return {
+        "probability targets": (nn.CrossEntropyLoss(), soft, lambda h: h),
+        "ignored targets": (nn.CrossEntropyLoss(), ignored, lambda h: h),
+        "per-position logits [N, C, T]": (nn.CrossEntropyLoss(reduction="sum"), tokens,
+                                          lambda h: h.unsqueeze(-1).expand(-1, -1, 5) * torch.arange(1., 6, dtype=D)),
+        "MSE on [N, 3, 2] outputs": (nn.MSELoss(), torch.randn(4, 3, 2, dtype=D),
+                                     lambda h: h.unsqueeze(-1) * torch.tensor([1., -2.], dtype=D)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_target_cases()))
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_targets_and_output_shapes(case, curvature):
+    loss_fn, y, head = _target_cases()[case]
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 3)).to(D)
+    model = lambda p, x: head(torch.func.functional_call(net, p, (x,)))
+    f = so.functional_loss(model, loss_fn)
+    params, x = so.params_dict(net), torch.randn(4, 2, dtype=D)
+    op = _operator(curvature, f, params, x, y)
+    got = op.diagonal(2)
+    assert "per-sample (vmap)" in op.diagonal.route
+    _close(got, _one_hot(op))
+    if curvature == "ggn":
+        _close(got, _dense_ggn(f, params, x, y))
+
+
+def test_one_unbatched_sample_takes_the_full_batch():
+    """Cross-entropy on one sample's logits ``[C]`` and a 0-dim target: a batch of one, no batch dimension."""
+    torch.manual_seed(0)
+    model = lambda p, x: torch.tanh(x @ p["w"]) @ p["v"]
+    params = {"w": torch.randn(3, 4, dtype=D), "v": torch.randn(4, 5, dtype=D)}
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    x, y = torch.randn(3, dtype=D), torch.tensor(2)
+    for curvature in CURVATURES:
+        op = _operator(curvature, f, params, x, y)
+        got = op.diagonal(None)
+        assert "full-batch" in op.diagonal.route and "no batch dimension" in op.diagonal.route
+        _close(got, _one_hot(op))
+
+
+class _Centred(nn.Module):
+    """Samples interact in the model's own code (centred over the batch): no layer type gives it away."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        return h - h.mean(0)
+
+
+def test_a_module_that_mixes_samples_is_caught_by_its_outputs():
+    torch.manual_seed(0)
+    model = _Centred().to(D)
+    f = so.functional_loss(model, nn.MSELoss())
+    params, x, y = so.params_dict(model), torch.randn(4, 3, dtype=D), torch.randn(4, 2, dtype=D)
+    for curvature in CURVATURES:
+        op = _operator(curvature, f, params, x, y)
+        got = op.diagonal(None)
+        assert "full-batch" in op.diagonal.route and "samples interact" in op.diagonal.route
+        _close(got, _one_hot(op))
+    _close(_operator("ggn", f, params, x, y).diagonal(None), _dense_ggn(f, params, x, y))

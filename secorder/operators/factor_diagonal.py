@@ -12,9 +12,10 @@ takes one of three routes, tried in this order, and says which ran
    its VJP ``vmap``-ed over the factor columns. About ``K`` full-batch gradients of
    work in all. Needs the batch to be splittable: the differentiated argument is
    ``params`` alone; every tensor in the inputs has the batch as its leading
-   dimension; the model is an ``nn.Module`` with no batch-statistics layer
-   (``BatchNorm``) in training mode, or a model function whose per-sample outputs
-   equal its batched ones (checked once, with a host sync).
+   dimension; no ``BatchNorm`` in training mode; and the per-sample outputs (which
+   the route computes anyway) equal the batched ones, checked on the first chunk with
+   one host sync (a model whose own code mixes the samples fails it; under an outer
+   ``vmap``, where nothing can be decided on the host, the full-batch route runs).
 2. ``"per-sample (loop)"``: the same products, one sample at a time in a Python
    loop, where the model's code refuses ``vmap`` (Hugging Face BERT/ViT/ConvNeXt
    write in place into unbatched tensors). Not taken when the refusal is about
@@ -182,26 +183,47 @@ def split_reason(problem: Any, fac: OutputFactor, N: int) -> Optional[str]:
     return _Split(problem, N).reason()
 
 
-def _one_sample(split: _Split, leaves: List[Tensor]) -> Callable:
-    """``(xs, B_n [K, *feat], w_n [K]) -> weighted squared VJPs`` for one sample."""
+def _column_vjps(pull: Callable, B: Tensor) -> List[Tensor]:
+    """One sample's ``J_n^T b`` for its columns ``B`` ``[k, *feat]``: each leaf ``[k, *leaf]``.
 
-    def one(xs: List[Tensor], Bn: Tensor, wn: Tensor) -> List[Tensor]:
-        _, pull = vjp(lambda L: split.output(L, xs), leaves)
-        g = vmap(lambda b: pull(b.unsqueeze(0))[0])(Bn)
-        return _weighted_squares(g, wn)
+    A single column skips the ``vmap`` (a second batching level over the whole backward pass
+    costs the Fishers' one-column diagonals about a third of their time).
+    """
+    if B.shape[0] == 1:
+        return [g.unsqueeze(0) for g in pull(B[0].unsqueeze(0))[0]]
+    return vmap(lambda b: pull(b.unsqueeze(0))[0])(B)
+
+
+def _one_sample(split: _Split, leaves: List[Tensor]) -> Callable:
+    """``(xs, B_n [K, *feat], w_n [K]) -> (weighted squared VJPs, the sample's output)`` for one sample."""
+
+    def one(xs: List[Tensor], Bn: Tensor, wn: Tensor) -> Tuple[List[Tensor], Tensor]:
+        out_n, pull = vjp(lambda L: split.output(L, xs), leaves)
+        return _weighted_squares(_column_vjps(pull, Bn), wn), out_n[0]
 
     return one
 
 
-def _outputs_agree(split: _Split, leaves: List[Tensor], out: Tensor) -> bool:
-    """A model function's per-sample outputs equal its batched ones (one forward, one host sync)."""
-    per = vmap(lambda *xs: split.output(leaves, list(xs)))(*split.batched)
-    per = per.reshape(out.shape)
+class _Mismatch(Exception):
+    """The per-sample outputs differ from the batched ones (or cannot be compared here)."""
+
+
+def _check_outputs(per: Tensor, out: Tensor) -> None:
+    """Raise :class:`_Mismatch` unless ``per`` (samples run one at a time) equals ``out`` (one host sync).
+
+    This is how a split batch proves itself: a model whose samples interact (batch statistics
+    computed in its own code, a mean over the batch) gives other per-sample outputs.
+    """
     eps = torch.finfo(out.dtype).eps
-    return bool(((per - out).abs() <= 16 * eps ** 0.5 * (1 + out.abs().amax())).all())
+    try:
+        ok = bool(((per - out).abs() <= 16 * eps ** 0.5 * (1 + out.abs().amax())).all())
+    except RuntimeError as err:  # under an outer vmap nothing can be decided on the host
+        raise _Mismatch(f"the per-sample outputs cannot be checked here ({str(err).splitlines()[0][:120]})") from None
+    if not ok:
+        raise _Mismatch("the model's per-sample outputs differ from its batched ones (its samples interact)")
 
 
-def per_sample_vmap(split: _Split, leaves: List[Tensor], fac: OutputFactor, pairs: int,
+def per_sample_vmap(split: _Split, leaves: List[Tensor], fac: OutputFactor, out: Tensor, pairs: int,
                     monitor: Optional[ColumnMonitor] = None) -> List[Tensor]:
     one = _one_sample(split, leaves)
     K, N = fac.columns, split.N
@@ -213,13 +235,15 @@ def per_sample_vmap(split: _Split, leaves: List[Tensor], fac: OutputFactor, pair
         B, w = fac.columns_between(k0, min(K, k0 + kc))
         for n0 in range(0, N, ns):
             xs = [x[n0:n0 + ns] for x in xs_all]
-            parts = vmap(one)(xs, B[:, n0:n0 + ns].transpose(0, 1), w[:, n0:n0 + ns].transpose(0, 1))
+            parts, outs = vmap(one)(xs, B[:, n0:n0 + ns].transpose(0, 1), w[:, n0:n0 + ns].transpose(0, 1))
+            if k0 == 0:
+                _check_outputs(outs, out[n0:n0 + ns])
             acc = _add(acc, [p.sum(0) for p in parts])
             _done(monitor, B.shape[0] * xs[0].shape[0])
     return acc
 
 
-def per_sample_loop(split: _Split, leaves: List[Tensor], fac: OutputFactor, pairs: int,
+def per_sample_loop(split: _Split, leaves: List[Tensor], fac: OutputFactor, out: Tensor, pairs: int,
                     monitor: Optional[ColumnMonitor] = None) -> List[Tensor]:
     K, N = fac.columns, split.N
     acc = None
@@ -227,9 +251,10 @@ def per_sample_loop(split: _Split, leaves: List[Tensor], fac: OutputFactor, pair
         B, w = fac.columns_between(k0, min(K, k0 + pairs))
         for n in range(N):
             xs = [x[n] for x in split.batched]
-            _, pull = vjp(lambda L: split.output(L, xs), leaves)
-            g = vmap(lambda b: pull(b.unsqueeze(0))[0])(B[:, n])
-            acc = _add(acc, _weighted_squares(g, w[:, n]))
+            out_n, pull = vjp(lambda L: split.output(L, xs), leaves)
+            if k0 == 0:
+                _check_outputs(out_n[0], out[n])
+            acc = _add(acc, _weighted_squares(_column_vjps(pull, B[:, n]), w[:, n]))
             _done(monitor, B.shape[0])
     return acc
 
@@ -267,14 +292,7 @@ class FactorDiagonal:
             self.route = f"empty factor ({what})"
             return [torch.zeros_like(t) for t in leaves]
         why = split_reason(self.problem, fac, N)
-        if why is None:
-            split = _Split(self.problem, N)
-            if not isinstance(self.problem.f.model, nn.Module):
-                try:
-                    if not _outputs_agree(split, leaves, out):
-                        why = "the model function's per-sample outputs differ from its batched ones"
-                except _RECOVERABLE as err:
-                    why = f"the per-sample outputs could not be checked ({type(err).__name__}: {err})"
+        split = _Split(self.problem, N)
         total = fac.columns * (N if fac.per_sample else 1)
         work = f"{total:,} vector-Jacobian products ({N} sample(s) x {fac.columns:,} factor column(s))"
         alternatives = ("method='hutchinson' (an estimate with an error bar, one product per probe), fewer samples "
@@ -283,18 +301,23 @@ class FactorDiagonal:
                            alternatives=alternatives) as monitor:
             if why is None:
                 try:
-                    result = per_sample_vmap(split, leaves, fac, pairs, monitor)
+                    result = per_sample_vmap(split, leaves, fac, out, pairs, monitor)
                     self.route = f"per-sample (vmap) loss-factor VJPs ({what})"
                     return result
+                except _Mismatch as err:
+                    why = str(err)
                 except _RECOVERABLE as err:
                     why = f"vmap over the samples failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
                     random = _draws_randomness(self.problem.f.model)
                     if random is not None:
                         why = f"{why}, and {random}"
                     elif "randomness" not in str(err):
-                        result = per_sample_loop(split, leaves, fac, pairs, monitor)
-                        self.route = f"per-sample (loop) loss-factor VJPs, as {why} ({what})"
-                        return result
+                        try:
+                            result = per_sample_loop(split, leaves, fac, out, pairs, monitor)
+                            self.route = f"per-sample (loop) loss-factor VJPs, as {why} ({what})"
+                            return result
+                        except _Mismatch as mismatch:
+                            why = f"{why}, and {mismatch}"
             result = full_batch(pullback, fac, tuple(out.shape), N, pairs, monitor)
             self.route = f"full-batch loss-factor VJPs, one per (sample, column), as {why} ({what})"
         return result
