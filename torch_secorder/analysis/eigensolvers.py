@@ -101,7 +101,8 @@ def _solve(op: LeafOperator, k: int, which: str, num_iterations: int, tol: float
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = lanczos_eigenpairs(op, k, which, tol=residual_tol, generator=generator, return_eigenvectors=True,
-                                 max_matvecs=num_iterations, basis_size=basis if basis > k else None)
+                                 max_matvecs=num_iterations, basis_size=basis if basis > k else None,
+                                 reorthogonalize="full")  # as documented here
     for w in caught:
         if issubclass(w.category, RuntimeWarning) and "did not reach" in str(w.message):
             warnings.warn(
