@@ -320,8 +320,32 @@ def test_attention_exact_hessian_declines_with_a_reason(zoo, name):
     _close(got, want)
 
 
-def test_gpt2_declines_naming_the_op(zoo):
+def test_gpt2_tied_embeddings_decline_naming_the_parameter(zoo):
     case = zoo.build("gpt2", batch=2)
     fn = so.diagonal(case.f, curvature="ggn")
-    fn(case.params(), case.inputs, case.targets)
-    assert fn.last_engine == "generic" and "graph walker" in fn.last_fallback_reason
+    got = fn(case.params(), case.inputs, case.targets)
+    assert fn.last_engine == "generic" and "'transformer.wte.weight' is used by 2 operations" in fn.last_fallback_reason
+    _close(got, so.diagonal(case.f, curvature="ggn", engine="generic")(case.params(), case.inputs, case.targets))
+
+
+@pytest.mark.parametrize("kind", ["ggn", "fisher", "empirical_fisher"])
+def test_gpt2_untied_folded_conv1d_split_and_output_callable(zoo, kind):
+    import transformers
+
+    cfg = zoo._text_config(transformers, "gpt2")
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).to(DT).eval()
+    ids = torch.randint(0, zoo.VOCAB, (2, zoo.TOKENS), generator=torch.Generator().manual_seed(1))
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    f = so.functional_loss(model, nn.CrossEntropyLoss(), output=zoo.lm_logits)
+    fn, got, want = _both(kind, f, (so.params_dict(model), {"input_ids": ids}, targets))
+    assert fn.last_engine == "structured", fn.last_fallback_reason
+    _close(got, want)
+
+
+def test_llama_ggn_structured(zoo):
+    case = zoo.build("llama", batch=2)
+    fn, got, want = _both("ggn", case.f, (case.params(), case.inputs, case.targets))
+    assert fn.last_engine == "structured", fn.last_fallback_reason
+    _close(got, want, tol=case.rtol)

@@ -93,6 +93,20 @@ SETTINGS = {
                                                   {"is_causal": True}, [(0,), (1,), (2,)], {}),
     "aten._softmax.default": (lambda: (r(N, 2, 3), -1, False), {}, [(0,)], {}),
     "aten.matmul.default": (lambda: (r(N, 2, 3), r(N, 3, 4)), {}, [(0,), (1,)], {}),
+    "aten.pow.Tensor_Scalar": (lambda: (pos(N, 3), 3), {}, [(0,)], {}),
+    "aten.rsqrt.default": (lambda: (pos(N, 3),), {}, [(0,)], {}),
+    "aten.sqrt.default": (lambda: (pos(N, 3),), {}, [(0,)], {}),
+    "aten.exp.default": (lambda: (r(N, 3),), {}, [(0,)], {}),
+    "aten.log.default": (lambda: (pos(N, 3),), {}, [(0,)], {}),
+    "aten.sin.default": (lambda: (r(N, 3),), {}, [(0,)], {}),
+    "aten.cos.default": (lambda: (r(N, 3),), {}, [(0,)], {}),
+    "aten.reciprocal.default": (lambda: (pos(N, 3),), {}, [(0,)], {}),
+    "aten.erf.default": (lambda: (r(N, 3),), {}, [(0,)], {}),
+    "aten.addmm.default": (lambda: (r(3), r(N, 4), r(4, 3)), {}, [(1,)], {(0,): "bias", (2,): "weight"}),
+    "aten.split.Tensor": (lambda: (r(N, 5, 2), 2, 1), {}, [(0,)], {}),
+    "aten.split_with_sizes.default": (lambda: (r(N, 5), [2, 3], 1), {}, [(0,)], {}),
+    "aten.chunk.default": (lambda: (r(N, 4, 3), 2, -1), {}, [(0,)], {}),
+    "aten.unbind.int": (lambda: (r(N, 2, 3), 1), {}, [(0,)], {}),
     "aten.relu.default": (lambda: (r(N, 3, 2),), {}, [(0,)], {}),
     "aten.tanh.default": (lambda: (r(N, 3, 2),), {}, [(0,)], {}),
     "aten.sigmoid.default": (lambda: (r(N, 3, 2),), {}, [(0,)], {}),
@@ -121,13 +135,22 @@ def _replace(args, slot, value):
     return tuple(out)
 
 
+#: ops with several outputs: each output is bound on its own (the graph walker binds the getitem nodes)
+MULTI = ("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default", "aten.unbind.int")
+
+
 def _bound(name):
     torch.manual_seed(sum(map(ord, name)))
     build, kwargs, live, params = SETTINGS[name]
     args = build()
-    target = _op_of(name)
+    op = _op_of(name)
+    call = None
+    if name in MULTI:  # the last output (not the first: a slot other than the first is checked)
+        call = lambda *a, **k: op(*a, **k)[-1]  # noqa: E731
+    target = call or op
     out = _main(target(*args, **kwargs))
-    meta = Meta(name, args, dict(kwargs), tuple(live), {s: f"p.{loc}" for s, loc in params.items()}, out, N)
+    meta = Meta(name, args, dict(kwargs), tuple(live), {s: f"p.{loc}" for s, loc in params.items()}, out, N,
+                call=call)
     return OP_RULES.get(name).bind(meta), args, kwargs, live, params, target, out
 
 

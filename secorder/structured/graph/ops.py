@@ -71,6 +71,11 @@ class Meta:
     slots holding values that depend on a differentiated parameter, ``params``
     the slots holding parameters or buffers (by qualified name), ``out`` the
     example output and ``N`` the batch size (dimension 0 of every live value).
+    ``folded`` maps the live slots whose value has the batch folded into its
+    first dimension (``[N * r, ...]``, a view such as GPT-2's ``x.view(-1, d)``) to
+    the value's shape with the batch first (the curvature there is kept in that
+    shape); ``call`` is the function evaluated (the ATen op, or a function of it
+    such as one output of ``split``).
     """
 
     target: str
@@ -80,6 +85,8 @@ class Meta:
     params: Dict[Slot, str]
     out: Any
     N: int
+    folded: Dict[Slot, Tuple[int, ...]] = field(default_factory=dict)
+    call: Optional[Callable[..., Any]] = None
 
 
 def slot_value(args: Sequence[Any], slot: Slot) -> Any:
@@ -248,6 +255,9 @@ class LinearOp(OpRule):
         nonlinear: the op is not linear in its live arguments (attention,
             softmax): the GGN and the Fishers run, the exact Hessian declines (no
             residual rule).
+        folds: ``folds(meta)``: the output's shape with the batch first when the
+            op folds the batch into its first dimension (a view ``[N, T, d] ->
+            [N T, d]``), else ``None``.
     """
 
     batch: Callable[[Meta], Optional[str]]
@@ -256,6 +266,7 @@ class LinearOp(OpRule):
     doc: str = ""
     broadcasts: bool = False
     nonlinear: bool = False
+    folds: Optional[Callable[[Meta], Optional[Tuple[int, ...]]]] = None
 
     def bind(self, meta: Meta) -> Bound:
         reason = self.batch(meta)
@@ -283,8 +294,9 @@ class _LinearState:
 class _BoundLinear(Bound):
     def __init__(self, op: LinearOp, meta: Meta):
         self.op, self.meta = op, meta
-        self.target = _op_of(meta.target)
+        self.target = meta.call if meta.call is not None else _op_of(meta.target)
         self.live = meta.live
+        self.out_unfolded = op.folds(meta) if op.folds is not None else None
         if op.bilinear and len(meta.live) > 1:
             self.bilinear_live = True
         else:
@@ -312,3 +324,65 @@ def _op_of(name: str) -> Callable[..., Any]:
     """``"aten.add.Tensor"`` to ``torch.ops.aten.add.Tensor``."""
     ns, op, overload = name.split(".")
     return getattr(getattr(getattr(torch.ops, ns), op), overload)
+
+
+# -- elementwise functions of one live argument ---------------------------------------------------
+
+
+@dataclass
+class ElementwiseOp(OpRule):
+    """``z = phi(x)`` entry by entry (``exp``, ``rsqrt``, ``pow`` by a number...), any other argument constant.
+
+    The Jacobian is ``diag(phi'(x))`` and the exact Hessian's residual
+    ``diag(g * phi''(x))``, both by forward-mode derivatives of the op itself
+    along the all-ones direction (exact for an elementwise function), so one
+    entry needs no formulas. Ops with a closed form in a module rule (``relu``,
+    ``tanh``, ``gelu``...) are :class:`ModuleOp` entries instead.
+    """
+
+    doc: str = ""
+
+    def bind(self, meta: Meta) -> Bound:
+        if meta.live != ((0,),):
+            raise Unsupported("is elementwise in its first argument only; another argument depends on the parameters")
+        x = meta.args[0]
+        if not isinstance(meta.out, Tensor) or tuple(meta.out.shape) != tuple(x.shape):
+            raise Unsupported(f"maps shape {tuple(x.shape)} to {tuple(getattr(meta.out, 'shape', ()))}")
+        if not x.shape or x.shape[0] != meta.N:
+            raise Unsupported(f"on a value of shape {tuple(x.shape)} without the batch first")
+        return _BoundElementwise(_op_of(meta.target))
+
+
+@dataclass
+class _ElementwiseState:
+    x: Tensor
+    d1: Tensor
+    rest: tuple
+    kwargs: Dict[str, Any]
+
+
+class _BoundElementwise(Bound):
+    has_residual = True
+
+    def __init__(self, target: Callable[..., Any]):
+        self.target = target
+
+    def _phi(self, rest: tuple, kwargs: Dict[str, Any]) -> Callable[[Tensor], Tensor]:
+        return lambda t: self.target(t, *rest, **kwargs)
+
+    def forward(self, args: tuple, kwargs: Dict[str, Any]) -> Tuple[Tensor, Any]:
+        x, rest = args[0], tuple(args[1:])
+        z, d1 = torch.func.jvp(self._phi(rest, kwargs), (x,), (torch.ones_like(x),))
+        return z, _ElementwiseState(x, d1, rest, kwargs)
+
+    def jacobians(self, state: Any) -> Dict[Slot, Jacobian]:
+        from ..jacobians import Elementwise
+
+        return {(0,): Elementwise(state.d1, tuple(state.x.shape))}
+
+    def residual(self, state: Any, grad_out: Tensor) -> Optional[Term]:
+        from ..curvature import Diagonal
+
+        phi, ones = self._phi(state.rest, state.kwargs), torch.ones_like(state.x)
+        d2 = torch.func.jvp(lambda t: torch.func.jvp(phi, (t,), (ones,))[1], (state.x,), (ones,))[1]
+        return Diagonal(grad_out * d2)

@@ -76,6 +76,9 @@ class GraphPlan:
     broadcast: Dict[fx.Node, Dict[Slot, Tuple[Tuple[int, ...], Tuple[int, ...]]]]  # slot: (aligned shape, out)
     values: Dict[fx.Node, str]  # wanted parameters used as values: their diagonal is read at the placeholder
     batch_of: Dict[fx.Node, int]  # live node: N (batched) or 1 (shared)
+    unfolded: Dict[fx.Node, Tuple[int, ...]]  # live nodes holding a folded batch: their shape with the batch first
+    synthetic: Dict[fx.Node, Tuple[fx.Node, tuple, Dict[str, Any]]]  # an output of split: (input, args, kwargs)
+    aliases: Dict[str, str]  # another name of a tensor held twice (tied weights): the name params uses
 
 
 def _slots(args: tuple) -> List[Tuple[Slot, Any]]:
@@ -96,9 +99,15 @@ _PLANS: "weakref.WeakKeyDictionary[Any, Dict[Any, GraphPlan]]" = weakref.WeakKey
 _PLAN_LOCK = threading.Lock()
 
 
-def plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) -> GraphPlan:
-    """Decide which nodes are live and bind their rules; :class:`Unsupported` names the op and source line."""
-    key = (frozenset(wanted), output_index, residuals)
+def plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool,
+         aliases: Optional[Dict[str, str]] = None) -> GraphPlan:
+    """Decide which nodes are live and bind their rules; :class:`Unsupported` names the op and source line.
+
+    ``aliases`` maps the other names of a tensor the model holds under several
+    names (tied weights) to the name ``params`` uses.
+    """
+    aliases = dict(aliases or {})
+    key = (frozenset(wanted), output_index, residuals, frozenset(aliases.items()))
     if torch.compiler.is_compiling():  # Dynamo cannot enter a lock; it only reads the cache
         hit = _PLANS.get(traced.graph, {}).get(key)
     else:
@@ -106,11 +115,15 @@ def plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) -
             hit = _PLANS.get(traced.graph, {}).get(key)
     if hit is not None:
         return hit
-    p = _plan(traced, wanted, output_index, residuals)
+    p = _plan(traced, wanted, output_index, residuals, aliases)
     with _PLAN_LOCK:
         _PLANS.setdefault(traced.graph, {})[key] = p
     return p
 
+
+#: Ops returning several outputs of one input: each output (a getitem node) gets the op's rule on its own.
+_SPLITS = (torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.chunk.default,
+           torch.ops.aten.unbind.int)
 
 #: Ops that only check their argument's metadata and return nothing: evaluated, never differentiated.
 _CHECKS = (torch.ops.aten._assert_tensor_metadata.default,)
@@ -126,7 +139,8 @@ def _aligned(shape: Tuple[int, ...], out: Tuple[int, ...]) -> Optional[Tuple[int
     return a
 
 
-def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) -> GraphPlan:
+def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool,
+          aliases: Dict[str, str]) -> GraphPlan:
     graph = traced.graph
     out_node = [n for n in graph.nodes if n.op == "output"][0]
     outputs = pytree.tree_flatten(out_node.args[0])[0]
@@ -146,6 +160,7 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
         if n.op == "placeholder":
             kind, what = traced.placeholders[n.name]
             if kind in ("parameter", "buffer"):
+                what = aliases.get(what, what)
                 param_of[n] = what
                 if kind == "parameter" and what in wanted:
                     live.add(n)
@@ -154,11 +169,14 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
             elif kind == "input":
                 data.add(n)
     for name in wanted:
-        users = [n for n, q in param_of.items() if q == name]
-        if users and len(users[0].users) > 1:
-            raise Unsupported(f"the parameter {name!r} is used by {len(users[0].users)} operations (a tied or "
-                              f"reused weight: its diagonal would need the cross terms between the uses)")
+        uses = sum(len(n.users) for n, q in param_of.items() if q == name)
+        if uses > 1:
+            raise Unsupported(f"the parameter {name!r} is used by {uses} operations (a tied or reused weight: "
+                              f"its diagonal would need the cross terms between the uses)")
     order, rules, slots, alias, broadcast, values = [], {}, {}, {}, {}, {}
+    unfolded: Dict[fx.Node, Tuple[int, ...]] = {}
+    splits: Dict[fx.Node, fx.Node] = {}
+    synthetic: Dict[fx.Node, Tuple[fx.Node, tuple, Dict[str, Any]]] = {}
     for n in graph.nodes:
         if n.op != "call_function":
             continue
@@ -166,6 +184,24 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
         arg_slots = _slots(n.args)
         if any(isinstance(a, fx.Node) and a in data for _, a in arg_slots):
             data.add(n)
+        if n.target is operator.getitem and n.args[0] in splits:
+            src, idx = n.args
+            x = splits[src]
+            rest, kw = tuple(src.args[1:]), dict(src.kwargs)
+            name = str(src.target)
+            rule = OP_RULES.lookup(name)
+            ex = n.meta.get("val")
+            meta = Meta(name, (_example(x),) + rest, kw, ((0,),), {}, ex, batch_of[x],
+                        {(0,): unfolded[x]} if x in unfolded else {},
+                        (lambda t, *a, _i=idx, _f=src.target, **k: _f(t, *a, **k)[_i]))
+            try:
+                bound = rule.bind(meta)
+            except Unsupported as err:
+                raise Unsupported(f"ATen operation {name}{where(src)} {err}") from None
+            live.add(n)
+            rules[n], slots[n], synthetic[n] = bound, [((0,), x)], (x, rest, kw)
+            batch_of[n], ancestors[n] = batch_of[x], ancestors[x]
+            continue
         if n.target is operator.getitem:
             src, idx = n.args
             if src in live:
@@ -186,6 +222,13 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
         rule = OP_RULES.lookup(name)
         if rule is None:
             raise Unsupported(f"the graph walker has no rule for the ATen operation {name}{where(n)}")
+        if n.target in _SPLITS:  # each output is bound on its own (its getitem node), from the input
+            (s0, x0), = live_slots if len(live_slots) == 1 else [(None, None)]
+            if x0 is None or s0 != (0,):
+                raise Unsupported(f"ATen operation {name}{where(n)} splits more than its first argument")
+            splits[n] = x0
+            live.discard(n)  # evaluated as a value; its outputs are the live nodes
+            continue
         ancestors[n] = frozenset().union(*(ancestors[a] for _, a in live_slots))
         weights = rule.parameter_positions()
         params = {s: param_of[a] for s, a in arg_slots if isinstance(a, fx.Node) and a in param_of
@@ -227,8 +270,10 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
                         example[s[0]][s[1]] = expanded
                 broadcast[n] = bslots
             meta = Meta(name, tuple(example), dict(n.kwargs), tuple(s for s, _ in acts),
-                        dict(params), out_val, nb)
+                        dict(params), out_val, nb, {s: unfolded[a] for s, a in acts if a in unfolded})
             bound = rule.bind(meta)
+            if getattr(bound, "out_unfolded", None):
+                unfolded[n] = tuple(bound.out_unfolded)
             if nb == 1 and N != 1 and out_shape[:1] not in ((1,),):
                 raise Unsupported(f"gives shape {out_shape} from values shared by all samples (leading size 1 "
                                   f"expected)")
@@ -255,9 +300,12 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
                 values[a] = param_of[a]
     if target not in live:
         raise Unsupported("the model output does not depend on the differentiated parameters")
+    if target in unfolded:
+        raise Unsupported("the model output keeps the batch folded into its first dimension")
     if batch_of.get(target) != N and N != 1:
         raise Unsupported("the model output does not carry the batch")
-    return GraphPlan(traced, order, live, rules, slots, alias, target, N, broadcast, values, batch_of)
+    return GraphPlan(traced, order, live, rules, slots, alias, target, N, broadcast, values, batch_of, unfolded,
+                     synthetic, aliases)
 
 
 def _shape(a: fx.Node) -> Tuple[int, ...]:
@@ -311,6 +359,7 @@ def forward(p: GraphPlan, values: Dict[str, Tensor], inputs: Any) -> Tuple[Tenso
             continue
         kind, what = p.traced.placeholders[n.name]
         if kind in ("parameter", "buffer"):
+            what = p.aliases.get(what, what)
             if what not in values:
                 raise Unsupported(f"no value for the model tensor {what!r}")
             vals[n] = values[what]
@@ -323,6 +372,11 @@ def forward(p: GraphPlan, values: Dict[str, Tensor], inputs: Any) -> Tuple[Tenso
         if n in p.alias:
             vals[n] = vals[p.alias[n]]
             continue
+        if n in p.synthetic:  # one output of a split, from the split's input
+            x, rest, kw = p.synthetic[n]
+            out, state = p.rules[n].forward((vals[x],) + tuple(rest), kw)
+            vals[n], states[n] = out, state
+            continue
         args, kwargs = _fill(n.args, vals), _fill(n.kwargs, vals)
         if n not in p.live:
             vals[n] = n.target(*args, **kwargs)
@@ -334,7 +388,7 @@ def forward(p: GraphPlan, values: Dict[str, Tensor], inputs: Any) -> Tuple[Tenso
             out, state = p.rules[n].forward(args, kwargs)
         except Unsupported as err:
             raise Unsupported(f"ATen operation {n.target}{where(n)} {err}") from None
-        if out.shape[:1] != (p.batch_of[n],):
+        if n not in p.unfolded and out.shape[:1] != (p.batch_of[n],):
             raise Unsupported(f"ATen operation {n.target}{where(n)} gives shape {tuple(out.shape)} at run time")
         vals[n], states[n] = out, state
     return vals[p.output], states

@@ -37,7 +37,7 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -92,18 +92,33 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
+class _Selected(nn.Module):
+    """``output(model(*args, **kwargs))``: a callable ``output=`` exported with the model."""
+
+    def __init__(self, model: nn.Module, output: Callable[[Any], Any]):
+        super().__init__()
+        self.model, self.output = model, output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output(self.model(*args, **kwargs))
+
+
+_PREFIX = "model."
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, output: Optional[Callable[[Any], Any]] = None) -> Traced:
     import time
 
     from ...modules import _batch_statistics, _module_lock
 
     args, kwargs = pytree.tree_map(_plain, (args, kwargs))
     start = time.perf_counter()
+    target = model if output is None else _Selected(model, output)
     try:
         # Outside any torch.func level (inside vmap the exporter would see batched dispatch and decompose
         # linear into t/addmm); the example tensors are plain (see _plain).
         with _module_lock(model), _batch_statistics(model), torch.no_grad(), torch._C._DisableFuncTorch():
-            ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+            ep = torch.export.export(target, tuple(args), dict(kwargs), strict=False)
             ep = ep.run_decompositions({})
     except Exception as err:  # the exporter's reason, whatever it raises
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -115,10 +130,13 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
 
     for spec in ep.graph_signature.input_specs:
         name = spec.arg.name
+        fqn = spec.target
+        if output is not None and isinstance(fqn, str) and fqn.startswith(_PREFIX):
+            fqn = fqn[len(_PREFIX):]
         if spec.kind == InputKind.PARAMETER:
-            kinds[name] = ("parameter", spec.target)
+            kinds[name] = ("parameter", fqn)
         elif spec.kind == InputKind.BUFFER:
-            kinds[name] = ("buffer", spec.target)
+            kinds[name] = ("buffer", fqn)
         elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
             kinds[name] = ("constant", ep.constants[spec.target])
         elif spec.kind == InputKind.USER_INPUT:
@@ -133,8 +151,11 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
     return Traced(ep.graph, kinds, ep.call_spec.out_spec, seconds)
 
 
-def traced(model: nn.Module, inputs: Any) -> Traced:
+def traced(model: nn.Module, inputs: Any, output: Optional[Callable[[Any], Any]] = None) -> Traced:
     """The exported graph of ``model`` called on ``inputs`` (as :func:`secorder.model_call.model_arguments` passes them).
+
+    With a callable ``output`` (the ``output=`` of :func:`secorder.functional_loss`),
+    the graph is that of ``output(model(...))``; it is cached per callable too.
 
     Cached per model (weakly) and per input structure, shapes, dtypes, devices,
     module set, training flags and tensor shapes (see the module docstring);
@@ -143,14 +164,16 @@ def traced(model: nn.Module, inputs: Any) -> Traced:
     would be needed while ``torch.compile`` is tracing.
     """
     args, kwargs = model_arguments(inputs)
-    key = _key(model, args, kwargs)
+    key = (_key(model, args, kwargs), None if output is None else id(output))
     if torch.compiler.is_compiling():  # Dynamo cannot enter a lock; it only reads the cache
         per_model = _CACHE.get(model)
-        hit = None if per_model is None else per_model.get(key)
+        entry = None if per_model is None else per_model.get(key)
     else:
         with _LOCK:
             per_model = _CACHE.get(model)
-            hit = None if per_model is None else per_model.get(key)
+            entry = None if per_model is None else per_model.get(key)
+    # an output callable is keyed by id: the entry holds a weak reference proving it is the same object
+    hit = entry[0] if entry is not None and (output is None or entry[1]() is output) else None
     if hit is not None:
         if isinstance(hit, Unsupported):
             raise Unsupported(str(hit))
@@ -159,17 +182,24 @@ def traced(model: nn.Module, inputs: Any) -> Traced:
         raise Unsupported("the graph walker cannot export the model while torch.compile traces; "
                           "call the transform once outside torch.compile with these input shapes first")
     try:
-        result: Any = _export(model, args, kwargs)
+        result: Any = _export(model, args, kwargs, output)
     except Unsupported as err:
         result = err
+    try:
+        ref = (lambda: None) if output is None else weakref.ref(output)
+    except TypeError:  # not weakly referenceable: never reused from the cache
+        ref = lambda: _NEVER  # noqa: E731
     with _LOCK:
         per_model = _CACHE.setdefault(model, {})
         if len(per_model) >= _MAX_PER_MODEL:
             per_model.pop(next(iter(per_model)))
-        per_model[key] = result
+        per_model[key] = (result, ref)
     if isinstance(result, Unsupported):
         raise Unsupported(str(result))
     return result
+
+
+_NEVER = object()
 
 
 def cache_size(model: nn.Module) -> int:
