@@ -41,11 +41,11 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import vjp, vmap
+from torch.func import vjp
 
 from ...registry import Registry
 from ..curvature import Curvature, Term

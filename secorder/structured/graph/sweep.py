@@ -46,8 +46,8 @@ from ..errors import Unsupported
 from ..losses import LossSpec, output_curvature, sampled_curvature
 from . import op_rules as _builtin  # noqa: F401 (registers the built-in op rules)
 from .batchwise import Batchwise, add_batchwise, batch_parameter_diagonal
-from .ops import OP_RULES, Bound, Meta, ModuleOp, Slot, _op_of, _replace, slot_value
-from .trace import Traced, flatten_inputs, output_values, where
+from .ops import OP_RULES, Bound, Meta, ModuleOp, Slot, _replace, slot_value
+from .trace import Traced, flatten_inputs, where
 
 __all__ = ["GraphPlan", "plan", "run", "FACTOR_CHUNK_ENTRIES"]
 

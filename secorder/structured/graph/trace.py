@@ -124,6 +124,13 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, output: Optional[Callab
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise Unsupported(f"torch.export could not trace the model: {type(err).__name__}: {first}") from None
     seconds = time.perf_counter() - start
+    if output is not None:  # name modules as the user's model names them, not as the wrapper does
+        for node in ep.graph.nodes:
+            stack = node.meta.get("nn_module_stack")
+            if stack:
+                node.meta["nn_module_stack"] = {
+                    k: ((path[len(_PREFIX):] if path.startswith(_PREFIX) else path), cls)
+                    for k, (path, cls) in stack.items() if path}
     kinds = {}
     user = 0
     from torch.export.graph_signature import InputKind
