@@ -282,12 +282,27 @@ def test_dataset_loss():
     _close(got, so.diagonal(F_, curvature="ggn", engine="generic")(p))
 
 
-def test_under_torch_compile_declines_to_the_generic_path():
+def test_under_torch_compile_fullgraph_once_traced(monkeypatch):
+    from secorder.structured.graph import sweep
+
     f, (p, x, y) = _problem(Functional(torch.tanh), (2, 4, 4), 4, n=3)
-    fn = so.diagonal(f, curvature="ggn")
-    want = fn(p, x, y)
+    want = so.hessian_diag(f, engine="generic")(p, x, y)
+    so.hessian_diag(f)(p, x, y)  # traced for these shapes (export does not run under Dynamo)
+    calls = []
+    real = sweep.forward
+    monkeypatch.setattr(sweep, "forward", lambda *a: calls.append(1) or real(*a))
     torch._dynamo.reset()
-    got = torch.compile(fn, backend="eager")(p, x, y)  # the generic path breaks the graph
+    got = torch.compile(so.hessian_diag(f), backend="eager", fullgraph=True)(p, x, y)
+    assert calls  # Dynamo traced the graph walker's sweep, without a graph break
+    _close(got, want)
+
+
+def test_under_torch_compile_a_new_shape_takes_the_generic_path():
+    f, (p, x, y) = _problem(Functional(torch.tanh), (2, 4, 4), 4, n=3)
+    x2, y2 = x[:2], y[:2]  # never traced eagerly
+    want = so.diagonal(f, curvature="ggn", engine="generic")(p, x2, y2)
+    torch._dynamo.reset()
+    got = torch.compile(so.diagonal(f, curvature="ggn"), backend="eager")(p, x2, y2)  # the generic path breaks
     _close(got, want)
 
 

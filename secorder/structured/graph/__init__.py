@@ -100,11 +100,6 @@ def functional_call_diag(model: nn.Module, output: Any, spec: LossSpec, values: 
     :class:`Unsupported` when the model cannot be traced or an operation of the
     graph has no rule.
     """
-    if torch.compiler.is_compiling():
-        # Dynamo does not trace through torch.fx graph objects (Graph.nodes is skipped): decline, so that
-        # the compiled transform takes the generic path instead of breaking the graph.
-        raise Unsupported("the graph walker does not run under torch.compile (it walks torch.fx nodes, which "
-                          "Dynamo does not trace)")
     _check_plain(model)
     if callable(output):  # exported with the model: the graph's one output is what the loss takes
         t = traced(model, inputs, output)

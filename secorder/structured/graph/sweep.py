@@ -33,7 +33,7 @@ import math
 import operator
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
@@ -79,6 +79,97 @@ class GraphPlan:
     unfolded: Dict[fx.Node, Tuple[int, ...]]  # live nodes holding a folded batch: their shape with the batch first
     synthetic: Dict[fx.Node, Tuple[fx.Node, tuple, Dict[str, Any]]]  # an output of split: (input, args, kwargs)
     aliases: Dict[str, str]  # another name of a tensor held twice (tied weights): the name params uses
+    program: Optional["Program"] = None  # the same, as the sweep runs it
+
+
+class _Ref:
+    """A reference to the value of step ``i`` inside an argument template."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+@dataclass
+class _Step:
+    """One node of the graph as the sweep runs it: plain Python and integers, no ``torch.fx`` objects.
+
+    (Dynamo does not trace ``torch.fx`` graphs; the sweep over steps it does.)
+    """
+
+    i: int
+    name: str
+    kind: str  # "placeholder", "const", "live", "alias", "split_item"
+    target: Any = None
+    args: Any = None
+    kwargs: Any = None
+    rule: Optional[Bound] = None
+    source: Any = None  # placeholder: (kind, what); alias: the step index; split_item: (x index, rest, kwargs)
+    slots: List[Tuple[Slot, int]] = field(default_factory=list)
+    broadcast: Dict[Slot, Tuple[Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=dict)
+    batch: Optional[int] = None  # the leading size the output must have (None: folded, unchecked)
+    where: str = ""
+
+
+@dataclass
+class Program:
+    """The plan as a list of steps (see :class:`_Step`), the output's index and the parameters used as values."""
+
+    steps: List[_Step]
+    output: int
+    values: List[Tuple[int, str, Tuple[int, ...]]]
+    widest: int  # the widest per-sample size of a live value other than the output (factor chunk bound)
+
+
+def _template(args: Any, index: Dict[fx.Node, int]) -> Any:
+    return fx.node.map_arg(args, lambda a: _Ref(index[a]))
+
+
+def _fill_template(t: Any, vals: List[Any]) -> Any:
+    if isinstance(t, _Ref):
+        return vals[t.i]
+    if isinstance(t, tuple):
+        return tuple(_fill_template(a, vals) for a in t)
+    if isinstance(t, list):
+        return [_fill_template(a, vals) for a in t]
+    if isinstance(t, dict):
+        return {k: _fill_template(v, vals) for k, v in t.items()}
+    return t
+
+
+def _program(traced: Traced, order: List[fx.Node], live: Set[fx.Node], rules: Dict[fx.Node, Bound],
+             slots: Dict[fx.Node, List[Tuple[Slot, fx.Node]]], alias: Dict[fx.Node, fx.Node], output: fx.Node,
+             broadcast: Dict[fx.Node, Any], values: Dict[fx.Node, str], batch_of: Dict[fx.Node, int],
+             unfolded: Dict[fx.Node, Any], synthetic: Dict[fx.Node, Any], aliases: Dict[str, str]) -> Program:
+    index: Dict[fx.Node, int] = {}
+    steps: List[_Step] = []
+    for n in traced.graph.nodes:
+        if n.op == "placeholder":
+            kind, what = traced.placeholders[n.name]
+            if kind in ("parameter", "buffer"):
+                what = aliases.get(what, what)
+            index[n] = len(steps)
+            steps.append(_Step(len(steps), n.name, "placeholder", source=(kind, what)))
+    for n in order:
+        i = len(steps)
+        index[n] = i
+        if n in alias:
+            steps.append(_Step(i, n.name, "alias", source=index[alias[n]]))
+        elif n in synthetic:
+            x, rest, kw = synthetic[n]
+            steps.append(_Step(i, n.name, "split_item", rule=rules[n], source=(index[x], tuple(rest), dict(kw)),
+                               slots=[(s, index[a]) for s, a in slots[n]], batch=batch_of[n], where=where(n)))
+        elif n in live:
+            steps.append(_Step(i, n.name, "live", n.target, _template(n.args, index), _template(n.kwargs, index),
+                               rules[n], slots=[(s, index[a]) for s, a in slots[n]],
+                               broadcast=dict(broadcast.get(n, {})),
+                               batch=None if n in unfolded else batch_of[n], where=f"{n.target}{where(n)}"))
+        else:
+            steps.append(_Step(i, n.name, "const", n.target, _template(n.args, index), _template(n.kwargs, index)))
+    widths = [math.prod(_shape(n)[1:]) for n in order if n in rules and n is not output and _shape(n)]
+    return Program(steps, index[output], [(index[a], q, _shape(a)) for a, q in values.items()],
+                   max(widths, default=1))
 
 
 def _slots(args: tuple) -> List[Tuple[Slot, Any]]:
@@ -304,8 +395,10 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool,
         raise Unsupported("the model output keeps the batch folded into its first dimension")
     if batch_of.get(target) != N and N != 1:
         raise Unsupported("the model output does not carry the batch")
+    program = _program(traced, order, live, rules, slots, alias, target, broadcast, values, batch_of, unfolded,
+                       synthetic, aliases)
     return GraphPlan(traced, order, live, rules, slots, alias, target, N, broadcast, values, batch_of, unfolded,
-                     synthetic, aliases)
+                     synthetic, aliases, program)
 
 
 def _shape(a: fx.Node) -> Tuple[int, ...]:
@@ -346,74 +439,64 @@ def _grad_shared(g: Tensor, A: Tuple[int, ...]) -> Tensor:
     return g.sum(dims, keepdim=True) if dims else g
 
 
-def _fill(args: Any, vals: Dict[fx.Node, Any]) -> Any:
-    return fx.node.map_arg(args, lambda a: vals[a])
-
-
-def forward(p: GraphPlan, values: Dict[str, Tensor], inputs: Any) -> Tuple[Tensor, Dict[fx.Node, Any]]:
-    """The model output and each live node's state."""
+def forward(p: GraphPlan, values: Dict[str, Tensor], inputs: Any) -> Tuple[Tensor, List[Any]]:
+    """The model output and each live step's state."""
+    prog = p.program
     flat = flatten_inputs(inputs)
-    vals: Dict[fx.Node, Any] = {}
-    for n in p.traced.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        kind, what = p.traced.placeholders[n.name]
-        if kind in ("parameter", "buffer"):
-            what = p.aliases.get(what, what)
-            if what not in values:
-                raise Unsupported(f"no value for the model tensor {what!r}")
-            vals[n] = values[what]
-        elif kind == "constant":
-            vals[n] = what
+    vals: List[Any] = [None] * len(prog.steps)
+    states: List[Any] = [None] * len(prog.steps)
+    for st in prog.steps:
+        if st.kind == "placeholder":
+            kind, what = st.source
+            if kind in ("parameter", "buffer"):
+                if what not in values:
+                    raise Unsupported(f"no value for the model tensor {what!r}")
+                vals[st.i] = values[what]
+            elif kind == "constant":
+                vals[st.i] = what
+            else:
+                vals[st.i] = flat[what]
+        elif st.kind == "alias":
+            vals[st.i] = vals[st.source]
+        elif st.kind == "const":
+            vals[st.i] = st.target(*_fill_template(st.args, vals), **_fill_template(st.kwargs, vals))
+        elif st.kind == "split_item":  # one output of a split, from the split's input
+            x, rest, kw = st.source
+            vals[st.i], states[st.i] = st.rule.forward((vals[x],) + rest, kw)
         else:
-            vals[n] = flat[what]
-    states: Dict[fx.Node, Any] = {}
-    for n in p.order:
-        if n in p.alias:
-            vals[n] = vals[p.alias[n]]
-            continue
-        if n in p.synthetic:  # one output of a split, from the split's input
-            x, rest, kw = p.synthetic[n]
-            out, state = p.rules[n].forward((vals[x],) + tuple(rest), kw)
-            vals[n], states[n] = out, state
-            continue
-        args, kwargs = _fill(n.args, vals), _fill(n.kwargs, vals)
-        if n not in p.live:
-            vals[n] = n.target(*args, **kwargs)
-            continue
-        for s, (A, O) in p.broadcast.get(n, {}).items():  # a shared value, one copy per sample
-            v = slot_value(args, s)
-            args = _replace(args, [s], [v.reshape(A).expand(O)])
-        try:
-            out, state = p.rules[n].forward(args, kwargs)
-        except Unsupported as err:
-            raise Unsupported(f"ATen operation {n.target}{where(n)} {err}") from None
-        if n not in p.unfolded and out.shape[:1] != (p.batch_of[n],):
-            raise Unsupported(f"ATen operation {n.target}{where(n)} gives shape {tuple(out.shape)} at run time")
-        vals[n], states[n] = out, state
-    return vals[p.output], states
+            args, kwargs = _fill_template(st.args, vals), _fill_template(st.kwargs, vals)
+            for s, (A, O) in st.broadcast.items():  # a shared value, one copy per sample
+                args = _replace(args, [s], [slot_value(args, s).reshape(A).expand(O)])
+            try:
+                out, state = st.rule.forward(args, kwargs)
+            except Unsupported as err:
+                raise Unsupported(f"ATen operation {st.where} {err}") from None
+            if st.batch is not None and out.shape[:1] != (st.batch,):
+                raise Unsupported(f"ATen operation {st.where} gives shape {tuple(out.shape)} at run time")
+            vals[st.i], states[st.i] = out, state
+    return vals[prog.output], states
 
 
 class _Backward:
-    def __init__(self, p: GraphPlan, states: Dict[fx.Node, Any], wanted: Set[str], trace: bool):
-        self.p, self.states, self.wanted, self.trace = p, states, frozenset(wanted), trace
+    def __init__(self, p: GraphPlan, states: List[Any], wanted: Set[str], trace: bool):
+        self.prog, self.states, self.wanted, self.trace = p.program, states, frozenset(wanted), trace
         self.diags: Dict[str, Tensor] = {}
         self.total: Optional[Tensor] = None
-        # nodes some differentiated parameter feeds through live slots: the curvature is needed there
-        self.feeds: Set[fx.Node] = {a for a, q in p.values.items() if q in self.wanted}
-        for n in p.order:
-            if n in p.alias:
-                if p.alias[n] in self.feeds:
-                    self.feeds.add(n)
-            elif n in p.rules and (any(q in self.wanted for q in p.rules[n].parameter_slots.values())
-                                   or any(a in self.feeds for _, a in p.slots[n])):
-                self.feeds.add(n)
+        # steps some differentiated parameter feeds through live slots: the curvature is needed there
+        self.feeds: Set[int] = {i for i, q, _ in self.prog.values if q in self.wanted}
+        for st in self.prog.steps:
+            if st.kind == "alias":
+                if st.source in self.feeds:
+                    self.feeds.add(st.i)
+            elif st.rule is not None and (any(q in self.wanted for q in st.rule.parameter_slots.values())
+                                          or any(a in self.feeds for _, a in st.slots)):
+                self.feeds.add(st.i)
 
-    def _record(self, n: fx.Node, terms: List[Term]) -> None:
-        bound = self.p.rules[n]
+    def _record(self, st: _Step, terms: List[Term]) -> None:
+        bound = st.rule
         if not any(q in self.wanted for q in bound.parameter_slots.values()):
             return
-        state = self.states[n]
+        state = self.states[st.i]
         per_sample = [t for t in terms if not isinstance(t, Batchwise)]
         across = [t for t in terms if isinstance(t, Batchwise)]
         if per_sample:
@@ -438,15 +521,15 @@ class _Backward:
         self.diags[q] = d if q not in self.diags else self.diags[q] + d
 
     def pull(self, terms: List[Term], g: Optional[Tensor], residuals: bool) -> None:
-        p = self.p
-        acc: Dict[fx.Node, Dict[Any, Term]] = {p.output: {("loss", i): t for i, t in enumerate(terms)}}
-        grads: Dict[fx.Node, Tensor] = {p.output: g} if g is not None and residuals else {}
-        for n in reversed(p.order):
-            if n not in self.feeds:
+        prog = self.prog
+        acc: Dict[int, Dict[Any, Term]] = {prog.output: {("loss", i): t for i, t in enumerate(terms)}}
+        grads: Dict[int, Tensor] = {prog.output: g} if g is not None and residuals else {}
+        for st in reversed(prog.steps):
+            if st.i not in self.feeds or st.kind == "placeholder":  # parameters used as values: read below
                 continue
-            here, gn = acc.pop(n, None), grads.pop(n, None)
-            if n in p.alias:
-                src = p.alias[n]
+            here, gn = acc.pop(st.i, None), grads.pop(st.i, None)
+            if st.kind == "alias":
+                src = st.source
                 for tid, t in (here or {}).items():
                     _add(acc.setdefault(src, {}), tid, t)
                 if gn is not None:
@@ -454,15 +537,15 @@ class _Backward:
                 continue
             if not here and gn is None:
                 continue
-            bound, state = p.rules[n], self.states[n]
+            bound, state = st.rule, self.states[st.i]
             if here:
-                self._record(n, list(here.values()))
-            targets = [(s, a) for s, a in p.slots[n] if a in self.feeds]
+                self._record(st, list(here.values()))
+            targets = [(s, a) for s, a in st.slots if a in self.feeds]
             if not targets:
                 continue
             jacs = bound.jacobians(state)
             split = len(targets) > 1
-            shared = p.broadcast.get(n, {})
+            shared = st.broadcast
             for tid, t in (here or {}).items():
                 if split and not isinstance(t, Batchwise):
                     t = column_form(t)
@@ -474,12 +557,12 @@ class _Backward:
                     r = bound.residual(state, gn)
                     if r is not None:
                         (s, a), = targets
-                        _add(acc.setdefault(a, {}), ("residual", n.name), r)
+                        _add(acc.setdefault(a, {}), ("residual", st.i), r)
                 for s, a in targets:
                     ga = jacs[s].t_vector(gn)
                     ga = ga if s not in shared else _grad_shared(ga, shared[s][0])
                     grads[a] = ga if a not in grads else grads[a] + ga
-        for a, q in p.values.items():  # parameters used as values: the curvature there is theirs
+        for a, q, shape in prog.values:  # parameters used as values: the curvature there is theirs
             here = acc.pop(a, None)
             if not here or q not in self.wanted:
                 continue
@@ -487,7 +570,7 @@ class _Backward:
             if self.trace:
                 self._add_total(d.sum())
             else:
-                self._add_diag(q, d.reshape(_shape(a)))
+                self._add_diag(q, d.reshape(shape))
 
 
 def _add(bucket: Dict[Any, Term], tid: Any, t: Term) -> None:
@@ -529,7 +612,7 @@ def run(
     K = oc.columns
     chunk = factor_chunk_size
     if chunk is None:
-        widest = max((math.prod(s.shape[1:]) for s in _live_outputs(p, states, out)), default=1)
+        widest = p.program.widest
         chunk = max(1, FACTOR_CHUNK_ENTRIES // max(1, out.shape[0] * oc.positions * widest))
     step = K if K == 0 else max(1, min(chunk, K))
     starts = list(range(0, K, step)) if K else [0]
@@ -543,13 +626,3 @@ def run(
     if trace:
         return back.total if back.total is not None else torch.zeros((), dtype=out.dtype, device=out.device)
     return back.diags
-
-
-def _live_outputs(p: GraphPlan, states: Dict[fx.Node, Any], out: Tensor) -> List[Tensor]:
-    shapes = []
-    for n in p.order:
-        if n in p.rules and n is not p.output:
-            v = n.meta.get("val")
-            if isinstance(v, Tensor):
-                shapes.append(v)
-    return shapes
