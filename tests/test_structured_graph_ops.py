@@ -242,3 +242,30 @@ def test_parameter_diagonal(name):
         # the same curvature as whole-batch columns: the path taken after a coupling op
         torch.testing.assert_close(batch_parameter_diagonal(pullbacks[f"p.{loc}"], across), want,
                                    rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SETTINGS if callable(getattr(OP_RULES.get(n), "bilinear", None))))
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_joint_residual_of_two_live_arguments(name, broadcast):
+    """The cross term between two live arguments (columns split over them) against the joint float64 Hessian."""
+    torch.manual_seed(3)
+    a, b = r(N, 2, 3), (r(N, 1, 3) if broadcast else r(N, 2, 3))
+    target = _op_of(name)
+    out = target(a, b)
+    meta = Meta(name, (a, b), {}, ((0,), (1,)), {}, out, N)
+    bound = OP_RULES.get(name).bind(meta)
+    bound.cross = True
+    z, state = bound.forward((a, b), {})
+    g = torch.randn_like(z)
+    parts = bound.joint_residual(state, g)
+    fa, fb = parts[(0,)], parts[(1,)]
+    Fa, Fb = a[0].numel(), b[0].numel()
+    B = torch.cat([fa.B.reshape(fa.B.shape[0], N, Fa), fb.B.reshape(fb.B.shape[0], N, Fb)], -1)
+    got = torch.einsum("kn,kni,knj->nij", fa.w, B, B)
+
+    def inner(ab):
+        return (target(ab[:, :Fa].reshape(a.shape), ab[:, Fa:].reshape(b.shape)) * g).sum()
+
+    H = torch.autograd.functional.hessian(inner, torch.cat([a.reshape(N, Fa), b.reshape(N, Fb)], 1))
+    want = torch.stack([H[n, :, n] for n in range(N)])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

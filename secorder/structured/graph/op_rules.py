@@ -23,7 +23,7 @@ from ..jacobians import Jacobian, Reshape, Selection
 from ..rules.batchnorm import BatchNormRule, BatchNormState
 from ..rules.linear import LinearRule
 from .batchwise import BatchJacobian
-from .ops import OP_RULES, Bound, ElementwiseOp, LinearOp, Meta, ModuleOp, OpRule, Slot, _op_of, slot_value
+from .ops import OP_RULES, Bound, ElementwiseOp, product_cross_term, LinearOp, Meta, ModuleOp, OpRule, Slot, _op_of, slot_value
 
 __all__: list = []
 
@@ -190,8 +190,8 @@ OP_RULES.register("aten.cat.default", LinearOp(
 OP_RULES.register("aten.add.Tensor", LinearOp(_keeps_batch, _identity_if_same, broadcasts=True, doc="sum (residual connections)"))
 OP_RULES.register("aten.sub.Tensor", LinearOp(_keeps_batch, _identity_if_same, broadcasts=True, doc="difference"))
 OP_RULES.register("aten.neg.default", LinearOp(_keeps_batch, doc="negation"))
-OP_RULES.register("aten.mul.Tensor", LinearOp(_keeps_batch, bilinear=True, broadcasts=True,
-                                              doc="product (exact Hessian: one live factor)"))
+OP_RULES.register("aten.mul.Tensor", LinearOp(_keeps_batch, bilinear=product_cross_term, broadcasts=True,
+                                              doc="product (exact Hessian: with the cross term of two live factors)"))
 OP_RULES.register("aten.mul.Scalar", LinearOp(_keeps_batch, doc="product with a number"))
 OP_RULES.register("aten.add.Scalar", LinearOp(_keeps_batch, _reshape_jacobian, doc="shift by a number"))
 OP_RULES.register("aten.div.Tensor", LinearOp(

@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Optional, Sequence, Tuple
 
@@ -245,9 +246,12 @@ class LinearOp(OpRule):
         jacobian: optional ``jacobian(meta, slot, values) -> Jacobian`` cheaper
             than the op's ``vjp`` (a reshape, an identity); ``None`` to use the vjp.
         bilinear: the op is linear in each live argument separately but not
-            jointly (``mul`` of two live values): its exact Hessian would need a
-            cross term between the arguments, so the exact Hessian declines when
-            two arguments are live.
+            jointly (``mul`` of two live values): when two live arguments share
+            parameters, the exact Hessian needs the cross term between them:
+            ``bilinear`` is then ``cross(args, g) -> {slot: Term}`` giving it as
+            columns split over the arguments (one set of columns, see
+            :func:`product_cross_term`), or ``True`` when there is no such rule
+            (the exact Hessian declines).
         doc: the docs' one-line description.
         broadcasts: an elementwise op (or ``expand``): a value shared by all
             samples (a parameter such as a position embedding, of leading size 1)
@@ -262,7 +266,7 @@ class LinearOp(OpRule):
 
     batch: Callable[[Meta], Optional[str]]
     jacobian: Optional[Callable[[Meta, Slot, tuple], Optional[Jacobian]]] = None
-    bilinear: bool = False
+    bilinear: Any = False
     doc: str = ""
     broadcasts: bool = False
     nonlinear: bool = False
@@ -297,10 +301,17 @@ class _BoundLinear(Bound):
         self.target = meta.call if meta.call is not None else _op_of(meta.target)
         self.live = meta.live
         self.out_unfolded = op.folds(meta) if op.folds is not None else None
-        if op.bilinear and len(meta.live) > 1:
-            self.bilinear_live = True
-        else:
-            self.bilinear_live = False
+        self.bilinear_live = bool(op.bilinear) and len(meta.live) > 1
+        self.cross_rule = op.bilinear if callable(op.bilinear) else None
+        self.cross = False  # set by the plan when the live arguments share parameters (exact Hessian)
+
+    @property
+    def has_residual(self) -> bool:  # type: ignore[override]
+        return self.cross
+
+    def joint_residual(self, state: "_LinearState", grad_out: Tensor) -> Dict[Slot, Term]:
+        """The exact Hessian's cross term between the live arguments, as columns split over them."""
+        return self.cross_rule(self.live, state.args, grad_out)
 
     def forward(self, args: tuple, kwargs: Dict[str, Any]) -> Tuple[Tensor, Any]:
         live = self.live
@@ -386,3 +397,39 @@ class _BoundElementwise(Bound):
         phi, ones = self._phi(state.rest, state.kwargs), torch.ones_like(state.x)
         d2 = torch.func.jvp(lambda t: torch.func.jvp(phi, (t,), (ones,))[1], (state.x,), (ones,))[1]
         return Diagonal(grad_out * d2)
+
+
+def product_cross_term(live: Sequence[Slot], args: tuple, g: Tensor) -> Dict[Slot, Term]:
+    """The cross term of ``z = a * b`` (broadcast, both depending on the parameters) in the exact Hessian.
+
+    ``sum_i g_i d^2 z_i / (da db)`` couples entry ``alpha(i)`` of ``a`` with entry
+    ``beta(i)`` of ``b`` (the entries broadcast to output ``i``). With
+    ``u_i = e_alpha(i) + e_beta(i)`` and ``v_i = e_alpha(i) - e_beta(i)`` over the pair
+    ``(a, b)``, the symmetric matrix is ``sum_i (g_i / 2)(u_i u_i^T - v_i v_i^T)``:
+    ``2 F`` signed columns per sample (``F`` output entries), which the sweep pulls
+    back along both arguments and adds where they meet.
+
+    Example:
+        >>> import torch
+        >>> a, b, g = torch.ones(1, 2), torch.ones(1, 2), torch.tensor([[3., 5.]])
+        >>> t = product_cross_term([(0,), (1,)], (a, b), g)
+        >>> B = torch.cat([t[(0,)].B, t[(1,)].B], -1)[:, 0]  # the columns over (a, b)
+        >>> ((B * t[(0,)].w[:, :1]).T @ B)[:2, 2:]  # the block d2 / (da db)
+        tensor([[3., 0.],
+                [0., 5.]])
+    """
+    from ..curvature import Factor
+
+    (sa, sb) = live
+    N, out = g.shape[0], tuple(g.shape[1:])
+    F = math.prod(out)
+    E = torch.eye(F, dtype=g.dtype, device=g.device).reshape((F, 1) + out).expand((F, N) + out)
+
+    def to(shape: Tuple[int, ...]) -> Tensor:
+        dims = tuple(2 + j for j in range(len(out)) if shape[1 + j] == 1 and out[j] != 1)
+        return E.sum(dims, keepdim=True) if dims else E
+
+    Ea, Eb = to(tuple(slot_value(args, sa).shape)), to(tuple(slot_value(args, sb).shape))
+    w = g.reshape(N, F).transpose(0, 1) / 2
+    W = torch.cat([w, -w])
+    return {sa: Factor(torch.cat([Ea, Ea]), W), sb: Factor(torch.cat([Eb, -Eb]), W)}

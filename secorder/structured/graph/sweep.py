@@ -377,8 +377,10 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool,
             if residuals and getattr(bound, "bilinear_live", False):
                 sets = [ancestors[a] for _, a in acts]
                 if any(sets[i] & sets[j] for i in range(len(sets)) for j in range(i + 1, len(sets))):
-                    raise Unsupported("multiplies two values that depend on the same parameters (the exact "
-                                      "Hessian's cross term between them has no rule)")
+                    if bound.cross_rule is None or len(acts) != 2 or n in broadcast:
+                        raise Unsupported("multiplies two values that depend on the same parameters (the exact "
+                                          "Hessian's cross term between them has no rule)")
+                    bound.cross = True  # the cross term joins the residuals (product_cross_term)
         except Unsupported as err:
             raise Unsupported(f"ATen operation {name}{where(n)} {err}") from None
         if isinstance(rule, ModuleOp) and rule.output is not None:
@@ -553,7 +555,12 @@ class _Backward:
                     pt = t.pulled(jacs[s])
                     _add(acc.setdefault(a, {}), tid, pt if s not in shared else to_shared(pt, *shared[s]))
             if gn is not None:
-                if bound.has_residual:
+                if bound.has_residual and hasattr(bound, "joint_residual"):  # columns split over the arguments
+                    parts = bound.joint_residual(state, gn)
+                    for s, a in targets:
+                        if s in parts:
+                            _add(acc.setdefault(a, {}), ("residual", st.i), parts[s])
+                elif bound.has_residual:
                     r = bound.residual(state, gn)
                     if r is not None:
                         (s, a), = targets
