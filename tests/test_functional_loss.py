@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import secorder as so
-from secorder.structured.errors import Unsupported
 from tests.reference import assert_tree_close, dense_hessian
 
 DT = torch.float64
@@ -209,28 +208,27 @@ def test_vmap_and_grad_over_dict_inputs():
     assert set(g) == set(params) and all(torch.isfinite(t).all() for t in g.values())
 
 
-def test_structured_engine_declines_forms_it_does_not_follow_with_a_reason():
+def test_structured_engine_follows_output_selections_and_tuple_inputs():
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4)).to(DT)
     u, _, y = _data()
     y3 = y.clamp_max(2)
     params = so.params_dict(seq)
     flat, unravel = so.tree.ravel(params)
-    # output= selecting from a model that the walker would otherwise run: the selection must not be ignored
+    # output= selecting from a model that the module walker would otherwise run: the module walk declines
+    # (the selection must not be ignored) and the graph walker traces the selection with the model
     sliced = so.functional_loss(seq, nn.CrossEntropyLoss(), output=lambda out: out[:, :3])
     ggn, _, _ = _dense_ggn(lambda p: torch.func.functional_call(seq, unravel(p), (u,))[:, :3],
                            lambda o: F.cross_entropy(o, y3), flat)
     tr = so.trace(sliced, curvature="ggn")
     torch.testing.assert_close(tr(params, u, y3), ggn.trace(), rtol=1e-10, atol=1e-12)
-    assert tr.last_engine == "generic" and "output=" in tr.last_fallback_reason
-    with pytest.raises(Unsupported, match="output="):
-        so.trace(sliced, curvature="ggn", engine="structured")(params, u, y3)
-    # a tuple of inputs: the module walker calls model(inputs) on one tensor
+    assert tr.last_engine == "structured", tr.last_fallback_reason
+    # a tuple of inputs: the module walker calls model(inputs) on one tensor; the graph walker takes it
     plain = so.functional_loss(seq, nn.CrossEntropyLoss())
     tr2 = so.trace(plain, curvature="ggn")
     torch.testing.assert_close(tr2(params, (u,), y), so.trace(plain, curvature="ggn", engine="generic")(params, u, y),
                                rtol=1e-10, atol=1e-12)
-    assert tr2.last_engine == "generic" and "one input tensor" in tr2.last_fallback_reason
+    assert tr2.last_engine == "structured", tr2.last_fallback_reason
     # the plain form still runs on the structured engine
     tr3 = so.trace(plain, curvature="ggn")
     tr3(params, u, y)

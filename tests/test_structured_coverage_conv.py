@@ -11,6 +11,7 @@ against ``diag(J^T H J)``. Then models made of them against
 """
 
 import functools
+import re
 
 import pytest
 import torch
@@ -327,13 +328,23 @@ def test_blocks_with_unplanned_parameters_or_merges_decline():
     residual.extra = nn.Linear(3, 3)  # holds parameters the block's rule does not plan
     cases = [(residual, "'0' (Residual) has children its rule does not plan"),
              (Parallel(nn.Identity(), nn.Linear(3, 3), merge_module=Mean()), "only SumModule")]
+    from secorder.structured import walker
+    from secorder.structured.errors import Unsupported
+
     for block, fragment in cases:
         model = nn.Sequential(block, nn.Linear(3, 2)).to(DT)
+        with pytest.raises(Unsupported, match=re.escape(fragment)):  # the module walk declines ...
+            walker.plan(model)
         f = so.functional_loss(model, nn.MSELoss())
         fn = so.ggn_diag(f)
         params = {k: v for k, v in so.params_dict(model).items() if not k.startswith("0.extra")}
-        fn(params, torch.randn(4, 3, dtype=DT), torch.randn(4, 2, dtype=DT))
-        assert fn.last_engine == "generic" and fragment in fn.last_fallback_reason
+        x, y = torch.randn(4, 3, dtype=DT), torch.randn(4, 2, dtype=DT)
+        d = fn(params, x, y)
+        # ... and the graph walker (issue 21) runs what forward computes
+        assert fn.last_engine == "structured", fn.last_fallback_reason
+        ref = so.ggn_diag(f, engine="generic")(params, x, y)
+        for k in ref:
+            torch.testing.assert_close(d[k], ref[k], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.filterwarnings("error::UserWarning")  # a batching-rule fallback inside the sweep fails the test

@@ -99,6 +99,28 @@ def test_mlp_with_skips_exact_hessian_cross_terms(kind):
     _close(got, want)
 
 
+class SwiGLU(nn.Module):
+    """RMS normalisation with a learnt scale, then a gated MLP: products of values sharing parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.g, self.u, self.d = nn.Linear(3, 5), nn.Linear(3, 5), nn.Linear(5, 3)
+        self.w = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        x = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-6) * self.w
+        h = self.g(x)
+        return self.d(h * torch.sigmoid(h) * self.u(x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_products_of_values_sharing_parameters_exact_hessian_cross_terms(kind):
+    f, args = _problem(SwiGLU(), (3,), 3, n=4, seed=3)
+    fn, got, want = _both(kind, f, args)
+    assert fn.last_engine == "structured", fn.last_fallback_reason
+    _close(got, want)
+
+
 def test_a_value_used_twice_by_one_op_and_mse():
     class Twice(nn.Module):
         def __init__(self):
@@ -186,20 +208,20 @@ def test_export_failure_gives_the_exporters_reason():
         so.diagonal(f, curvature="ggn", engine="structured")(*args)
 
 
-def test_a_hessian_through_a_product_of_two_live_values_declines_with_a_reason():
-    class Square(nn.Module):
+def test_a_hessian_through_a_matmul_of_two_live_values_declines_with_a_reason():
+    class Gram(nn.Module):
         def __init__(self):
             super().__init__()
-            self.l = nn.Linear(3, 3)
+            self.l = nn.Linear(3, 4)
 
         def forward(self, x):
-            h = self.l(x)
-            return h * h
+            h = self.l(x).reshape(-1, 2, 2)
+            return torch.matmul(h, h).flatten(1)[:, :3]
 
-    f, args = _problem(Square(), (3,), 3)
+    f, args = _problem(Gram(), (3,), 3)
     fn = so.hessian_diag(f)
     got = fn(*args)
-    assert fn.last_engine == "generic" and "aten.mul.Tensor" in fn.last_fallback_reason
+    assert fn.last_engine == "generic" and "aten.matmul.default" in fn.last_fallback_reason
     _close(got, so.hessian_diag(f, engine="generic")(*args))
     g = so.diagonal(f, curvature="ggn")  # the GGN needs no cross term
     _close(g(*args), so.diagonal(f, curvature="ggn", engine="generic")(*args))
@@ -282,12 +304,27 @@ def test_dataset_loss():
     _close(got, so.diagonal(F_, curvature="ggn", engine="generic")(p))
 
 
-def test_under_torch_compile_declines_to_the_generic_path():
+def test_under_torch_compile_fullgraph_once_traced(monkeypatch):
+    from secorder.structured.graph import sweep
+
     f, (p, x, y) = _problem(Functional(torch.tanh), (2, 4, 4), 4, n=3)
-    fn = so.diagonal(f, curvature="ggn")
-    want = fn(p, x, y)
+    want = so.hessian_diag(f, engine="generic")(p, x, y)
+    so.hessian_diag(f)(p, x, y)  # traced for these shapes (export does not run under Dynamo)
+    calls = []
+    real = sweep.forward
+    monkeypatch.setattr(sweep, "forward", lambda *a: calls.append(1) or real(*a))
     torch._dynamo.reset()
-    got = torch.compile(fn, backend="eager")(p, x, y)  # the generic path breaks the graph
+    got = torch.compile(so.hessian_diag(f), backend="eager", fullgraph=True)(p, x, y)
+    assert calls  # Dynamo traced the graph walker's sweep, without a graph break
+    _close(got, want)
+
+
+def test_under_torch_compile_a_new_shape_takes_the_generic_path():
+    f, (p, x, y) = _problem(Functional(torch.tanh), (2, 4, 4), 4, n=3)
+    x2, y2 = x[:2], y[:2]  # never traced eagerly
+    want = so.diagonal(f, curvature="ggn", engine="generic")(p, x2, y2)
+    torch._dynamo.reset()
+    got = torch.compile(so.diagonal(f, curvature="ggn"), backend="eager")(p, x2, y2)  # the generic path breaks
     _close(got, want)
 
 
@@ -320,8 +357,32 @@ def test_attention_exact_hessian_declines_with_a_reason(zoo, name):
     _close(got, want)
 
 
-def test_gpt2_declines_naming_the_op(zoo):
+def test_gpt2_tied_embeddings_decline_naming_the_parameter(zoo):
     case = zoo.build("gpt2", batch=2)
     fn = so.diagonal(case.f, curvature="ggn")
-    fn(case.params(), case.inputs, case.targets)
-    assert fn.last_engine == "generic" and "graph walker" in fn.last_fallback_reason
+    got = fn(case.params(), case.inputs, case.targets)
+    assert fn.last_engine == "generic" and "'transformer.wte.weight' is used by 2 operations" in fn.last_fallback_reason
+    _close(got, so.diagonal(case.f, curvature="ggn", engine="generic")(case.params(), case.inputs, case.targets))
+
+
+@pytest.mark.parametrize("kind", ["ggn", "fisher", "empirical_fisher"])
+def test_gpt2_untied_folded_conv1d_split_and_output_callable(zoo, kind):
+    import transformers
+
+    cfg = zoo._text_config(transformers, "gpt2")
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).to(DT).eval()
+    ids = torch.randint(0, zoo.VOCAB, (2, zoo.TOKENS), generator=torch.Generator().manual_seed(1))
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    f = so.functional_loss(model, nn.CrossEntropyLoss(), output=zoo.lm_logits)
+    fn, got, want = _both(kind, f, (so.params_dict(model), {"input_ids": ids}, targets))
+    assert fn.last_engine == "structured", fn.last_fallback_reason
+    _close(got, want)
+
+
+def test_llama_ggn_structured(zoo):
+    case = zoo.build("llama", batch=2)
+    fn, got, want = _both("ggn", case.f, (case.params(), case.inputs, case.targets))
+    assert fn.last_engine == "structured", fn.last_fallback_reason
+    _close(got, want, tol=case.rtol)

@@ -46,9 +46,6 @@ __all__ = ["functional_call_diag", "OP_RULES", "OpRule", "ModuleOp", "LinearOp"]
 def _output_index(t: Any, model_out_field: Any, spec_flat: list) -> int:
     from ...model_call import select_output
 
-    if callable(model_out_field):
-        raise Unsupported("output= is a function of the model's return value; the graph walker takes an output "
-                          "the model returns (output=None, or a field name)")
     rebuilt = output_values(t, spec_flat)
     try:
         chosen = select_output(rebuilt, model_out_field)
@@ -59,6 +56,19 @@ def _output_index(t: Any, model_out_field: Any, spec_flat: list) -> int:
             return i
     raise Unsupported("output= computes a new tensor from the model's return value; the graph walker takes an "
                       "output the model returns (None, or a field name)")
+
+
+def _aliases(model: nn.Module) -> Dict[str, str]:
+    """``{other name: first name}`` of the tensors the model holds under several names (tied weights)."""
+    first: Dict[int, str] = {}
+    out: Dict[str, str] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        if id(t) in first and first[id(t)] != name:
+            out[name] = first[id(t)]
+        else:
+            first.setdefault(id(t), name)
+    return out
 
 
 def _check_plain(model: nn.Module) -> None:
@@ -97,16 +107,17 @@ def functional_call_diag(model: nn.Module, output: Any, spec: LossSpec, values: 
     graph has no rule. With ``check_only`` (what :func:`secorder.explain` runs), it
     traces and plans the graph, which is where it declines, and returns ``None``.
     """
-    if torch.compiler.is_compiling():
-        # Dynamo does not trace through torch.fx graph objects (Graph.nodes is skipped): decline, so that
-        # the compiled transform takes the generic path instead of breaking the graph.
-        raise Unsupported("the graph walker does not run under torch.compile (it walks torch.fx nodes, which "
-                          "Dynamo does not trace)")
     _check_plain(model)
-    t = traced(model, inputs)
-    probes = [torch.empty(0) for _ in range(t.out_spec.num_leaves)]
-    index = _output_index(t, output, probes)
-    p = _sweep.plan(t, set(wanted), index, kind == "hessian")
+    if callable(output):  # exported with the model: the graph's one output is what the loss takes
+        t = traced(model, inputs, output)
+        if t.out_spec.num_leaves != 1:
+            raise Unsupported("output= returned more than one tensor")
+        index = 0
+    else:
+        t = traced(model, inputs)
+        probes = [torch.empty(0) for _ in range(t.out_spec.num_leaves)]
+        index = _output_index(t, output, probes)
+    p = _sweep.plan(t, set(wanted), index, kind == "hessian", _aliases(model))
     if check_only:
         return None
     return _sweep.run(p, spec, values, inputs, targets, set(wanted), trace, kind=kind,

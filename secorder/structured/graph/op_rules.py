@@ -10,6 +10,7 @@ keeps a diagonal curvature term cheap (reshapes, same-shape ``add``). Each
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple
 
 import torch
@@ -20,8 +21,9 @@ from ..curvature import Curvature
 from ..errors import Unsupported
 from ..jacobians import Jacobian, Reshape, Selection
 from ..rules.batchnorm import BatchNormRule, BatchNormState
+from ..rules.linear import LinearRule
 from .batchwise import BatchJacobian
-from .ops import OP_RULES, Bound, LinearOp, Meta, ModuleOp, OpRule, Slot, _op_of, slot_value
+from .ops import OP_RULES, Bound, ElementwiseOp, product_cross_term, LinearOp, Meta, ModuleOp, OpRule, Slot, _op_of, slot_value
 
 __all__: list = []
 
@@ -114,8 +116,39 @@ def _transpose_jacobian(meta: Meta, slot: Slot, args: tuple) -> Jacobian:
 
 # -- shape operations -------------------------------------------------------------------------
 
-for _name in ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default", "aten.flatten.using_ints",
-              "aten.unflatten.int"):
+def _fold_of(meta: Meta) -> Optional[Tuple[int, ...]]:
+    """A view ``[N, a, b, ..., d] -> [N a b..., d...]`` folding the batch into dim 0: the input shape, else None."""
+    if (0,) in meta.folded or not meta.live:
+        return None
+    shp, out = _shape(slot_value(meta.args, meta.live[0])), _shape(meta.out)
+    if not shp or shp[0] != meta.N or not out or out[0] == meta.N:
+        return None
+    for k in range(2, len(shp) + 1):
+        if math.prod(shp[:k]) == out[0] and tuple(shp[k:]) == tuple(out[1:]):
+            return shp
+    return None
+
+
+def _view_batch(meta: Meta) -> Optional[str]:
+    if (0,) in meta.folded:  # unfolding: the batch comes back first
+        out = _shape(meta.out)
+        if not out or out[0] != meta.N:
+            return f"keeps the batch folded into dimension 0 ({out}) for a further op"
+        return None
+    if _fold_of(meta) is not None:
+        return None
+    return _batch_out(meta)
+
+
+def _view_jacobian(meta: Meta, slot: Slot, args: tuple) -> Jacobian:
+    # the curvature at a folded value is kept with the batch first: a view is a reshape of those shapes
+    return Reshape(meta.folded.get(slot) or _shape(slot_value(args, slot)))
+
+
+for _name in ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default"):
+    OP_RULES.register(_name, LinearOp(_view_batch, _view_jacobian, folds=_fold_of,
+                                      doc="reshape keeping dim 0, or folding the batch into it for a matmul"))
+for _name in ("aten.flatten.using_ints", "aten.unflatten.int"):
     OP_RULES.register(_name, LinearOp(_batch_out, _reshape_jacobian, doc="reshape keeping dim 0"))
 for _name in ("aten.unsqueeze.default",):
     OP_RULES.register(_name, LinearOp(
@@ -157,8 +190,8 @@ OP_RULES.register("aten.cat.default", LinearOp(
 OP_RULES.register("aten.add.Tensor", LinearOp(_keeps_batch, _identity_if_same, broadcasts=True, doc="sum (residual connections)"))
 OP_RULES.register("aten.sub.Tensor", LinearOp(_keeps_batch, _identity_if_same, broadcasts=True, doc="difference"))
 OP_RULES.register("aten.neg.default", LinearOp(_keeps_batch, doc="negation"))
-OP_RULES.register("aten.mul.Tensor", LinearOp(_keeps_batch, bilinear=True, broadcasts=True,
-                                              doc="product (exact Hessian: one live factor)"))
+OP_RULES.register("aten.mul.Tensor", LinearOp(_keeps_batch, bilinear=product_cross_term, broadcasts=True,
+                                              doc="product (exact Hessian: with the cross term of two live factors)"))
 OP_RULES.register("aten.mul.Scalar", LinearOp(_keeps_batch, doc="product with a number"))
 OP_RULES.register("aten.add.Scalar", LinearOp(_keeps_batch, _reshape_jacobian, doc="shift by a number"))
 OP_RULES.register("aten.div.Tensor", LinearOp(
@@ -395,3 +428,103 @@ OP_RULES.register("aten.matmul.default", LinearOp(
     _with(lambda m: None if all(len(_shape(slot_value(m.args, s))) >= 3 for s in m.live)
           else "multiplies a matrix whose rows are the samples"),
     bilinear=True, doc="batched matmul (exact Hessian: one live factor)"))
+
+
+# -- elementwise functions: derivatives by forward mode (one entry each) ---------------------------
+
+for _name, _doc in (("aten.pow.Tensor_Scalar", "x ** p"), ("aten.rsqrt.default", "1 / sqrt(x)"),
+                    ("aten.sqrt.default", "sqrt(x)"), ("aten.exp.default", "exp(x)"), ("aten.log.default", "log(x)"),
+                    ("aten.sin.default", "sin(x)"), ("aten.cos.default", "cos(x)"),
+                    ("aten.reciprocal.default", "1 / x"), ("aten.erf.default", "erf(x)")):
+    OP_RULES.register(_name, ElementwiseOp(doc=f"elementwise {_doc}"))
+
+
+# -- addmm on a folded batch (Hugging Face's Conv1D: x.view(-1, d) @ W + b) ----------------------
+
+
+class FoldedAddmm(OpRule):
+    """``aten.addmm(bias, x, W)`` with ``x`` the rows of a folded batch (or ``[N, d]``): ``nn.Linear``'s rule.
+
+    ``x`` is ``[N r, d]``, the view of a ``[N, ..., d]`` value; the op is a linear
+    layer with weight ``W^T`` on that value, so :class:`~secorder.structured.rules.linear.LinearRule`
+    runs on it, the curvature stays with the batch first, and the weight's
+    diagonal is the transpose of the rule's.
+    """
+
+    doc = "x @ W + b on rows of the batch (HF Conv1D): nn.Linear's rule"
+
+    def parameter_positions(self) -> FrozenSet[int]:
+        return frozenset((0, 2))
+
+    def bind(self, meta: Meta) -> Bound:
+        if meta.live != ((1,),):
+            raise Unsupported("only its second argument (the rows) may depend on the parameters as a value")
+        if meta.kwargs.get("beta", 1) != 1 or meta.kwargs.get("alpha", 1) != 1:
+            raise Unsupported("has alpha or beta other than 1")
+        x, W = meta.args[1], meta.args[2]
+        unf = meta.folded.get((1,)) or _shape(x)
+        if not unf or unf[0] != meta.N or unf[-1] != W.shape[0]:
+            raise Unsupported(f"on rows of shape {_shape(x)} that are not the batch's")
+        bias = meta.args[0]
+        if bias is not None and tuple(bias.shape) not in ((W.shape[1],),):
+            raise Unsupported(f"with a bias of shape {tuple(bias.shape)}")
+        with torch._C._DisableFuncTorch():
+            stand_in = _meta(nn.Linear, W.shape[0], W.shape[1], bias=bias is not None)
+        return _BoundAddmm(LinearRule(stand_in), meta, tuple(unf))
+
+
+class _BoundAddmm(Bound):
+    def __init__(self, rule: Any, meta: Meta, unf: Tuple[int, ...]):
+        self.rule, self.unf = rule, unf
+        self.parameter_slots = {s: q for s, q in meta.params.items() if s[0] in (0, 2)}
+        self.out_unfolded = tuple(unf[:-1]) + (int(meta.args[2].shape[1]),) if (1,) in meta.folded else None
+
+    def forward(self, args: tuple, kwargs: Dict[str, Any]) -> Tuple[Tensor, Any]:
+        b, x, W = args[:3]
+        xu = x.reshape(self.unf)
+        tensors = {"weight": W.transpose(0, 1)} if b is None else {"weight": W.transpose(0, 1), "bias": b}
+        z, state = self.rule.forward(xu, tensors)
+        return z.reshape(x.shape[0], W.shape[1]), (state, args)
+
+    def jacobians(self, state: Any) -> Dict[Slot, Jacobian]:
+        return {(1,): self.rule.jacobian(state[0])}
+
+    def _local(self, wanted: FrozenSet[str]) -> Dict[str, str]:
+        return {("bias" if s[0] == 0 else "weight"): q for s, q in self.parameter_slots.items() if q in wanted}
+
+    def parameter_diagonal(self, state: Any, curv: Curvature, wanted: FrozenSet[str]) -> Dict[str, Tensor]:
+        names = self._local(wanted)
+        got = self.rule.parameter_diagonal(state[0], curv, frozenset(names)) if names else {}
+        return {names[k]: (v.transpose(0, 1) if k == "weight" else v) for k, v in got.items()}
+
+    def parameter_pullbacks(self, state: Any, wanted: FrozenSet[str]) -> Dict[str, Callable[[Tensor], Any]]:
+        b, x, W = state[1][:3]
+        shape = tuple(self.unf[:-1]) + (W.shape[1],)
+        out = {}
+        for local, q in self._local(wanted).items():
+            if local == "weight":
+                out[q] = vjp(lambda t: torch.addmm(b, x, t).reshape(shape), W)[1]
+            else:
+                out[q] = vjp(lambda t: torch.addmm(t, x, W).reshape(shape), b)[1]
+        return out
+
+
+OP_RULES.register("aten.addmm.default", FoldedAddmm())
+
+
+# -- several outputs of one input (each output node is bound on its own: see sweep._SPLITS) ----------
+
+
+def _split_batch(meta: Meta) -> Optional[str]:
+    dim = meta.args[2] if len(meta.args) > 2 else meta.kwargs.get("dim", 0)
+    if (0,) in meta.folded:
+        return "splits a value whose batch is folded into dimension 0"
+    return _batch_out(meta) or ("splits the batch dimension" if _norm(dim, _first_live_ndim(meta)) == 0 else None)
+
+
+for _name in ("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default"):
+    OP_RULES.register(_name, LinearOp(_split_batch, doc="one output of a split along a dim other than 0"))
+OP_RULES.register("aten.unbind.int", LinearOp(
+    lambda m: _batch_out(m) or ("unbinds the batch dimension" if _norm(m.args[1] if len(m.args) > 1 else 0,
+                                                                         _first_live_ndim(m)) == 0 else None),
+    doc="one output of unbind along a dim other than 0"))

@@ -40,12 +40,13 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import vjp, vmap
+from torch.func import vjp
 
 from ...registry import Registry
 from ..curvature import Curvature, Term
@@ -71,6 +72,11 @@ class Meta:
     slots holding values that depend on a differentiated parameter, ``params``
     the slots holding parameters or buffers (by qualified name), ``out`` the
     example output and ``N`` the batch size (dimension 0 of every live value).
+    ``folded`` maps the live slots whose value has the batch folded into its
+    first dimension (``[N * r, ...]``, a view such as GPT-2's ``x.view(-1, d)``) to
+    the value's shape with the batch first (the curvature there is kept in that
+    shape); ``call`` is the function evaluated (the ATen op, or a function of it
+    such as one output of ``split``).
     """
 
     target: str
@@ -80,6 +86,8 @@ class Meta:
     params: Dict[Slot, str]
     out: Any
     N: int
+    folded: Dict[Slot, Tuple[int, ...]] = field(default_factory=dict)
+    call: Optional[Callable[..., Any]] = None
 
 
 def slot_value(args: Sequence[Any], slot: Slot) -> Any:
@@ -238,9 +246,12 @@ class LinearOp(OpRule):
         jacobian: optional ``jacobian(meta, slot, values) -> Jacobian`` cheaper
             than the op's ``vjp`` (a reshape, an identity); ``None`` to use the vjp.
         bilinear: the op is linear in each live argument separately but not
-            jointly (``mul`` of two live values): its exact Hessian would need a
-            cross term between the arguments, so the exact Hessian declines when
-            two arguments are live.
+            jointly (``mul`` of two live values): when two live arguments share
+            parameters, the exact Hessian needs the cross term between them:
+            ``bilinear`` is then ``cross(args, g) -> {slot: Term}`` giving it as
+            columns split over the arguments (one set of columns, see
+            :func:`product_cross_term`), or ``True`` when there is no such rule
+            (the exact Hessian declines).
         doc: the docs' one-line description.
         broadcasts: an elementwise op (or ``expand``): a value shared by all
             samples (a parameter such as a position embedding, of leading size 1)
@@ -248,14 +259,18 @@ class LinearOp(OpRule):
         nonlinear: the op is not linear in its live arguments (attention,
             softmax): the GGN and the Fishers run, the exact Hessian declines (no
             residual rule).
+        folds: ``folds(meta)``: the output's shape with the batch first when the
+            op folds the batch into its first dimension (a view ``[N, T, d] ->
+            [N T, d]``), else ``None``.
     """
 
     batch: Callable[[Meta], Optional[str]]
     jacobian: Optional[Callable[[Meta, Slot, tuple], Optional[Jacobian]]] = None
-    bilinear: bool = False
+    bilinear: Any = False
     doc: str = ""
     broadcasts: bool = False
     nonlinear: bool = False
+    folds: Optional[Callable[[Meta], Optional[Tuple[int, ...]]]] = None
 
     def bind(self, meta: Meta) -> Bound:
         reason = self.batch(meta)
@@ -283,12 +298,20 @@ class _LinearState:
 class _BoundLinear(Bound):
     def __init__(self, op: LinearOp, meta: Meta):
         self.op, self.meta = op, meta
-        self.target = _op_of(meta.target)
+        self.target = meta.call if meta.call is not None else _op_of(meta.target)
         self.live = meta.live
-        if op.bilinear and len(meta.live) > 1:
-            self.bilinear_live = True
-        else:
-            self.bilinear_live = False
+        self.out_unfolded = op.folds(meta) if op.folds is not None else None
+        self.bilinear_live = bool(op.bilinear) and len(meta.live) > 1
+        self.cross_rule = op.bilinear if callable(op.bilinear) else None
+        self.cross = False  # set by the plan when the live arguments share parameters (exact Hessian)
+
+    @property
+    def has_residual(self) -> bool:  # type: ignore[override]
+        return self.cross
+
+    def joint_residual(self, state: "_LinearState", grad_out: Tensor) -> Dict[Slot, Term]:
+        """The exact Hessian's cross term between the live arguments, as columns split over them."""
+        return self.cross_rule(self.live, state.args, grad_out)
 
     def forward(self, args: tuple, kwargs: Dict[str, Any]) -> Tuple[Tensor, Any]:
         live = self.live
@@ -312,3 +335,101 @@ def _op_of(name: str) -> Callable[..., Any]:
     """``"aten.add.Tensor"`` to ``torch.ops.aten.add.Tensor``."""
     ns, op, overload = name.split(".")
     return getattr(getattr(getattr(torch.ops, ns), op), overload)
+
+
+# -- elementwise functions of one live argument ---------------------------------------------------
+
+
+@dataclass
+class ElementwiseOp(OpRule):
+    """``z = phi(x)`` entry by entry (``exp``, ``rsqrt``, ``pow`` by a number...), any other argument constant.
+
+    The Jacobian is ``diag(phi'(x))`` and the exact Hessian's residual
+    ``diag(g * phi''(x))``, both by forward-mode derivatives of the op itself
+    along the all-ones direction (exact for an elementwise function), so one
+    entry needs no formulas. Ops with a closed form in a module rule (``relu``,
+    ``tanh``, ``gelu``...) are :class:`ModuleOp` entries instead.
+    """
+
+    doc: str = ""
+
+    def bind(self, meta: Meta) -> Bound:
+        if meta.live != ((0,),):
+            raise Unsupported("is elementwise in its first argument only; another argument depends on the parameters")
+        x = meta.args[0]
+        if not isinstance(meta.out, Tensor) or tuple(meta.out.shape) != tuple(x.shape):
+            raise Unsupported(f"maps shape {tuple(x.shape)} to {tuple(getattr(meta.out, 'shape', ()))}")
+        if not x.shape or x.shape[0] != meta.N:
+            raise Unsupported(f"on a value of shape {tuple(x.shape)} without the batch first")
+        return _BoundElementwise(_op_of(meta.target))
+
+
+@dataclass
+class _ElementwiseState:
+    x: Tensor
+    d1: Tensor
+    rest: tuple
+    kwargs: Dict[str, Any]
+
+
+class _BoundElementwise(Bound):
+    has_residual = True
+
+    def __init__(self, target: Callable[..., Any]):
+        self.target = target
+
+    def _phi(self, rest: tuple, kwargs: Dict[str, Any]) -> Callable[[Tensor], Tensor]:
+        return lambda t: self.target(t, *rest, **kwargs)
+
+    def forward(self, args: tuple, kwargs: Dict[str, Any]) -> Tuple[Tensor, Any]:
+        x, rest = args[0], tuple(args[1:])
+        z, d1 = torch.func.jvp(self._phi(rest, kwargs), (x,), (torch.ones_like(x),))
+        return z, _ElementwiseState(x, d1, rest, kwargs)
+
+    def jacobians(self, state: Any) -> Dict[Slot, Jacobian]:
+        from ..jacobians import Elementwise
+
+        return {(0,): Elementwise(state.d1, tuple(state.x.shape))}
+
+    def residual(self, state: Any, grad_out: Tensor) -> Optional[Term]:
+        from ..curvature import Diagonal
+
+        phi, ones = self._phi(state.rest, state.kwargs), torch.ones_like(state.x)
+        d2 = torch.func.jvp(lambda t: torch.func.jvp(phi, (t,), (ones,))[1], (state.x,), (ones,))[1]
+        return Diagonal(grad_out * d2)
+
+
+def product_cross_term(live: Sequence[Slot], args: tuple, g: Tensor) -> Dict[Slot, Term]:
+    """The cross term of ``z = a * b`` (broadcast, both depending on the parameters) in the exact Hessian.
+
+    ``sum_i g_i d^2 z_i / (da db)`` couples entry ``alpha(i)`` of ``a`` with entry
+    ``beta(i)`` of ``b`` (the entries broadcast to output ``i``). With
+    ``u_i = e_alpha(i) + e_beta(i)`` and ``v_i = e_alpha(i) - e_beta(i)`` over the pair
+    ``(a, b)``, the symmetric matrix is ``sum_i (g_i / 2)(u_i u_i^T - v_i v_i^T)``:
+    ``2 F`` signed columns per sample (``F`` output entries), which the sweep pulls
+    back along both arguments and adds where they meet.
+
+    Example:
+        >>> import torch
+        >>> a, b, g = torch.ones(1, 2), torch.ones(1, 2), torch.tensor([[3., 5.]])
+        >>> t = product_cross_term([(0,), (1,)], (a, b), g)
+        >>> B = torch.cat([t[(0,)].B, t[(1,)].B], -1)[:, 0]  # the columns over (a, b)
+        >>> ((B * t[(0,)].w[:, :1]).T @ B)[:2, 2:]  # the block d2 / (da db)
+        tensor([[3., 0.],
+                [0., 5.]])
+    """
+    from ..curvature import Factor
+
+    (sa, sb) = live
+    N, out = g.shape[0], tuple(g.shape[1:])
+    F = math.prod(out)
+    E = torch.eye(F, dtype=g.dtype, device=g.device).reshape((F, 1) + out).expand((F, N) + out)
+
+    def to(shape: Tuple[int, ...]) -> Tensor:
+        dims = tuple(2 + j for j in range(len(out)) if shape[1 + j] == 1 and out[j] != 1)
+        return E.sum(dims, keepdim=True) if dims else E
+
+    Ea, Eb = to(tuple(slot_value(args, sa).shape)), to(tuple(slot_value(args, sb).shape))
+    w = g.reshape(N, F).transpose(0, 1) / 2
+    W = torch.cat([w, -w])
+    return {sa: Factor(torch.cat([Ea, Ea]), W), sb: Factor(torch.cat([Eb, -Eb]), W)}

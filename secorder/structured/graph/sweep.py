@@ -33,7 +33,7 @@ import math
 import operator
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
@@ -46,8 +46,8 @@ from ..errors import Unsupported
 from ..losses import LossSpec, output_curvature, sampled_curvature
 from . import op_rules as _builtin  # noqa: F401 (registers the built-in op rules)
 from .batchwise import Batchwise, add_batchwise, batch_parameter_diagonal
-from .ops import OP_RULES, Bound, Meta, ModuleOp, Slot, _op_of, _replace, slot_value
-from .trace import Traced, flatten_inputs, output_values, where
+from .ops import OP_RULES, Bound, Meta, ModuleOp, Slot, _replace, slot_value
+from .trace import Traced, flatten_inputs, where
 
 __all__ = ["GraphPlan", "plan", "run", "FACTOR_CHUNK_ENTRIES"]
 
@@ -76,6 +76,100 @@ class GraphPlan:
     broadcast: Dict[fx.Node, Dict[Slot, Tuple[Tuple[int, ...], Tuple[int, ...]]]]  # slot: (aligned shape, out)
     values: Dict[fx.Node, str]  # wanted parameters used as values: their diagonal is read at the placeholder
     batch_of: Dict[fx.Node, int]  # live node: N (batched) or 1 (shared)
+    unfolded: Dict[fx.Node, Tuple[int, ...]]  # live nodes holding a folded batch: their shape with the batch first
+    synthetic: Dict[fx.Node, Tuple[fx.Node, tuple, Dict[str, Any]]]  # an output of split: (input, args, kwargs)
+    aliases: Dict[str, str]  # another name of a tensor held twice (tied weights): the name params uses
+    program: Optional["Program"] = None  # the same, as the sweep runs it
+
+
+class _Ref:
+    """A reference to the value of step ``i`` inside an argument template."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+@dataclass
+class _Step:
+    """One node of the graph as the sweep runs it: plain Python and integers, no ``torch.fx`` objects.
+
+    (Dynamo does not trace ``torch.fx`` graphs; the sweep over steps it does.)
+    """
+
+    i: int
+    name: str
+    kind: str  # "placeholder", "const", "live", "alias", "split_item"
+    target: Any = None
+    args: Any = None
+    kwargs: Any = None
+    rule: Optional[Bound] = None
+    source: Any = None  # placeholder: (kind, what); alias: the step index; split_item: (x index, rest, kwargs)
+    slots: List[Tuple[Slot, int]] = field(default_factory=list)
+    broadcast: Dict[Slot, Tuple[Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=dict)
+    batch: Optional[int] = None  # the leading size the output must have (None: folded, unchecked)
+    where: str = ""
+
+
+@dataclass
+class Program:
+    """The plan as a list of steps (see :class:`_Step`), the output's index and the parameters used as values."""
+
+    steps: List[_Step]
+    output: int
+    values: List[Tuple[int, str, Tuple[int, ...]]]
+    widest: int  # the widest per-sample size of a live value other than the output (factor chunk bound)
+
+
+def _template(args: Any, index: Dict[fx.Node, int]) -> Any:
+    return fx.node.map_arg(args, lambda a: _Ref(index[a]))
+
+
+def _fill_template(t: Any, vals: List[Any]) -> Any:
+    if isinstance(t, _Ref):
+        return vals[t.i]
+    if isinstance(t, tuple):
+        return tuple(_fill_template(a, vals) for a in t)
+    if isinstance(t, list):
+        return [_fill_template(a, vals) for a in t]
+    if isinstance(t, dict):
+        return {k: _fill_template(v, vals) for k, v in t.items()}
+    return t
+
+
+def _program(traced: Traced, order: List[fx.Node], live: Set[fx.Node], rules: Dict[fx.Node, Bound],
+             slots: Dict[fx.Node, List[Tuple[Slot, fx.Node]]], alias: Dict[fx.Node, fx.Node], output: fx.Node,
+             broadcast: Dict[fx.Node, Any], values: Dict[fx.Node, str], batch_of: Dict[fx.Node, int],
+             unfolded: Dict[fx.Node, Any], synthetic: Dict[fx.Node, Any], aliases: Dict[str, str]) -> Program:
+    index: Dict[fx.Node, int] = {}
+    steps: List[_Step] = []
+    for n in traced.graph.nodes:
+        if n.op == "placeholder":
+            kind, what = traced.placeholders[n.name]
+            if kind in ("parameter", "buffer"):
+                what = aliases.get(what, what)
+            index[n] = len(steps)
+            steps.append(_Step(len(steps), n.name, "placeholder", source=(kind, what)))
+    for n in order:
+        i = len(steps)
+        index[n] = i
+        if n in alias:
+            steps.append(_Step(i, n.name, "alias", source=index[alias[n]]))
+        elif n in synthetic:
+            x, rest, kw = synthetic[n]
+            steps.append(_Step(i, n.name, "split_item", rule=rules[n], source=(index[x], tuple(rest), dict(kw)),
+                               slots=[(s, index[a]) for s, a in slots[n]], batch=batch_of[n], where=where(n)))
+        elif n in live:
+            steps.append(_Step(i, n.name, "live", n.target, _template(n.args, index), _template(n.kwargs, index),
+                               rules[n], slots=[(s, index[a]) for s, a in slots[n]],
+                               broadcast=dict(broadcast.get(n, {})),
+                               batch=None if n in unfolded else batch_of[n], where=f"{n.target}{where(n)}"))
+        else:
+            steps.append(_Step(i, n.name, "const", n.target, _template(n.args, index), _template(n.kwargs, index)))
+    widths = [math.prod(_shape(n)[1:]) for n in order if n in rules and n is not output and _shape(n)]
+    return Program(steps, index[output], [(index[a], q, _shape(a)) for a, q in values.items()],
+                   max(widths, default=1))
 
 
 def _slots(args: tuple) -> List[Tuple[Slot, Any]]:
@@ -96,9 +190,15 @@ _PLANS: "weakref.WeakKeyDictionary[Any, Dict[Any, GraphPlan]]" = weakref.WeakKey
 _PLAN_LOCK = threading.Lock()
 
 
-def plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) -> GraphPlan:
-    """Decide which nodes are live and bind their rules; :class:`Unsupported` names the op and source line."""
-    key = (frozenset(wanted), output_index, residuals)
+def plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool,
+         aliases: Optional[Dict[str, str]] = None) -> GraphPlan:
+    """Decide which nodes are live and bind their rules; :class:`Unsupported` names the op and source line.
+
+    ``aliases`` maps the other names of a tensor the model holds under several
+    names (tied weights) to the name ``params`` uses.
+    """
+    aliases = dict(aliases or {})
+    key = (frozenset(wanted), output_index, residuals, frozenset(aliases.items()))
     if torch.compiler.is_compiling():  # Dynamo cannot enter a lock; it only reads the cache
         hit = _PLANS.get(traced.graph, {}).get(key)
     else:
@@ -106,11 +206,15 @@ def plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) -
             hit = _PLANS.get(traced.graph, {}).get(key)
     if hit is not None:
         return hit
-    p = _plan(traced, wanted, output_index, residuals)
+    p = _plan(traced, wanted, output_index, residuals, aliases)
     with _PLAN_LOCK:
         _PLANS.setdefault(traced.graph, {})[key] = p
     return p
 
+
+#: Ops returning several outputs of one input: each output (a getitem node) gets the op's rule on its own.
+_SPLITS = (torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.chunk.default,
+           torch.ops.aten.unbind.int)
 
 #: Ops that only check their argument's metadata and return nothing: evaluated, never differentiated.
 _CHECKS = (torch.ops.aten._assert_tensor_metadata.default,)
@@ -126,7 +230,8 @@ def _aligned(shape: Tuple[int, ...], out: Tuple[int, ...]) -> Optional[Tuple[int
     return a
 
 
-def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) -> GraphPlan:
+def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool,
+          aliases: Dict[str, str]) -> GraphPlan:
     graph = traced.graph
     out_node = [n for n in graph.nodes if n.op == "output"][0]
     outputs = pytree.tree_flatten(out_node.args[0])[0]
@@ -146,6 +251,7 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
         if n.op == "placeholder":
             kind, what = traced.placeholders[n.name]
             if kind in ("parameter", "buffer"):
+                what = aliases.get(what, what)
                 param_of[n] = what
                 if kind == "parameter" and what in wanted:
                     live.add(n)
@@ -154,11 +260,14 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
             elif kind == "input":
                 data.add(n)
     for name in wanted:
-        users = [n for n, q in param_of.items() if q == name]
-        if users and len(users[0].users) > 1:
-            raise Unsupported(f"the parameter {name!r} is used by {len(users[0].users)} operations (a tied or "
-                              f"reused weight: its diagonal would need the cross terms between the uses)")
+        uses = sum(len(n.users) for n, q in param_of.items() if q == name)
+        if uses > 1:
+            raise Unsupported(f"the parameter {name!r} is used by {uses} operations (a tied or reused weight: "
+                              f"its diagonal would need the cross terms between the uses)")
     order, rules, slots, alias, broadcast, values = [], {}, {}, {}, {}, {}
+    unfolded: Dict[fx.Node, Tuple[int, ...]] = {}
+    splits: Dict[fx.Node, fx.Node] = {}
+    synthetic: Dict[fx.Node, Tuple[fx.Node, tuple, Dict[str, Any]]] = {}
     for n in graph.nodes:
         if n.op != "call_function":
             continue
@@ -166,6 +275,24 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
         arg_slots = _slots(n.args)
         if any(isinstance(a, fx.Node) and a in data for _, a in arg_slots):
             data.add(n)
+        if n.target is operator.getitem and n.args[0] in splits:
+            src, idx = n.args
+            x = splits[src]
+            rest, kw = tuple(src.args[1:]), dict(src.kwargs)
+            name = str(src.target)
+            rule = OP_RULES.lookup(name)
+            ex = n.meta.get("val")
+            meta = Meta(name, (_example(x),) + rest, kw, ((0,),), {}, ex, batch_of[x],
+                        {(0,): unfolded[x]} if x in unfolded else {},
+                        (lambda t, *a, _i=idx, _f=src.target, **k: _f(t, *a, **k)[_i]))
+            try:
+                bound = rule.bind(meta)
+            except Unsupported as err:
+                raise Unsupported(f"ATen operation {name}{where(src)} {err}") from None
+            live.add(n)
+            rules[n], slots[n], synthetic[n] = bound, [((0,), x)], (x, rest, kw)
+            batch_of[n], ancestors[n] = batch_of[x], ancestors[x]
+            continue
         if n.target is operator.getitem:
             src, idx = n.args
             if src in live:
@@ -186,6 +313,13 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
         rule = OP_RULES.lookup(name)
         if rule is None:
             raise Unsupported(f"the graph walker has no rule for the ATen operation {name}{where(n)}")
+        if n.target in _SPLITS:  # each output is bound on its own (its getitem node), from the input
+            (s0, x0), = live_slots if len(live_slots) == 1 else [(None, None)]
+            if x0 is None or s0 != (0,):
+                raise Unsupported(f"ATen operation {name}{where(n)} splits more than its first argument")
+            splits[n] = x0
+            live.discard(n)  # evaluated as a value; its outputs are the live nodes
+            continue
         ancestors[n] = frozenset().union(*(ancestors[a] for _, a in live_slots))
         weights = rule.parameter_positions()
         params = {s: param_of[a] for s, a in arg_slots if isinstance(a, fx.Node) and a in param_of
@@ -227,8 +361,10 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
                         example[s[0]][s[1]] = expanded
                 broadcast[n] = bslots
             meta = Meta(name, tuple(example), dict(n.kwargs), tuple(s for s, _ in acts),
-                        dict(params), out_val, nb)
+                        dict(params), out_val, nb, {s: unfolded[a] for s, a in acts if a in unfolded})
             bound = rule.bind(meta)
+            if getattr(bound, "out_unfolded", None):
+                unfolded[n] = tuple(bound.out_unfolded)
             if nb == 1 and N != 1 and out_shape[:1] not in ((1,),):
                 raise Unsupported(f"gives shape {out_shape} from values shared by all samples (leading size 1 "
                                   f"expected)")
@@ -241,8 +377,10 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
             if residuals and getattr(bound, "bilinear_live", False):
                 sets = [ancestors[a] for _, a in acts]
                 if any(sets[i] & sets[j] for i in range(len(sets)) for j in range(i + 1, len(sets))):
-                    raise Unsupported("multiplies two values that depend on the same parameters (the exact "
-                                      "Hessian's cross term between them has no rule)")
+                    if bound.cross_rule is None or len(acts) != 2 or n in broadcast:
+                        raise Unsupported("multiplies two values that depend on the same parameters (the exact "
+                                          "Hessian's cross term between them has no rule)")
+                    bound.cross = True  # the cross term joins the residuals (product_cross_term)
         except Unsupported as err:
             raise Unsupported(f"ATen operation {name}{where(n)} {err}") from None
         if isinstance(rule, ModuleOp) and rule.output is not None:
@@ -255,9 +393,14 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool) 
                 values[a] = param_of[a]
     if target not in live:
         raise Unsupported("the model output does not depend on the differentiated parameters")
+    if target in unfolded:
+        raise Unsupported("the model output keeps the batch folded into its first dimension")
     if batch_of.get(target) != N and N != 1:
         raise Unsupported("the model output does not carry the batch")
-    return GraphPlan(traced, order, live, rules, slots, alias, target, N, broadcast, values, batch_of)
+    program = _program(traced, order, live, rules, slots, alias, target, broadcast, values, batch_of, unfolded,
+                       synthetic, aliases)
+    return GraphPlan(traced, order, live, rules, slots, alias, target, N, broadcast, values, batch_of, unfolded,
+                     synthetic, aliases, program)
 
 
 def _shape(a: fx.Node) -> Tuple[int, ...]:
@@ -298,68 +441,64 @@ def _grad_shared(g: Tensor, A: Tuple[int, ...]) -> Tensor:
     return g.sum(dims, keepdim=True) if dims else g
 
 
-def _fill(args: Any, vals: Dict[fx.Node, Any]) -> Any:
-    return fx.node.map_arg(args, lambda a: vals[a])
-
-
-def forward(p: GraphPlan, values: Dict[str, Tensor], inputs: Any) -> Tuple[Tensor, Dict[fx.Node, Any]]:
-    """The model output and each live node's state."""
+def forward(p: GraphPlan, values: Dict[str, Tensor], inputs: Any) -> Tuple[Tensor, List[Any]]:
+    """The model output and each live step's state."""
+    prog = p.program
     flat = flatten_inputs(inputs)
-    vals: Dict[fx.Node, Any] = {}
-    for n in p.traced.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        kind, what = p.traced.placeholders[n.name]
-        if kind in ("parameter", "buffer"):
-            if what not in values:
-                raise Unsupported(f"no value for the model tensor {what!r}")
-            vals[n] = values[what]
-        elif kind == "constant":
-            vals[n] = what
+    vals: List[Any] = [None] * len(prog.steps)
+    states: List[Any] = [None] * len(prog.steps)
+    for st in prog.steps:
+        if st.kind == "placeholder":
+            kind, what = st.source
+            if kind in ("parameter", "buffer"):
+                if what not in values:
+                    raise Unsupported(f"no value for the model tensor {what!r}")
+                vals[st.i] = values[what]
+            elif kind == "constant":
+                vals[st.i] = what
+            else:
+                vals[st.i] = flat[what]
+        elif st.kind == "alias":
+            vals[st.i] = vals[st.source]
+        elif st.kind == "const":
+            vals[st.i] = st.target(*_fill_template(st.args, vals), **_fill_template(st.kwargs, vals))
+        elif st.kind == "split_item":  # one output of a split, from the split's input
+            x, rest, kw = st.source
+            vals[st.i], states[st.i] = st.rule.forward((vals[x],) + rest, kw)
         else:
-            vals[n] = flat[what]
-    states: Dict[fx.Node, Any] = {}
-    for n in p.order:
-        if n in p.alias:
-            vals[n] = vals[p.alias[n]]
-            continue
-        args, kwargs = _fill(n.args, vals), _fill(n.kwargs, vals)
-        if n not in p.live:
-            vals[n] = n.target(*args, **kwargs)
-            continue
-        for s, (A, O) in p.broadcast.get(n, {}).items():  # a shared value, one copy per sample
-            v = slot_value(args, s)
-            args = _replace(args, [s], [v.reshape(A).expand(O)])
-        try:
-            out, state = p.rules[n].forward(args, kwargs)
-        except Unsupported as err:
-            raise Unsupported(f"ATen operation {n.target}{where(n)} {err}") from None
-        if out.shape[:1] != (p.batch_of[n],):
-            raise Unsupported(f"ATen operation {n.target}{where(n)} gives shape {tuple(out.shape)} at run time")
-        vals[n], states[n] = out, state
-    return vals[p.output], states
+            args, kwargs = _fill_template(st.args, vals), _fill_template(st.kwargs, vals)
+            for s, (A, O) in st.broadcast.items():  # a shared value, one copy per sample
+                args = _replace(args, [s], [slot_value(args, s).reshape(A).expand(O)])
+            try:
+                out, state = st.rule.forward(args, kwargs)
+            except Unsupported as err:
+                raise Unsupported(f"ATen operation {st.where} {err}") from None
+            if st.batch is not None and out.shape[:1] != (st.batch,):
+                raise Unsupported(f"ATen operation {st.where} gives shape {tuple(out.shape)} at run time")
+            vals[st.i], states[st.i] = out, state
+    return vals[prog.output], states
 
 
 class _Backward:
-    def __init__(self, p: GraphPlan, states: Dict[fx.Node, Any], wanted: Set[str], trace: bool):
-        self.p, self.states, self.wanted, self.trace = p, states, frozenset(wanted), trace
+    def __init__(self, p: GraphPlan, states: List[Any], wanted: Set[str], trace: bool):
+        self.prog, self.states, self.wanted, self.trace = p.program, states, frozenset(wanted), trace
         self.diags: Dict[str, Tensor] = {}
         self.total: Optional[Tensor] = None
-        # nodes some differentiated parameter feeds through live slots: the curvature is needed there
-        self.feeds: Set[fx.Node] = {a for a, q in p.values.items() if q in self.wanted}
-        for n in p.order:
-            if n in p.alias:
-                if p.alias[n] in self.feeds:
-                    self.feeds.add(n)
-            elif n in p.rules and (any(q in self.wanted for q in p.rules[n].parameter_slots.values())
-                                   or any(a in self.feeds for _, a in p.slots[n])):
-                self.feeds.add(n)
+        # steps some differentiated parameter feeds through live slots: the curvature is needed there
+        self.feeds: Set[int] = {i for i, q, _ in self.prog.values if q in self.wanted}
+        for st in self.prog.steps:
+            if st.kind == "alias":
+                if st.source in self.feeds:
+                    self.feeds.add(st.i)
+            elif st.rule is not None and (any(q in self.wanted for q in st.rule.parameter_slots.values())
+                                          or any(a in self.feeds for _, a in st.slots)):
+                self.feeds.add(st.i)
 
-    def _record(self, n: fx.Node, terms: List[Term]) -> None:
-        bound = self.p.rules[n]
+    def _record(self, st: _Step, terms: List[Term]) -> None:
+        bound = st.rule
         if not any(q in self.wanted for q in bound.parameter_slots.values()):
             return
-        state = self.states[n]
+        state = self.states[st.i]
         per_sample = [t for t in terms if not isinstance(t, Batchwise)]
         across = [t for t in terms if isinstance(t, Batchwise)]
         if per_sample:
@@ -384,15 +523,15 @@ class _Backward:
         self.diags[q] = d if q not in self.diags else self.diags[q] + d
 
     def pull(self, terms: List[Term], g: Optional[Tensor], residuals: bool) -> None:
-        p = self.p
-        acc: Dict[fx.Node, Dict[Any, Term]] = {p.output: {("loss", i): t for i, t in enumerate(terms)}}
-        grads: Dict[fx.Node, Tensor] = {p.output: g} if g is not None and residuals else {}
-        for n in reversed(p.order):
-            if n not in self.feeds:
+        prog = self.prog
+        acc: Dict[int, Dict[Any, Term]] = {prog.output: {("loss", i): t for i, t in enumerate(terms)}}
+        grads: Dict[int, Tensor] = {prog.output: g} if g is not None and residuals else {}
+        for st in reversed(prog.steps):
+            if st.i not in self.feeds or st.kind == "placeholder":  # parameters used as values: read below
                 continue
-            here, gn = acc.pop(n, None), grads.pop(n, None)
-            if n in p.alias:
-                src = p.alias[n]
+            here, gn = acc.pop(st.i, None), grads.pop(st.i, None)
+            if st.kind == "alias":
+                src = st.source
                 for tid, t in (here or {}).items():
                     _add(acc.setdefault(src, {}), tid, t)
                 if gn is not None:
@@ -400,15 +539,15 @@ class _Backward:
                 continue
             if not here and gn is None:
                 continue
-            bound, state = p.rules[n], self.states[n]
+            bound, state = st.rule, self.states[st.i]
             if here:
-                self._record(n, list(here.values()))
-            targets = [(s, a) for s, a in p.slots[n] if a in self.feeds]
+                self._record(st, list(here.values()))
+            targets = [(s, a) for s, a in st.slots if a in self.feeds]
             if not targets:
                 continue
             jacs = bound.jacobians(state)
             split = len(targets) > 1
-            shared = p.broadcast.get(n, {})
+            shared = st.broadcast
             for tid, t in (here or {}).items():
                 if split and not isinstance(t, Batchwise):
                     t = column_form(t)
@@ -416,16 +555,21 @@ class _Backward:
                     pt = t.pulled(jacs[s])
                     _add(acc.setdefault(a, {}), tid, pt if s not in shared else to_shared(pt, *shared[s]))
             if gn is not None:
-                if bound.has_residual:
+                if bound.has_residual and hasattr(bound, "joint_residual"):  # columns split over the arguments
+                    parts = bound.joint_residual(state, gn)
+                    for s, a in targets:
+                        if s in parts:
+                            _add(acc.setdefault(a, {}), ("residual", st.i), parts[s])
+                elif bound.has_residual:
                     r = bound.residual(state, gn)
                     if r is not None:
                         (s, a), = targets
-                        _add(acc.setdefault(a, {}), ("residual", n.name), r)
+                        _add(acc.setdefault(a, {}), ("residual", st.i), r)
                 for s, a in targets:
                     ga = jacs[s].t_vector(gn)
                     ga = ga if s not in shared else _grad_shared(ga, shared[s][0])
                     grads[a] = ga if a not in grads else grads[a] + ga
-        for a, q in p.values.items():  # parameters used as values: the curvature there is theirs
+        for a, q, shape in prog.values:  # parameters used as values: the curvature there is theirs
             here = acc.pop(a, None)
             if not here or q not in self.wanted:
                 continue
@@ -433,7 +577,7 @@ class _Backward:
             if self.trace:
                 self._add_total(d.sum())
             else:
-                self._add_diag(q, d.reshape(_shape(a)))
+                self._add_diag(q, d.reshape(shape))
 
 
 def _add(bucket: Dict[Any, Term], tid: Any, t: Term) -> None:
@@ -475,7 +619,7 @@ def run(
     K = oc.columns
     chunk = factor_chunk_size
     if chunk is None:
-        widest = max((math.prod(s.shape[1:]) for s in _live_outputs(p, states, out)), default=1)
+        widest = p.program.widest
         chunk = max(1, FACTOR_CHUNK_ENTRIES // max(1, out.shape[0] * oc.positions * widest))
     step = K if K == 0 else max(1, min(chunk, K))
     starts = list(range(0, K, step)) if K else [0]
@@ -489,13 +633,3 @@ def run(
     if trace:
         return back.total if back.total is not None else torch.zeros((), dtype=out.dtype, device=out.device)
     return back.diags
-
-
-def _live_outputs(p: GraphPlan, states: Dict[fx.Node, Any], out: Tensor) -> List[Tensor]:
-    shapes = []
-    for n in p.order:
-        if n in p.rules and n is not p.output:
-            v = n.meta.get("val")
-            if isinstance(v, Tensor):
-                shapes.append(v)
-    return shapes

@@ -37,7 +37,7 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -92,33 +92,36 @@ def _plain(x: Any) -> Any:
     return x
 
 
-class _WithState(nn.Module):
-    """``model`` called through ``functional_call`` with ``state`` (running statistics set to ``None``)."""
+class _Wrapped(nn.Module):
+    """``model`` as exported: called through ``functional_call`` with ``state`` (training-mode batch norms'
+    running statistics set to ``None``: batch statistics, no update, the module's attributes untouched)
+    and/or followed by a callable ``output=``, exported with the model (the graph's one output is then what
+    the loss takes). Every name gets the prefix ``model.``, taken off again."""
 
-    def __init__(self, model: nn.Module, state: Dict[str, Any]):
+    def __init__(self, model: nn.Module, state: Dict[str, Any], output: Optional[Callable[[Any], Any]]):
         super().__init__()
-        self.m = model
-        self._state = state
+        self.model, self._state, self.output = model, state, output
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(self.m, self._state, args, kwargs)
+        out = torch.func.functional_call(self.model, self._state, args, kwargs) if self._state else \
+            self.model(*args, **kwargs)
+        return out if self.output is None else self.output(out)
 
 
-def _unprefixed(target: str, wrapped: Any) -> str:
-    return target[2:] if wrapped and target.startswith("m.") else target
+_PREFIX = "model."
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
+def _export(model: nn.Module, args: tuple, kwargs: dict, output: Optional[Callable[[Any], Any]] = None) -> Traced:
     import time
 
     from ...modules import _batch_statistics, _module_lock
 
     args, kwargs = pytree.tree_map(_plain, (args, kwargs))
     # Training-mode batch norms trace with their running statistics set to None through functional_call's
-    # state (batch statistics, no update: aten._native_batch_norm_legit.no_stats); the module's attributes
-    # are never changed. The wrapper adds the prefix "m." to every name, taken off below.
+    # state (aten._native_batch_norm_legit.no_stats); the wrapper's prefix is taken off below.
     none_state = _batch_statistics(model, {})
-    target = _WithState(model, none_state) if none_state else model
+    wrapped = bool(none_state) or output is not None
+    target = _Wrapped(model, none_state, output) if wrapped else model
     start = time.perf_counter()
     try:
         # Outside any torch.func level (inside vmap the exporter would see batched dispatch and decompose
@@ -130,16 +133,26 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise Unsupported(f"torch.export could not trace the model: {type(err).__name__}: {first}") from None
     seconds = time.perf_counter() - start
+    if output is not None:  # name modules as the user's model names them, not as the wrapper does
+        for node in ep.graph.nodes:
+            stack = node.meta.get("nn_module_stack")
+            if stack:
+                node.meta["nn_module_stack"] = {
+                    k: ((path[len(_PREFIX):] if path.startswith(_PREFIX) else path), cls)
+                    for k, (path, cls) in stack.items() if path}
     kinds = {}
     user = 0
     from torch.export.graph_signature import InputKind
 
     for spec in ep.graph_signature.input_specs:
         name = spec.arg.name
+        fqn = spec.target
+        if wrapped and isinstance(fqn, str) and fqn.startswith(_PREFIX):
+            fqn = fqn[len(_PREFIX):]
         if spec.kind == InputKind.PARAMETER:
-            kinds[name] = ("parameter", _unprefixed(spec.target, none_state))
+            kinds[name] = ("parameter", fqn)
         elif spec.kind == InputKind.BUFFER:
-            kinds[name] = ("buffer", _unprefixed(spec.target, none_state))
+            kinds[name] = ("buffer", fqn)
         elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
             kinds[name] = ("constant", ep.constants[spec.target])
         elif spec.kind == InputKind.USER_INPUT:
@@ -154,8 +167,11 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Traced:
     return Traced(ep.graph, kinds, ep.call_spec.out_spec, seconds)
 
 
-def traced(model: nn.Module, inputs: Any) -> Traced:
+def traced(model: nn.Module, inputs: Any, output: Optional[Callable[[Any], Any]] = None) -> Traced:
     """The exported graph of ``model`` called on ``inputs`` (as :func:`secorder.model_call.model_arguments` passes them).
+
+    With a callable ``output`` (the ``output=`` of :func:`secorder.functional_loss`),
+    the graph is that of ``output(model(...))``; it is cached per callable too.
 
     Cached per model (weakly) and per input structure, shapes, dtypes, devices,
     module set, training flags and tensor shapes (see the module docstring);
@@ -164,14 +180,16 @@ def traced(model: nn.Module, inputs: Any) -> Traced:
     would be needed while ``torch.compile`` is tracing.
     """
     args, kwargs = model_arguments(inputs)
-    key = _key(model, args, kwargs)
+    key = (_key(model, args, kwargs), None if output is None else id(output))
     if torch.compiler.is_compiling():  # Dynamo cannot enter a lock; it only reads the cache
         per_model = _CACHE.get(model)
-        hit = None if per_model is None else per_model.get(key)
+        entry = None if per_model is None else per_model.get(key)
     else:
         with _LOCK:
             per_model = _CACHE.get(model)
-            hit = None if per_model is None else per_model.get(key)
+            entry = None if per_model is None else per_model.get(key)
+    # an output callable is keyed by id: the entry holds a weak reference proving it is the same object
+    hit = entry[0] if entry is not None and (output is None or entry[1]() is output) else None
     if hit is not None:
         if isinstance(hit, Unsupported):
             raise Unsupported(str(hit))
@@ -180,17 +198,24 @@ def traced(model: nn.Module, inputs: Any) -> Traced:
         raise Unsupported("the graph walker cannot export the model while torch.compile traces; "
                           "call the transform once outside torch.compile with these input shapes first")
     try:
-        result: Any = _export(model, args, kwargs)
+        result: Any = _export(model, args, kwargs, output)
     except Unsupported as err:
         result = err
+    try:
+        ref = (lambda: None) if output is None else weakref.ref(output)
+    except TypeError:  # not weakly referenceable: never reused from the cache
+        ref = lambda: _NEVER  # noqa: E731
     with _LOCK:
         per_model = _CACHE.setdefault(model, {})
         if len(per_model) >= _MAX_PER_MODEL:
             per_model.pop(next(iter(per_model)))
-        per_model[key] = result
+        per_model[key] = (result, ref)
     if isinstance(result, Unsupported):
         raise Unsupported(str(result))
     return result
+
+
+_NEVER = object()
 
 
 def cache_size(model: nn.Module) -> int:
@@ -217,8 +242,8 @@ def where(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
         path, cls = list(stack.values())[-1]
-        if len(stack) > 1 and str(list(stack.values())[0][1]).endswith("_WithState"):  # the batch-statistics wrapper
-            path = path[2:] if path.startswith("m.") else ("" if path == "m" else path)
+        if len(stack) > 1 and str(list(stack.values())[0][1]).endswith("_Wrapped"):  # see _Wrapped
+            path = path[len(_PREFIX):] if path.startswith(_PREFIX) else ("" if path == _PREFIX[:-1] else path)
         cls_name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
         parts.append(f"in module {path or '<root>'!r} ({cls_name})")
     frames = _FRAME.findall(node.meta.get("stack_trace") or "")
