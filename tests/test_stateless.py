@@ -177,7 +177,8 @@ def test_explain_laplacian_and_single_route_transforms():
     assert (e.engine, e.reason, e.products) == (lap.last_method, lap.last_fallback_reason, 4)
     assert so.explain(so.laplacian(_u, method="hutchinson", num_samples=6, seed=0))(x, True)[1:4] == (
         "hutchinson", "method='hutchinson' runs on the curvature operator", 6)
-    assert so.explain(so.hvp(_loss))(x, x).engine == "generic"
+    assert so.explain(so.hvp(_loss))(x, x)[1:] == ("generic", None, 1, 0)
+    assert so.explain(so.hvp(_loss))(x, x * 1j).products == 2  # a complex tangent: two real products
 
 
 def test_explain_rejects_what_is_not_a_transform_and_passes_engine_structured_errors():
