@@ -24,7 +24,11 @@ promises:
   probes, a leaf's block, the auxiliary output) gets those recorded numbers back
   (:class:`_RandomTape`), so a training-mode ``Dropout`` draws one mask per call
   whatever ``chunk_size`` is. No generator is rewound: other threads drawing from
-  the global RNG meanwhile never see a draw repeated;
+  the global RNG meanwhile never see a draw repeated. (A model entirely in eval
+  mode, on the CPU, is expected to draw nothing and skips the recording, which
+  costs a Python call per operation; if it draws anyway, the later evaluations
+  draw from a private generator started where the global RNG stood before the
+  first one: :class:`_PrivateReplay`);
 * **in-place updates of captured tensors are explained**: ``torch.func`` refuses a
   function that updates a tensor it did not receive (the running statistics of a
   training-mode ``BatchNorm`` inside a hand-written ``f``); the error then says to
@@ -42,10 +46,11 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import _checks, tree
@@ -117,6 +122,59 @@ class _RandomTape(TorchDispatchMode):
         return out
 
 
+class _PrivateReplay(TorchDispatchMode):
+    """Later evaluations of an ``f`` expected to draw nothing that drew anyway: its CPU draws from a private copy.
+
+    For a model entirely in eval mode (on the CPU) the first evaluation runs without
+    :class:`_RandomTape` (which costs a Python call per operation); the global RNG's
+    state is read before it. If that state moved, the later evaluations run their
+    random operations on a private generator started from the state read, so they
+    draw what the first evaluation drew (unless another thread drew from the global
+    RNG during it). The global RNG is only read.
+    """
+
+    def __init__(self, cpu_state: Tensor) -> None:
+        super().__init__()
+        self.cpu_state = cpu_state
+        self.tape = [None]  # non-empty: there is something to replay
+        self.generator: Optional[torch.Generator] = None
+
+    def replay(self) -> "_PrivateReplay":
+        self.generator = torch.Generator()
+        self.generator.set_state(self.cpu_state)
+        return self
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded in func.tags and kwargs.get("generator") is None and all(
+                t.device.type == "cpu" for t in tree.leaves((args, kwargs)) if isinstance(t, Tensor)):
+            seeded = _with_generator(func)
+            if seeded is not None:
+                return seeded(*args, **{**kwargs, "generator": self.generator})
+        return func(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _with_generator(func: Any) -> Any:
+    """``func`` itself if it takes a ``generator``, else its overload that also does (``rand`` -> ``rand.generator``)."""
+    names = [a.name for a in func._schema.arguments]
+    if "generator" in names:
+        return func
+    for overload in func.overloadpacket.overloads():
+        candidate = getattr(func.overloadpacket, overload)
+        others = [a.name for a in candidate._schema.arguments if a.name != "generator"]
+        if others == names and len(others) < len(candidate._schema.arguments):
+            return candidate
+    return None
+
+
+def _quiet(f: Any, values: Any) -> bool:
+    """Whether ``f`` is expected to draw no random numbers: a model entirely in eval mode, on the CPU."""
+    return (isinstance(f, FunctionalLoss) and isinstance(f.model, nn.Module)
+            and not any(m.training for m in f.model.modules())
+            and not any(isinstance(t, Tensor) and t.device.type != "cpu" for t in tree.leaves(values)))
+
+
 def _clone(x: Any) -> Any:
     return x.clone() if isinstance(x, Tensor) else x
 
@@ -183,7 +241,7 @@ class Problem:
         self.primals = _checks.select(self.args, argnums, self.resolved)
         _checks.check_differentiable(self.primals, argnums)
         self.leaves, self.spec = tree.flatten(self.primals)
-        self._tape: Optional[_RandomTape] = None
+        self._tape: Optional[TorchDispatchMode] = None  # _RandomTape or _PrivateReplay, after the first evaluation
 
     # -- evaluating f ------------------------------------------------------------------
 
@@ -199,6 +257,12 @@ class Problem:
                 return thunk()  # torch.compile: no RNG state to capture in a traced graph
             with differentiable_ops():
                 if self._tape is None:
+                    if _quiet(self.f, (self.args, self.kwargs)):  # no Python call per operation
+                        before = torch.get_rng_state()
+                        out = thunk()
+                        moved = not torch.equal(before, torch.get_rng_state())
+                        self._tape = _PrivateReplay(before) if moved else _RandomTape().replay()
+                        return out
                     tape = _RandomTape()
                     with tape:
                         out = thunk()

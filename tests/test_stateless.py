@@ -183,7 +183,8 @@ def test_explain_laplacian_and_single_route_transforms():
     assert (e.engine, e.reason, e.products) == (lap.last_method, lap.last_fallback_reason, 4)
     assert so.explain(so.laplacian(_u, method="hutchinson", num_samples=6, seed=0))(x, True)[1:4] == (
         "hutchinson", "method='hutchinson' runs on the curvature operator", 6)
-    assert so.explain(so.hvp(_loss))(x, x).engine == "generic"
+    assert so.explain(so.hvp(_loss))(x, x)[1:] == ("generic", None, 1, 0)
+    assert so.explain(so.hvp(_loss))(x, x * 1j).products == 2  # a complex tangent: two real products
 
 
 def test_explain_rejects_what_is_not_a_transform_and_passes_engine_structured_errors():
@@ -230,14 +231,14 @@ def _same(a, b):
 
 CASES = [
     ("hessian", "exact"), ("ggn", "exact"), ("fisher", "exact"), ("empirical_fisher", "exact"),
-    ("hessian", "hutchinson"), ("ggn", "xdiag"), ("fisher", "hutchinson"),
+    ("kfac", "exact"), ("ekfac", "exact"), ("hessian", "hutchinson"), ("ggn", "xdiag"), ("fisher", "hutchinson"),
 ]
 
 
 @pytest.mark.parametrize("curvature,method", CASES)
-@pytest.mark.parametrize("engine", ["auto", "generic"])
-def test_eight_threads_share_one_transform_bit_for_bit(curvature, method, engine):
-    model = _model()
+@pytest.mark.parametrize("engine,train", [("auto", True), ("generic", True), ("generic", False)])
+def test_eight_threads_share_one_transform_bit_for_bit(curvature, method, engine, train):
+    model = _model().train(train)  # a model in eval mode is not recorded (secorder.problem._quiet)
     f = so.functional_loss(model, nn.CrossEntropyLoss())
     p = so.params_dict(model)
     random = method != "exact" or curvature == "fisher"
@@ -394,3 +395,37 @@ def test_hvp_takes_reverse_mode_where_a_torch_operation_fails_in_forward_mode():
     torch.testing.assert_close(so.hvp(g)(x, v), torch.func.hessian(g)(x) @ v)
     h = lambda z: torch.sin(NoJvp.apply(z)).sum()  # a custom Function without jvp
     torch.testing.assert_close(so.hvp(h)(x, v), torch.func.hessian(lambda z: torch.sin(z ** 3).sum())(x) @ v)
+
+
+class _Noise(nn.Module):
+    def forward(self, x):  # random in eval mode too
+        return x + 0.1 * torch.randn_like(x)
+
+
+def test_an_eval_mode_model_that_draws_anyway_draws_once_per_call():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _Noise(), nn.Tanh(), nn.Linear(4, 3)).to(DT).eval()
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    p, (x, y) = so.params_dict(model), _data(0)
+    torch.manual_seed(5)
+    one = so.diagonal(f, chunk_size=1, engine="generic")(p, x, y)
+    after = torch.rand(2)
+    torch.manual_seed(5)
+    every = so.diagonal(f, engine="generic")(p, x, y)
+    assert all(torch.equal(one[k], every[k]) for k in one)
+    torch.manual_seed(5)
+    f(p, x, y)
+    assert torch.equal(torch.rand(2), after)  # the global RNG advanced as by one plain call of f
+    # and it is the Hessian diagonal of f with that call's noise
+    torch.manual_seed(5)
+    noise = 0.1 * torch.randn(x.shape[0], 4, dtype=DT)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
+
+    def g(q):
+        h = torch.tanh(torch.nn.functional.linear(x, q["0.weight"], q["0.bias"]) + noise)
+        return nn.CrossEntropyLoss()(torch.nn.functional.linear(h, q["3.weight"], q["3.bias"]), y)
+
+    ref = so.diagonal(g)(p)
+    for k in one:
+        torch.testing.assert_close(one[k], ref[k], rtol=1e-10, atol=1e-12)
+    del plain

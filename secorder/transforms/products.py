@@ -46,6 +46,19 @@ def _check_tangent(v: Any, problem: Problem) -> None:
             raise TypeError(f"v{path} has dtype {leaf.dtype}; a tangent must be floating-point or complex")
 
 
+def _explainer(name: str, transform: str) -> Callable[[tuple, dict], Any]:
+    """``so.explain`` of a product: one route, one curvature-vector product (two for a complex ``v``)."""
+
+    def explain(args_and_v: tuple, kwargs: dict) -> Any:
+        from ..explain import Explanation
+
+        _, v = _split_call(args_and_v, transform)
+        products = 2 if any(leaf.is_complex() for leaf in tree.leaves(v)) else 1
+        return Explanation(name, "generic", None, products, 0)
+
+    return explain
+
+
 def _linear_in_tangent(product: Callable[[Any], Any], v: Any, has_aux: bool) -> Any:
     """``product(v)``; for a complex ``v``, ``product(re v) + i product(im v)`` (the product is real-linear)."""
     if not any(leaf.is_complex() for leaf in tree.leaves(v)):
@@ -135,7 +148,9 @@ def hvp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = 
 
         return _linear_in_tangent(product, v, has_aux)
 
-    return Transformed(hvp_fn, f, "hvp", signature_of(f, tangent="v"))
+    fn = Transformed(hvp_fn, f, "hvp", signature_of(f, tangent="v"))
+    fn._explain = _explainer(fn.__name__, "hvp")
+    return fn
 
 
 def _operator_product(op: Any, problem: Problem, v: Any) -> Any:
@@ -191,7 +206,9 @@ def _curvature_vp(curvature: str, name: str, f: Callable[..., Any], argnums: Any
     def vp_fn(*args_and_v: Any, **kwargs: Any) -> Any:
         return run(args_and_v, kwargs)
 
-    return Transformed(vp_fn, f, name, signature_of(f, tangent="v"))
+    fn = Transformed(vp_fn, f, name, signature_of(f, tangent="v"))
+    fn._explain = _explainer(fn.__name__, name)
+    return fn
 
 
 def ggn_vp(f: Callable[..., Any], argnums: _checks.Argnums = 0, *, has_aux: bool = False) -> Callable[..., Any]:

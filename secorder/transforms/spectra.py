@@ -192,8 +192,9 @@ def eigenvalues(
             op = _sharded.sharded_view(op, layout)
 
         def solve(o, kk: int, m: Optional[int]):
-            return lanczos_eigenpairs(o, kk, which, num_iterations=m, tol=tol, generator=gen,
-                                      return_eigenvectors=return_eigenvectors, reorthogonalize=reorthogonalize)
+            return with_engine(lanczos_eigenpairs(o, kk, which, num_iterations=m, tol=tol, generator=gen,
+                                                  return_eigenvectors=return_eigenvectors,
+                                                  reorthogonalize=reorthogonalize), "generic")
 
         try:
             if per_leaf:

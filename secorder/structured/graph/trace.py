@@ -133,7 +133,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, output: Optional[Callab
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise Unsupported(f"torch.export could not trace the model: {type(err).__name__}: {first}") from None
     seconds = time.perf_counter() - start
-    if output is not None:  # name modules as the user's model names them, not as the wrapper does
+    if wrapped:  # name modules as the user's model names them, not as the wrapper does
         for node in ep.graph.nodes:
             stack = node.meta.get("nn_module_stack")
             if stack:
@@ -242,8 +242,6 @@ def where(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
         path, cls = list(stack.values())[-1]
-        if len(stack) > 1 and str(list(stack.values())[0][1]).endswith("_Wrapped"):  # see _Wrapped
-            path = path[len(_PREFIX):] if path.startswith(_PREFIX) else ("" if path == _PREFIX[:-1] else path)
         cls_name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
         parts.append(f"in module {path or '<root>'!r} ({cls_name})")
     frames = _FRAME.findall(node.meta.get("stack_trace") or "")
