@@ -195,7 +195,7 @@ class Scale(__import__("torch").nn.Module):
         self.scale = torch.nn.Parameter(torch.ones(n))
 
     def forward(self, x: Any) -> Any:
-        return x * self.scale
+        return __import__("torch").sinh(x) * self.scale  # no rule for sinh on either walker of the fast engine
 
 
 def fallback_problem():

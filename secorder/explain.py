@@ -64,9 +64,11 @@ def explain(fn: Any) -> Callable[..., Explanation]:
         >>> p, x, y = so.params_dict(model), torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
         >>> so.explain(so.diagonal(f, curvature="ggn"))(p, x, y)
         Explanation(transform='diagonal(FunctionalLoss)', engine='structured', reason=None, products=0, sweeps=1)
-        >>> e = so.explain(so.diagonal(f, curvature="ggn", has_aux=False, engine="generic"))(p, x, y)
+        >>> e = so.explain(so.diagonal(f, engine="generic"))(p, x, y)   # the Hessian: a product per parameter
         >>> e.engine, e.products
         ('generic', 8)
+        >>> so.explain(so.diagonal(f, curvature="ggn", engine="generic"))(p, x, y).products  # loss-factor VJPs
+        0
         >>> so.explain(len)
         Traceback (most recent call last):
         ...

@@ -120,8 +120,8 @@ class Cube(nn.Module):
         super().__init__()
         self.w = nn.Parameter(torch.randn(4) * 0.5)
 
-    def forward(self, x):
-        return (x * self.w) ** 3
+    def forward(self, x):  # sinh: no rule on the module walker nor on the graph walker
+        return torch.sinh(x * self.w) ** 3
 
 
 def custom_module():
