@@ -107,7 +107,8 @@ def _diag(row: str, curvature: str, chunk_size=None) -> Callable[[], Any]:
 
     w = workload(row)
     params = so.params_dict(w["model"])
-    fn = so.diagonal(w["f"], curvature=curvature, chunk_size=chunk_size, **({"seed": 0} if curvature == "fisher" else {}))
+    seed = {"seed": 0} if curvature == "fisher" else {}
+    fn = so.diagonal(w["f"], curvature=curvature, chunk_size=chunk_size, **seed)
 
     def run():
         d = fn(params, w["inputs"], w["y"])
@@ -245,7 +246,8 @@ LABELS = {
     "ours-diag-fisher": "secorder exact MC-Fisher diagonal (1 sample)",
     "ours-hutchinson": f"secorder Hessian Hutchinson trace, per probe ({PROBES} probes)",
     "curvlinops-hutchinson": f"curvlinops `hutchinson_trace` (Hessian), per probe ({PROBES} probes)",
-    "curvlinops-math-hutchinson": f"curvlinops `hutchinson_trace` inside `sdpa_kernel(MATH)`, per probe ({PROBES} probes)",
+    "curvlinops-math-hutchinson":
+        f"curvlinops `hutchinson_trace` inside `sdpa_kernel(MATH)`, per probe ({PROBES} probes)",
     "ours-top": "secorder `so.eigenvalues(k=1, tol=1e-3)`",
     "curvlinops-top": "curvlinops + `eigsh(k=1, tol=1e-3)`",
     "curvlinops-math-top": "curvlinops + `eigsh(k=1, tol=1e-3)` inside `sdpa_kernel(MATH)`",
