@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import types
 from typing import Any, Callable, NamedTuple, Optional
 
 __all__ = ["Transformed", "Route", "describe", "signature_of", "record", "is_transformed"]
@@ -153,6 +154,10 @@ class Transformed:
 
     def __repr__(self) -> str:
         return f"<secorder transform {self.__name__}>"
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        """As a class attribute it binds like a function does (``instance`` becomes the first argument)."""
+        return self if instance is None else types.MethodType(self, instance)
 
     # -- the per-thread debug view ------------------------------------------------------------
 

@@ -168,8 +168,9 @@ def test_every_registered_structured_rule_has_a_setting():
 
     covered = {type(s[1]()) for s in rules_tests.SETTINGS + conv_tests.SETTINGS}
     missing = []
-    for module_type in structured.RULES.names():
-        if module_type in covered:
+    for module_type, rule in structured.RULES.items():
+        shipped = rule.__module__.startswith("secorder.structured.rules.") and not rule.__module__.endswith(".example")
+        if module_type in covered or not shipped:  # rules that tests and doctests register are not secorder's
             continue
         name = f"{module_type.__module__}.{module_type.__qualname__}"
         where = ELSEWHERE.get(name)

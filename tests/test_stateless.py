@@ -82,6 +82,15 @@ def test_signatures_are_f_s_plus_the_tangent_or_plain():
         inspect.signature(so.hvp(g)).bind(torch.ones(2), torch.ones(2))
 
 
+def test_a_transform_as_a_class_attribute_binds_like_a_function():
+    class Holder:
+        tr = so.trace(lambda self, x: (x ** 3).sum(), argnums=1)
+
+    x = torch.tensor([1.0, 2.0], dtype=DT)
+    assert torch.equal(Holder().tr(x), so.trace(lambda s, z: (z ** 3).sum(), argnums=1)(None, x))
+    assert Holder.tr.__name__.endswith("Holder.<lambda>)")  # unbound through the class: the transform itself
+
+
 def test_a_nested_transform_inherits_nothing():
     tr = so.trace(_loss)
     tr(torch.ones(2))

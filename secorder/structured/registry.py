@@ -27,7 +27,7 @@ __all__ = ["register_rule", "rule_for", "registered_rules", "register_lazy", "RU
 AnyRule = Union[Type[Rule], Type[BlockRule]]
 R = TypeVar("R", bound=AnyRule)
 
-RULES: Registry = Registry("module type with a structured rule")
+RULES: Registry = Registry("structured rule")
 
 
 def register_rule(module_type: type, rule: Optional[R] = None, *, replace: bool = False) -> Union[R, Callable[[R], R]]:
