@@ -20,9 +20,17 @@ against; a new strategy is one class with :meth:`Full.next_vector` and
   (``T`` the projected matrix, so the arrow of a thick restart is covered too), with
   a rounding term of ``eps ||H||`` of the sign that makes the estimate larger (as
   Larsen's PROPACK does). Only when ``max_k |omega_{j+1,k}| > sqrt(eps)`` is the
-  new vector orthogonalised against the whole basis, and the one after it too
-  (Simon's rule: both, or the lost components come back at the next step); the
-  estimates are then reset to rounding level. Every step also takes one cheap
+  new vector orthogonalised, against the interval of basis vectors whose estimate
+  exceeds ``eps^(3/4)`` (Simon's modified rule; Larsen's intervals), and the next
+  vector against the same interval (Simon's rule: both, or the lost components come
+  back at the next step); those estimates are then reset to rounding level. A pass
+  that cancels most of the vector is repeated (Daniel, Gragg, Kaufman and Stewart
+  1976). After a Krylov breakdown or a near-breakdown (a recurrence vector shorter
+  than ``sqrt(eps) ||H||``, or one that a pass mostly cancels: the three-term
+  relation no longer holds to rounding, which Simon's analysis assumes), after a
+  thick restart and once the basis fills half the space, the run continues with
+  full reorthogonalisation; the breakdown test is then made after the pass against
+  the whole basis. Every step also takes one cheap
   pass against ``q_j`` and ``q_{j-1}`` (local orthogonality, which the recurrence
   assumes). Simon's theorem: with every basis vector semi-orthogonal,
   ``|q_i^T q_k| <= sqrt(eps)``, the projected matrix equals ``Q^T H Q`` of an
