@@ -349,12 +349,27 @@ def test_convnext_exact_hessian_layer_norm_residuals_and_layer_scale(zoo):
 
 
 @pytest.mark.parametrize("name", ["vit", "bert"])
-def test_attention_exact_hessian_declines_with_a_reason(zoo, name):
+def test_transformers_exact_hessian_attention_residual(zoo, name):
     case = zoo.build(name, batch=2)
-    fn, got, want = _both("hessian", case.f, (case.params(), case.inputs, case.targets))
+    for trace in (False, True):
+        fn, got, want = _both("hessian", case.f, (case.params(), case.inputs, case.targets), trace)
+        assert fn.last_engine == "structured", fn.last_fallback_reason
+        _close(got, want)
+
+
+def test_attention_above_the_residual_bound_declines_with_a_reason(zoo, monkeypatch):
+    from secorder.structured.rules import attention
+
+    monkeypatch.setattr(attention, "MAX_RESIDUAL_ENTRIES", 100)
+    case = zoo.build("vit", batch=2)
+    fn = so.hessian_diag(case.f)
+    got = fn(case.params(), case.inputs, case.targets)
     assert fn.last_engine == "generic"
-    assert "scaled_dot_product_attention" in fn.last_fallback_reason and "modeling_" in fn.last_fallback_reason
-    _close(got, want)
+    assert "scaled_dot_product_attention" in fn.last_fallback_reason and "MAX_RESIDUAL_ENTRIES" in fn.last_fallback_reason
+    _close(got, so.hessian_diag(case.f, engine="generic")(case.params(), case.inputs, case.targets))
+    g = so.diagonal(case.f, curvature="ggn")
+    g(case.params(), case.inputs, case.targets)
+    assert g.last_engine == "structured", g.last_fallback_reason
 
 
 def test_gpt2_tied_embeddings_decline_naming_the_parameter(zoo):
@@ -365,7 +380,7 @@ def test_gpt2_tied_embeddings_decline_naming_the_parameter(zoo):
     _close(got, so.diagonal(case.f, curvature="ggn", engine="generic")(case.params(), case.inputs, case.targets))
 
 
-@pytest.mark.parametrize("kind", ["ggn", "fisher", "empirical_fisher"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_gpt2_untied_folded_conv1d_split_and_output_callable(zoo, kind):
     import transformers
 

@@ -371,6 +371,8 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool,
             if residuals and getattr(bound, "coupled", False):
                 raise Unsupported("couples the samples (batch statistics): the exact Hessian's residual across "
                                   "samples has no rule (the GGN and the Fishers run)")
+            if residuals and getattr(bound, "residual_reason", None):
+                raise Unsupported(bound.residual_reason)
             if residuals and getattr(rule, "nonlinear", False):
                 raise Unsupported("is nonlinear in its inputs and has no residual rule for the exact Hessian "
                                   "(the GGN and the Fishers run)")
