@@ -196,6 +196,13 @@ def plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool,
 
     ``aliases`` maps the other names of a tensor the model holds under several
     names (tied weights) to the name ``params`` uses.
+
+    Example:
+        >>> from secorder.structured.graph.trace import traced
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+        >>> p = plan(traced(net, torch.ones(4, 2)), {"0.weight"}, 0, residuals=True)
+        >>> [st.kind for st in p.program.steps], p.N
+        (['placeholder', 'placeholder', 'placeholder', 'live', 'live'], 4)
     """
     aliases = dict(aliases or {})
     key = (frozenset(wanted), output_index, residuals, frozenset(aliases.items()))
@@ -422,6 +429,12 @@ def to_shared(term: Term, A: Tuple[int, ...], out: Tuple[int, ...]) -> Term:
     per-sample blocks pulled through that expansion: each sample's columns
     summed over the expanded dims become columns of the one shared "sample"
     (``K N`` of them, in the order ``(k, n)``).
+
+    Example:
+        >>> from secorder.structured.curvature import Factor
+        >>> t = to_shared(Factor(torch.ones(1, 2, 3, 4)), (1, 1, 4), (2, 3, 4))  # [1, 1, 4] broadcast over 3
+        >>> t.B.shape, t.B[0, 0, 0].tolist()
+        (torch.Size([2, 1, 1, 4]), [3.0, 3.0, 3.0, 3.0])
     """
     if isinstance(term, Batchwise):  # whole-batch columns: the sum over samples is part of the pull-back
         B = term.B.sum(1, keepdim=True)
@@ -609,6 +622,16 @@ def run(
     """``{qualified name: diagonal}`` of the ``wanted`` parameters, or their trace, on the graph plan ``p``.
 
     The arguments are those of :func:`secorder.structured.backprop.run`.
+
+    Example:
+        >>> from secorder.structured.graph.trace import traced
+        >>> from secorder.structured.losses import loss_spec
+        >>> net = torch.nn.Linear(2, 1)
+        >>> vals = {"weight": torch.tensor([[1., 2.]]), "bias": torch.tensor([0.])}
+        >>> x, y = torch.tensor([[1., 1.]]), torch.tensor([[0.]])
+        >>> p = plan(traced(net, x), {"weight", "bias"}, 0, residuals=False)
+        >>> run(p, loss_spec(torch.nn.MSELoss()), vals, x, y, {"weight", "bias"}, trace=True, kind="ggn")
+        tensor(6.)
     """
     out, states = forward(p, values, inputs)
     if loss_fn is not None:
