@@ -81,7 +81,8 @@ def _leaf_key(x: Any) -> Any:
 def _key(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     leaves, spec = pytree.tree_flatten((args, kwargs))
     modules = tuple((name, id(m), m.training) for name, m in model.named_modules())
-    tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in list(model.named_parameters()) + list(model.named_buffers()))
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in named)
     return (str(spec), tuple(_leaf_key(x) for x in leaves), modules, tensors)
 
 
@@ -159,7 +160,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, output: Optional[Callab
 
 
 def traced(model: nn.Module, inputs: Any, output: Optional[Callable[[Any], Any]] = None) -> Traced:
-    """The exported graph of ``model`` called on ``inputs`` (as :func:`secorder.model_call.model_arguments` passes them).
+    """The exported graph of ``model`` called on ``inputs`` (passed as :func:`~secorder.model_call.model_arguments` says).
 
     With a callable ``output`` (the ``output=`` of :func:`secorder.functional_loss`),
     the graph is that of ``output(model(...))``; it is cached per callable too.

@@ -25,7 +25,8 @@ def _identity_if_same(meta: Meta, slot: Slot, args: tuple) -> Optional[Jacobian]
 
 # -- arithmetic linear in each live argument -----------------------------------------------------
 
-OP_RULES.register("aten.add.Tensor", LinearOp(_keeps_batch, _identity_if_same, broadcasts=True, doc="sum (residual connections)"))
+OP_RULES.register("aten.add.Tensor", LinearOp(_keeps_batch, _identity_if_same, broadcasts=True,
+                                              doc="sum (residual connections)"))
 OP_RULES.register("aten.sub.Tensor", LinearOp(_keeps_batch, _identity_if_same, broadcasts=True, doc="difference"))
 OP_RULES.register("aten.neg.default", LinearOp(_keeps_batch, doc="negation"))
 OP_RULES.register("aten.mul.Tensor", LinearOp(_keeps_batch, bilinear=product_cross_term, broadcasts=True,

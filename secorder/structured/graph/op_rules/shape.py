@@ -11,7 +11,8 @@ from torch import Tensor
 
 from ...jacobians import Jacobian, Reshape, Selection
 from ..ops import OP_RULES, LinearOp, Meta, Slot, slot_value
-from ._common import _batch_out, _dims_exclude_batch, _first_live_ndim, _keeps_batch, _norm, _reshape_jacobian, _shape, _with
+from ._common import (_batch_out, _dims_exclude_batch, _first_live_ndim, _keeps_batch, _norm, _reshape_jacobian,
+                      _shape, _with)
 
 
 def _permute_jacobian(meta: Meta, slot: Slot, args: tuple) -> Jacobian:
