@@ -402,3 +402,15 @@ def test_llama_ggn_structured(zoo):
     fn, got, want = _both("ggn", case.f, (case.params(), case.inputs, case.targets))
     assert fn.last_engine == "structured", fn.last_fallback_reason
     _close(got, want, tol=case.rtol)
+
+
+def test_a_changed_attention_bound_is_seen_by_a_cached_graph(zoo, monkeypatch):
+    from secorder.structured.rules import attention
+
+    case = zoo.build("vit", batch=2)
+    fn = so.hessian_diag(case.f)
+    fn(case.params(), case.inputs, case.targets)
+    assert fn.last_engine == "structured", fn.last_fallback_reason
+    monkeypatch.setattr(attention, "MAX_RESIDUAL_ENTRIES", 100)
+    fn(case.params(), case.inputs, case.targets)
+    assert fn.last_engine == "generic" and "MAX_RESIDUAL_ENTRIES" in fn.last_fallback_reason

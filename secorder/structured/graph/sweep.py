@@ -204,8 +204,12 @@ def plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool,
         >>> [st.kind for st in p.program.steps], p.N
         (['placeholder', 'placeholder', 'placeholder', 'live', 'live'], 4)
     """
+    from ..rules import attention as _attention
+
     aliases = dict(aliases or {})
-    key = (frozenset(wanted), output_index, residuals, frozenset(aliases.items()))
+    # the residual bound is read when the rules are bound: a changed bound binds them again
+    bound_entries = _attention.MAX_RESIDUAL_ENTRIES if residuals else None
+    key = (frozenset(wanted), output_index, residuals, frozenset(aliases.items()), bound_entries)
     if torch.compiler.is_compiling():  # Dynamo cannot enter a lock; it only reads the cache
         hit = _PLANS.get(traced.graph, {}).get(key)
     else:
