@@ -121,7 +121,7 @@ class Cube(nn.Module):
         self.w = nn.Parameter(torch.randn(4) * 0.5)
 
     def forward(self, x):
-        return (x * self.w) ** 3
+        return ((x * self.w) ** 3).cumsum(-1)  # cumsum: no rule on the graph walker either
 
 
 def custom_module():
