@@ -161,6 +161,8 @@ def test_structured_equals_generic_on_random_models(perturbation, data):
                                    msg=lambda m: f"{name} ({perturbation}, {kind}/{reduction}, N={n}): {m}")
         if perturbation is None:
             assert path == "structured", (name, reason)
+        elif perturbation == "batchnorm_train" and name == "ggn_diag" and path == "structured":
+            pass  # the graph walker's GGN through batch statistics (issue 21); its equality is checked above
         else:
             assert path == "generic" and reason, (name, perturbation, reason)
 

@@ -414,3 +414,18 @@ def test_a_changed_attention_bound_is_seen_by_a_cached_graph(zoo, monkeypatch):
     monkeypatch.setattr(attention, "MAX_RESIDUAL_ENTRIES", 100)
     fn(case.params(), case.inputs, case.targets)
     assert fn.last_engine == "generic" and "MAX_RESIDUAL_ENTRIES" in fn.last_fallback_reason
+
+
+def test_a_random_operation_declines_even_on_constants():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.l(F.dropout(x, 0.5, training=True))  # dropout on the data, not on a live value
+
+    f, args = _problem(Noisy(), (3,), 3)
+    fn = so.diagonal(f, curvature="ggn")
+    fn(*args)
+    assert fn.last_engine == "generic" and "random operation" in fn.last_fallback_reason

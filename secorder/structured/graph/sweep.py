@@ -286,6 +286,10 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool,
         arg_slots = _slots(n.args)
         if any(isinstance(a, fx.Node) and a in data for _, a in arg_slots):
             data.add(n)
+        tags = getattr(n.target, "tags", ())
+        if torch.Tag.nondeterministic_seeded in tags:  # dropout in training mode, a random draw
+            raise Unsupported(f"the graph has a random operation, {n.target}{where(n)} (its draw would not be "
+                              f"the one f makes)")
         if n.target is operator.getitem and n.args[0] in splits:
             src, idx = n.args
             x = splits[src]
