@@ -223,6 +223,16 @@ def plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool,
     return p
 
 
+def _random(n: fx.Node) -> bool:
+    """Whether ``n`` draws random numbers (attention is tagged so for its dropout, which is 0 here or declined)."""
+    if torch.Tag.nondeterministic_seeded not in getattr(n.target, "tags", ()):
+        return False
+    if n.target is torch.ops.aten.scaled_dot_product_attention.default:
+        p = n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0)
+        return bool(p)
+    return True
+
+
 #: Ops returning several outputs of one input: each output (a getitem node) gets the op's rule on its own.
 _SPLITS = (torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.chunk.default,
            torch.ops.aten.unbind.int)
@@ -286,8 +296,7 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool,
         arg_slots = _slots(n.args)
         if any(isinstance(a, fx.Node) and a in data for _, a in arg_slots):
             data.add(n)
-        tags = getattr(n.target, "tags", ())
-        if torch.Tag.nondeterministic_seeded in tags:  # dropout in training mode, a random draw
+        if _random(n):  # dropout in training mode, a random draw
             raise Unsupported(f"the graph has a random operation, {n.target}{where(n)} (its draw would not be "
                               f"the one f makes)")
         if n.target is operator.getitem and n.args[0] in splits:
