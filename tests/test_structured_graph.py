@@ -349,12 +349,28 @@ def test_convnext_exact_hessian_layer_norm_residuals_and_layer_scale(zoo):
 
 
 @pytest.mark.parametrize("name", ["vit", "bert"])
-def test_attention_exact_hessian_declines_with_a_reason(zoo, name):
+def test_transformers_exact_hessian_attention_residual(zoo, name):
     case = zoo.build(name, batch=2)
-    fn, got, want = _both("hessian", case.f, (case.params(), case.inputs, case.targets))
+    for trace in (False, True):
+        fn, got, want = _both("hessian", case.f, (case.params(), case.inputs, case.targets), trace)
+        assert fn.last_engine == "structured", fn.last_fallback_reason
+        _close(got, want)
+
+
+def test_attention_above_the_residual_bound_declines_with_a_reason(zoo, monkeypatch):
+    from secorder.structured.rules import attention
+
+    monkeypatch.setattr(attention, "MAX_RESIDUAL_ENTRIES", 100)
+    case = zoo.build("vit", batch=2)
+    fn = so.hessian_diag(case.f)
+    got = fn(case.params(), case.inputs, case.targets)
     assert fn.last_engine == "generic"
-    assert "scaled_dot_product_attention" in fn.last_fallback_reason and "modeling_" in fn.last_fallback_reason
-    _close(got, want)
+    reason = fn.last_fallback_reason
+    assert "scaled_dot_product_attention" in reason and "MAX_RESIDUAL_ENTRIES" in reason
+    _close(got, so.hessian_diag(case.f, engine="generic")(case.params(), case.inputs, case.targets))
+    g = so.diagonal(case.f, curvature="ggn")
+    g(case.params(), case.inputs, case.targets)
+    assert g.last_engine == "structured", g.last_fallback_reason
 
 
 def test_gpt2_tied_embeddings_decline_naming_the_parameter(zoo):
@@ -365,7 +381,7 @@ def test_gpt2_tied_embeddings_decline_naming_the_parameter(zoo):
     _close(got, so.diagonal(case.f, curvature="ggn", engine="generic")(case.params(), case.inputs, case.targets))
 
 
-@pytest.mark.parametrize("kind", ["ggn", "fisher", "empirical_fisher"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_gpt2_untied_folded_conv1d_split_and_output_callable(zoo, kind):
     import transformers
 
@@ -386,3 +402,30 @@ def test_llama_ggn_structured(zoo):
     fn, got, want = _both("ggn", case.f, (case.params(), case.inputs, case.targets))
     assert fn.last_engine == "structured", fn.last_fallback_reason
     _close(got, want, tol=case.rtol)
+
+
+def test_a_changed_attention_bound_is_seen_by_a_cached_graph(zoo, monkeypatch):
+    from secorder.structured.rules import attention
+
+    case = zoo.build("vit", batch=2)
+    fn = so.hessian_diag(case.f)
+    fn(case.params(), case.inputs, case.targets)
+    assert fn.last_engine == "structured", fn.last_fallback_reason
+    monkeypatch.setattr(attention, "MAX_RESIDUAL_ENTRIES", 100)
+    fn(case.params(), case.inputs, case.targets)
+    assert fn.last_engine == "generic" and "MAX_RESIDUAL_ENTRIES" in fn.last_fallback_reason
+
+
+def test_a_random_operation_declines_even_on_constants():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.l(F.dropout(x, 0.5, training=True))  # dropout on the data, not on a live value
+
+    f, args = _problem(Noisy(), (3,), 3)
+    fn = so.diagonal(f, curvature="ggn")
+    fn(*args)
+    assert fn.last_engine == "generic" and "random operation" in fn.last_fallback_reason

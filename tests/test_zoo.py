@@ -258,18 +258,22 @@ def test_no_call_changes_the_model(name):
     assert model.training
 
 
-def test_structured_engine_declines_with_a_reason():
-    # The GGN of ViT runs on the graph walker; its exact Hessian declines at attention, naming both walkers' reasons.
+def test_structured_engine_declines_with_a_reason(monkeypatch):
+    # ViT runs on the graph walker; with the attention residual's bound lowered its exact Hessian declines,
+    # naming both walkers' reasons.
+    from secorder.structured.rules import attention
+
     case = zoo.build("vit")
-    tr = so.trace(case.f)
-    tr(case.params(), case.inputs, case.targets)
-    assert tr.last_engine == "generic" and "ViTForImageClassification" in tr.last_fallback_reason
-    assert "scaled_dot_product_attention" in tr.last_fallback_reason
-    with pytest.raises(Unsupported, match="ViTForImageClassification"):
-        so.trace(case.f, engine="structured")(case.params(), case.inputs, case.targets)
     ggn = so.trace(case.f, curvature="ggn")
     ggn(case.params(), case.inputs, case.targets)
     assert ggn.last_engine == "structured", ggn.last_fallback_reason
+    monkeypatch.setattr(attention, "MAX_RESIDUAL_ENTRIES", 100)
+    tr = so.trace(case.f)
+    tr(case.params(), case.inputs, case.targets)
+    assert tr.last_engine == "generic" and "ViTForImageClassification" in tr.last_fallback_reason
+    assert "MAX_RESIDUAL_ENTRIES" in tr.last_fallback_reason
+    with pytest.raises(Unsupported, match="ViTForImageClassification"):
+        so.trace(case.f, engine="structured")(case.params(), case.inputs, case.targets)
 
 
 def test_gradient_of_a_curvature_penalty_through_attention():

@@ -106,6 +106,15 @@ def functional_call_diag(model: nn.Module, output: Any, spec: LossSpec, values: 
     :class:`Unsupported` when the model cannot be traced or an operation of the
     graph has no rule. With ``check_only`` (what :func:`secorder.explain` runs), it
     traces and plans the graph, which is where it declines, and returns ``None``.
+
+    Example:
+        >>> import torch
+        >>> from secorder.structured.losses import loss_spec
+        >>> net = torch.nn.Linear(2, 1)
+        >>> vals = {"weight": torch.tensor([[1., 2.]]), "bias": torch.tensor([0.])}
+        >>> functional_call_diag(net, None, loss_spec(torch.nn.MSELoss()), vals, torch.ones(1, 2),
+        ...                      torch.zeros(1, 1), {"weight", "bias"}, False, kind="hessian")
+        {'weight': tensor([[2., 2.]]), 'bias': tensor([2.])}
     """
     _check_plain(model)
     if callable(output):  # exported with the model: the graph's one output is what the loss takes

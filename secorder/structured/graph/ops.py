@@ -34,8 +34,9 @@ LinearOp(...))``; ``tests/test_structured_graph_ops.py`` then needs a setting fo
 it (a test fails for a registered op without one).
 
 Example:
-    >>> sorted(OP_RULES.names())[:3]
-    ['aten._native_batch_norm_legit_no_training.default', 'aten.adaptive_avg_pool1d.default', 'aten.adaptive_avg_pool2d.default']
+    >>> import secorder.structured.graph  # registers the built-in rules
+    >>> type(OP_RULES.get("aten.linear.default")).__name__, type(OP_RULES.get("aten.add.Tensor")).__name__
+    ('ModuleOp', 'LinearOp')
 """
 
 from __future__ import annotations

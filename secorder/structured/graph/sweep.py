@@ -196,9 +196,20 @@ def plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool,
 
     ``aliases`` maps the other names of a tensor the model holds under several
     names (tied weights) to the name ``params`` uses.
+
+    Example:
+        >>> from secorder.structured.graph.trace import traced
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+        >>> p = plan(traced(net, torch.ones(4, 2)), {"0.weight"}, 0, residuals=True)
+        >>> [st.kind for st in p.program.steps], p.N
+        (['placeholder', 'placeholder', 'placeholder', 'live', 'live'], 4)
     """
+    from ..rules import attention as _attention
+
     aliases = dict(aliases or {})
-    key = (frozenset(wanted), output_index, residuals, frozenset(aliases.items()))
+    # the residual bound is read when the rules are bound: a changed bound binds them again
+    bound_entries = _attention.MAX_RESIDUAL_ENTRIES if residuals else None
+    key = (frozenset(wanted), output_index, residuals, frozenset(aliases.items()), bound_entries)
     if torch.compiler.is_compiling():  # Dynamo cannot enter a lock; it only reads the cache
         hit = _PLANS.get(traced.graph, {}).get(key)
     else:
@@ -210,6 +221,16 @@ def plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool,
     with _PLAN_LOCK:
         _PLANS.setdefault(traced.graph, {})[key] = p
     return p
+
+
+def _random(n: fx.Node) -> bool:
+    """Whether ``n`` draws random numbers (attention is tagged so for its dropout, which is 0 here or declined)."""
+    if torch.Tag.nondeterministic_seeded not in getattr(n.target, "tags", ()):
+        return False
+    if n.target is torch.ops.aten.scaled_dot_product_attention.default:
+        p = n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0)
+        return bool(p)
+    return True
 
 
 #: Ops returning several outputs of one input: each output (a getitem node) gets the op's rule on its own.
@@ -275,6 +296,9 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool,
         arg_slots = _slots(n.args)
         if any(isinstance(a, fx.Node) and a in data for _, a in arg_slots):
             data.add(n)
+        if _random(n):  # dropout in training mode, a random draw
+            raise Unsupported(f"the graph has a random operation, {n.target}{where(n)} (its draw would not be "
+                              f"the one f makes)")
         if n.target is operator.getitem and n.args[0] in splits:
             src, idx = n.args
             x = splits[src]
@@ -371,6 +395,8 @@ def _plan(traced: Traced, wanted: Set[str], output_index: int, residuals: bool,
             if residuals and getattr(bound, "coupled", False):
                 raise Unsupported("couples the samples (batch statistics): the exact Hessian's residual across "
                                   "samples has no rule (the GGN and the Fishers run)")
+            if residuals and getattr(bound, "residual_reason", None):
+                raise Unsupported(bound.residual_reason)
             if residuals and getattr(rule, "nonlinear", False):
                 raise Unsupported("is nonlinear in its inputs and has no residual rule for the exact Hessian "
                                   "(the GGN and the Fishers run)")
@@ -420,6 +446,12 @@ def to_shared(term: Term, A: Tuple[int, ...], out: Tuple[int, ...]) -> Term:
     per-sample blocks pulled through that expansion: each sample's columns
     summed over the expanded dims become columns of the one shared "sample"
     (``K N`` of them, in the order ``(k, n)``).
+
+    Example:
+        >>> from secorder.structured.curvature import Factor
+        >>> t = to_shared(Factor(torch.ones(1, 2, 3, 4)), (1, 1, 4), (2, 3, 4))  # [1, 1, 4] broadcast over 3
+        >>> t.B.shape, t.B[0, 0, 0].tolist()
+        (torch.Size([2, 1, 1, 4]), [3.0, 3.0, 3.0, 3.0])
     """
     if isinstance(term, Batchwise):  # whole-batch columns: the sum over samples is part of the pull-back
         B = term.B.sum(1, keepdim=True)
@@ -607,6 +639,16 @@ def run(
     """``{qualified name: diagonal}`` of the ``wanted`` parameters, or their trace, on the graph plan ``p``.
 
     The arguments are those of :func:`secorder.structured.backprop.run`.
+
+    Example:
+        >>> from secorder.structured.graph.trace import traced
+        >>> from secorder.structured.losses import loss_spec
+        >>> net = torch.nn.Linear(2, 1)
+        >>> vals = {"weight": torch.tensor([[1., 2.]]), "bias": torch.tensor([0.])}
+        >>> x, y = torch.tensor([[1., 1.]]), torch.tensor([[0.]])
+        >>> p = plan(traced(net, x), {"weight", "bias"}, 0, residuals=False)
+        >>> run(p, loss_spec(torch.nn.MSELoss()), vals, x, y, {"weight", "bias"}, trace=True, kind="ggn")
+        tensor(6.)
     """
     out, states = forward(p, values, inputs)
     if loss_fn is not None:

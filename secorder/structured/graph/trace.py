@@ -81,7 +81,8 @@ def _leaf_key(x: Any) -> Any:
 def _key(model: nn.Module, args: tuple, kwargs: dict) -> Any:
     leaves, spec = pytree.tree_flatten((args, kwargs))
     modules = tuple((name, id(m), m.training) for name, m in model.named_modules())
-    tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in list(model.named_parameters()) + list(model.named_buffers()))
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in named)
     return (str(spec), tuple(_leaf_key(x) for x in leaves), modules, tensors)
 
 
@@ -168,7 +169,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, output: Optional[Callab
 
 
 def traced(model: nn.Module, inputs: Any, output: Optional[Callable[[Any], Any]] = None) -> Traced:
-    """The exported graph of ``model`` called on ``inputs`` (as :func:`secorder.model_call.model_arguments` passes them).
+    """The exported graph of ``model`` called on ``inputs`` (passed as :func:`~secorder.model_call.model_arguments` says).
 
     With a callable ``output`` (the ``output=`` of :func:`secorder.functional_loss`),
     the graph is that of ``output(model(...))``; it is cached per callable too.
@@ -178,6 +179,13 @@ def traced(model: nn.Module, inputs: Any, output: Optional[Callable[[Any], Any]]
     raises :class:`~secorder.structured.errors.Unsupported` with the exporter's
     reason when the model cannot be exported (also cached), and when a new trace
     would be needed while ``torch.compile`` is tracing.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 3)
+        >>> traced(net, torch.ones(4, 2)) is traced(net, torch.zeros(4, 2)), cache_size(net)
+        (True, 1)
+        >>> _ = traced(net, torch.ones(5, 2)); cache_size(net)  # a new shape: a new trace
+        2
     """
     args, kwargs = model_arguments(inputs)
     key = (_key(model, args, kwargs), None if output is None else id(output))
@@ -237,6 +245,11 @@ def where(node: torch.fx.Node) -> str:
 
     Read from the metadata export keeps (``nn_module_stack``, ``stack_trace``);
     empty when there is none.
+
+    Example:
+        >>> g = traced(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.ones(1, 2)).graph
+        >>> where([n for n in g.nodes if n.op == "call_function"][0]).split(",")[0]
+        " in module '0' (Linear)"
     """
     parts: List[str] = []
     stack = node.meta.get("nn_module_stack") or {}
@@ -252,11 +265,22 @@ def where(node: torch.fx.Node) -> str:
 
 
 def flatten_inputs(inputs: Any) -> List[Any]:
-    """The leaves of ``inputs`` in the order the exported graph's user inputs take them."""
+    """The leaves of ``inputs`` in the order the exported graph's user inputs take them.
+
+    Example:
+        >>> flatten_inputs({"a": 1, "b": 2})
+        [1, 2]
+    """
     args, kwargs = model_arguments(inputs)
     return pytree.tree_flatten((args, kwargs))[0]
 
 
 def output_values(t: Traced, flat: List[Any]) -> Any:
-    """The model's return value rebuilt from the graph's flat outputs."""
+    """The model's return value rebuilt from the graph's flat outputs.
+
+    Example:
+        >>> t = traced(torch.nn.Linear(2, 1), torch.ones(1, 2))
+        >>> output_values(t, [torch.zeros(1)])
+        tensor([0.])
+    """
     return pytree.tree_unflatten(list(flat), t.out_spec)
