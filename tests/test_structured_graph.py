@@ -314,7 +314,17 @@ def test_under_torch_compile_fullgraph_once_traced(monkeypatch):
     real = sweep.forward
     monkeypatch.setattr(sweep, "forward", lambda *a: calls.append(1) or real(*a))
     torch._dynamo.reset()
-    got = torch.compile(so.hessian_diag(f), backend="eager", fullgraph=True)(p, x, y)
+    # Known limit (closing note of issue 21): Dynamo guards the graph cache's WeakKeyDictionary by the
+    # position of its keys, so a garbage collection of another cached model while Dynamo compiles can raise
+    # IndexError in guard creation. Late in a full test run that happened; collect first, none during it.
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        got = torch.compile(so.hessian_diag(f), backend="eager", fullgraph=True)(p, x, y)
+    finally:
+        gc.enable()
     assert calls  # Dynamo traced the graph walker's sweep, without a graph break
     _close(got, want)
 
