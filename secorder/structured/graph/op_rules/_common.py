@@ -71,31 +71,10 @@ def _reshape_jacobian(meta: Meta, slot: Slot, args: tuple) -> Jacobian:
     return Reshape(_shape(slot_value(args, slot)))
 
 
-def _identity_if_same(meta: Meta, slot: Slot, args: tuple) -> Optional[Jacobian]:
-    """``add``/``sub`` of same-shape values: the identity for the first argument (and the second with alpha 1)."""
-    alpha = meta.kwargs.get("alpha", 1)
-    if _shape(slot_value(args, slot)) != _shape(meta.out):
-        return None
-    if slot == (0,) or (alpha == 1 and meta.target.startswith("aten.add")):
-        return Reshape(_shape(meta.out))
-    return None
 
 
-def _permute_jacobian(meta: Meta, slot: Slot, args: tuple) -> Jacobian:
-    dims = [_norm(d, len(meta.out.shape)) for d in args[1]]
-    inverse = [dims.index(i) for i in range(len(dims))]
-
-    def adjoint(B: Tensor) -> Tensor:
-        lead = B.dim() - len(dims)
-        return B.permute(list(range(lead)) + [lead + i for i in inverse])
-
-    return Selection(adjoint)
 
 
-def _transpose_jacobian(meta: Meta, slot: Slot, args: tuple) -> Jacobian:
-    n = len(meta.out.shape)
-    a, b = _norm(args[1], n), _norm(args[2], n)
-    return Selection(lambda B: B.transpose(B.dim() - n + a, B.dim() - n + b))
 
 
 def _meta(cls: type, *args: Any, **kwargs: Any) -> nn.Module:
