@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from ...jacobians import Jacobian, Reshape, Selection
+from ...jacobians import Jacobian, Reshape
 from ..ops import Meta, Slot, slot_value
 
 
