@@ -574,7 +574,7 @@ def test_generic_exact_progress_advances_per_chunk_of_columns(monkeypatch):
     """Item 7: the one-hot bar counts columns, one update per batched product, not one per parameter tensor."""
     monkeypatch.setattr(report_module, "Progress", _Recorder)
     _Recorder.bars = []
-    run = cli("report", "--model", "tests.test_cli:wide_layer", "--engine", "generic", "--steps", "0",
+    run = cli("report", "--model", "tests.test_cli:wide_layer", "--engine", "generic", "--steps", "1",
               "--num-samples", "2")
     assert run.rc == 0, run.err
     bars = [b for b in _Recorder.bars if b.desc.startswith("exact diagonal (one-hot")]

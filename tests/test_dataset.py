@@ -376,7 +376,8 @@ def test_progress_bar_over_batches(monkeypatch):
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
     so.dataset_loss(f, split(x, y), progress=True)(p)
-    assert "secorder: loss" in err.getvalue() and "4/4" in err.getvalue()
+    # not a terminal: plain lines, no carriage returns (issue 28, item 8)
+    assert "secorder: loss: done, 1 step(s), 4 batch(es)" in err.getvalue() and "\r" not in err.getvalue()
     err.truncate(0)
     so.dataset_loss(f, split(x, y))(p)  # default: only on a terminal
     so.dataset_loss(f, split(x, y), progress=False)(p)
