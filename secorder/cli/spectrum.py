@@ -7,7 +7,7 @@ path/to/file.py:factory`` points it at your own code (see
 ``--steps`` Adam steps) it prints
 
 * the ``-k`` largest eigenvalues of the curvature (``--curvature``, the Hessian by
-  default), from :func:`secorder.eigenvalues` (Lanczos with full
+  default), from :func:`secorder.eigenvalues` (Lanczos with partial
   reorthogonalisation, residuals below ``--tol`` times the largest eigenvalue),
   and the smallest one (negative for a Hessian away from a minimum);
 * a summary of the eigenvalue density from :func:`secorder.spectral_density`
