@@ -96,18 +96,24 @@ def test_thick_restart_with_a_small_basis_converges():
     assert int(res.num_matvecs) > 12  # it did restart
 
 
+@pytest.mark.parametrize("reorth", ["full", "partial"])
 @pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])
-def test_eigenvectors_are_orthonormal_eigenvectors(which):
+def test_eigenvectors_are_orthonormal_eigenvectors(which, reorth):
     A = symmetric(spectra()["outliers"])
     shapes = [(4, 10), (40,)]
     res = lanczos_eigenpairs(dense_operator(A, shapes), 6, which, tol=1e-11, generator=gen(),
-                             return_eigenvectors=True)
+                             return_eigenvectors=True, reorthogonalize=reorth)
     assert [tuple(u.shape) for u in res.eigenvectors] == [(6, 4, 10), (6, 40)]
     U = torch.cat([u.reshape(6, -1) for u in res.eigenvectors], 1)
     assert torch.allclose(U @ U.T, torch.eye(6, dtype=DT), atol=1e-12)
     residual = (U @ A - res.eigenvalues[:, None] * U).norm(dim=1)
     assert (residual <= 1e-9 * A.norm(2)).all()
-    assert torch.allclose(res.residuals, residual, atol=1e-9)
+    # The reported residuals come from the recurrence. With an orthonormal basis they
+    # are the residuals of the returned vectors to rounding; a semi-orthogonal basis
+    # (partial reorthogonalisation, |q_i^T q_k| <= sqrt(eps)) gives Ritz vectors that are
+    # accurate to about sqrt(eps), and their residuals to sqrt(eps) ||A|| (Simon 1984).
+    atol = 1e-9 if reorth == "full" else math.sqrt(torch.finfo(DT).eps) * float(A.norm(2))
+    assert torch.allclose(res.residuals, residual, atol=atol)
 
 
 def test_diag_with_negative_eigenvalues_the_old_package_got_wrong():

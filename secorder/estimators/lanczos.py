@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from ..operators import LeafOperator
+from .reorthogonalization import under_vmap
 
 __all__ = ["Krylov", "Euclidean", "FlatOperator", "block_operator", "working_dtype", "ritz_pairs", "BREAKDOWN_FACTOR"]
 
@@ -229,6 +230,23 @@ def _orthogonalise(u: Tensor, Q: Tensor, c: Optional[Tensor] = None, space: Opti
     return torch.baddbmm(u.unsqueeze(1), c.unsqueeze(1), Q, alpha=-1).squeeze(1)
 
 
+def _orthogonalise_(u: Tensor, Q: Tensor, c: Optional[Tensor] = None, space: Optional[Euclidean] = None) -> Tensor:
+    """:func:`_orthogonalise` in place: ``u`` (owned by the caller, ``(p, n)``) becomes ``u - Q^T c``.
+
+    A Lanczos step touches a few ``(p, n)`` arrays; on the CPU both the passes over
+    memory and the fresh allocations (page faults) of arrays that large cost more
+    than the arithmetic, so the step updates one array in place.
+    """
+    if c is None:
+        c = _coefficients(Q, u)
+        if space is not None:
+            c = space.sum(c)
+    if Q.numel() <= _SMALL_PRODUCT:
+        return u.sub_((c[..., None] * Q).sum(dim=1))
+    u.unsqueeze(1).baddbmm_(c.unsqueeze(1), Q, alpha=-1)
+    return u
+
+
 class Krylov:
     """``p`` Lanczos runs that advance together, one batched matvec per step.
 
@@ -325,16 +343,29 @@ class Krylov:
             self._alloc(w)
             self._Q[:, 0] = q
         space = self.space
-        self.scale = torch.maximum(self.scale, space.norm(w))
-        alpha = space.sum(_coefficients(q.unsqueeze(1), w).squeeze(1))
-        # The recurrence: w - alpha q_j - beta q_{j-1} (or the arrow to the kept Ritz
+        # The recurrence w - alpha q_j - beta q_{j-1} (or the arrow to the kept Ritz
         # vectors right after a thick restart), one product over adjacent basis slots.
+        alpha = space.sum(_coefficients(q.unsqueeze(1), w).squeeze(1))
         if j == 0:
-            w = torch.addcmul(w, alpha[:, None], q, value=-1)
+            local, c = self._Q[:, :1], alpha[:, None]
         elif j == self.locked and self.arrow is not None:
-            w = _orthogonalise(w, self._Q[:, : j + 1], torch.cat([self.arrow, alpha[:, None]], dim=1))
+            local, c = self._Q[:, : j + 1], torch.cat([self.arrow, alpha[:, None]], dim=1)
         else:
-            w = _orthogonalise(w, self._Q[:, j - 1 : j + 1], torch.stack([self.off[-1], alpha], dim=1))
+            local, c = self._Q[:, j - 1 : j + 1], torch.stack([self.off[-1], alpha], dim=1)
+        host = not under_vmap(w)
+        # From here on the step updates one array in place (on the CPU, passes over
+        # arrays this large and fresh allocations of them cost more than the arithmetic):
+        # the product itself where it is an array of its own (a FlatOperator's output is
+        # always a new one; another matvec's might alias its input).
+        if host and isinstance(self.matvec, FlatOperator):
+            u = _orthogonalise_(w, local, c)
+        else:
+            u = _orthogonalise(w, local, c)
+        del w
+        beta_rec = space.norm(u)
+        # ||H q_j|| (the scale of the breakdown test) without another pass over H q_j: the
+        # coefficients and the rest are orthogonal to rounding.
+        self.scale = torch.maximum(self.scale, torch.sqrt(beta_rec**2 + (c * c).sum(dim=1)))
         self.diag.append(alpha)
         self.j = j + 1
         if self.j == self.n:
@@ -344,21 +375,28 @@ class Krylov:
             return
         # A breakdown (the recurrence vector is at rounding level) takes a cyclic shift
         # of the spare vector instead; one Gram-Schmidt pass against the whole basis
-        # then orthogonalises whichever it is.
-        beta_rec = space.norm(w)
+        # then orthogonalises whichever it is. Outside vmap the test is read on the host
+        # and the replacement built only when needed.
         broke = beta_rec <= BREAKDOWN_FACTOR * self.eps * self.scale
         self._shift += 1
-        u = w
-        if not self.host_checks or bool(broke.any()):
-            u = torch.where(broke[:, None], space.shifted(self.spare, self._shift), w)
+        if (self.host_checks or host) and not bool(broke.any()):
+            norm: Optional[Tensor] = beta_rec
+        else:
+            u = torch.where(broke[:, None], space.shifted(self.spare, self._shift), u)
+            norm = None
         # The strategy may find a breakdown the test above missed (partial
         # reorthogonalisation: the recurrence vector is short only once its components
         # along the basis are removed); it then returns the replacement too.
-        u, broke = self.strategy.next_vector(self, u, self._Q[:, : self.j], broke)
+        u, broke, norm = self.strategy.next_vector(self, u, self._Q[:, : self.j], broke, norm)
+        if norm is None:
+            norm = space.norm(u)
         self._record_breakdown(broke)
-        norm = space.norm(u)
         beta = torch.where(broke, torch.zeros_like(norm), norm)
-        self._Q[:, self.j] = u / torch.clamp(norm, min=torch.finfo(u.dtype).tiny)[:, None]
+        norm = torch.clamp(norm, min=torch.finfo(u.dtype).tiny)[:, None]
+        if host:
+            torch.div(u, norm, out=self._Q[:, self.j])  # one pass, straight into the basis
+        else:
+            self._Q[:, self.j] = u.div_(norm)
         self.next_beta = beta
         if self.j < self.capacity:
             self.off.append(beta)

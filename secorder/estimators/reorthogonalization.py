@@ -24,15 +24,15 @@ against; a new strategy is one class with :meth:`Full.next_vector` and
   exceeds ``eps^(3/4)`` (Simon's modified rule; Larsen's intervals), and the next
   vector against the same interval (Simon's rule: both, or the lost components come
   back at the next step); those estimates are then reset to rounding level. A pass
-  that cancels most of the vector is repeated (Daniel, Gragg, Kaufman and Stewart
-  1976). After a Krylov breakdown or a near-breakdown (a recurrence vector shorter
+  that cancels most of the vector is a near-breakdown (Daniel, Gragg, Kaufman and
+  Stewart 1976), see below. After a Krylov breakdown or a near-breakdown (a recurrence vector shorter
   than ``sqrt(eps) ||H||``, or one that a pass mostly cancels: the three-term
   relation no longer holds to rounding, which Simon's analysis assumes), after a
   thick restart and once the basis fills half the space, the run continues with
   full reorthogonalisation; the breakdown test is then made after the pass against
-  the whole basis. Every step also takes one cheap
-  pass against ``q_j`` and ``q_{j-1}`` (local orthogonality, which the recurrence
-  assumes). Simon's theorem: with every basis vector semi-orthogonal,
+  the whole basis. Every step also takes a second cheap pass against ``q_j`` and
+  ``q_{j-1}`` (local orthogonality, which the recurrence assumes; the recurrence
+  itself is the first pass, with computed coefficients). Simon's theorem: with every basis vector semi-orthogonal,
   ``|q_i^T q_k| <= sqrt(eps)``, the projected matrix equals ``Q^T H Q`` of an
   orthonormal basis of the same space up to ``O(eps ||H||)``, so the Ritz values
   and the Gauss quadrature nodes and weights are as accurate as with full
@@ -115,9 +115,11 @@ def under_vmap(t: Tensor) -> bool:
 class Full:
     """Full reorthogonalisation: every new vector against the whole basis.
 
-    ``next_vector(K, u, Q, broke)`` returns ``u`` orthogonalised against ``Q``
-    (``(p, j, n)``, the basis so far, ``j = K.j``) in ``K.space``, and ``broke``
-    (``(p,)``: which runs broke down, the given mask or more);
+    ``next_vector(K, u, Q, broke, norm)`` returns ``u`` orthogonalised against ``Q``
+    (``(p, j, n)``, the basis so far, ``j = K.j``) in ``K.space``, ``broke``
+    (``(p,)``: which runs broke down, the given mask or more) and the norm of the
+    returned vector (``None`` where it was not computed). ``u`` belongs to the step and
+    is updated in place; ``norm`` is its norm as given (or ``None``).
     ``restarted(K)`` is told about a thick restart. ``K`` is the
     :class:`~secorder.estimators.lanczos.Krylov` object.
     """
@@ -126,24 +128,30 @@ class Full:
         self.num_full_passes = 0  # passes against the whole basis
         self.num_vectors_read = 0  # basis vectors read by the passes (one per vector and pass)
 
-    def next_vector(self, K: Any, u: Tensor, Q: Tensor, broke: Tensor) -> Tuple[Tensor, Tensor]:
-        return self._whole(K, u, Q), broke
+    def next_vector(self, K: Any, u: Tensor, Q: Tensor, broke: Tensor,
+                    norm: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        u, norm = self._whole(K, u, Q, norm)
+        return u, broke, norm
 
-    def _whole(self, K: Any, u: Tensor, Q: Tensor) -> Tensor:
-        from .lanczos import _orthogonalise
+    def _whole(self, K: Any, u: Tensor, Q: Tensor, norm: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        from .lanczos import _orthogonalise_
 
         # A second pass once the basis fills more than half the space, or where the first
         # cancelled most of the vector (a near-breakdown: Daniel, Gragg, Kaufman and
         # Stewart 1976, "twice is enough"; one pass leaves such a vector far from orthogonal).
+        host = not under_vmap(u)
         for attempt in range(2):
-            before = K.space.norm(u)
-            u = _orthogonalise(u, Q, space=K.space)
+            if host and norm is None:
+                norm = K.space.norm(u)
+            before = norm
+            u = _orthogonalise_(u, Q, space=K.space)
             self.num_vectors_read += Q.shape[1]
-            if attempt == 1 or not (2 * K.j > K.n or (
-                    not under_vmap(u) and bool((K.space.norm(u) < _DGKS * before).any()))):
+            norm = K.space.norm(u) if host else None
+            again = 2 * K.j > K.n or (host and bool((norm < _DGKS * before).any()))
+            if attempt == 1 or not again:
                 break
         self.num_full_passes += 1
-        return u
+        return u, norm
 
     def restarted(self, K: Any) -> None:
         pass
@@ -174,25 +182,29 @@ class Partial(Full):
         self.owed: Optional[Tuple[int, int]] = None  # the interval the next vector still owes a pass against
         self.full = False  # fell back to full reorthogonalisation
 
-    def next_vector(self, K: Any, u: Tensor, Q: Tensor, broke: Tensor) -> Tuple[Tensor, Tensor]:
-        from .lanczos import _orthogonalise
+    def next_vector(self, K: Any, u: Tensor, Q: Tensor, broke: Tensor,
+                    norm: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        from .lanczos import _orthogonalise_
 
         # Under vmap no host decision; after a breakdown, a restart, or once the basis fills
         # half the space (where the spare direction may lie mostly inside it): full passes.
         if under_vmap(u):
             self.full = True
-            return self._whole(K, u, Q), broke
+            return super().next_vector(K, u, Q, broke, norm)
         if self.full or bool(broke.any()) or 2 * K.j > K.n:
             self.full = True
-            return self._settle(K, u, Q, broke)
+            return self._settle(K, u, Q, broke, norm)
         j = K.j  # the new vector is q_j; the basis holds q_0 .. q_{j-1}
         space = K.space
-        # Local orthogonality against the last two vectors (cheap), which the recurrence assumes.
-        u = _orthogonalise(u, Q[:, max(0, j - 2) : j], space=space)
+        # Local orthogonality against the last two vectors, which the recurrence assumes:
+        # the step's recurrence is one Gram-Schmidt pass against them, which leaves
+        # components of about eps ||H q|| along them, more than eps relative to a short
+        # recurrence vector; a second pass takes them out (twice is enough).
+        u = _orthogonalise_(u, Q[:, max(0, j - 2) : j], space=space)
         beta = space.norm(u)
         if bool((beta <= self.threshold * K.scale).any()):  # a near-breakdown
             self.full = True
-            return self._settle(K, u, Q, broke)
+            return self._settle(K, u, Q, broke, beta)
         new = torch.zeros_like(self.omega)
         if j >= 2:
             i = j - 1  # u came from the product of q_i
@@ -215,37 +227,35 @@ class Partial(Full):
             self.owed = (lo, min(hi + 1, j - 1))
         if span is not None:
             lo, hi = span
-            for attempt in range(2):
-                before = space.norm(u)
-                u = _orthogonalise(u, Q[:, lo : hi + 1], space=space)
-                self.num_vectors_read += hi + 1 - lo
-                # A pass that cancels most of the vector: repeat it (Daniel, Gragg, Kaufman
-                # and Stewart 1976, "twice is enough"); as the first pass of an interval,
-                # it is a near-breakdown: full reorthogonalisation from here on.
-                if not bool((space.norm(u) < _DGKS * before).any()):
-                    break
-                if attempt == 0:
-                    self.full = True
-                    return self._settle(K, u, Q, broke)
+            u = _orthogonalise_(u, Q[:, lo : hi + 1], space=space)
+            self.num_vectors_read += hi + 1 - lo
+            after = space.norm(u)
+            # A pass that cancels most of the vector is a near-breakdown (Daniel, Gragg,
+            # Kaufman and Stewart 1976): full reorthogonalisation from here on.
+            if bool((after < _DGKS * beta).any()):
+                self.full = True
+                return self._settle(K, u, Q, broke, after)
+            beta = after
             if span == (0, j - 1):
                 self.num_full_passes += 1
             new[:, lo : hi + 1] = self.eps
         self.prev, self.omega = self.omega, new
-        return u, broke
+        return u, broke, beta
 
-    def _settle(self, K: Any, u: Tensor, Q: Tensor, broke: Tensor) -> Tuple[Tensor, Tensor]:
+    def _settle(self, K: Any, u: Tensor, Q: Tensor, broke: Tensor,
+                norm: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """A near-breakdown: a whole pass, then the breakdown test on what is left (the
         test :class:`~secorder.estimators.lanczos.Krylov` made before it saw the
         components along a semi-orthogonal basis); a breakdown takes the spare direction."""
         from .lanczos import BREAKDOWN_FACTOR
 
-        u = self._whole(K, u, Q)
-        newly = (K.space.norm(u) <= BREAKDOWN_FACTOR * K.eps * K.scale) & ~broke
+        u, norm = self._whole(K, u, Q, norm)
+        newly = (norm <= BREAKDOWN_FACTOR * K.eps * K.scale) & ~broke
         if bool(newly.any()):
             u = torch.where(newly[:, None], K.space.shifted(K.spare, K._shift), u)
-            u = self._whole(K, u, Q)
+            u, norm = self._whole(K, u, Q)
             broke = broke | newly
-        return u, broke
+        return u, broke, norm
 
     def restarted(self, K: Any) -> None:
         # The kept Ritz vectors are combinations of a basis that was only semi-orthogonal,

@@ -15,7 +15,7 @@ from typing import Any, Callable, Hashable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["restrict", "LastLinearization"]
+__all__ = ["restrict", "LastLinearization", "over_probes"]
 
 
 def restrict(fn: Callable[[List[Tensor]], Any], leaves: List[Tensor], index: Optional[int]) -> Tuple[Callable, Any]:
@@ -64,3 +64,25 @@ class LastLinearization:
             self._value = self._make(key)
             self._key = key
         return self._value
+
+
+def over_probes(fn: Callable[[Any], Any], V: Any) -> Any:
+    """``vmap(fn)(V)`` over the leading probe dimension of every leaf of ``V``.
+
+    A single probe (a Lanczos run's product) calls ``fn`` on it directly: ``vmap`` over
+    one probe gives the same values and costs more (batching rules around every op of
+    the linearisation's backward pass).
+
+    Example:
+        >>> import torch
+        >>> over_probes(lambda v: [2 * v[0]], [torch.ones(1, 3)]), over_probes(lambda v: [2 * v[0]], [torch.ones(2, 1)])
+        ([tensor([[2., 2., 2.]])], [tensor([[2.],
+                [2.]])])
+    """
+    from .. import tree
+
+    leaves, spec = tree.flatten(V)
+    if leaves and all(t.shape[0] == 1 for t in leaves):
+        out = fn(tree.unflatten(spec, [t[0] for t in leaves]))
+        return tree.tree_map(lambda t: t.unsqueeze(0), out)
+    return torch.func.vmap(fn)(V)

@@ -35,11 +35,11 @@ from typing import Any, Callable, List, Optional
 
 import torch
 from torch import Tensor
-from torch.func import vjp, vmap
+from torch.func import vjp
 
 from .. import tree
 from .base import LeafOperator
-from ._linearize import LastLinearization, restrict
+from ._linearize import LastLinearization, over_probes, restrict
 from .factor_diagonal import FactorDiagonal
 from .output_factor import OutputFactor
 
@@ -91,10 +91,10 @@ def gauss_newton_operator(
         return lambda v: pullback(h_out(jvp_of(v)[0]))[0]
 
     def matvec(V: List[Tensor]) -> List[Tensor]:
-        return vmap(product(None))(list(V))
+        return over_probes(product(None), list(V))
 
     def block_matvec(index: int, V: Tensor) -> Tensor:
-        return vmap(product(index))(V)
+        return over_probes(product(index), V)
 
     def output_factor() -> Optional[OutputFactor]:
         if factor is not None:

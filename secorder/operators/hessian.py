@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any, Callable, List
 
 from torch import Tensor
-from torch.func import grad, vjp, vmap
+from torch.func import grad, vjp
 
 from .base import LeafOperator
-from ._linearize import LastLinearization, restrict
+from ._linearize import LastLinearization, over_probes, restrict
 
 __all__ = ["hessian_operator", "build"]
 
@@ -49,11 +49,11 @@ def hessian_operator(loss_of_leaves: Callable[[List[Tensor]], Tensor], leaves: L
 
     def matvec(V: List[Tensor]) -> List[Tensor]:
         grad_vjp = lin(None)
-        return vmap(lambda v: grad_vjp(v)[0])(list(V))
+        return over_probes(lambda v: grad_vjp(v)[0], list(V))
 
     def block_matvec(index: int, V: Tensor) -> Tensor:
         block_vjp = lin(index)
-        return vmap(lambda v: block_vjp(v)[0])(V)
+        return over_probes(lambda v: block_vjp(v)[0], V)
 
     return LeafOperator(templates=leaves, matvec=matvec, block_matvec=block_matvec)
 
