@@ -259,6 +259,10 @@ class Krylov:
         host_checks: look at the breakdown test on the host and build a replacement
             only when one is needed (one synchronisation per step, not under ``vmap``);
             by default the replacement is selected with ``torch.where`` every step.
+        buffer: memory for the basis, ``(>= p, capacity + 1, n)``, such as the
+            :attr:`buffer` of a finished run (its contents are overwritten): on the CPU
+            the first write of fresh memory costs a page fault per 4 KiB, as much as
+            the arithmetic of a step; ignored when it does not fit or under ``vmap``.
         space: the space of the vectors (default :class:`Euclidean`): ``start`` and the
             basis hold what ``space.local`` keeps of vectors over the whole space, and
             every inner product and norm goes through ``space.sum``/``space.norm``.
@@ -285,7 +289,7 @@ class Krylov:
 
     def __init__(self, matvec: Callable[[Tensor], Tensor], start: Tensor, capacity: int, spare: Tensor,
                  *, host_checks: bool = False, space: Optional[Euclidean] = None,
-                 reorthogonalize: str = "full"):
+                 reorthogonalize: str = "full", buffer: Optional[Tensor] = None):
         from .reorthogonalization import STRATEGIES, check_reorthogonalize
 
         self.matvec = matvec
@@ -299,17 +303,24 @@ class Krylov:
         self.spare = spare
         self._start = start / self.space.norm(start)[:, None]
         self._Q: Optional[Tensor] = None  # (p, capacity + 1, n), allocated at the first step
+        self._buffer = buffer
         self.j = 0  # vectors in the basis
         self.diag: List[Tensor] = []  # alpha_i, (p,) each
         self.off: List[Tensor] = []  # beta_i couples vectors i and i + 1
         self.arrow: Optional[Tensor] = None  # (p, l) couplings of vector l to the kept Ritz vectors
         self.locked = 0  # l: number of kept Ritz vectors after a restart
         self.scale = torch.zeros(self.p, dtype=start.dtype, device=start.device)
+        self.product_norm = self.scale  # ||H q_j|| of the latest step, (p,)
         self.num_steps = torch.full((self.p,), -1, dtype=torch.int64, device=start.device)
         self.next_beta = torch.zeros(self.p, dtype=start.dtype, device=start.device)
         self.last_broke = torch.zeros(self.p, dtype=torch.bool, device=start.device)
         self._shift = 0
         self.strategy = STRATEGIES.get(check_reorthogonalize(reorthogonalize))(self)
+
+    @property
+    def buffer(self) -> Optional[Tensor]:
+        """The memory of the basis (``None`` before the first step), for the next run's ``buffer``."""
+        return self._Q
 
     @property
     def basis(self) -> Tensor:
@@ -325,7 +336,14 @@ class Krylov:
         # Derived from the first matvec's output so that, under torch.func.vmap, the
         # buffer is batched like the vectors written into it. Every slot is written
         # before it is read, except the last one once the basis spans the whole space.
-        self._Q = like.new_empty((self.p, self.capacity + 1, self.width))
+        shape = (self.p, self.capacity + 1, self.width)
+        buffer = self._buffer
+        if (buffer is not None and buffer.dim() == 3 and buffer.shape[0] >= self.p
+                and tuple(buffer.shape[1:]) == shape[1:] and buffer.dtype == like.dtype
+                and buffer.device == like.device and not under_vmap(like)):
+            self._Q = buffer[: self.p]
+        else:
+            self._Q = like.new_empty(shape)
         self._Q[:, self.capacity] = 0
 
     def extend(self, steps: int) -> None:
@@ -365,7 +383,8 @@ class Krylov:
         beta_rec = space.norm(u)
         # ||H q_j|| (the scale of the breakdown test) without another pass over H q_j: the
         # coefficients and the rest are orthogonal to rounding.
-        self.scale = torch.maximum(self.scale, torch.sqrt(beta_rec**2 + (c * c).sum(dim=1)))
+        self.product_norm = torch.sqrt(beta_rec**2 + (c * c).sum(dim=1))
+        self.scale = torch.maximum(self.scale, self.product_norm)
         self.diag.append(alpha)
         self.j = j + 1
         if self.j == self.n:

@@ -30,9 +30,11 @@ against; a new strategy is one class with :meth:`Full.next_vector` and
   relation no longer holds to rounding, which Simon's analysis assumes), after a
   thick restart and once the basis fills half the space, the run continues with
   full reorthogonalisation; the breakdown test is then made after the pass against
-  the whole basis. Every step also takes a second cheap pass against ``q_j`` and
-  ``q_{j-1}`` (local orthogonality, which the recurrence assumes; the recurrence
-  itself is the first pass, with computed coefficients). Simon's theorem: with every basis vector semi-orthogonal,
+  the whole basis. Local orthogonality against ``q_j`` and ``q_{j-1}``, which the
+  recurrence assumes: the recurrence is one Gram-Schmidt pass against them, which leaves
+  about ``eps ||H q_j|| / beta_j`` along them; that is where the estimate of those two
+  entries starts, and a step whose recurrence vector is shorter than ``||H q_j|| / 8``
+  takes a second pass against them instead. Simon's theorem: with every basis vector semi-orthogonal,
   ``|q_i^T q_k| <= sqrt(eps)``, the projected matrix equals ``Q^T H Q`` of an
   orthonormal basis of the same space up to ``O(eps ||H||)``, so the Ritz values
   and the Gauss quadrature nodes and weights are as accurate as with full
@@ -81,6 +83,13 @@ STRATEGIES: Registry = Registry("reorthogonalize")
 
 # A Gram-Schmidt pass that leaves less than this fraction of the norm is repeated once.
 _DGKS = 1 / math.sqrt(2)
+# Partial reorthogonalisation: the recurrence leaves about eps ||H q_j|| along q_j and
+# q_{j-1}; relative to a recurrence vector shorter than ||H q_j|| / _LOCAL_PASS a second
+# local pass takes it out, else the estimate of the loss of orthogonality starts from it
+# (eps ||H q_j|| / beta_j, at most _LOCAL_PASS eps). In Lanczos on curvature spectra
+# beta_j / ||H q_j|| sits around 1/sqrt(2), so a DGKS-style threshold would take the
+# second pass at every other step, for half a bit.
+_LOCAL_PASS = 8.0
 
 #: The default of the eigenvalue and density estimators.
 DEFAULT = "partial"
@@ -197,11 +206,17 @@ class Partial(Full):
         j = K.j  # the new vector is q_j; the basis holds q_0 .. q_{j-1}
         space = K.space
         # Local orthogonality against the last two vectors, which the recurrence assumes:
-        # the step's recurrence is one Gram-Schmidt pass against them, which leaves
-        # components of about eps ||H q|| along them, more than eps relative to a short
-        # recurrence vector; a second pass takes them out (twice is enough).
-        u = _orthogonalise_(u, Q[:, max(0, j - 2) : j], space=space)
-        beta = space.norm(u)
+        # the recurrence is one Gram-Schmidt pass against them and leaves components of
+        # about eps ||H q_{j-1}|| along them, eps relative to the recurrence vector unless
+        # the pass cancelled most of it; then a second pass takes them out (Daniel, Gragg,
+        # Kaufman and Stewart 1976: twice is enough).
+        beta = space.norm(u) if norm is None else norm
+        # local: what is left along q_{j-1} and q_{j-2}, relative to the new vector, in eps
+        local = torch.clamp(K.product_norm / torch.clamp(beta, min=torch.finfo(beta.dtype).tiny), min=1.0)
+        if bool((local > _LOCAL_PASS).any()):
+            u = _orthogonalise_(u, Q[:, max(0, j - 2) : j], space=space)
+            beta = space.norm(u)
+            local = torch.ones_like(local)
         if bool((beta <= self.threshold * K.scale).any()):  # a near-breakdown
             self.full = True
             return self._settle(K, u, Q, broke, beta)
@@ -214,7 +229,7 @@ class Partial(Full):
             # rounding of the product and of the recurrence, as large as it can make the estimate
             rec = rec + torch.sign(rec) * (self.eps * K.scale)[:, None]
             new[:, :i] = rec / beta[:, None]
-        new[:, max(0, j - 2) : j] = self.eps
+        new[:, max(0, j - 2) : j] = (self.eps * local)[:, None]
         new[:, j] = 1
         span, self.owed = self.owed, None
         big = (new[:, : j - 2].abs() > self.threshold).any(dim=0) if j > 2 else None

@@ -137,11 +137,13 @@ def stochastic_lanczos_quadrature(
     spares = flat.randn(num_probes, generator)
     nodes, weights, steps = [], [], []
     first = 0
+    buffer = None  # one basis' memory for every chunk (fresh memory costs page faults)
     for size in _chunks(num_probes, min(chunk_size, num_probes)):
         K = Krylov(flat, starts[first : first + size], m, spares[first : first + size], space=flat.space,
-                   reorthogonalize=reorthogonalize)
+                   reorthogonalize=reorthogonalize, buffer=buffer)
         first += size
         K.extend(m)
+        buffer = K.buffer
         theta, Y = ritz_pairs(K.projected())
         nodes.append(theta)
         weights.append(Y[:, 0, :] ** 2)
