@@ -21,6 +21,13 @@ memory as it bounds the one-hot columns. The exact estimators use it when presen
 (and report ``num_matvecs = 0``), so every quantity built on the exact diagonal
 (the exact trace, per-leaf traces) gets the cheaper path with no change of its own.
 
+``top_hint``, where an operator has one for free, gives a vector (a leaf list) with
+large components along the eigenvectors of its largest eigenvalues: the Hessian's
+is the gradient, which lies mostly in the Hessian's top eigenspace (Gur-Ari, Roberts
+and Dyer 2018, "Gradient descent happens in a tiny subspace"). The Lanczos
+estimators of the largest eigenvalues start from it plus a random vector
+(:func:`secorder.estimators.eigen.lanczos_eigenpairs`).
+
 ``space`` is ``None`` for an operator on whole tensors. An operator on this rank's
 pieces of sharded parameters (:mod:`secorder.operators.sharded`) gives the space
 they belong to (:class:`secorder.shards.Space`: its dimension, sums of partial
@@ -64,6 +71,7 @@ class LeafOperator:
     psd: bool = False
     diagonal: Optional[Callable[[Optional[int]], List[Tensor]]] = None
     space: Any = None
+    top_hint: Optional[Callable[[], List[Tensor]]] = None
 
     @property
     def sizes(self) -> List[int]:

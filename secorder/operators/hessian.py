@@ -41,21 +41,25 @@ def hessian_operator(loss_of_leaves: Callable[[List[Tensor]], Tensor], leaves: L
     """
     leaves = list(leaves)
 
-    def make(key: Any) -> Callable:
+    def make(key: Any) -> Any:
         fn, primal = restrict(loss_of_leaves, leaves, key)
-        return vjp(grad(fn), primal)[1]
+        return vjp(grad(fn), primal)  # (the gradient, its VJP: the HVP)
 
     lin = LastLinearization(make)
 
     def matvec(V: List[Tensor]) -> List[Tensor]:
-        grad_vjp = lin(None)
+        grad_vjp = lin(None)[1]
         return over_probes(lambda v: grad_vjp(v)[0], list(V))
 
     def block_matvec(index: int, V: Tensor) -> Tensor:
-        block_vjp = lin(index)
+        block_vjp = lin(index)[1]
         return over_probes(lambda v: block_vjp(v)[0], V)
 
-    return LeafOperator(templates=leaves, matvec=matvec, block_matvec=block_matvec)
+    def top_hint() -> List[Tensor]:
+        """The gradient, a by-product of the linearisation (see :class:`LeafOperator`)."""
+        return list(lin(None)[0])
+
+    return LeafOperator(templates=leaves, matvec=matvec, block_matvec=block_matvec, top_hint=top_hint)
 
 
 def build(problem: Any, *, mc_samples: int = 1, generator: Any = None) -> LeafOperator:
