@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from ..operators import LeafOperator
+from .._huge_pages import advise_huge_pages
 from .reorthogonalization import under_vmap
 
 __all__ = ["Krylov", "Euclidean", "FlatOperator", "block_operator", "working_dtype", "ritz_pairs", "BREAKDOWN_FACTOR"]
@@ -344,6 +345,7 @@ class Krylov:
             self._Q = buffer[: self.p]
         else:
             self._Q = like.new_empty(shape)
+            advise_huge_pages(self._Q)
         self._Q[:, self.capacity] = 0
 
     def extend(self, steps: int) -> None:
