@@ -276,3 +276,57 @@ def test_grad_mode_off_empty_leaves_and_a_zero_hessian():
     assert d["b"].nodes.shape == (2, 0) and float(d["b"].moment(1)) == 0.0
     assert torch.allclose(d["a"].trace(), (6 * x).sum())  # diagonal Hessian, Rademacher probes: exact
     assert torch.equal(so.eigenvalues(lambda v: 2 * v.sum(), k=3, seed=0)(x), torch.zeros(3, dtype=DT))
+
+
+# --------------------------------------------------------------------------- the gradient as a start hint
+
+def _quadratic_with_close_top(n=400, dtype=torch.float64):
+    """f(x) = 1/2 x^T A x with eigenvalues 1 and 1 - 1e-3 k (a tight cluster at the top):
+    a random start needs many Lanczos steps to resolve the top one."""
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=dtype))
+    evals = torch.cat([torch.tensor([1.0], dtype=dtype), 1 - 1e-3 * torch.arange(1, n, dtype=dtype)])
+    A = (Q * evals) @ Q.T
+    return A, Q[:, 0], (lambda xs: 0.5 * xs[0] @ A @ xs[0])
+
+
+def _eigen(op, **kwargs):
+    from secorder.estimators.eigen import lanczos_eigenpairs
+
+    return lanczos_eigenpairs(op, generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+def test_the_gradient_start_reaches_the_top_eigenvalue_in_fewer_products():
+    import dataclasses
+
+    from secorder.operators.hessian import hessian_operator
+
+    A, top, f = _quadratic_with_close_top()
+    noise = torch.randn(A.shape[0], generator=torch.Generator().manual_seed(1), dtype=A.dtype)
+    x = top + 1e-3 * noise  # the gradient A x is almost the top eigenvector
+    op = hessian_operator(f, [x])
+    assert op.top_hint is not None
+    hinted = _eigen(op, k=1, tol=1e-3)
+    plain = _eigen(dataclasses.replace(op, top_hint=None), k=1, tol=1e-3)
+    for res in (hinted, plain):  # the guarantee is the same: within tol ||A|| of an eigenvalue
+        assert abs(float(res.eigenvalues[0]) - 1.0) <= 1e-3
+        assert float(res.residuals[0]) <= 1e-3
+    assert int(hinted.num_matvecs) < int(plain.num_matvecs) // 2, (hinted.num_matvecs, plain.num_matvecs)
+
+
+@pytest.mark.parametrize("case", ["zero gradient", "smallest", "nan gradient"])
+def test_the_start_is_the_random_one_where_the_hint_cannot_help(case):
+    import dataclasses
+
+    from secorder.operators.hessian import hessian_operator
+
+    A, top, f = _quadratic_with_close_top(60)
+    x = top if case == "smallest" else torch.zeros_like(top)
+    op = hessian_operator(f, [x])
+    which = "smallest" if case == "smallest" else "largest"
+    if case == "nan gradient":
+        op = dataclasses.replace(op, top_hint=lambda: [torch.full_like(x, float("nan"))])
+    hinted = _eigen(op, k=2, which=which, num_iterations=20)
+    plain = _eigen(dataclasses.replace(op, top_hint=None), k=2, which=which, num_iterations=20)
+    assert torch.equal(hinted.eigenvalues, plain.eigenvalues)
+    assert int(hinted.num_matvecs) == int(plain.num_matvecs) == 20
