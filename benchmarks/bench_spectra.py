@@ -375,9 +375,16 @@ def _top_task(row: str, k: int, ref: Dict[str, Any], seeds: int, warm: int, line
         lines.append(f"| {row} | top-{k} | **equal accuracy** (loosest setting within {EQUAL_ACCURACY:g} on all "
                      f"{seeds} seeds): PyHessian {best['pyhessian']} / ours {best['ours']} | | | | "
                      f"**{p['time'] / o['time']:.2f}x** median, {p['total'] / o['total']:.2f}x total |")
+    elif best["ours"]:
+        # PyHessian never gets there: its tightest setting, slower and still off, is a lower bound.
+        tight = "pyhessian-1e-5"
+        o, p = summary[best["ours"]], summary[tight]
+        lines.append(f"| {row} | top-{k} | **equal accuracy**: no PyHessian setting is within {EQUAL_ACCURACY:g} on all "
+                     f"{seeds} seeds ({tight} is {p['error']:.1e} off); ours {best['ours']} against {tight} | | | | "
+                     f"**>= {p['time'] / o['time']:.2f}x** median, {p['total'] / o['total']:.2f}x total |")
     else:
-        lines.append(f"| {row} | top-{k} | equal accuracy: no setting within {EQUAL_ACCURACY:g} on every seed "
-                     f"(ours: {best['ours']}, PyHessian: {best['pyhessian']}) | | | | |")
+        lines.append(f"| {row} | top-{k} | equal accuracy: no setting of ours within {EQUAL_ACCURACY:g} on every "
+                     f"seed | | | | |")
     print(lines[-1], flush=True)
 
 
