@@ -76,6 +76,7 @@ def hutchinson_trace(
     adaptive = _common.check_tolerances(rtol, atol, max_matvecs)
     draw_probes = _common.resolve_sampler(op, sampler, distribution, generator, density)
     chunk = _common.probe_chunk(op, chunk_size)
+    op = _common.bounded_operator(op, chunk_size)
     dtype = _common.dtype_of(op)
 
     def step(samples: Optional[torch.Tensor], k: int) -> torch.Tensor:

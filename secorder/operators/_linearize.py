@@ -6,6 +6,11 @@ of the same call reuses that pass: :class:`LastLinearization` builds it on first
 use and keeps the most recent one (all leaves, or the block of one leaf), so the
 exact diagonal, which walks the leaves in order, holds one at a time. Under
 ``torch.compile`` it is rebuilt for every matvec instead.
+
+The first build for all leaves also measures the largest tensor it allocates
+(:mod:`secorder.operators._footprint`): one probe's product carries intermediates
+of the same shapes, which the default probe chunk needs to know
+(:meth:`LastLinearization.probe_bytes`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import Any, Callable, Hashable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from ._footprint import largest_output
 
 __all__ = ["restrict", "LastLinearization"]
 
@@ -53,6 +60,8 @@ class LastLinearization:
         self._make = make
         self._key: Hashable = self._UNSET
         self._value: Any = None
+        self._measured = False
+        self._nbytes: Optional[int] = None
 
     def __call__(self, key: Optional[int]) -> Any:
         if torch.compiler.is_compiling():
@@ -61,6 +70,24 @@ class LastLinearization:
             return self._make(key)
         if self._key is self._UNSET or key != self._key:
             self._value = None  # free the previous linearisation before building the next
-            self._value = self._make(key)
+            if key is None and not self._measured:
+                self._value, self._nbytes = largest_output(lambda: self._make(key))
+                self._measured = True
+            else:
+                self._value = self._make(key)
             self._key = key
         return self._value
+
+    def probe_bytes(self) -> Optional[int]:
+        """Bytes of the largest tensor of the all-leaves build (built now if not yet); ``None`` under compile.
+
+        Example:
+            >>> import torch
+            >>> lin = LastLinearization(lambda key: torch.ones(3, 5) * 2)
+            >>> lin.probe_bytes()   # 15 float32 entries
+            60
+        """
+        if torch.compiler.is_compiling():
+            return None
+        self(None)
+        return self._nbytes

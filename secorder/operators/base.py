@@ -21,6 +21,14 @@ memory as it bounds the one-hot columns. The exact estimators use it when presen
 (and report ``num_matvecs = 0``), so every quantity built on the exact diagonal
 (the exact trace, per-leaf traces) gets the cheaper path with no change of its own.
 
+``probe_bytes``, when given, returns the size in bytes of the largest tensor that
+one probe's product allocates (an activation-sized intermediate, measured when the
+operator builds its linearisation; ``None`` when it was not measured, as under
+``torch.compile``). The default probe chunk of the stochastic estimators keeps
+``chunk * probe_bytes`` under a budget
+(:func:`secorder.estimators._common.probe_chunk`); without it (the default
+``None``) the chunk is bounded by the operator's dimension alone.
+
 ``space`` is ``None`` for an operator on whole tensors. An operator on this rank's
 pieces of sharded parameters (:mod:`secorder.operators.sharded`) gives the space
 they belong to (:class:`secorder.shards.Space`: its dimension, sums of partial
@@ -64,6 +72,7 @@ class LeafOperator:
     psd: bool = False
     diagonal: Optional[Callable[[Optional[int]], List[Tensor]]] = None
     space: Any = None
+    probe_bytes: Optional[Callable[[], Optional[int]]] = None
 
     @property
     def sizes(self) -> List[int]:

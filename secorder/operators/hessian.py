@@ -55,7 +55,7 @@ def hessian_operator(loss_of_leaves: Callable[[List[Tensor]], Tensor], leaves: L
         block_vjp = lin(index)
         return vmap(lambda v: block_vjp(v)[0])(V)
 
-    return LeafOperator(templates=leaves, matvec=matvec, block_matvec=block_matvec)
+    return LeafOperator(templates=leaves, matvec=matvec, block_matvec=block_matvec, probe_bytes=lin.probe_bytes)
 
 
 def build(problem: Any, *, mc_samples: int = 1, generator: Any = None) -> LeafOperator:
