@@ -14,7 +14,7 @@ import secorder as so
 from secorder.estimators._common import _INTERMEDIATE_BYTES, bounded_operator, probe_chunk
 from secorder.estimators.hutchinson import hutchinson_trace
 from secorder.operators import LeafOperator, make_operator
-from secorder.operators._footprint import largest_output
+from secorder.operators._footprint import largest_output, measuring
 from secorder.problem import Problem
 
 
@@ -36,8 +36,11 @@ def mlp_problem(n=16):
 
 
 def operator(curvature, f, params, x, y):
-    # the Monte-Carlo Fisher's labels from a fixed seed: two operators of one call are equal
-    return make_operator(curvature, Problem(f, 0, False, (params, x, y)), generator=torch.Generator().manual_seed(0))
+    """The operator, measuring its intermediates as the transforms have it do for a stochastic estimator."""
+    with measuring():  # the Monte-Carlo Fisher's labels from a fixed seed: two operators of one call are equal
+        op = make_operator(curvature, Problem(f, 0, False, (params, x, y)), generator=torch.Generator().manual_seed(0))
+        op.probe_bytes()
+    return op
 
 
 def matvec_sizes(op, chunk_size, probes):
@@ -63,6 +66,16 @@ def test_default_batch_on_a_cnn_is_smaller_than_on_an_mlp_of_the_same_size(curva
     mlp_sizes, _ = matvec_sizes(mlp_op, None, 40)
     assert max(conv_sizes) == _INTERMEDIATE_BYTES // conv_op.probe_bytes() < 40
     assert mlp_sizes == [40]  # all the probes in one matvec, as before
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_nothing_is_measured_unless_asked(curvature):
+    """Products outside a stochastic estimator (``so.hvp``, ``so.ggn_vp``) do not pay for the measurement."""
+    f, params, x, y = conv_problem()
+    op = make_operator(curvature, Problem(f, 0, False, (params, x, y)))
+    op.matvec([torch.ones((1,) + t.shape) for t in op.templates])
+    assert op.probe_bytes() is None
+    assert matvec_sizes(op, None, 40)[0] == [40]  # today's rule
 
 
 def test_user_chunk_size_wins():

@@ -53,8 +53,9 @@ def hutchinson_trace(
             fraction of non-zeros of ``"sparse"`` probes.
         generator: source of randomness (``None``: the global RNG).
         sampler: ``k -> probe batch``, replaces ``distribution``/``generator``.
-        chunk_size: probes per vmapped matvec (``None``: automatic); memory is
-            bounded by the chunk, never by ``num_samples``.
+        chunk_size: probes per vmapped matvec (``None``: automatic, and an operator
+            that knows its intermediates' size has each chunk split to bound them);
+            memory is bounded by the chunk, never by ``num_samples``.
         rtol, atol: adaptive stopping: after ``num_samples`` probes, draw chunks of
             ``chunk_size`` until ``stderr <= max(atol, rtol * |value|)`` or
             ``max_matvecs`` probes are spent (``stop`` says which). Reads the error

@@ -7,10 +7,10 @@ use and keeps the most recent one (all leaves, or the block of one leaf), so the
 exact diagonal, which walks the leaves in order, holds one at a time. Under
 ``torch.compile`` it is rebuilt for every matvec instead.
 
-The first build for all leaves also measures the largest tensor it allocates
-(:mod:`secorder.operators._footprint`): one probe's product carries intermediates
-of the same shapes, which the default probe chunk needs to know
-(:meth:`LastLinearization.probe_bytes`).
+The first build for all leaves inside :class:`~secorder.operators._footprint.measuring`
+also measures the largest tensor it allocates (:mod:`secorder.operators._footprint`):
+one probe's product carries intermediates of the same shapes, which the default
+probe batch needs to know (:meth:`LastLinearization.probe_bytes`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Callable, Hashable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._footprint import largest_output
+from ._footprint import largest_output, wanted
 
 __all__ = ["restrict", "LastLinearization"]
 
@@ -70,7 +70,7 @@ class LastLinearization:
             return self._make(key)
         if self._key is self._UNSET or key != self._key:
             self._value = None  # free the previous linearisation before building the next
-            if key is None and not self._measured:
+            if key is None and not self._measured and wanted():
                 self._value, self._nbytes = largest_output(lambda: self._make(key))
                 self._measured = True
             else:
@@ -79,13 +79,17 @@ class LastLinearization:
         return self._value
 
     def probe_bytes(self) -> Optional[int]:
-        """Bytes of the largest tensor of the all-leaves build (built now if not yet); ``None`` under compile.
+        """Bytes of the largest tensor of the all-leaves build (built now if not yet); ``None`` if not measured.
 
         Example:
             >>> import torch
+            >>> from secorder.operators._footprint import measuring
             >>> lin = LastLinearization(lambda key: torch.ones(3, 5) * 2)
-            >>> lin.probe_bytes()   # 15 float32 entries
+            >>> with measuring():
+            ...     lin.probe_bytes()   # 15 float32 entries
             60
+            >>> LastLinearization(lambda key: torch.ones(3, 5) * 2).probe_bytes() is None   # not asked for
+            True
         """
         if torch.compiler.is_compiling():
             return None
