@@ -78,6 +78,17 @@ def test_nothing_is_measured_unless_asked(curvature):
     assert matvec_sizes(op, None, 40)[0] == [40]  # today's rule
 
 
+def test_leaf_shaped_tensors_are_not_counted():
+    """A wide layer's weight gradients (100 KB per probe) are the dimension rule's business, not activations."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 32), nn.Tanh(), nn.Linear(32, 10))
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    x, y = torch.randn(4, 784), torch.randint(0, 10, (4,))
+    op = operator("hessian", f, so.params_dict(model), x, y)
+    assert op.probe_bytes() < 784 * 4 * 4  # the largest activation-like tensor, not the 784 x 32 gradient
+    assert matvec_sizes(op, None, 300)[0] == [300]  # one batch, as before (splitting it was 1.5x slower)
+
+
 def test_user_chunk_size_wins():
     op = operator("hessian", *conv_problem())
     assert bounded_operator(op, 40) is op

@@ -8,14 +8,15 @@ exact diagonal, which walks the leaves in order, holds one at a time. Under
 ``torch.compile`` it is rebuilt for every matvec instead.
 
 The first build for all leaves inside :class:`~secorder.operators._footprint.measuring`
-also measures the largest tensor it allocates (:mod:`secorder.operators._footprint`):
+also measures the largest tensor it allocates, other than those shaped like the
+``leaves`` (:mod:`secorder.operators._footprint`):
 one probe's product carries intermediates of the same shapes, which the default
 probe batch needs to know (:meth:`LastLinearization.probe_bytes`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, List, Optional, Tuple
+from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -56,8 +57,9 @@ class LastLinearization:
 
     _UNSET = object()
 
-    def __init__(self, make: Callable[[Optional[int]], Any]):
+    def __init__(self, make: Callable[[Optional[int]], Any], leaves: Sequence[Tensor] = ()):
         self._make = make
+        self._leaf_shapes = [tuple(t.shape) for t in leaves]  # not counted by the measurement
         self._key: Hashable = self._UNSET
         self._value: Any = None
         self._measured = False
@@ -71,7 +73,7 @@ class LastLinearization:
         if self._key is self._UNSET or key != self._key:
             self._value = None  # free the previous linearisation before building the next
             if key is None and not self._measured and wanted():
-                self._value, self._nbytes = largest_output(lambda: self._make(key))
+                self._value, self._nbytes = largest_output(lambda: self._make(key), self._leaf_shapes)
                 self._measured = True
             else:
                 self._value = self._make(key)

@@ -82,7 +82,7 @@ def gauss_newton_operator(
 
         return out, pullback, transpose
 
-    lin = LastLinearization(make)
+    lin = LastLinearization(make, leaves)
     h_out = output_operator(lin(None)[0])
 
     def product(key: Any) -> Callable[[Any], Any]:

@@ -45,7 +45,7 @@ def hessian_operator(loss_of_leaves: Callable[[List[Tensor]], Tensor], leaves: L
         fn, primal = restrict(loss_of_leaves, leaves, key)
         return vjp(grad(fn), primal)[1]
 
-    lin = LastLinearization(make)
+    lin = LastLinearization(make, leaves)
 
     def matvec(V: List[Tensor]) -> List[Tensor]:
         grad_vjp = lin(None)
