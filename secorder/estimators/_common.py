@@ -29,13 +29,16 @@ _MIN_PROBE_CHUNK = 16
 # intermediate is page-faulted in and unmapped again at every op. Measured (issue 26,
 # bench_curvatures "cnn N=64", one thread, 60 Hutchinson probes, largest intermediate
 # 2.8 MB per probe): the Hessian takes 1.1-1.5 s with 1 to 12 probes per matvec, 2.2 s
-# with 13 (36 MB) and 3.4 s with 60 (713k minor page faults per 60-probe matvec against
-# 51k for 8); the GGN 0.9-1.3 s up to 8 and 1.9-2.9 s from 16 to 60; with glibc's mmap
-# threshold raised by environment the 60-probe GGN matvec takes 1.3 s, not 2.9 s (the
-# page faults were the cost). The 784-256-256-10 MLP rows take the same time from 8 to
+# with 13 (36 MB) and 3.4 s with 60; the GGN 0.9-1.3 s up to 8 and 1.9-2.9 s from 16
+# to 60 (one 60-probe GGN matvec: 713k minor page faults, against 51k for 8); with
+# glibc's mmap threshold raised by environment the GGN trace in one 60-probe batch
+# takes 1.3 s, not 2.9 s (the page faults were the cost). The 784-256-256-10 MLP rows take the same time from 8 to
 # 60 probes per matvec. Half the threshold leaves room for kernels' workspaces that no
-# op returns. The probes are still drawn in blocks of probe_chunk, so the estimates do
-# not depend on the measured sizes (nor on an outer vmap, which enlarges them).
+# op returns. Parameter-shaped tensors are not counted (probe_chunk bounds them): on the
+# 784-32-10 MLP of bench_estimators, counting its 100 KB weight gradients split 300
+# probes in two and took 808 ms against 533 ms for one batch. The probes are still
+# drawn in blocks of probe_chunk, so the estimates do not depend on the measured sizes
+# (nor on an outer vmap, which enlarges them).
 _INTERMEDIATE_BYTES = 2**24
 
 
