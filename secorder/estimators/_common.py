@@ -3,6 +3,7 @@ leaf-block sums and the adaptive sampling loop. No estimator logic lives here.""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -20,6 +21,25 @@ from .probes import Sampler, check_distribution, make_sampler
 _PROBE_ENTRIES = 2**24
 _MAX_PROBE_CHUNK = 512
 _MIN_PROBE_CHUNK = 16
+# An operator that measured its intermediates (LeafOperator.probe_bytes: the largest
+# tensor one probe's product allocates) also splits each drawn block of probes into
+# matvecs of at most _INTERMEDIATE_BYTES // probe_bytes probes (bounded_operator). On the
+# CPU the cost of a large batch is not a slow batching rule but memory: glibc serves
+# blocks over its mmap threshold (at most 32 MiB) with fresh pages, so every such
+# intermediate is page-faulted in and unmapped again at every op. Measured (issue 26,
+# bench_curvatures "cnn N=64", one thread, 60 Hutchinson probes, largest intermediate
+# 2.8 MB per probe): the Hessian takes 1.1-1.5 s with 1 to 12 probes per matvec, 2.2 s
+# with 13 (36 MB) and 3.4 s with 60; the GGN 0.9-1.3 s up to 8 and 1.9-2.9 s from 16
+# to 60 (one 60-probe GGN matvec: 713k minor page faults, against 51k for 8); with
+# glibc's mmap threshold raised by environment the GGN trace in one 60-probe batch
+# takes 1.3 s, not 2.9 s (the page faults were the cost). The 784-256-256-10 MLP rows take the same time from 8 to
+# 60 probes per matvec. Half the threshold leaves room for kernels' workspaces that no
+# op returns. Parameter-shaped tensors are not counted (probe_chunk bounds them): on the
+# 784-32-10 MLP of bench_estimators, counting its 100 KB weight gradients split 300
+# probes in two and took 808 ms against 533 ms for one batch. The probes are still
+# drawn in blocks of probe_chunk, so the estimates do not depend on the measured sizes
+# (nor on an outer vmap, which enlarges them).
+_INTERMEDIATE_BYTES = 2**24
 
 
 def check_count(value: object, name: str, minimum: int = 1, what: str = "") -> int:
@@ -72,6 +92,33 @@ def probe_chunk(op: LeafOperator, chunk_size: Optional[int]) -> int:
     if chunk_size is not None:
         return check_count(chunk_size, "chunk_size")
     return max(1, min(_MAX_PROBE_CHUNK, max(_MIN_PROBE_CHUNK, _PROBE_ENTRIES // max(op.dim, 1))))
+
+
+def bounded_operator(op: LeafOperator, chunk_size: Optional[int]) -> LeafOperator:
+    """``op`` whose ``matvec`` splits a probe block so one batch's intermediates stay under the budget.
+
+    Applies only to the default chunk (``chunk_size=None``) of an operator that
+    measured its intermediates (``op.probe_bytes``); otherwise ``op`` itself. The
+    split changes nothing but the batching: the products are those of the whole block.
+
+    Example:
+        >>> import torch
+        >>> sizes = []
+        >>> op = LeafOperator([torch.zeros(3)], lambda V: sizes.append(V[0].shape[0]) or [2 * V[0]], None,
+        ...                   probe_bytes=lambda: 2**22)   # 4 MiB per probe: 4 probes per matvec
+        >>> _ = bounded_operator(op, None).matvec([torch.ones(10, 3)]); sizes
+        [4, 4, 2]
+        >>> bounded_operator(op, 10) is op
+        True
+    """
+    if chunk_size is not None or op.probe_bytes is None:
+        return op
+
+    def matvec(V: List[Tensor]) -> List[Tensor]:
+        nbytes = op.probe_bytes()  # measured when the linearisation is built (None under torch.compile)
+        return matvec_chunked(op, list(V), max(1, _INTERMEDIATE_BYTES // nbytes)) if nbytes else op.matvec(V)
+
+    return dataclasses.replace(op, matvec=matvec)
 
 
 def dtype_of(op: LeafOperator) -> torch.dtype:
@@ -173,6 +220,7 @@ __all__ = [
     "check_distribution",
     "resolve_sampler",
     "probe_chunk",
+    "bounded_operator",
     "dtype_of",
     "leaf_products",
     "matvec_chunked",

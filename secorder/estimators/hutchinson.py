@@ -53,8 +53,9 @@ def hutchinson_trace(
             fraction of non-zeros of ``"sparse"`` probes.
         generator: source of randomness (``None``: the global RNG).
         sampler: ``k -> probe batch``, replaces ``distribution``/``generator``.
-        chunk_size: probes per vmapped matvec (``None``: automatic); memory is
-            bounded by the chunk, never by ``num_samples``.
+        chunk_size: probes per vmapped matvec (``None``: automatic, and an operator
+            that knows its intermediates' size has each chunk split to bound them);
+            memory is bounded by the chunk, never by ``num_samples``.
         rtol, atol: adaptive stopping: after ``num_samples`` probes, draw chunks of
             ``chunk_size`` until ``stderr <= max(atol, rtol * |value|)`` or
             ``max_matvecs`` probes are spent (``stop`` says which). Reads the error
@@ -76,6 +77,7 @@ def hutchinson_trace(
     adaptive = _common.check_tolerances(rtol, atol, max_matvecs)
     draw_probes = _common.resolve_sampler(op, sampler, distribution, generator, density)
     chunk = _common.probe_chunk(op, chunk_size)
+    op = _common.bounded_operator(op, chunk_size)
     dtype = _common.dtype_of(op)
 
     def step(samples: Optional[torch.Tensor], k: int) -> torch.Tensor:

@@ -87,6 +87,7 @@ def hutchinson_diagonal(
     adaptive = _common.check_tolerances(rtol, atol, max_matvecs)
     draw_probes = _common.resolve_sampler(op, sampler, distribution, generator, density)
     chunk = _common.probe_chunk(op, chunk_size)
+    op = _common.bounded_operator(op, chunk_size)
 
     def step(state: _State, k: int) -> _State:
         V = draw_probes(k)

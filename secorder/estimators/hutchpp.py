@@ -84,6 +84,7 @@ def hutchpp_trace(
         raise ValueError(f"max_matvecs={max_matvecs} is below the initial num_samples={num_samples}")
     draw_probes = _common.resolve_sampler(op, sampler, distribution, generator, density)
     chunk = _common.probe_chunk(op, chunk_size)
+    op = _common.bounded_operator(op, chunk_size)
     dtype = _common.dtype_of(op)
     sizes = op.sizes
 

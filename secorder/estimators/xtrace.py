@@ -313,6 +313,7 @@ def xtrace(
     m = _check_pairs(num_samples, op, "xtrace", "trace", "num_samples/2")
     draw_probes = _common.resolve_sampler(op, sampler, distribution, generator, density)
     chunk = _common.probe_chunk(op, chunk_size)
+    op = _common.bounded_operator(op, chunk_size)
     dtype, sizes = _common.dtype_of(op), op.sizes
     Om, Y, Q, R, S, Z = _sketch(op, m, draw_probes, chunk, dtype)
     H = Q.T @ Z
@@ -379,6 +380,7 @@ def xnystrace(
         raise ValueError(f"xnystrace with num_samples={m} needs num_samples <= the dimension {op.dim}")
     draw_probes = _common.resolve_sampler(op, sampler, distribution, generator, density)
     chunk = _common.probe_chunk(op, chunk_size)
+    op = _common.bounded_operator(op, chunk_size)
     dtype, sizes = _common.dtype_of(op), op.sizes
     Om = _common.to_matrix(draw_probes(m), dtype)
     Y = _common.apply_matrix(op, Om, chunk)
@@ -478,6 +480,7 @@ def xdiag(
     m = _check_pairs(num_samples, op, "xdiag", "diagonal", "num_samples")
     draw_probes = _common.resolve_sampler(op, sampler, distribution, generator, density)
     chunk = _common.probe_chunk(op, chunk_size)
+    op = _common.bounded_operator(op, chunk_size)
     dtype = _common.dtype_of(op)
     Om, Y, Q, R, S, Z = _sketch(op, m, draw_probes, chunk, dtype)
     # d_i = diag(Q M_i Z^T) + omega_i * (I - Q M_i Q^T) A omega_i

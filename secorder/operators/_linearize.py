@@ -6,14 +6,22 @@ of the same call reuses that pass: :class:`LastLinearization` builds it on first
 use and keeps the most recent one (all leaves, or the block of one leaf), so the
 exact diagonal, which walks the leaves in order, holds one at a time. Under
 ``torch.compile`` it is rebuilt for every matvec instead.
+
+The first build for all leaves inside :class:`~secorder.operators._footprint.measuring`
+also measures the largest tensor it allocates, other than those shaped like the
+``leaves`` (:mod:`secorder.operators._footprint`):
+one probe's product carries intermediates of the same shapes, which the default
+probe batch needs to know (:meth:`LastLinearization.probe_bytes`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, List, Optional, Tuple
+from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from ._footprint import largest_output, wanted
 
 __all__ = ["restrict", "LastLinearization", "over_probes"]
 
@@ -49,10 +57,13 @@ class LastLinearization:
 
     _UNSET = object()
 
-    def __init__(self, make: Callable[[Optional[int]], Any]):
+    def __init__(self, make: Callable[[Optional[int]], Any], leaves: Sequence[Tensor] = ()):
         self._make = make
+        self._leaf_shapes = [tuple(t.shape) for t in leaves]  # not counted by the measurement
         self._key: Hashable = self._UNSET
         self._value: Any = None
+        self._measured = False
+        self._nbytes: Optional[int] = None
 
     def __call__(self, key: Optional[int]) -> Any:
         if torch.compiler.is_compiling():
@@ -61,9 +72,31 @@ class LastLinearization:
             return self._make(key)
         if self._key is self._UNSET or key != self._key:
             self._value = None  # free the previous linearisation before building the next
-            self._value = self._make(key)
+            if key is None and not self._measured and wanted():
+                self._value, self._nbytes = largest_output(lambda: self._make(key), self._leaf_shapes)
+                self._measured = True
+            else:
+                self._value = self._make(key)
             self._key = key
         return self._value
+
+    def probe_bytes(self) -> Optional[int]:
+        """Bytes of the largest tensor of the all-leaves build (built now if not yet); ``None`` if not measured.
+
+        Example:
+            >>> import torch
+            >>> from secorder.operators._footprint import measuring
+            >>> lin = LastLinearization(lambda key: torch.ones(3, 5) * 2)
+            >>> with measuring():
+            ...     lin.probe_bytes()   # 15 float32 entries
+            60
+            >>> LastLinearization(lambda key: torch.ones(3, 5) * 2).probe_bytes() is None   # not asked for
+            True
+        """
+        if torch.compiler.is_compiling():
+            return None
+        self(None)
+        return self._nbytes
 
 
 def over_probes(fn: Callable[[Any], Any], V: Any) -> Any:

@@ -21,6 +21,14 @@ memory as it bounds the one-hot columns. The exact estimators use it when presen
 (and report ``num_matvecs = 0``), so every quantity built on the exact diagonal
 (the exact trace, per-leaf traces) gets the cheaper path with no change of its own.
 
+``probe_bytes``, when given, returns the size in bytes of the largest tensor that
+one probe's product allocates (an activation-sized intermediate, measured when the
+operator builds its linearisation; ``None`` when it was not measured, as under
+``torch.compile``). With their default chunk, the stochastic estimators put at most
+``budget // probe_bytes`` probes through one batched product
+(:func:`secorder.estimators._common.bounded_operator`); without it (the default
+``None``) a batch is bounded by the operator's dimension alone.
+
 ``top_hint``, where an operator has one for free, gives a vector (a leaf list) with
 large components along the eigenvectors of its largest eigenvalues: the Hessian's
 is the gradient, which lies mostly in the Hessian's top eigenspace (Gur-Ari, Roberts
@@ -71,6 +79,8 @@ class LeafOperator:
     psd: bool = False
     diagonal: Optional[Callable[[Optional[int]], List[Tensor]]] = None
     space: Any = None
+    probe_bytes: Optional[Callable[[], Optional[int]]] = None
+
     top_hint: Optional[Callable[[], List[Tensor]]] = None
 
     @property

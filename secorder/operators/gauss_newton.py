@@ -82,7 +82,7 @@ def gauss_newton_operator(
 
         return out, pullback, transpose
 
-    lin = LastLinearization(make)
+    lin = LastLinearization(make, leaves)
     h_out = output_operator(lin(None)[0])
 
     def product(key: Any) -> Callable[[Any], Any]:
@@ -106,4 +106,5 @@ def gauss_newton_operator(
         return out, pullback
 
     diagonal = FactorDiagonal(problem, output_factor, linearization)
-    return LeafOperator(templates=leaves, matvec=matvec, block_matvec=block_matvec, psd=psd, diagonal=diagonal)
+    return LeafOperator(templates=leaves, matvec=matvec, block_matvec=block_matvec, psd=psd, diagonal=diagonal,
+                        probe_bytes=lin.probe_bytes)

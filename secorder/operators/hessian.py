@@ -45,7 +45,7 @@ def hessian_operator(loss_of_leaves: Callable[[List[Tensor]], Tensor], leaves: L
         fn, primal = restrict(loss_of_leaves, leaves, key)
         return vjp(grad(fn), primal)  # (the gradient, its VJP: the HVP)
 
-    lin = LastLinearization(make)
+    lin = LastLinearization(make, leaves)
 
     def matvec(V: List[Tensor]) -> List[Tensor]:
         grad_vjp = lin(None)[1]
@@ -59,7 +59,8 @@ def hessian_operator(loss_of_leaves: Callable[[List[Tensor]], Tensor], leaves: L
         """The gradient, a by-product of the linearisation (see :class:`LeafOperator`)."""
         return list(lin(None)[0])
 
-    return LeafOperator(templates=leaves, matvec=matvec, block_matvec=block_matvec, top_hint=top_hint)
+    return LeafOperator(templates=leaves, matvec=matvec, block_matvec=block_matvec, top_hint=top_hint,
+                        probe_bytes=lin.probe_bytes)
 
 
 def build(problem: Any, *, mc_samples: int = 1, generator: Any = None) -> LeafOperator:

@@ -21,6 +21,7 @@ The products (``hvp``, ``ggn_vp``, ...) share the request validation of
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
@@ -33,6 +34,7 @@ from ..dataset import is_dataset_loss
 from ..estimators.probes import make_generator
 from ..modules import FunctionalLoss
 from ..operators import Curvature, check_curvature, check_mc_samples, make_operator
+from ..operators import _footprint
 from ..operators import sharded as _sharded
 from ..operators.dataset import call_generator as _dataset_generator
 from ..problem import Problem, split_message
@@ -221,7 +223,15 @@ def _evaluate(request: Request, fn: Callable, problem: Problem, what: str, *, fu
             return _structured_result(request, hit, full)
     else:
         _engine.record(fn, "generic", f"method={request.estimator.name!r} runs on the curvature operator", what)
-    op = make_operator(request.curvature, problem, mc_samples=request.mc_samples, generator=generator)
+    # a stochastic estimator's default probe batch is bounded by the operator's measured
+    # intermediates (secorder.estimators._common.bounded_operator): its linearisation is
+    # built here, measured; nothing else pays for measuring (not the products of a data-set
+    # loss's batches, which build one operator per batch and report no size)
+    measure = request.estimator.stochastic and request.chunk_size is None and not torch.compiler.is_compiling()
+    with _footprint.measuring() if measure else contextlib.nullcontext():
+        op = make_operator(request.curvature, problem, mc_samples=request.mc_samples, generator=generator)
+        if measure and op.probe_bytes is not None:
+            op.probe_bytes()
     with _slow_path.reason(getattr(fn, "last_fallback_reason", None)):
         est = registry.run(op, request.estimator, request.options, request.chunk_size, generator)
     _record_route(fn, op, request, what)
