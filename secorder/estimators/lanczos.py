@@ -231,6 +231,11 @@ def _orthogonalise(u: Tensor, Q: Tensor, c: Optional[Tensor] = None, space: Opti
     return torch.baddbmm(u.unsqueeze(1), c.unsqueeze(1), Q, alpha=-1).squeeze(1)
 
 
+def _tracked(*tensors: Tensor) -> bool:
+    """Whether autograd records operations on any of ``tensors`` (then nothing is updated in place)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _orthogonalise_(u: Tensor, Q: Tensor, c: Optional[Tensor] = None, space: Optional[Euclidean] = None) -> Tensor:
     """:func:`_orthogonalise` in place: ``u`` (owned by the caller, ``(p, n)``) becomes ``u - Q^T c``.
 
@@ -238,6 +243,8 @@ def _orthogonalise_(u: Tensor, Q: Tensor, c: Optional[Tensor] = None, space: Opt
     memory and the fresh allocations (page faults) of arrays that large cost more
     than the arithmetic, so the step updates one array in place.
     """
+    if _tracked(u, Q):  # autograd records these: in place would overwrite what it saved
+        return _orthogonalise(u, Q, c, space)
     if c is None:
         c = _coefficients(Q, u)
         if space is not None:
@@ -377,7 +384,7 @@ class Krylov:
         # arrays this large and fresh allocations of them cost more than the arithmetic):
         # the product itself where it is an array of its own (a FlatOperator's output is
         # always a new one; another matvec's might alias its input).
-        if host and isinstance(self.matvec, FlatOperator):
+        if host and isinstance(self.matvec, FlatOperator) and not _tracked(w, local):
             u = _orthogonalise_(w, local, c)
         else:
             u = _orthogonalise(w, local, c)
@@ -414,10 +421,10 @@ class Krylov:
         self._record_breakdown(broke)
         beta = torch.where(broke, torch.zeros_like(norm), norm)
         norm = torch.clamp(norm, min=torch.finfo(u.dtype).tiny)[:, None]
-        if host:
+        if host and not _tracked(u, self._Q, norm):
             torch.div(u, norm, out=self._Q[:, self.j])  # one pass, straight into the basis
         else:
-            self._Q[:, self.j] = u.div_(norm)
+            self._Q[:, self.j] = u / norm
         self.next_beta = beta
         if self.j < self.capacity:
             self.off.append(beta)
