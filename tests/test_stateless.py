@@ -337,20 +337,27 @@ def test_a_thread_drawing_random_numbers_never_sees_a_repeated_draw():
     assert len(draws) > 100 and len(set(draws)) == len(draws)
 
 
+def _one_draw_per_call(model, seed):
+    """The generic diagonal of a random model: one column per matvec equals all columns at once, and the
+    global RNG advances as by one plain call of ``f``. Returns ``(p, x, y, that diagonal)``."""
+    f = so.functional_loss(model, nn.CrossEntropyLoss())
+    p, (x, y) = so.params_dict(model), _data(0)
+    torch.manual_seed(seed)
+    one = so.diagonal(f, chunk_size=1, engine="generic")(p, x, y)
+    after = torch.rand(2)
+    torch.manual_seed(seed)
+    every = so.diagonal(f, chunk_size=None, engine="generic")(p, x, y)
+    assert all(torch.equal(one[k], every[k]) for k in one)
+    torch.manual_seed(seed)
+    f(p, x, y)
+    assert torch.equal(torch.rand(2), after)  # the global RNG advanced as by one plain call of f
+    return p, x, y, one
+
+
 def test_dropout_one_mask_per_call_replayed_from_the_first_evaluation():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).to(DT).train()
-    f = so.functional_loss(model, nn.CrossEntropyLoss())
-    p, (x, y) = so.params_dict(model), _data(0)
-    torch.manual_seed(4)
-    one = so.diagonal(f, chunk_size=1, engine="generic")(p, x, y)
-    after = torch.rand(2)
-    torch.manual_seed(4)
-    every = so.diagonal(f, chunk_size=None, engine="generic")(p, x, y)
-    assert all(torch.equal(one[k], every[k]) for k in one)
-    torch.manual_seed(4)
-    f(p, x, y)
-    assert torch.equal(torch.rand(2), after)  # the global RNG advanced as by one plain call of f
+    _one_draw_per_call(model, 4)
 
 
 def test_dataset_fisher_labels_the_same_on_both_paths_without_rewinding():
@@ -414,17 +421,7 @@ class _Noise(nn.Module):
 def test_an_eval_mode_model_that_draws_anyway_draws_once_per_call():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), _Noise(), nn.Tanh(), nn.Linear(4, 3)).to(DT).eval()
-    f = so.functional_loss(model, nn.CrossEntropyLoss())
-    p, (x, y) = so.params_dict(model), _data(0)
-    torch.manual_seed(5)
-    one = so.diagonal(f, chunk_size=1, engine="generic")(p, x, y)
-    after = torch.rand(2)
-    torch.manual_seed(5)
-    every = so.diagonal(f, engine="generic")(p, x, y)
-    assert all(torch.equal(one[k], every[k]) for k in one)
-    torch.manual_seed(5)
-    f(p, x, y)
-    assert torch.equal(torch.rand(2), after)  # the global RNG advanced as by one plain call of f
+    p, x, y, one = _one_draw_per_call(model, 5)
     # and it is the Hessian diagonal of f with that call's noise
     torch.manual_seed(5)
     noise = 0.1 * torch.randn(x.shape[0], 4, dtype=DT)

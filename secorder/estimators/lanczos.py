@@ -220,39 +220,33 @@ def _coefficients(Q: Tensor, x: Tensor) -> Tensor:
     return torch.bmm(x.unsqueeze(1), Q.transpose(1, 2)).squeeze(1)
 
 
-def _orthogonalise(u: Tensor, Q: Tensor, c: Optional[Tensor] = None, space: Optional[Euclidean] = None) -> Tensor:
-    """``u - Q^T c`` per run; by default ``c = Q u`` (summed over ``space``): one classical Gram-Schmidt pass."""
-    if c is None:
-        c = _coefficients(Q, u)
-        if space is not None:
-            c = space.sum(c)
-    if Q.numel() <= _SMALL_PRODUCT:
-        return u - (c[..., None] * Q).sum(dim=1)
-    return torch.baddbmm(u.unsqueeze(1), c.unsqueeze(1), Q, alpha=-1).squeeze(1)
-
-
 def _tracked(*tensors: Tensor) -> bool:
     """Whether autograd records operations on any of ``tensors`` (then nothing is updated in place)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _orthogonalise_(u: Tensor, Q: Tensor, c: Optional[Tensor] = None, space: Optional[Euclidean] = None) -> Tensor:
-    """:func:`_orthogonalise` in place: ``u`` (owned by the caller, ``(p, n)``) becomes ``u - Q^T c``.
+def _orthogonalise(u: Tensor, Q: Tensor, c: Optional[Tensor] = None, space: Optional[Euclidean] = None,
+                   inplace: bool = False) -> Tensor:
+    """``u - Q^T c`` per run; by default ``c = Q u`` (summed over ``space``): one classical Gram-Schmidt pass.
 
-    A Lanczos step touches a few ``(p, n)`` arrays; on the CPU both the passes over
-    memory and the fresh allocations (page faults) of arrays that large cost more
-    than the arithmetic, so the step updates one array in place.
+    ``inplace``: ``u`` belongs to the caller and is overwritten (unless autograd records
+    it, which the overwrite would invalidate). A Lanczos step touches a few ``(p, n)``
+    arrays; on the CPU both the passes over memory and the fresh allocations (page
+    faults) of arrays that large cost more than the arithmetic, so the step updates
+    one array in place.
     """
-    if _tracked(u, Q):  # autograd records these: in place would overwrite what it saved
-        return _orthogonalise(u, Q, c, space)
     if c is None:
         c = _coefficients(Q, u)
         if space is not None:
             c = space.sum(c)
+    inplace = inplace and not _tracked(u, Q)
     if Q.numel() <= _SMALL_PRODUCT:
-        return u.sub_((c[..., None] * Q).sum(dim=1))
-    u.unsqueeze(1).baddbmm_(c.unsqueeze(1), Q, alpha=-1)
-    return u
+        correction = (c[..., None] * Q).sum(dim=1)
+        return u.sub_(correction) if inplace else u - correction
+    if inplace:
+        u.unsqueeze(1).baddbmm_(c.unsqueeze(1), Q, alpha=-1)
+        return u
+    return torch.baddbmm(u.unsqueeze(1), c.unsqueeze(1), Q, alpha=-1).squeeze(1)
 
 
 class Krylov:
@@ -384,10 +378,7 @@ class Krylov:
         # arrays this large and fresh allocations of them cost more than the arithmetic):
         # the product itself where it is an array of its own (a FlatOperator's output is
         # always a new one; another matvec's might alias its input).
-        if host and isinstance(self.matvec, FlatOperator) and not _tracked(w, local):
-            u = _orthogonalise_(w, local, c)
-        else:
-            u = _orthogonalise(w, local, c)
+        u = _orthogonalise(w, local, c, inplace=host and isinstance(self.matvec, FlatOperator))
         del w
         beta_rec = space.norm(u)
         # ||H q_j|| (the scale of the breakdown test) without another pass over H q_j: the

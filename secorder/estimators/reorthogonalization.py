@@ -143,7 +143,7 @@ class Full:
         return u, broke, norm
 
     def _whole(self, K: Any, u: Tensor, Q: Tensor, norm: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        from .lanczos import _orthogonalise_
+        from .lanczos import _orthogonalise
 
         # A second pass once the basis fills more than half the space, or where the first
         # cancelled most of the vector (a near-breakdown: Daniel, Gragg, Kaufman and
@@ -153,7 +153,7 @@ class Full:
             if host and norm is None:
                 norm = K.space.norm(u)
             before = norm
-            u = _orthogonalise_(u, Q, space=K.space)
+            u = _orthogonalise(u, Q, space=K.space, inplace=True)
             self.num_vectors_read += Q.shape[1]
             norm = K.space.norm(u) if host else None
             again = 2 * K.j > K.n or (host and bool((norm < _DGKS * before).any()))
@@ -193,7 +193,7 @@ class Partial(Full):
 
     def next_vector(self, K: Any, u: Tensor, Q: Tensor, broke: Tensor,
                     norm: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        from .lanczos import _orthogonalise_
+        from .lanczos import _orthogonalise
 
         # Under vmap no host decision; after a breakdown, a restart, or once the basis fills
         # half the space (where the spare direction may lie mostly inside it): full passes.
@@ -214,7 +214,7 @@ class Partial(Full):
         # local: what is left along q_{j-1} and q_{j-2}, relative to the new vector, in eps
         local = torch.clamp(K.product_norm / torch.clamp(beta, min=torch.finfo(beta.dtype).tiny), min=1.0)
         if bool((local > _LOCAL_PASS).any()):
-            u = _orthogonalise_(u, Q[:, max(0, j - 2) : j], space=space)
+            u = _orthogonalise(u, Q[:, max(0, j - 2) : j], space=space, inplace=True)
             beta = space.norm(u)
             local = torch.ones_like(local)
         if bool((beta <= self.threshold * K.scale).any()):  # a near-breakdown
@@ -242,7 +242,7 @@ class Partial(Full):
             self.owed = (lo, min(hi + 1, j - 1))
         if span is not None:
             lo, hi = span
-            u = _orthogonalise_(u, Q[:, lo : hi + 1], space=space)
+            u = _orthogonalise(u, Q[:, lo : hi + 1], space=space, inplace=True)
             self.num_vectors_read += hi + 1 - lo
             after = space.norm(u)
             # A pass that cancels most of the vector is a near-breakdown (Daniel, Gragg,

@@ -21,6 +21,7 @@ from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .. import tree
 from ._footprint import largest_output, wanted
 
 __all__ = ["restrict", "LastLinearization", "over_probes"]
@@ -112,8 +113,6 @@ def over_probes(fn: Callable[[Any], Any], V: Any) -> Any:
         ([tensor([[2., 2., 2.]])], [tensor([[2.],
                 [2.]])])
     """
-    from .. import tree
-
     leaves, spec = tree.flatten(V)
     if leaves and all(t.shape[0] == 1 for t in leaves):
         out = fn(tree.unflatten(spec, [t[0] for t in leaves]))
